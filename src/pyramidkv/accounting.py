@@ -1,0 +1,38 @@
+"""Byte accounting: what a cache really holds, and what the full fp16/bf16 cache of the same tokens would."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers decoder config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, kv_heads, head_dim
+
+
+def full_cache_nbytes(
+    config, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float16
+) -> int:
+    """Bytes of an uncompressed cache holding ``tokens`` positions for ``batch`` sequences in ``dtype``."""
+    layers, kv_heads, head_dim = kv_geometry(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * batch * kv_heads * tokens * head_dim * itemsize
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a cache object holds: its own ``nbytes()`` when it has one, else the tensors of its layers."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

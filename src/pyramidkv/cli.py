@@ -1,0 +1,121 @@
+"""The `pyramidkv` command line. It only calls the public API; every user error is one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import PyramidKVError
+
+app = typer.Typer(
+    help="Compress the KV cache of Hugging Face transformers models, and measure what it costs.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pyramidkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """pyramidkv: PyramidKV eviction and FibQuant quantization of the KV cache."""
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise PyramidKVError(
+            "prompt: give the prompt as an argument or with --prompt-file, not both"
+        )
+    if prompt_file is None:
+        return prompt or ""
+    if prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise PyramidKVError(f"--prompt-file: no such file: {prompt_file!r}")
+    return path.read_text(encoding="utf-8")
+
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2]",
+    ),
+]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt text.")] = None,
+    prompt_file: Annotated[
+        str | None,
+        typer.Option("--prompt-file", "-f", help="Read the prompt from this file ('-' for stdin)."),
+    ] = None,
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate (>= 1).")] = 128,
+    chat: Annotated[
+        bool, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")
+    ] = True,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")
+    ] = None,
+) -> None:
+    """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
+    from .generation import generate as run
+    from .models import load
+
+    text = _read_prompt(prompt, prompt_file)
+    if not text.strip():
+        raise PyramidKVError(
+            "prompt: the prompt is empty; give some text (or --prompt-file with text in it)"
+        )
+    if max_new_tokens < 1:
+        raise PyramidKVError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    lm, tokenizer = load(model, device=device)
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = run(lm, tokenizer, text, max_new_tokens=max_new_tokens, chat=chat, on_text=show)
+    sys.stdout.write("\n")
+    typer.echo(
+        f"[prompt {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tok/s | "
+        f"generated {result.new_tokens} tokens, {result.decode_tokens_per_s:.1f} tok/s | "
+        f"KV cache {result.kv_bytes:,} bytes]",
+        err=True,
+    )
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        app()
+    except PyramidKVError as exc:
+        typer.echo(f"pyramidkv: error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

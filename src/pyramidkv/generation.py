@@ -1,0 +1,130 @@
+"""Generation with timing: prompt building (chat template or raw), streaming, tokens/s and KV bytes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .accounting import cache_nbytes, full_cache_nbytes
+from .compat import cache_kwargs
+from .errors import PyramidKVError
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and what it cost."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    kv_bytes: int
+    full_kv_bytes: int
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first one, over the time after the first one (the first comes from prefill)."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+class _TimingStreamer(BaseStreamer):
+    """Records when the prompt went in and when the first new token came out; streams decoded text."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.shown = ""
+        self.t_prompt = self.t_first = self.t_end = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.t_prompt:
+            self.t_prompt = time.perf_counter()
+            return
+        if not self.t_first:
+            self.t_first = time.perf_counter()
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.on_text is not None and not text.endswith(
+            "\ufffd"
+        ):  # wait for a whole multibyte character
+            self.on_text(text[len(self.shown) :])
+            self.shown = text
+
+    def end(self) -> None:
+        self.t_end = time.perf_counter()
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
+    """Token ids (1, n) of a prompt, wrapped in the chat template when asked and the tokenizer has one."""
+    if not prompt or not prompt.strip():
+        raise PyramidKVError(
+            "prompt: the prompt is empty; give some text (or --prompt-file with text in it)"
+        )
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt"
+        )
+        return encoded["input_ids"] if not isinstance(encoded, torch.Tensor) else encoded
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    cache=None,
+    do_sample: bool = False,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Generate an answer to ``prompt`` with ``model``, the past held in ``cache`` (a fresh DynamicCache if None).
+
+    Greedy by default. The prefill time is the time to the first new token; decode tokens/s counts the tokens
+    after it. ``kv_bytes`` is what the cache holds at the end, ``full_kv_bytes`` the uncompressed cache of the
+    tokens it holds (the prompt and every new token but the last, which is never fed back) in the model's dtype.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PyramidKVError(f"max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
+    from transformers import DynamicCache
+
+    ids = prompt_ids(tokenizer, prompt, chat).to(model.device)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    streamer = _TimingStreamer(tokenizer, on_text)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            streamer=streamer,
+            **cache_kwargs(model, cache),
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    dtype = next(model.parameters()).dtype
+    return GenerationResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=ids.shape[1],
+        new_tokens=len(new),
+        prefill_s=streamer.t_first - streamer.t_prompt,
+        decode_s=streamer.t_end - streamer.t_first,
+        kv_bytes=cache_nbytes(cache),
+        full_kv_bytes=full_cache_nbytes(
+            model.config, ids.shape[1] + max(len(new) - 1, 0), 1, dtype
+        ),
+        token_ids=new,
+    )

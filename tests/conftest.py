@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random-weight models built from configs (llama, qwen2, qwen3; GQA and MHA).
+
+They run in milliseconds on a CPU, so the unit tests exercise the real transformers code paths without a
+download. Tests marked ``slow`` load the embedded SmolLM2 model (converted once, then read from the cache).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_tiny(family: str = "llama", seed: int = 0, **overrides):
+    """A random-weight causal LM of ``family`` (llama, qwen2 or qwen3), float32 on the CPU, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, **{**TINY, **overrides})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init gives near-uniform logits; a larger embedding scale makes greedy choices clear-cut, so a
+    # one-ulp difference between two correct attention paths cannot flip an argmax.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct with its tokenizer (float32, CPU)."""
+    from pyramidkv.models import load
+
+    return load(device="cpu")

@@ -1,0 +1,63 @@
+"""The command line: --help and --version, one-line errors with exit code 2, and a real generation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pyramidkv import __version__
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pyramidkv.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_version():
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"pyramidkv {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["generate"]])
+def test_help(command):
+    done = run(*command, "--help")
+    assert done.returncode == 0 and "Usage" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", ""], "prompt is empty"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "hi", "--max-new-tokens", "-4"], "--max-new-tokens"),
+        (["generate", "hi", "--model", "/no/such/model.gguf"], "no such file"),
+        (["generate", "--prompt-file", "/no/such/prompt.txt"], "--prompt-file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    done = run(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_generate_streams_an_answer_from_stdin():
+    done = run(
+        "generate",
+        "--prompt-file",
+        "-",
+        "--max-new-tokens",
+        "12",
+        stdin="What is the capital of France?",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "tok/s" in done.stderr and "KV cache" in done.stderr

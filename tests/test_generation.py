@@ -1,0 +1,69 @@
+"""generate(): token counts, greedy equality with a hand-written loop, and honest KV byte counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyramidkv.accounting import cache_nbytes, full_cache_nbytes
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.generation import prompt_ids
+
+
+class _CharTokenizer:
+    """Just enough of a tokenizer for generate(): ids are byte values folded into a tiny vocabulary."""
+
+    chat_template = None
+    eos_token_id = 2
+
+    def __call__(self, text, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[3 + (b % 90) for b in text.encode()]])}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+def _greedy_by_hand(model, ids, steps):
+    out = ids
+    for _ in range(steps):
+        logits = model(out).logits[:, -1]
+        out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_generate_matches_a_plain_greedy_loop(tiny_model):
+    from pyramidkv.generation import generate
+
+    tiny_model.generation_config.eos_token_id = None
+    tok = _CharTokenizer()
+    result = generate(tiny_model, tok, "hello world, a prompt", max_new_tokens=6)
+    ids = prompt_ids(tok, "hello world, a prompt")
+    with torch.no_grad():
+        assert result.token_ids == _greedy_by_hand(tiny_model, ids, 6)
+    assert result.new_tokens == 6 and result.prompt_tokens == ids.shape[1]
+    # A DynamicCache holds the prompt and every new token but the last: the formula must agree with it.
+    assert result.kv_bytes == result.full_kv_bytes > 0
+
+
+def test_full_cache_formula_against_tensors(tiny_llama):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=tiny_llama.config)
+    with torch.no_grad():
+        tiny_llama(torch.arange(3, 20).unsqueeze(0).repeat(2, 1), past_key_values=cache)
+    assert cache_nbytes(cache) == full_cache_nbytes(
+        tiny_llama.config, 17, batch=2, dtype=torch.float32
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_max_new_tokens_must_be_positive(tiny_llama, bad):
+    from pyramidkv.generation import generate
+
+    with pytest.raises(PyramidKVError, match="max_new_tokens"):
+        generate(tiny_llama, _CharTokenizer(), "x", max_new_tokens=bad)
+
+
+def test_empty_prompt_is_rejected():
+    with pytest.raises(PyramidKVError, match="prompt"):
+        prompt_ids(_CharTokenizer(), "   ")
