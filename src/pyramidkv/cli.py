@@ -77,10 +77,28 @@ def generate(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")
     ] = None,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Eviction policy: full, pyramidkv, snapkv, h2o, streamingllm, key-norm, random."
+        ),
+    ] = "full",
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="Tokens kept per layer on average ('128') or a share of the prompt ('10%')."
+        ),
+    ] = "128",
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
+    from .budgets import parse_budget
+    from .cache import CompressedCache
     from .generation import generate as run
     from .models import load
+    from .policies import get_policy
+
+    compress = get_policy(policy).name != "full"
+    parse_budget(budget)
 
     text = _read_prompt(prompt, prompt_file)
     if not text.strip():
@@ -90,12 +108,15 @@ def generate(
     if max_new_tokens < 1:
         raise PyramidKVError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     lm, tokenizer = load(model, device=device)
+    cache = CompressedCache(lm, policy=policy, budget=budget) if compress else None
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = run(lm, tokenizer, text, max_new_tokens=max_new_tokens, chat=chat, on_text=show)
+    result = run(
+        lm, tokenizer, text, max_new_tokens=max_new_tokens, chat=chat, cache=cache, on_text=show
+    )
     sys.stdout.write("\n")
     typer.echo(
         f"[prompt {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tok/s | "
@@ -103,6 +124,15 @@ def generate(
         f"KV cache {result.kv_bytes:,} bytes]",
         err=True,
     )
+    if cache is not None:
+        held = cache.kept_tokens().float().mean().item()
+        typer.echo(
+            f"[{policy} budget {budget}: {held:.1f} tokens per layer and head on average, "
+            f"{result.kv_bytes:,} bytes vs {result.full_kv_bytes:,} for the full cache "
+            f"({result.full_kv_bytes / max(result.kv_bytes, 1):.1f}x smaller)]",
+            err=True,
+        )
+        cache.close()
 
 
 def main() -> None:

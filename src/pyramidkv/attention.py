@@ -1,0 +1,162 @@
+"""The attention function pyramidkv registers with transformers, and its installation on a model.
+
+transformers 5.x lets a library add an attention implementation through ``AttentionInterface`` (and the
+matching mask builder through ``AttentionMaskInterface``); a model whose config names it calls it in every
+attention layer with the post-RoPE queries, keys and values. That is the one seam pyramidkv needs: at
+prefill the function sees the queries that score the prompt (SnapKV/PyramidKV's observation window, H2O's
+accumulated attention), and at decode it reads a cache whose rows have lengths of their own. No model class
+is patched.
+
+The function only acts for a layer of a :class:`~pyramidkv.cache.CompressedCache`, which announces itself
+in ``update`` just before the model calls attention; for any other cache it hands over to the model's
+original implementation, so a model with pyramidkv installed still works with a plain ``DynamicCache``.
+Installation is reference-counted per model and undone when the last compressed cache on it is closed or
+garbage collected.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from .errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .cache import CompressedLayer
+
+NAME = "pyramidkv"
+
+# The compressed layer whose ``update`` ran last, waiting for its attention call.
+_PENDING: ContextVar[CompressedLayer | None] = ContextVar("pyramidkv_pending_layer", default=None)
+
+
+def announce(layer: CompressedLayer) -> None:
+    """Called by a compressed layer's ``update``: the next attention call of this layer is ours."""
+    _PENDING.set(layer)
+
+
+# The model's own implementation, by id of the config object its attention modules hold.
+_FALLBACK: dict[int, str] = {}
+
+
+def _fallback(module) -> str:
+    return _FALLBACK.get(id(getattr(module, "config", None)), "sdpa")
+
+
+def pyramidkv_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
+):
+    """Attention for one layer: compress at prefill, read a ragged compressed cache at decode."""
+    layer = _PENDING.get()
+    fallback = AttentionInterface._global_mapping.get(_fallback(module), sdpa_attention_forward)
+    if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
+        return fallback(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    _PENDING.set(None)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer.is_fresh():
+        output = fallback(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        layer.compress(
+            query, valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device), scaling
+        )
+        return output
+    keys, values, mask = layer.attention_inputs(
+        query.shape[-2], query.shape[1], as_float=_fallback(module) != "sdpa"
+    )
+    kwargs.pop("is_causal", None)
+    return fallback(
+        module,
+        query,
+        keys,
+        values,
+        mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=False,
+        **kwargs,
+    )
+
+
+def valid_keys(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """(batch, length) bool: which prompt positions are real tokens, read off the 4-D mask's last query row.
+
+    With left padding the last query is a real token that sees every real key; padded keys are masked for it.
+    A ``None`` mask means no padding.
+    """
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    row = mask[:, 0, -1, -length:]
+    if row.dtype == torch.bool:
+        return row.expand(batch, length).clone()
+    return (row > torch.finfo(row.dtype).min / 2).expand(batch, length).clone()
+
+
+AttentionInterface.register(NAME, pyramidkv_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+@dataclass
+class _Installation:
+    original: str | None
+    users: int
+
+
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SUPPORTED_FALLBACKS = ("sdpa", "eager")
+
+
+def check_hookable(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless the model's attention goes through ``AttentionInterface``."""
+    name = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"model: {name} does not route attention through transformers' AttentionInterface, so pyramidkv "
+            "cannot hook it; supported are decoders such as Llama, Qwen2/3, Mistral, Gemma, Phi-3"
+        )
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise UnsupportedModelError(
+            f"model: {name} has {', '.join(other)} layers; pyramidkv compresses full-attention layers only"
+        )
+
+
+def install(model) -> None:
+    """Route the model's attention through pyramidkv (counted; undo with :func:`release`)."""
+    check_hookable(model)
+    entry = _INSTALLED.get(model)
+    if entry is None:
+        original = model.config._attn_implementation
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            _FALLBACK[id(config)] = original if original in _SUPPORTED_FALLBACKS else "sdpa"
+        model.config._attn_implementation = NAME
+        entry = _INSTALLED[model] = _Installation(original, 0)
+    entry.users += 1
+
+
+def release(model_ref: weakref.ref) -> None:
+    """Drop one user; the last one restores the model's own attention implementation."""
+    model = model_ref()
+    entry = _INSTALLED.get(model) if model is not None else None
+    if entry is None:
+        return
+    entry.users -= 1
+    if entry.users <= 0:
+        model.config._attn_implementation = entry.original
+        for config in (model.config, model.config.get_text_config()):
+            _FALLBACK.pop(id(config), None)
+        del _INSTALLED[model]
+
+
+def installed(model) -> bool:
+    return model in _INSTALLED

@@ -1,0 +1,38 @@
+"""Random eviction: the floor every scoring method must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import PyramidKVError
+from .base import check_inputs
+
+
+@dataclass(frozen=True)
+class RandomScorer:
+    """Uniform random scores, seeded: the baseline that uses no information at all.
+
+    Scores come from a CPU generator seeded with ``seed``, so the same input shape gives the same scores
+    on every device and every call, and runs repeat exactly.
+
+    Being a pure function of (seed, shape), every layer with the same shape draws the same scores; with
+    one budget per layer it keeps the same positions in each. Change ``seed`` to draw another subset.
+    """
+
+    seed: int = 0
+    needs_all_queries: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0:
+            raise PyramidKVError(f"seed: got {self.seed!r}; expected an integer >= 0")
+
+    def score(self, queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        batch, kv_heads, _, _, n = check_inputs(queries, keys, valid)
+        generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        scores = torch.rand(batch, kv_heads, n, generator=generator, dtype=torch.float32)
+        return scores.to(keys.device)

@@ -1,0 +1,120 @@
+"""Prefill once, compress many ways: the evaluation runner's way to compare policies and budgets fairly.
+
+pyramidkv compresses a layer *after* that layer's attention has run over the full prompt, so the hidden
+states a prefill produces are the same whatever the policy. One full forward therefore captures everything
+any policy needs — each layer's keys, values and queries — and :meth:`Prefill.cache` rebuilds, without a
+model forward, exactly the cache a fresh prefill with that policy and budget would have kept. The captured
+tensors are never modified, so the full cache is "restored" between configurations for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import CompressedCache
+from .compat import cache_kwargs
+
+
+class _CapturingCache(CompressedCache):
+    """Keeps the whole prompt and records, per layer, the queries the prefill computed."""
+
+    def __init__(self, model):
+        super().__init__(model, policy="full", budget="100%")
+        self.queries: list[torch.Tensor | None] = [None] * self.num_layers
+        self.valid: torch.Tensor | None = None
+        self.scaling = 1.0
+
+    def choose(self, layer_idx, queries, keys, valid, scaling):
+        self.queries[layer_idx] = queries
+        self.valid, self.scaling = valid, scaling
+        return super().choose(layer_idx, queries, keys, valid, scaling)
+
+
+@dataclass
+class Prefill:
+    """The captured prefill of one prompt: logits after it, and per layer its keys, values and queries."""
+
+    model: object
+    logits: torch.Tensor  # (batch, vocab) next-token logits after the prompt
+    keys: list[torch.Tensor] = field(repr=False)
+    values: list[torch.Tensor] = field(repr=False)
+    queries: list[torch.Tensor] = field(repr=False)
+    valid: torch.Tensor = field(repr=False)
+    scaling: float = 1.0
+    seconds: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[-2]
+
+    def cache(
+        self, policy: str = "pyramidkv", budget: str | int | float = 128, **options
+    ) -> CompressedCache:
+        """The cache a fresh prefill with ``policy`` and ``budget`` would hold, built from the capture."""
+        cache = CompressedCache(self.model, policy=policy, budget=budget, **options)
+        for layer, keys, values, queries in zip(
+            cache.layers, self.keys, self.values, self.queries, strict=True
+        ):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values, layer.seen = keys, values, keys.shape[-2]
+            layer.compress(queries, self.valid, self.scaling)
+        return cache
+
+
+def prefill(
+    model, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> Prefill:
+    """Run the prompt once with the full cache and capture what every policy needs."""
+    import time
+
+    capture = _CapturingCache(model)
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model(
+                context_ids.to(model.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+                **cache_kwargs(model, capture),
+            )
+        seconds = time.perf_counter() - start
+        return Prefill(
+            model=model,
+            logits=out.logits[:, -1].float(),
+            keys=[layer.kept_keys for layer in capture.layers],
+            values=[layer.kept_values for layer in capture.layers],
+            queries=list(capture.queries),
+            valid=capture.valid,
+            scaling=capture.scaling,
+            seconds=seconds,
+        )
+    finally:
+        capture.close()
+
+
+def greedy_continue(
+    model,
+    cache,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: list[int] | tuple[int, ...] = (),
+    append_ids: torch.Tensor | None = None,
+) -> list[int]:
+    """Greedy tokens after a prefilled ``cache`` (batch 1), starting from ``logits``.
+
+    ``append_ids`` (context-only mode) are fed first, uncompressed, and decoding starts from their last logits.
+    The stop token is included in the result when it is produced, as ``generate`` does.
+    """
+    tokens: list[int] = []
+    with torch.inference_mode():
+        if append_ids is not None and append_ids.numel():
+            logits = model(append_ids.to(model.device), **cache_kwargs(model, cache)).logits[:, -1]
+        for _ in range(max_new_tokens):
+            token = int(logits[0].argmax())
+            tokens.append(token)
+            if token in stop_ids:
+                break
+            step = torch.tensor([[token]], device=model.device)
+            logits = model(step, **cache_kwargs(model, cache)).logits[:, -1]
+    return tokens

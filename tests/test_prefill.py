@@ -1,0 +1,56 @@
+"""One prefill, many caches: each rebuilt cache equals the cache of a fresh prefill with that policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyramidkv.cache import CompressedCache
+from pyramidkv.compat import cache_kwargs
+from pyramidkv.prefill import greedy_continue, prefill
+
+IDS = torch.tensor([[1, *range(4, 70)]])
+
+
+@pytest.mark.parametrize(
+    ("policy", "budget"), [("pyramidkv", 12), ("snapkv", "20%"), ("h2o", 16), ("full", 8)]
+)
+def test_rebuilt_cache_equals_fresh_prefill(tiny_model, policy, budget):
+    captured = prefill(tiny_model, IDS)
+    rebuilt = captured.cache(policy, budget)
+    with torch.no_grad(), CompressedCache(tiny_model, policy=policy, budget=budget) as fresh:
+        logits = tiny_model(IDS, **cache_kwargs(tiny_model, fresh)).logits[:, -1]
+        torch.testing.assert_close(captured.logits, logits)
+        for a, b in zip(rebuilt.layers, fresh.layers, strict=True):
+            assert torch.equal(a.lengths, b.lengths)
+            torch.testing.assert_close(a.kept_keys, b.kept_keys)
+            torch.testing.assert_close(a.kept_values, b.kept_values)
+        assert rebuilt.nbytes() == fresh.nbytes()
+    rebuilt.close()
+
+
+def test_greedy_continue_equals_generate(tiny_llama):
+    captured = prefill(tiny_llama, IDS)
+    with captured.cache("snapkv", 16) as cache:
+        ours = greedy_continue(tiny_llama, cache, captured.logits, 6)
+    with CompressedCache(tiny_llama, policy="snapkv", budget=16) as cache:
+        out = tiny_llama.generate(
+            IDS,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            **cache_kwargs(tiny_llama, cache),
+        )
+    assert ours == out[0, IDS.shape[1] :].tolist()
+
+
+def test_captured_tensors_survive_many_caches(tiny_llama):
+    captured = prefill(tiny_llama, IDS)
+    before = [k.clone() for k in captured.keys]
+    for budget in (8, 16, 32):
+        with captured.cache("pyramidkv", budget) as cache:
+            greedy_continue(
+                tiny_llama, cache, captured.logits, 3, append_ids=torch.tensor([[5, 6]])
+            )
+    assert all(torch.equal(a, b) for a, b in zip(before, captured.keys, strict=True))
