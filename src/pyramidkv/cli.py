@@ -135,6 +135,58 @@ def generate(
         cache.close()
 
 
+codebook_app = typer.Typer(
+    help="Build or inspect FibQuant codebooks (cached on disk).", no_args_is_help=True
+)
+app.add_typer(codebook_app, name="codebook")
+
+
+def _describe(d: int, k: int | None, n: int | None, bits: float | None, seed: int) -> None:
+    from .codecs import FibQuant
+    from .codecs.cli_support import describe_codebook
+
+    try:
+        codec = FibQuant(d, k, n, bits=bits, seed=seed)
+    except (TypeError, ValueError) as exc:
+        raise PyramidKVError(str(exc)) from exc
+    info = describe_codebook(d, codec.k, codec.n, seed)
+    width = max(map(len, info))
+    for key, value in info.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        typer.echo(f"{key:<{width}}  {shown}")
+
+
+CodebookD = Annotated[int, typer.Option("--d", help="Vector dimension (head dim).")]
+CodebookK = Annotated[int | None, typer.Option("--k", help="Coordinates per block (1-8).")]
+CodebookN = Annotated[int | None, typer.Option("--n", help="Codewords in the codebook.")]
+CodebookBits = Annotated[float | None, typer.Option("--bits", help="Rate in bits per coordinate.")]
+CodebookSeed = Annotated[int, typer.Option(help="Seed of the rotation and codebook.")]
+
+
+@codebook_app.command("build")
+def codebook_build(
+    d: CodebookD = 64,
+    k: CodebookK = None,
+    n: CodebookN = None,
+    bits: CodebookBits = 2.0,
+    seed: CodebookSeed = 0,
+) -> None:
+    """Build a codebook (or read it from the cache) and print its size, rate and distortion."""
+    _describe(d, k, n, None if (k and n) else bits, seed)
+
+
+@codebook_app.command("show")
+def codebook_show(
+    d: CodebookD = 64,
+    k: CodebookK = None,
+    n: CodebookN = None,
+    bits: CodebookBits = 2.0,
+    seed: CodebookSeed = 0,
+) -> None:
+    """Print a codebook's size, rate, MSE, and the TurboQuant and Shannon figures at the same rate."""
+    _describe(d, k, n, None if (k and n) else bits, seed)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     from transformers.utils import logging as hf_logging

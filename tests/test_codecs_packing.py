@@ -1,0 +1,69 @@
+"""Bit-packing: lossless for every width 1..16, and the documented little-endian layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyramidkv.codecs import pack_bits, packed_bytes, unpack_bits
+
+
+def reference_pack(values: list[int], bits: int) -> list[int]:
+    """Slow, obvious packer: a string of bits, LSB of each index first, LSB of each byte first."""
+    stream = "".join(format(v, f"0{bits}b")[::-1] for v in values)
+    stream += "0" * (-len(stream) % 8)
+    return [int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8)]
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_round_trip_every_width(bits):
+    generator = torch.Generator().manual_seed(bits)
+    count = 37  # not a multiple of 8: exercises the padding of the last byte
+    indices = torch.randint(0, 1 << bits, (3, 4, count), generator=generator)
+    indices[0, 0, :2] = torch.tensor([0, (1 << bits) - 1])  # both extremes
+    packed = pack_bits(indices, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (3, 4, (count * bits + 7) // 8)
+    assert torch.equal(unpack_bits(packed, bits, count), indices)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8, 11, 16])
+def test_layout_matches_reference(bits):
+    generator = torch.Generator().manual_seed(100 + bits)
+    values = torch.randint(0, 1 << bits, (13,), generator=generator)
+    assert pack_bits(values, bits).tolist() == reference_pack(values.tolist(), bits)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.integers(1, 16),
+    lead=st.lists(st.integers(0, 3), max_size=2),
+    count=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_random_shapes(bits, lead, count, seed):
+    indices = torch.randint(
+        0, 1 << bits, (*lead, count), generator=torch.Generator().manual_seed(seed)
+    )
+    packed = pack_bits(indices, bits)
+    assert packed.shape == (*lead, packed_bytes(count, bits))
+    assert torch.equal(unpack_bits(packed, bits, count), indices)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(torch.zeros(4, dtype=torch.long), 17)
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(torch.zeros(4, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 7\]"):
+        pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(ValueError, match="indices"):
+        pack_bits(torch.tensor([-1]), 3)
+    with pytest.raises(TypeError, match="indices"):
+        pack_bits(torch.zeros(4), 3)
+    with pytest.raises(ValueError, match="packed"):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, count=16)
+    with pytest.raises(TypeError, match="packed"):
+        unpack_bits(torch.zeros(6, dtype=torch.int32), 3, count=16)
