@@ -70,6 +70,8 @@ def pyramidkv_attention(
             query, valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device), scaling
         )
         return output
+    if layer.coded is not None:
+        return layer.attend_codes(query, scaling), None
     keys, values, mask = layer.attention_inputs(
         query.shape[-2], query.shape[1], as_float=_fallback(module) != "sdpa"
     )

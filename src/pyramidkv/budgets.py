@@ -259,3 +259,80 @@ def _apportion(targets: list[Fraction], total: int, low: int, high: int) -> list
         shrink = max(shrinkable, key=lambda i: (kept[i] - targets[i], i))
         kept[shrink] -= 1
     return kept
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+_MEMORY = re.compile(r"([0-9]*\.?[0-9]+)\s*([a-z]*)")
+_MEMORY_ACCEPTED = (
+    "a size such as '48MiB', '2GB' or 1000000 (bytes), or a share of the full cache in (0%, 100%]"
+)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """KV memory a user allows: ``nbytes`` for the whole batch, or ``fraction`` of the full fp16 cache.
+
+    The cache turns it into a token budget once it knows the prompt and what one token costs in the chosen
+    codec (:meth:`tokens_for`), so eviction and quantization meet one memory target together.
+    """
+
+    nbytes: int | None = None
+    fraction: float | None = None
+
+    def tokens_for(
+        self,
+        prompt_len: int,
+        batch: int,
+        layers: int,
+        token_bytes: float,
+        fp16_token_bytes: float,
+        fixed_bytes: int = 0,
+    ) -> int:
+        """Average tokens per layer for one of ``batch`` rows so that the batch's cache fits.
+
+        ``token_bytes``: one token of one layer as stored (all KV heads, keys and values, side information);
+        ``fp16_token_bytes``: the same in the uncompressed fp16 cache; ``fixed_bytes``: what the cache holds
+        whatever it keeps (codebooks, row lengths). At least one token is kept, at most the prompt.
+        """
+        if self.nbytes is not None:
+            allowed = (self.nbytes - fixed_bytes) / batch
+        else:
+            allowed = self.fraction * prompt_len * layers * fp16_token_bytes
+        return max(1, min(prompt_len, int(allowed // (layers * token_bytes))))
+
+
+def parse_memory(spec: str | int | MemoryBudget) -> MemoryBudget:
+    """``"48MiB"`` / ``"2GB"`` / ``1000000`` -> bytes; ``"5%"`` -> a fraction of the full fp16 cache."""
+    if isinstance(spec, MemoryBudget):
+        return spec
+    error = PyramidKVError(f"kv_memory: got {spec!r}; expected {_MEMORY_ACCEPTED}")
+    if isinstance(spec, bool):
+        raise error
+    if isinstance(spec, Integral):
+        if spec < 1:
+            raise error
+        return MemoryBudget(nbytes=int(spec))
+    if not isinstance(spec, str):
+        raise error
+    text = spec.strip().lower()
+    if text.endswith("%"):
+        number = _as_float(text[:-1].strip(), spec)
+        if not 0 < number <= 100:
+            raise error
+        return MemoryBudget(fraction=number / 100)
+    match = _MEMORY.fullmatch(text)
+    if not match or match.group(2) not in _UNITS:
+        raise error
+    nbytes = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if nbytes < 1:
+        raise error
+    return MemoryBudget(nbytes=nbytes)

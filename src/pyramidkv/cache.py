@@ -22,8 +22,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention
 from .accounting import kv_geometry
-from .budgets import Budget, parse_budget
-from .errors import UnsupportedModelError
+from .budgets import Budget, MemoryBudget, parse_budget, parse_memory
+from .coded import CodecPair, CodedBlocks, make_codecs
+from .errors import PyramidKVError, UnsupportedModelError
+from .kernels import chunked_attention
 from .policies import Policy, get_policy, select
 
 
@@ -39,9 +41,12 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self._owner = weakref.proxy(owner)
         self.seen = 0
-        self.kept_keys: torch.Tensor | None = None
+        self.compressed = False
+        self.kept_keys: torch.Tensor | None = None  # fp16/fp32 kept tokens when no codec is set
         self.kept_values: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept per row
+        self.coded = CodedBlocks(owner.codecs) if owner.codecs is not None else None
+        self.residual = owner.residual
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -51,7 +56,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def is_fresh(self) -> bool:
         """True until the first chunk of the prompt has been compressed."""
-        return self.kept_keys is None
+        return not self.compressed
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -61,6 +66,9 @@ class CompressedLayer(CacheLayerMixin):
                 f"model: layer {self.layer_idx} never called pyramidkv's attention function; its attention "
                 "does not go through transformers' AttentionInterface, so it cannot be compressed"
             )
+        elif self.coded is not None and self.keys.shape[-2] >= self.residual:
+            self.coded.add(self.keys, self.values)  # the recent window is full: store it as codes
+            self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
@@ -71,11 +79,28 @@ class CompressedLayer(CacheLayerMixin):
         """Keep what the policy selects from the prompt just prefilled, and free the rest."""
         indices, lengths = self._owner.choose(self.layer_idx, queries, self.keys, valid, scaling)
         gather = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.kept_keys = self.keys.gather(2, gather)
-        self.kept_values = self.values.gather(2, gather)
+        kept_keys, kept_values = self.keys.gather(2, gather), self.values.gather(2, gather)
+        if self.coded is None:
+            self.kept_keys, self.kept_values = kept_keys, kept_values
+        else:
+            self.coded.add(kept_keys, kept_values, lengths)
         self.lengths = lengths
         self.keys = self.keys[..., :0, :]
         self.values = self.values[..., :0, :]
+        self.compressed = True
+
+    def attend_codes(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of (batch, q_heads, q_len, dim) queries over coded blocks, then the fp16 recent window.
+
+        Blocks are decoded one at a time (torch reference; the CUDA kernel reads codes directly).
+        Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
+        """
+        q_len, recent = query.shape[-2], self.keys.shape[-2]
+        steps = torch.arange(recent, device=query.device)
+        limit = recent - q_len + torch.arange(q_len, device=query.device)
+        causal = (steps[None, :] <= limit[:, None])[None, None]
+        chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
+        return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
 
     def attention_inputs(self, q_len: int, q_heads: int, as_float: bool):
         """Keys, values (kept then recent) and a mask for ``q_len`` new queries; ``None`` when nothing is masked.
@@ -113,12 +138,18 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> list[torch.Tensor]:
+        """The uncoded tensors this layer holds (coded blocks count through :meth:`nbytes`)."""
         found = [self.kept_keys, self.kept_values, self.lengths, self.keys, self.values]
         return [t for t in found if isinstance(t, torch.Tensor)]
+
+    def nbytes(self) -> int:
+        own = sum(t.numel() * t.element_size() for t in self.tensors())
+        return own + (self.coded.nbytes() if self.coded is not None else 0)
 
     def kept_tokens(self) -> torch.Tensor:
         """(batch, kv_heads) tokens this layer holds: kept prompt tokens plus appended ones."""
         recent = self.keys.shape[-2] if self.keys is not None else 0
+        recent += self.coded.tokens if self.coded is not None else 0
         if self.lengths is None:
             return torch.full((1, 1), recent, dtype=torch.long)
         return self.lengths + recent
@@ -131,8 +162,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
-        self.is_initialized = False
+        self.is_initialized = self.compressed = False
         self.seen = 0
+        if self.coded is not None:
+            self.coded = CodedBlocks(self.coded.codecs)
 
 
 class CompressedCache(Cache):
@@ -144,6 +177,11 @@ class CompressedCache(Cache):
     ``past_key_values`` to ``model.generate`` or to a forward call. The prompt (the first forward) is
     compressed; tokens after it are appended whole. A prompt no longer than the budget is kept whole.
 
+    ``codec="fibquant"`` (or ``"fibquant:2"``, ``"turboquant"``, ``"kivi"``) with ``bits`` (or separate
+    ``key_bits`` / ``value_bits``) stores what is kept as codes; new tokens wait in an fp16 window of
+    ``residual`` tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or
+    ``"5%"`` (of the full fp16 cache) replaces ``budget``: the token budget is chosen so the codes fit.
+
     While the cache is alive the model routes attention through pyramidkv; :meth:`close` (or leaving a
     ``with`` block, or garbage collection) restores the model's own attention implementation.
     """
@@ -153,30 +191,80 @@ class CompressedCache(Cache):
         model,
         policy: str | Policy = "pyramidkv",
         budget: str | int | float | Budget = 128,
+        *,
+        codec: str | None = None,
+        bits: float | None = None,
+        key_bits: float | None = None,
+        value_bits: float | None = None,
+        residual: int = 64,
+        kv_memory: str | int | MemoryBudget | None = None,
         **options,
     ):
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
         self.budget = parse_budget(budget)
+        self.kv_memory = parse_memory(kv_memory) if kv_memory is not None else None
+        if self.kv_memory is not None and self.policy.is_full():
+            raise PyramidKVError(
+                "kv_memory: the full policy keeps every token; choose an eviction policy"
+            )
+        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 1:
+            raise PyramidKVError(
+                f"residual: got {residual!r}; expected an integer >= 1 (recent tokens kept in fp16)"
+            )
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
+        self.codecs: CodecPair | None = make_codecs(
+            codec, self.head_dim, bits, key_bits, value_bits
+        )
+        self.residual = residual
+        self.dtype = next(model.parameters()).dtype
         attention.install(model)
         self._release = weakref.finalize(self, attention.release, weakref.ref(model))
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
-        self._schedule_cache: dict[int, list[int]] = {}
+        self._schedule_cache: dict[tuple[int, int], list[int]] = {}
         super().__init__(layers=[CompressedLayer(i, self) for i in range(self.num_layers)])
 
-    def layer_budgets(self, prompt_len: int) -> list[int]:
+    def token_bytes(self) -> float:
+        """Bytes one kept token costs in one layer (all KV heads, key and value) as this cache stores it."""
+        if self.codecs is not None:
+            return self.num_kv_heads * self.codecs.bytes_per_token(self.head_dim)
+        return (
+            2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        )
+
+    def codebook_nbytes(self) -> int:
+        """Bytes of the shared rotations and codebooks (held once per cache, whatever it keeps)."""
+        if self.codecs is None:
+            return 0
+        distinct: list = []  # keys and values share one table when their codecs are equal
+        for codec in (self.codecs.keys, self.codecs.values):
+            if hasattr(codec, "codebook") and codec not in distinct:
+                distinct.append(codec)
+        return sum((c.rotation.numel() + c.codebook.numel()) * 4 for c in distinct)
+
+    def average_budget(self, prompt_len: int, batch: int = 1) -> int:
+        """Average tokens per layer for one row: from ``budget``, or from ``kv_memory`` when it is set."""
+        if self.kv_memory is None:
+            return self.budget.tokens_for(prompt_len)
+        fp16 = 2 * self.num_kv_heads * self.head_dim * 2
+        fixed = self.codebook_nbytes() + self.num_layers * batch * self.num_kv_heads * 8
+        return self.kv_memory.tokens_for(
+            prompt_len, batch, self.num_layers, self.token_bytes(), fp16, fixed
+        )
+
+    def layer_budgets(self, prompt_len: int, batch: int = 1) -> list[int]:
         """Tokens each layer keeps (window included) for one sequence of ``prompt_len`` real tokens."""
-        if prompt_len not in self._schedule_cache:
+        key = (prompt_len, batch)
+        if key not in self._schedule_cache:
             if self.policy.is_full():
                 budgets = [prompt_len] * self.num_layers
             else:
                 budgets = self.policy.schedule.layer_budgets(
-                    self.budget.tokens_for(prompt_len),
+                    self.average_budget(prompt_len, batch),
                     self.num_layers,
                     prompt_len,
                     self.policy.window,
                 )
-            self._schedule_cache[prompt_len] = budgets
-        return self._schedule_cache[prompt_len]
+            self._schedule_cache[key] = budgets
+        return self._schedule_cache[key]
 
     def choose(self, layer_idx: int, queries, keys, valid, scaling: float):
         """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps."""
@@ -195,8 +283,59 @@ class CompressedCache(Cache):
         return select(scores, valid, budgets, self.policy.window)
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (kept and appended keys/values, row lengths)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        """Bytes the cache holds: kept and appended keys/values (or their codes), row lengths, codebooks."""
+        return sum(layer.nbytes() for layer in self.layers) + self.codebook_nbytes()
+
+    def memory_report(self) -> dict:
+        """Bytes per layer and per component beside the fp16 full cache of the same tokens, and the ratios.
+
+        ``ratio`` counts everything the cache holds; ``ratio_codes_only`` leaves out the fp16 recent window,
+        row lengths and codebooks, and is labelled as such.
+        """
+        layers, totals = [], {"codes": 0, "side": 0, "kept_fp": 0, "recent": 0, "lengths": 0}
+        for layer in self.layers:
+            parts = layer.coded.components() if layer.coded is not None else {"codes": 0, "side": 0}
+            parts["kept_fp"] = sum(
+                t.numel() * t.element_size()
+                for t in (layer.kept_keys, layer.kept_values)
+                if t is not None
+            )
+            parts["recent"] = sum(
+                t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None
+            )
+            parts["lengths"] = (
+                0 if layer.lengths is None else layer.lengths.numel() * layer.lengths.element_size()
+            )
+            parts["lengths"] += (
+                sum(b.lengths.numel() * 8 for b in layer.coded.blocks if b.lengths is not None)
+                if layer.coded
+                else 0
+            )
+            layers.append(parts)
+            for key, value in parts.items():
+                totals[key] += value
+        batch = self.layers[0].keys.shape[0] if self.layers[0].keys is not None else 1
+        full = (
+            2
+            * self.num_layers
+            * batch
+            * self.num_kv_heads
+            * self.get_seq_length()
+            * self.head_dim
+            * 2
+        )
+        total = self.nbytes()
+        codes_only = totals["codes"] + totals["side"] + totals["kept_fp"]
+        return {
+            "codec": self.codecs.label() if self.codecs else "none",
+            "policy": self.policy.name,
+            "layers": layers,
+            "components": {**totals, "codebooks": self.codebook_nbytes()},
+            "total_bytes": total,
+            "full_fp16_bytes": full,
+            "ratio": full / total if total else float("inf"),
+            "ratio_codes_only": full / codes_only if codes_only else float("inf"),
+        }
 
     def kept_tokens(self) -> torch.Tensor:
         """(layers, batch, kv_heads) tokens held per layer and KV head."""

@@ -1,0 +1,175 @@
+"""Kept tokens stored as codes: the quantized half of a compressed layer.
+
+Eviction decides which tokens a layer keeps; a codec decides how each is stored. A coded layer holds
+blocks of codes — the compressed prompt first (its rows ragged, one length per (sequence, KV head)), then
+one block per flush of the recent window — and reads them back one chunk at a time for attention, so a
+quantized cache is never decoded whole (KIVI, Liu et al. 2024, keeps the same fp16 residual window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .codecs import KIVI, Codec, Codes, FibQuant, TurboQuant
+from .errors import PyramidKVError
+
+CODEC_NAMES = ("none", "fibquant", "turboquant", "kivi")
+DEFAULT_BITS = {"fibquant": 2.0, "turboquant": 2, "kivi": 2}
+
+
+@dataclass(frozen=True)
+class CodecPair:
+    """The codecs of keys and values, and the name they were asked for by."""
+
+    name: str
+    keys: Codec
+    values: Codec
+
+    def bytes_per_token(self, head_dim: int) -> float:
+        """Stored bytes of one token of one KV head (key + value), side information included."""
+        bits = self.keys.bits_per_coordinate(True) + self.values.bits_per_coordinate(True)
+        return bits * head_dim / 8
+
+    def label(self) -> str:
+        return f"{self.name}:{_rate(self.keys):g}" + (
+            "" if _rate(self.keys) == _rate(self.values) else f"/{_rate(self.values):g}"
+        )
+
+
+def _rate(codec: Codec) -> float:
+    return float(getattr(codec, "rate", None) or codec.bits)
+
+
+def parse_codec(spec: str | None) -> tuple[str, float | None]:
+    """``"fibquant:2"`` -> ("fibquant", 2.0); ``"none"`` or ``None`` -> ("none", None)."""
+    if spec is None:
+        return "none", None
+    name, _, bits = str(spec).strip().lower().partition(":")
+    if name not in CODEC_NAMES:
+        raise PyramidKVError(
+            f"codec: got {spec!r}; expected one of {', '.join(CODEC_NAMES)} (optionally name:bits)"
+        )
+    if not bits:
+        return name, None
+    try:
+        return name, float(bits)
+    except ValueError:
+        raise PyramidKVError(
+            f"codec: bits in {spec!r} must be a number, e.g. fibquant:2 or kivi:4"
+        ) from None
+
+
+def make_codecs(
+    spec: str | None,
+    head_dim: int,
+    bits: float | None = None,
+    key_bits: float | None = None,
+    value_bits: float | None = None,
+    seed: int = 0,
+) -> CodecPair | None:
+    """Codecs for one model's head dimension; ``None`` when nothing is quantized.
+
+    ``bits`` (or the ``name:bits`` suffix) sets both; ``key_bits`` / ``value_bits`` override one side.
+    FibQuant takes fractional rates (0.75 bit comes from k=8, N=64); TurboQuant and KIVI whole bits.
+    """
+    name, suffix = parse_codec(spec)
+    if name == "none":
+        if any(b is not None for b in (bits, key_bits, value_bits)):
+            raise PyramidKVError(
+                "bits: a rate needs a codec (--codec fibquant, turboquant or kivi)"
+            )
+        return None
+    base = bits if bits is not None else suffix if suffix is not None else DEFAULT_BITS[name]
+    kb = key_bits if key_bits is not None else base
+    vb = value_bits if value_bits is not None else base
+    try:
+        if name == "fibquant":
+            return CodecPair(
+                name, FibQuant(head_dim, bits=kb, seed=seed), FibQuant(head_dim, bits=vb, seed=seed)
+            )
+        whole = [_whole_bits(b, name) for b in (kb, vb)]
+        if name == "turboquant":
+            return CodecPair(
+                name, TurboQuant(head_dim, whole[0], seed), TurboQuant(head_dim, whole[1], seed)
+            )
+        return CodecPair(name, KIVI(whole[0], axis="channel"), KIVI(whole[1], axis="token"))
+    except (TypeError, ValueError) as exc:
+        raise PyramidKVError(f"bits: {exc}") from exc
+
+
+def _whole_bits(bits: float, name: str) -> int:
+    if float(bits) != int(bits):
+        raise PyramidKVError(f"bits: {name} stores whole bits per coordinate (1-8), got {bits:g}")
+    return int(bits)
+
+
+@dataclass
+class _Block:
+    keys: Codes
+    values: Codes
+    tokens: int
+    lengths: (
+        torch.Tensor | None
+    )  # (batch, kv_heads) for the ragged prompt block, else every slot is valid
+
+
+@dataclass
+class CodedBlocks:
+    """Blocks of key and value codes of one layer, read back chunk by chunk."""
+
+    codecs: CodecPair
+    blocks: list[_Block] = field(default_factory=list)
+
+    def add(
+        self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> None:
+        """Encode (batch, kv_heads, s, dim) keys and values as one block; ``lengths`` marks ragged rows."""
+        if keys.shape[-2] == 0:
+            return
+        self.blocks.append(
+            _Block(
+                self.codecs.keys.encode(keys),
+                self.codecs.values.encode(values),
+                keys.shape[-2],
+                lengths,
+            )
+        )
+
+    @property
+    def tokens(self) -> int:
+        """Slots held in flushed blocks (every row has all of them)."""
+        return sum(b.tokens for b in self.blocks if b.lengths is None)
+
+    def chunks(
+        self, q_len: int, dtype: torch.dtype
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Decoded (keys, values, visible) per block, for :func:`~pyramidkv.kernels.chunked_attention`."""
+        for block in self.blocks:
+            keys = self.codecs.keys.decode(block.keys, dtype)
+            values = self.codecs.values.decode(block.values, dtype)
+            visible = None
+            if block.lengths is not None:
+                slots = torch.arange(block.tokens, device=keys.device)
+                visible = (slots < block.lengths[..., None]).unsqueeze(-2)
+            yield keys, values, visible
+
+    def nbytes(self) -> int:
+        total = 0
+        for b in self.blocks:
+            total += b.keys.nbytes + b.values.nbytes
+            total += 0 if b.lengths is None else b.lengths.numel() * b.lengths.element_size()
+        return total
+
+    def components(self) -> dict[str, int]:
+        """Bytes per component: packed indices / ints, and norms / scales / zero-points."""
+        parts = {"codes": 0, "side": 0}
+        for b in self.blocks:
+            for codes in (b.keys, b.values):
+                for name, value in vars(codes).items():
+                    if isinstance(value, torch.Tensor):
+                        key = "codes" if name in ("indices", "packed") else "side"
+                        parts[key] += value.numel() * value.element_size()
+        return parts

@@ -1,0 +1,195 @@
+"""The quantized cache: eviction composed with FibQuant, TurboQuant and KIVI codes, checked against
+decoding everything then attending densely in float64, honest bytes, byte budgets and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyramidkv.cache import CompressedCache
+from pyramidkv.codecs import FibQuant
+from pyramidkv.compat import cache_kwargs
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.prefill import greedy_continue, prefill
+
+from .conftest import make_tiny
+
+PROMPT = torch.tensor([[1, *range(5, 60)]])  # 56 tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _codebooks_in_tmp(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYRAMIDKV_CACHE_DIR", str(tmp_path_factory.mktemp("codebooks")))
+        yield
+
+
+def run(model, cache, steps=6):
+    with torch.no_grad():
+        out = model.generate(
+            PROMPT,
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            **cache_kwargs(model, cache),
+        )
+    return out[0, PROMPT.shape[1] :]
+
+
+def dense_reference(layer, query, scaling):
+    """Decode every block whole, concatenate with the fp16 window, one float64 softmax."""
+    keys, values, masks = [], [], []
+    for k, v, visible in layer.coded.chunks(query.shape[-2], torch.float64):
+        keys.append(k)
+        values.append(v)
+        masks.append(
+            torch.ones((*k.shape[:2], 1, k.shape[-2]), dtype=torch.bool)
+            if visible is None
+            else visible
+        )
+    keys.append(layer.keys.double())
+    values.append(layer.values.double())
+    masks.append(torch.ones((*layer.keys.shape[:2], 1, layer.keys.shape[-2]), dtype=torch.bool))
+    k, v, m = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, -1)
+    group = query.shape[1] // k.shape[1]
+    k, v, m = (t.repeat_interleave(group, dim=1) for t in (k, v, m))
+    scores = (query.double() @ k.transpose(-1, -2) * scaling).masked_fill(~m, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("codec", ["fibquant:2", "turboquant:3", "kivi:4", "fibquant:0.75"])
+def test_attention_on_codes_matches_decode_then_dense(tiny_model, codec):
+    with CompressedCache(tiny_model, policy="snapkv", budget=20, codec=codec, residual=4) as cache:
+        run(
+            tiny_model, cache, steps=7
+        )  # 6 appended tokens: one block of 4 flushed, 2 in the fp16 window
+        layer = cache.layers[1]
+        assert [b.tokens for b in layer.coded.blocks][1:] == [4] and layer.keys.shape[-2] == 2
+        torch.manual_seed(0)
+        query = torch.randn(1, 4, 1, 16)
+        got = layer.attend_codes(query, scaling=0.25)
+        torch.testing.assert_close(
+            got.double(), dense_reference(layer, query, 0.25), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_codec_none_is_the_eviction_only_cache(tiny_llama):
+    with CompressedCache(tiny_llama, policy="pyramidkv", budget=16) as plain:
+        a = run(tiny_llama, plain)
+        bytes_a = plain.nbytes()
+    with CompressedCache(tiny_llama, policy="pyramidkv", budget=16, codec="none") as none:
+        assert torch.equal(run(tiny_llama, none), a) and none.nbytes() == bytes_a
+
+
+def test_more_bits_track_the_full_cache_better(tiny_llama):
+    captured = prefill(tiny_llama, PROMPT)
+    step = torch.tensor([[9]])
+    with torch.no_grad(), captured.cache("full", 8) as full:
+        want = tiny_llama(step, **cache_kwargs(tiny_llama, full)).logits
+    errors = {}
+    for bits in (1, 2, 4):
+        with torch.no_grad(), captured.cache("full", 8, codec="fibquant", bits=bits) as cache:
+            got = tiny_llama(step, **cache_kwargs(tiny_llama, cache)).logits
+        errors[bits] = float((got - want).norm() / want.norm())
+    assert errors[4] < errors[2] < errors[1] and errors[4] < 0.05, errors
+
+
+def test_nbytes_is_codes_norms_lengths_and_codebooks(tiny_llama):
+    budget, layers, heads, d = 12, 4, 2, 16
+    with (
+        torch.no_grad(),
+        CompressedCache(
+            tiny_llama, policy="snapkv", budget=budget, codec="fibquant", bits=2
+        ) as cache,
+    ):
+        tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
+        codec = FibQuant(d, bits=2)
+        per_vector = (
+            codec.bits_per_coordinate(include_norm=True) * d / 8
+        )  # packed indices + fp16 norm
+        tables = (
+            d * d + codec.n * codec.k
+        ) * 4  # one rotation and codebook shared by keys and values
+        expected = layers * (2 * heads * budget * per_vector + heads * 8 * 2) + tables
+        # (row lengths are held by the layer and by its ragged prompt block: 2 x int64 per KV head)
+        assert cache.nbytes() == expected
+        report = cache.memory_report()
+        assert report["total_bytes"] == cache.nbytes()
+        assert report["full_fp16_bytes"] == 2 * layers * heads * PROMPT.shape[1] * d * 2
+        assert report["ratio"] < report["ratio_codes_only"]
+
+
+def test_byte_budget_is_met(tiny_llama):
+    limit = 7000
+    with (
+        torch.no_grad(),
+        CompressedCache(
+            tiny_llama, policy="pyramidkv", kv_memory=limit, codec="fibquant", bits=2
+        ) as cache,
+    ):
+        tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
+        held = cache.nbytes()
+        assert held <= limit
+        assert (
+            held > limit - 4 * cache.token_bytes() - 64
+        )  # within one token per layer of the target
+    with torch.no_grad(), CompressedCache(tiny_llama, policy="snapkv", kv_memory="25%") as cache:
+        tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
+        kept = cache.kept_tokens()[:, 0, 0]
+        # float32 tokens cost twice the fp16 ones, so 25% of the fp16 bytes keeps 12.5% of the tokens
+        assert kept.float().mean().item() == PROMPT.shape[1] * 0.25 // 2
+
+
+def test_batch_with_padding_equals_rows_alone_with_codes():
+    model = make_tiny("qwen3")
+    rows = [torch.arange(3, 50), torch.arange(7, 30)]
+    ids = torch.zeros(2, 47, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, 47 - len(r) :], mask[i, 47 - len(r) :] = r, 1
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with (
+        torch.no_grad(),
+        CompressedCache(model, policy="snapkv", budget=12, codec="fibquant:2", residual=3) as cache,
+    ):
+        batch = model.generate(ids, attention_mask=mask, **kw, **cache_kwargs(model, cache))[:, 47:]
+    for i, r in enumerate(rows):
+        with (
+            torch.no_grad(),
+            CompressedCache(
+                model, policy="snapkv", budget=12, codec="fibquant:2", residual=3
+            ) as cache,
+        ):
+            alone = model.generate(r[None], **kw, **cache_kwargs(model, cache))[0, len(r) :]
+        assert torch.equal(batch[i], alone)
+
+
+def test_one_prefill_runner_with_codes_equals_generate(tiny_llama):
+    captured = prefill(tiny_llama, PROMPT)
+    with captured.cache("pyramidkv", 16, codec="turboquant", bits=2, residual=2) as cache:
+        ours = greedy_continue(tiny_llama, cache, captured.logits, 5)
+    with CompressedCache(
+        tiny_llama, policy="pyramidkv", budget=16, codec="turboquant", bits=2, residual=2
+    ) as cache:
+        assert ours == run(tiny_llama, cache, steps=5).tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"codec": "nope"}, "codec"),
+        ({"codec": "fibquant", "bits": 0.3}, "bits"),
+        ({"codec": "kivi", "bits": 2.5}, "bits"),
+        ({"codec": "turboquant", "bits": 9}, "bits"),
+        ({"bits": 2}, "needs a codec"),
+        ({"kv_memory": "0"}, "kv_memory"),
+        ({"kv_memory": "abc"}, "kv_memory"),
+        ({"kv_memory": "150%"}, "kv_memory"),
+        ({"policy": "full", "kv_memory": "1MiB"}, "kv_memory"),
+        ({"residual": 0}, "residual"),
+    ],
+)
+def test_bad_codec_options(tiny_llama, kwargs, needle):
+    with pytest.raises(PyramidKVError, match=needle):
+        CompressedCache(tiny_llama, **kwargs)
