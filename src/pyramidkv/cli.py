@@ -89,16 +89,34 @@ def generate(
             help="Tokens kept per layer on average ('128') or a share of the prompt ('10%')."
         ),
     ] = "128",
+    codec: Annotated[
+        str,
+        typer.Option(
+            help="Store kept tokens as codes: none, fibquant, turboquant, kivi (or name:bits)."
+        ),
+    ] = "none",
+    bits: Annotated[
+        float | None, typer.Option(help="Bits per coordinate of the codec (FibQuant: 0.5-4).")
+    ] = None,
+    kv_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="KV memory instead of --budget: '48MiB' or a share of the full cache '5%'."
+        ),
+    ] = None,
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
-    from .budgets import parse_budget
+    from .budgets import parse_budget, parse_memory
     from .cache import CompressedCache
+    from .coded import parse_codec
     from .generation import generate as run
     from .models import load
     from .policies import get_policy
 
-    compress = get_policy(policy).name != "full"
+    compress = get_policy(policy).name != "full" or parse_codec(codec)[0] != "none"
     parse_budget(budget)
+    if kv_memory is not None:
+        parse_memory(kv_memory)
 
     text = _read_prompt(prompt, prompt_file)
     if not text.strip():
@@ -108,7 +126,11 @@ def generate(
     if max_new_tokens < 1:
         raise PyramidKVError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     lm, tokenizer = load(model, device=device)
-    cache = CompressedCache(lm, policy=policy, budget=budget) if compress else None
+    cache = None
+    if compress:
+        cache = CompressedCache(
+            lm, policy=policy, budget=budget, codec=codec, bits=bits, kv_memory=kv_memory
+        )
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
@@ -127,13 +149,23 @@ def generate(
     if cache is not None:
         held = cache.kept_tokens().float().mean().item()
         typer.echo(
-            f"[{policy} budget {budget}: {held:.1f} tokens per layer and head on average, "
+            f"[{policy} {'kv-memory ' + kv_memory if kv_memory else 'budget ' + budget}, codec "
+            f"{cache.codecs.label() if cache.codecs else 'none'}: {held:.1f} tokens per layer and head on average, "
             f"{result.kv_bytes:,} bytes vs {result.full_kv_bytes:,} for the full cache "
             f"({result.full_kv_bytes / max(result.kv_bytes, 1):.1f}x smaller)]",
             err=True,
         )
         cache.close()
 
+
+def _register_eval_commands() -> None:
+    from .eval.commands import eval_command, report_command
+
+    app.command("eval")(eval_command)
+    app.command("report")(report_command)
+
+
+_register_eval_commands()
 
 codebook_app = typer.Typer(
     help="Build or inspect FibQuant codebooks (cached on disk).", no_args_is_help=True

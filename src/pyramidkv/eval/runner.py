@@ -1,0 +1,245 @@
+"""The runner: every requested configuration (policy x budget x codec) on each sample, from ONE prefill.
+
+pyramidkv compresses a layer after its attention has run over the whole prompt, so one full prefill
+(:func:`pyramidkv.prefill.prefill`) captures what every policy needs, and each configuration's cache is
+rebuilt from it without a model forward; only the greedy answer is decoded per configuration. The captured
+tensors are never modified, so every configuration starts from the same full prefill.
+
+``naive=True`` runs each configuration on its own instead — a fresh :class:`~pyramidkv.cache.CompressedCache`
+passed to ``model.generate`` — the reference the one-prefill runner must match token for token, and the
+baseline of its speed-up.
+
+Per (sample, configuration) a record holds the answer, its score, the prompt tokens, the bytes the
+compressed prompt holds next to the full cache of the same tokens, and the wall times of prefill, cache
+building and decoding (a one-prefill record repeats its sample's shared prefill time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..accounting import full_cache_nbytes
+from ..budgets import parse_budget
+from ..cache import CompressedCache
+from ..coded import DEFAULT_BITS, parse_codec
+from ..compat import cache_kwargs
+from ..errors import PyramidKVError
+from ..policies import get_policy
+from ..prefill import greedy_continue, prefill
+from .scoring import score
+from .tasks import Sample
+
+FULL_BUDGET = "all"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One evaluated configuration. ``full`` keeps everything, so its budget is always ``"all"`` (it may
+    still be quantized); ``codec`` is ``"none"`` or ``name:bits`` (``fibquant:2``, ``kivi:4``)."""
+
+    policy: str
+    budget: str = FULL_BUDGET
+    codec: str = "none"
+
+    def __post_init__(self) -> None:
+        name = get_policy(self.policy).name
+        object.__setattr__(self, "policy", name)
+        if name == "full":
+            object.__setattr__(self, "budget", FULL_BUDGET)
+        elif str(self.budget) == FULL_BUDGET:
+            raise PyramidKVError(f"budget: policy {name!r} needs a budget, got {self.budget!r}")
+        else:
+            object.__setattr__(self, "budget", str(parse_budget(str(self.budget))))
+        name, bits = parse_codec(self.codec)
+        object.__setattr__(
+            self, "codec", "none" if name == "none" else f"{name}:{bits or DEFAULT_BITS[name]:g}"
+        )
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy}/{self.budget}/{self.codec}"
+
+    def cache_budget(self) -> str:
+        return "100%" if self.budget == FULL_BUDGET else self.budget
+
+
+def make_configs(
+    policies: Iterable[str],
+    budgets: Iterable[str],
+    full: bool = True,
+    codecs: Iterable[str] = ("none",),
+) -> list[Config]:
+    """``full`` once (when asked, unquantized), then each other policy at each budget and codec, in order."""
+    found = [Config("full")] if full else []
+    for codec in codecs:
+        for policy in policies:
+            if get_policy(policy).name == "full":
+                found.append(Config("full", codec=codec))
+                continue
+            found.extend(Config(policy, budget, codec) for budget in budgets)
+    return list(dict.fromkeys(found))
+
+
+def _clock(model) -> float:
+    """Wall time, after the model's pending GPU work has finished."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
+
+
+def stop_ids(model) -> list[int]:
+    """Token ids that end an answer: the generation config's eos ids (the loader adds the chat's end of turn)."""
+    ids = model.generation_config.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids or [])
+
+
+def _prompt_nbytes(cache: CompressedCache) -> int:
+    """Bytes of the compressed prompt: everything the cache holds but tokens appended after it."""
+    appended = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if isinstance(t, torch.Tensor)
+    )
+    return cache.nbytes() - appended
+
+
+def _prompt_kept(cache: CompressedCache) -> float:
+    """Prompt tokens kept, averaged over layers and KV heads (appended tokens left out)."""
+    return torch.stack([layer.lengths.float().mean() for layer in cache.layers]).mean().item()
+
+
+def _record(
+    model, tokenizer, sample: Sample, config: Config, tokens: list[int], **measured
+) -> dict:
+    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    value = score(sample.scorer, answer, sample.answers)
+    prefilled = sample.prefill_ids.shape[1]
+    dtype = next(model.parameters()).dtype
+    return {
+        "sample": sample.id,
+        "task": sample.task,
+        "mode": sample.mode,
+        "length": sample.length,
+        "depth": sample.depth,
+        "prompt_tokens": len(sample.prompt_ids),
+        "prefill_tokens": prefilled,
+        "policy": config.policy,
+        "budget": config.budget,
+        "codec": config.codec,
+        "config": config.key,
+        "answer": answer,
+        "expected": sample.answers,
+        "score": value,
+        "correct": value == 1.0,
+        "new_tokens": len(tokens),
+        "tokens": tokens,
+        "full_kv_bytes": full_cache_nbytes(model.config, prefilled, 1, dtype),
+        "metadata": sample.metadata,
+        **measured,
+    }
+
+
+def run_one_prefill(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterator[dict]:
+    """Prefill ``sample`` once, then build and decode each configuration's cache from that prefill."""
+    start = _clock(model)
+    captured = prefill(model, sample.prefill_ids)
+    prefill_s = _clock(model) - start
+    for config in configs:
+        start = _clock(model)
+        with captured.cache(config.policy, config.cache_budget(), codec=config.codec) as cache:
+            cache_s = _clock(model) - start
+            kv_bytes, kept = _prompt_nbytes(cache), _prompt_kept(cache)
+            start = _clock(model)
+            tokens = greedy_continue(
+                model,
+                cache,
+                captured.logits,
+                sample.max_new_tokens,
+                stop_ids(model),
+                append_ids=sample.append_ids,
+            )
+            decode_s = _clock(model) - start
+        yield _record(
+            model, tokenizer, sample, config, tokens, runner="one-prefill", kv_bytes=kv_bytes,
+            kept_tokens=kept, prefill_s=prefill_s, cache_s=cache_s, decode_s=decode_s,
+        )  # fmt: skip
+
+
+class _FirstToken(BaseStreamer):
+    """Notes when ``generate`` emits its first new token and when it finishes."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.first, self.finished = model, 0, 0.0, 0.0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first = _clock(self.model)
+
+    def end(self) -> None:
+        self.finished = _clock(self.model)
+
+
+def run_naive(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterator[dict]:
+    """Each configuration on its own: a fresh cache and a whole ``model.generate`` (context-only: the context
+    is prefilled into the cache first, then ``generate`` appends the question)."""
+    ids = torch.tensor([sample.prompt_ids], device=model.device)
+    stops = stop_ids(model)
+    pad = model.generation_config.pad_token_id
+    for config in configs:
+        with CompressedCache(
+            model, policy=config.policy, budget=config.cache_budget(), codec=config.codec
+        ) as cache:
+            streamer = _FirstToken(model)
+            start = _clock(model)
+            with torch.inference_mode():
+                if sample.mode == "context-only":
+                    model(sample.prefill_ids.to(model.device), **cache_kwargs(model, cache))
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=sample.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops or None,
+                    pad_token_id=pad if pad is not None else (stops or [0])[0],
+                    streamer=streamer,
+                    **cache_kwargs(model, cache),
+                )
+            kv_bytes, kept = _prompt_nbytes(cache), _prompt_kept(cache)
+        first = streamer.first or streamer.finished
+        yield _record(
+            model, tokenizer, sample, config, out[0, ids.shape[1]:].tolist(), runner="naive",
+            kv_bytes=kv_bytes, kept_tokens=kept, prefill_s=first - start, cache_s=0.0,
+            decode_s=streamer.finished - first,
+        )  # fmt: skip
+
+
+def evaluate(
+    model,
+    tokenizer,
+    samples: Iterable[Sample],
+    configs: list[Config],
+    *,
+    naive: bool = False,
+    done: set[tuple[str, str]] | frozenset = frozenset(),
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Records of every (sample, configuration) pair not in ``done``; ``on_record`` sees each as it comes
+    (the CLI writes it to disk and advances its progress bar there)."""
+    run = run_naive if naive else run_one_prefill
+    records = []
+    for sample in samples:
+        pending = [c for c in configs if (sample.id, c.key) not in done]
+        if not pending:
+            continue
+        for record in run(model, tokenizer, sample, pending):
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+    return records

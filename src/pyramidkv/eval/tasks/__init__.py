@@ -1,0 +1,74 @@
+"""Evaluation tasks, generated offline and seeded: ``needle``, ``passkey`` and the RULER-style ``ruler:*``.
+
+``make_samples("needle", tokenizer, 2000, n=20, seed=0, mode="both")`` gives 20 prompts of about 2,000
+tokens of the tokenizer's model (chat template included), each in both modes. ``ruler`` names the group of
+all :data:`~pyramidkv.eval.tasks.ruler.SUBTASKS`, ``n`` samples each.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from ...errors import PyramidKVError
+from . import needle, passkey, ruler
+from .base import MODE_CHOICES, MODES, SCORERS, Draft, Sample, samples_of
+
+TASKS: dict[str, Callable[..., Draft]] = {
+    "needle": needle.draft,
+    "passkey": passkey.draft,
+    **{f"ruler:{name}": build for name, build in ruler.SUBTASKS.items()},
+}
+GROUPS: dict[str, tuple[str, ...]] = {"ruler": tuple(n for n in TASKS if n.startswith("ruler:"))}
+
+
+def task_names(task: str) -> tuple[str, ...]:
+    """The tasks ``task`` stands for: itself, or every member of a group such as ``ruler``."""
+    if task in GROUPS:
+        return GROUPS[task]
+    if task in TASKS:
+        return (task,)
+    known = ", ".join([*TASKS, *GROUPS])
+    raise PyramidKVError(f"task: got {task!r}; expected one of {known}")
+
+
+def _modes(mode: str) -> tuple[str, ...]:
+    if mode not in MODE_CHOICES:
+        raise PyramidKVError(f"mode: got {mode!r}; expected one of {', '.join(MODE_CHOICES)}")
+    return MODES if mode == "both" else (mode,)
+
+
+def make_samples(
+    task: str, tokenizer, length: int, n: int, seed: int = 0, mode: str = "query-aware"
+) -> list[Sample]:
+    """``n`` samples of ``task`` (per member, for a group) of about ``length`` tokens, in ``mode``.
+
+    Sample ``i`` of a task depends only on ``(seed, task, length, i)``: asking for more samples keeps the
+    first ones, and both modes of one index share the same tokens.
+    """
+    names = task_names(task)
+    modes = _modes(mode)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PyramidKVError(f"samples: got {n!r}; expected an integer >= 1")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise PyramidKVError(f"length: got {length!r}; expected a number of tokens >= 1")
+    found: list[Sample] = []
+    for name in names:
+        for index in range(n):
+            rng = random.Random(f"{seed}:{name}:{length}:{index}")
+            draft = TASKS[name](tokenizer, length, index, rng)
+            found.extend(samples_of(draft, name, length, index, modes))
+    return found
+
+
+__all__ = [
+    "GROUPS",
+    "MODES",
+    "MODE_CHOICES",
+    "SCORERS",
+    "TASKS",
+    "Draft",
+    "Sample",
+    "make_samples",
+    "task_names",
+]
