@@ -160,9 +160,13 @@ def generate(
 
 def _register_eval_commands() -> None:
     from .eval.commands import eval_command, report_command
+    from .eval.measure_commands import fidelity_command, funnel_command, perplexity_command
 
     app.command("eval")(eval_command)
     app.command("report")(report_command)
+    app.command("perplexity")(perplexity_command)
+    app.command("fidelity")(fidelity_command)
+    app.command("funnel")(funnel_command)
 
 
 _register_eval_commands()
