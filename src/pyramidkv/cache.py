@@ -196,7 +196,7 @@ class CompressedCache(Cache):
         bits: float | None = None,
         key_bits: float | None = None,
         value_bits: float | None = None,
-        residual: int = 64,
+        residual: int = 64,  # measured knee: benchmarks/residual_window.py
         kv_memory: str | int | MemoryBudget | None = None,
         **options,
     ):

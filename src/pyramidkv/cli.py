@@ -199,8 +199,7 @@ CodebookBits = Annotated[float | None, typer.Option("--bits", help="Rate in bits
 CodebookSeed = Annotated[int, typer.Option(help="Seed of the rotation and codebook.")]
 
 
-@codebook_app.command("build")
-def codebook_build(
+def codebook_describe(
     d: CodebookD = 64,
     k: CodebookK = None,
     n: CodebookN = None,
@@ -211,16 +210,11 @@ def codebook_build(
     _describe(d, k, n, None if (k and n) else bits, seed)
 
 
-@codebook_app.command("show")
-def codebook_show(
-    d: CodebookD = 64,
-    k: CodebookK = None,
-    n: CodebookN = None,
-    bits: CodebookBits = 2.0,
-    seed: CodebookSeed = 0,
-) -> None:
-    """Print a codebook's size, rate, MSE, and the TurboQuant and Shannon figures at the same rate."""
-    _describe(d, k, n, None if (k and n) else bits, seed)
+codebook_app.command("build")(codebook_describe)
+codebook_app.command(
+    "show",
+    help="Print a codebook's size, rate, MSE, and TurboQuant's and Shannon's figures at that rate.",
+)(codebook_describe)
 
 
 def main() -> None:

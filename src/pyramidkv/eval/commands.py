@@ -11,7 +11,6 @@ configuration with its own prefill (the reference, and the baseline of the one-p
 from __future__ import annotations
 
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,15 +236,10 @@ def report_command(
 
 
 def main() -> None:
-    """``python -m pyramidkv.eval.commands eval|report ...``; user errors are one line and exit code 2."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-    app.command("eval")(eval_command)
-    app.command("report")(report_command)
-    try:
-        app()
-    except PyramidKVError as exc:
-        typer.echo(f"pyramidkv: error: {exc}", err=True)
-        sys.exit(2)
+    """``python -m pyramidkv.eval.commands eval|report ...``: the ``pyramidkv`` CLI (one-line errors, exit 2)."""
+    from ..cli import main as cli_main
+
+    cli_main()
 
 
 if __name__ == "__main__":

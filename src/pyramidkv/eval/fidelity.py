@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..prefill import prefill
-from .perplexity import REFERENCE, PerplexityTask, teacher_force
+from .perplexity import REFERENCE, PerplexityTask, collect, teacher_force
 from .runner import Config
 
 
@@ -157,13 +157,11 @@ def measure(
     on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Records of every (window, configuration) pair; ``on_record`` sees each as it comes."""
-    records = []
-    for index, window in enumerate(windows):
-        for record in measure_sample(model, window, configs, task, str(index), isolate):
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
-    return records
+    return collect(
+        windows,
+        lambda window, sample: measure_sample(model, window, configs, task, sample, isolate),
+        on_record,
+    )
 
 
 def summarize(records: list[dict]) -> list[dict]:

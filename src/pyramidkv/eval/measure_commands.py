@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ..errors import PyramidKVError
 from . import corpus
-from .commands import parse_lengths
+from .commands import _items, parse_lengths
 from .results import write_json
 
 if TYPE_CHECKING:
@@ -45,13 +45,6 @@ def _one_length(text: str, option: str) -> int:
 def _positive(value, option: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PyramidKVError(f"{option}: got {value!r}; expected an integer >= 1")
-
-
-def _items(text: str, option: str) -> list[str]:
-    items = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not items:
-        raise PyramidKVError(f"{option}: got {text!r}; expected a comma-separated list")
-    return items
 
 
 @dataclass

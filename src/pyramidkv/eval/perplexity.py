@@ -181,9 +181,22 @@ def measure(
     on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Records of every (window, configuration) pair; ``on_record`` sees each as it comes."""
+    return collect(
+        windows,
+        lambda window, sample: measure_sample(model, window, configs, task, sample),
+        on_record,
+    )
+
+
+def collect(
+    windows: list[torch.Tensor],
+    per_window: Callable[[torch.Tensor, str], list[dict]],
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """The records ``per_window(window, sample_id)`` gives for each window, passed to ``on_record`` as they come."""
     records = []
     for index, window in enumerate(windows):
-        for record in measure_sample(model, window, configs, task, sample=str(index)):
+        for record in per_window(window, str(index)):
             records.append(record)
             if on_record is not None:
                 on_record(record)

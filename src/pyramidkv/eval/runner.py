@@ -118,7 +118,7 @@ def _record(
     model, tokenizer, sample: Sample, config: Config, tokens: list[int], **measured
 ) -> dict:
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    value = score(sample.scorer, answer, sample.answers)
+    value = score(sample.scorer, answer, sample.answers, sample.metadata)
     prefilled = sample.prefill_ids.shape[1]
     dtype = next(model.parameters()).dtype
     return {

@@ -40,8 +40,15 @@ def string_match_part(answer: str, expected: list[str]) -> float:
 SCORERS = {"exact": exact_match, "all": string_match_all, "part": string_match_part}
 
 
-def score(scorer: str, answer: str, expected: list[str]) -> float:
+def score(scorer: str, answer: str, expected: list[str], metadata: dict | None = None) -> float:
     """Score ``answer`` with the scorer named ``scorer`` (see the module docstring)."""
+    if scorer == "longbench":  # LongBench's metric of the sample's dataset (longbench_metrics.py)
+        from .longbench_metrics import score_answer
+
+        meta = metadata or {}
+        return score_answer(
+            meta.get("dataset", ""), answer, list(expected), meta.get("all_classes")
+        )
     if scorer not in SCORERS:
         raise PyramidKVError(f"scorer: got {scorer!r}; expected one of {', '.join(SCORERS)}")
     if not expected:

@@ -24,6 +24,8 @@ GROUPS: dict[str, tuple[str, ...]] = {"ruler": tuple(n for n in TASKS if n.start
 
 def task_names(task: str) -> tuple[str, ...]:
     """The tasks ``task`` stands for: itself, or every member of a group such as ``ruler``."""
+    if task.startswith("longbench:"):  # a LongBench jsonl file: longbench:PATH
+        return (task,)
     if task in GROUPS:
         return GROUPS[task]
     if task in TASKS:
@@ -46,6 +48,12 @@ def make_samples(
     Sample ``i`` of a task depends only on ``(seed, task, length, i)``: asking for more samples keeps the
     first ones, and both modes of one index share the same tokens.
     """
+    if task.startswith(
+        "longbench:"
+    ):  # ``length`` caps the prompt; the first ``n`` records of the file
+        from ..longbench import longbench_samples
+
+        return longbench_samples(task.removeprefix("longbench:"), tokenizer, length, n, mode)
     names = task_names(task)
     modes = _modes(mode)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -22,7 +22,7 @@ from .layout import Prompt
 
 MODES = ("query-aware", "context-only")
 MODE_CHOICES = (*MODES, "both")
-SCORERS = ("exact", "all", "part")
+SCORERS = ("exact", "all", "part", "longbench")
 _SHORT = {"query-aware": "qa", "context-only": "co"}
 
 
