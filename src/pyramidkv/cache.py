@@ -42,6 +42,7 @@ class CompressedLayer(CacheLayerMixin):
         self._owner = weakref.proxy(owner)
         self.seen = 0
         self.compressed = False
+        self.ragged = False  # whether kept rows have different lengths (then decode needs a mask)
         self.kept_keys: torch.Tensor | None = None  # fp16/fp32 kept tokens when no codec is set
         self.kept_values: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept per row
@@ -85,6 +86,8 @@ class CompressedLayer(CacheLayerMixin):
         else:
             self.coded.add(kept_keys, kept_values, lengths)
         self.lengths = lengths
+        # read once here, not at every decode step: a host sync per layer and step costs more than the step
+        self.ragged = bool((lengths != indices.shape[-1]).any())
         self.keys = self.keys[..., :0, :]
         self.values = self.values[..., :0, :]
         self.compressed = True
@@ -112,7 +115,7 @@ class CompressedLayer(CacheLayerMixin):
         values = torch.cat([self.kept_values, self.values], dim=-2)
         batch, kv_heads, capacity, _ = self.kept_keys.shape
         recent = self.keys.shape[-2]
-        if q_len == 1 and bool((self.lengths == capacity).all()):
+        if q_len == 1 and not self.ragged:
             return keys, values, None
         slots = torch.arange(capacity, device=keys.device)
         kept = (
@@ -162,7 +165,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
-        self.is_initialized = self.compressed = False
+        self.is_initialized = self.compressed = self.ragged = False
         self.seen = 0
         if self.coded is not None:
             self.coded = CodedBlocks(self.coded.codecs)
