@@ -25,7 +25,7 @@ from .accounting import kv_geometry
 from .budgets import Budget, MemoryBudget, parse_budget, parse_memory
 from .coded import CodecPair, CodedBlocks, make_codecs
 from .errors import PyramidKVError, UnsupportedModelError
-from .kernels import chunked_attention
+from .kernels import check_kernel, chunked_attention, fused_attention
 from .policies import Policy, get_policy, select
 
 
@@ -48,6 +48,7 @@ class CompressedLayer(CacheLayerMixin):
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept per row
         self.coded = CodedBlocks(owner.codecs) if owner.codecs is not None else None
         self.residual = owner.residual
+        self.kernel = owner.kernel
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -102,8 +103,12 @@ class CompressedLayer(CacheLayerMixin):
         steps = torch.arange(recent, device=query.device)
         limit = recent - q_len + torch.arange(q_len, device=query.device)
         causal = (steps[None, :] <= limit[:, None])[None, None]
-        chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
-        return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
+        if self.kernel == "triton":
+            out = fused_attention(query, self.coded, self.keys, self.values, causal, scaling)
+        else:
+            chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
+            out = chunked_attention(query, chunks, scaling)
+        return out.transpose(1, 2).contiguous()
 
     def attention_inputs(self, q_len: int, q_heads: int, as_float: bool):
         """Keys, values (kept then recent) and a mask for ``q_len`` new queries; ``None`` when nothing is masked.
@@ -184,6 +189,8 @@ class CompressedCache(Cache):
     ``key_bits`` / ``value_bits``) stores what is kept as codes; new tokens wait in an fp16 window of
     ``residual`` tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or
     ``"5%"`` (of the full fp16 cache) replaces ``budget``: the token budget is chosen so the codes fit.
+    ``kernel="triton"`` reads FibQuant codes in the fused Triton decode kernel instead of the torch
+    reference (``"torch"``, the default until the kernel has been validated on a GPU).
 
     While the cache is alive the model routes attention through pyramidkv; :meth:`close` (or leaving a
     ``with`` block, or garbage collection) restores the model's own attention implementation.
@@ -201,6 +208,7 @@ class CompressedCache(Cache):
         value_bits: float | None = None,
         residual: int = 64,  # measured knee: benchmarks/residual_window.py
         kv_memory: str | int | MemoryBudget | None = None,
+        kernel: str = "torch",
         **options,
     ):
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -219,6 +227,7 @@ class CompressedCache(Cache):
             codec, self.head_dim, bits, key_bits, value_bits
         )
         self.residual = residual
+        self.kernel = check_kernel(kernel, self.codecs, self.head_dim)
         self.dtype = next(model.parameters()).dtype
         attention.install(model)
         self._release = weakref.finalize(self, attention.release, weakref.ref(model))

@@ -1,5 +1,6 @@
-"""Attention over a compressed cache: a torch reference (any device) and, on CUDA, fused Triton kernels."""
+"""Attention over a compressed cache: a torch reference (any device) and fused Triton kernels."""
 
+from .dispatch import KERNELS, check_kernel, fused_attention
 from .reference import chunked_attention
 
-__all__ = ["chunked_attention"]
+__all__ = ["KERNELS", "check_kernel", "chunked_attention", "fused_attention"]

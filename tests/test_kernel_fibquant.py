@@ -1,0 +1,190 @@
+"""The fused FibQuant decode kernel against chunked_attention over the decoded codes (codec.decode).
+
+The reference never works in rotated space: it decodes keys and values to x_hat and runs the plain chunked
+softmax, so an error in the rotation, the gather, the bit layout or the split merge shows up. On a machine
+without CUDA the kernel runs in Triton's interpreter: this module sets ``TRITON_INTERPRET=1`` before triton
+is first imported (it leaks to the rest of the pytest process, which never imports triton otherwise) and
+skips when triton is missing or the variable was set to something else. With CUDA it runs natively.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip(
+            "no CUDA device and TRITON_INTERPRET is not 1: the kernel cannot run",
+            allow_module_level=True,
+        )
+pytest.importorskip("triton", reason="triton is not installed (the CPU CI venv has none)")
+
+from pyramidkv.codecs import FibQuant
+from pyramidkv.kernels.fibquant_decode import (
+    fibquant_decode_attention,
+    make_workspace,
+    merge_partials,
+    window_partial,
+)
+from pyramidkv.kernels.reference import chunked_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter computes in float32; on CUDA tl.dot takes TF32 inputs (10-bit mantissa)
+TOLERANCE = 1e-2 if DEVICE == "cuda" else 1e-3
+
+
+@functools.cache
+def codec(dim: int, k: int, n: int = 256) -> FibQuant:
+    return FibQuant(dim, k=k, n=n)
+
+
+def make_block(dim, k_keys, k_values, batch=2, kv_heads=2, slots=37, seed=0):
+    """Random keys/values encoded as codes, plus their decoded float32 copies for the reference."""
+    torch.manual_seed(seed)
+    ck, cv = codec(dim, k_keys), codec(dim, k_values)
+    keys = torch.randn(batch, kv_heads, slots, dim, device=DEVICE) * 3
+    values = torch.randn(batch, kv_heads, slots, dim, device=DEVICE)
+    codes_k, codes_v = ck.encode(keys), cv.encode(values)
+    return (
+        ck,
+        cv,
+        codes_k,
+        codes_v,
+        ck.decode(codes_k, torch.float32),
+        cv.decode(codes_v, torch.float32),
+    )
+
+
+def visible_of(lengths, slots):
+    return (torch.arange(slots, device=DEVICE) < lengths[..., None]).unsqueeze(-2)
+
+
+def dense_lse(query, keys, visible, scaling):
+    """float64 log-sum-exp of the scores of every query row over its visible keys."""
+    group = query.shape[1] // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)
+    scores = query.double() @ k.transpose(-1, -2) * scaling
+    seen = visible.expand(*keys.shape[:2], query.shape[2], keys.shape[2])
+    scores = scores.masked_fill(~seen.repeat_interleave(group, dim=1), float("-inf"))
+    return torch.logsumexp(scores, dim=-1)
+
+
+def rel_error(got, want):
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+@pytest.mark.parametrize(
+    ("dim", "k_keys", "k_values", "q_len", "split"),
+    [(16, 4, 2, 1, 1), (16, 2, 4, 2, 3), (32, 4, 4, 1, None), (32, 2, 2, 3, 2)],
+)
+def test_matches_reference_over_decoded_codes(dim, k_keys, k_values, q_len, split):
+    ck, cv, codes_k, codes_v, keys, values = make_block(dim, k_keys, k_values)
+    lengths = torch.tensor(
+        [[0, 1], [37, 20]], device=DEVICE
+    )  # empty, one token, full odd, partial tile
+    query = torch.randn(2, 6, q_len, dim, device=DEVICE)
+    scaling = dim**-0.5
+    workspace = make_workspace(2, 2, 3 * q_len, split or 3, dim, DEVICE)
+    for part in workspace:
+        part.fill_(float("nan"))  # poison: the kernel must write every entry, empty splits included
+    out, lse = fibquant_decode_attention(
+        query, codes_k, codes_v, ck, cv, scaling, lengths, split=split or 3, workspace=workspace
+    )
+    assert not any(bool(part.isnan().any()) for part in workspace)
+    visible = visible_of(lengths, 37)
+    want = chunked_attention(query, [(keys, values, visible)], scaling)
+    assert out.shape == query.shape and lse.shape == query.shape[:3]
+    assert rel_error(out, want) < TOLERANCE
+    want_lse = dense_lse(query, keys, visible, scaling)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # only the empty rows, all of them
+    seen = torch.isfinite(want_lse)
+    assert rel_error(lse[seen], want_lse[seen]) < TOLERANCE
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))  # length 0: zero output
+
+
+def test_default_split_and_no_lengths():
+    ck, cv, codes_k, codes_v, keys, values = make_block(16, 4, 4, batch=1, slots=50, seed=1)
+    query = torch.randn(1, 6, 1, 16, device=DEVICE)
+    out, lse = fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 0.25)
+    want = chunked_attention(query, [(keys, values, None)], 0.25)
+    assert rel_error(out, want) < TOLERANCE
+    assert (
+        rel_error(
+            lse,
+            dense_lse(query, keys, torch.ones(1, 1, 1, 50, dtype=torch.bool, device=DEVICE), 0.25),
+        )
+        < 1e-3
+    )
+
+
+def test_merge_with_fp16_window_equals_attention_over_the_concatenation():
+    ck, cv, codes_k, codes_v, keys, values = make_block(16, 4, 2, seed=2)
+    q_len, width, scaling = 2, 5, 0.25
+    lengths = torch.tensor([[0, 9], [1, 37]], device=DEVICE)
+    query = torch.randn(2, 6, q_len, 16, device=DEVICE)
+    win_k = torch.randn(2, 2, width, 16, device=DEVICE).half()
+    win_v = torch.randn(2, 2, width, 16, device=DEVICE).half()
+    causal = (
+        torch.arange(width, device=DEVICE)
+        <= (width - q_len + torch.arange(q_len, device=DEVICE))[:, None]
+    )
+    coded = fibquant_decode_attention(query, codes_k, codes_v, ck, cv, scaling, lengths, split=2)
+    out, lse = merge_partials([coded, window_partial(query, win_k, win_v, scaling, causal)])
+    visible = visible_of(lengths, 37)
+    want = chunked_attention(query, [(keys, values, visible), (win_k, win_v, causal)], scaling)
+    assert rel_error(out, want) < TOLERANCE
+    all_keys = torch.cat([keys, win_k.float()], dim=2)
+    all_visible = torch.cat(
+        [visible.expand(2, 2, q_len, 37), causal.expand(2, 2, q_len, width)], dim=-1
+    )
+    assert rel_error(lse, dense_lse(query, all_keys, all_visible, scaling)) < TOLERANCE
+
+
+def test_unsupported_codecs_and_arguments_raise():
+    ck, cv, codes_k, codes_v, _, _ = make_block(16, 4, 4, batch=1, slots=4)
+    query = torch.randn(1, 6, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="k=4, N=16"):
+        fibquant_decode_attention(query, codes_k, codes_v, codec(16, 4, 16), cv, 1.0)
+    with pytest.raises(ValueError, match="split"):
+        fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, split=0)
+    with pytest.raises(ValueError, match="lengths"):
+        fibquant_decode_attention(
+            query, codes_k, codes_v, ck, cv, 1.0, torch.ones(2, 2, dtype=torch.long)
+        )
+
+
+def test_cache_with_the_fused_kernel_equals_the_torch_reference(tmp_path, monkeypatch):
+    """A quantized cache decoding through the kernel gives the reference path's logits and tokens."""
+    from pyramidkv.cache import CompressedCache
+    from pyramidkv.compat import cache_kwargs
+    from pyramidkv.errors import PyramidKVError
+
+    from .conftest import make_tiny
+
+    model = make_tiny("llama", head_dim=16)
+    ids = torch.arange(3, 50).unsqueeze(0)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    results = {}
+    for kernel in ("torch", "triton"):
+        options = dict(policy="snapkv", budget=12, codec="fibquant:2", residual=3, kernel=kernel)
+        with torch.no_grad(), CompressedCache(model, **options) as cache:
+            out = model.generate(
+                ids,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **kw,
+                **cache_kwargs(model, cache),
+            )
+        results[kernel] = out
+    assert torch.equal(results["torch"].sequences, results["triton"].sequences)
+    for a, b in zip(results["torch"].logits, results["triton"].logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=TOLERANCE, atol=TOLERANCE)
+    with pytest.raises(PyramidKVError, match="kernel"):
+        CompressedCache(model, budget=8, codec="turboquant:2", kernel="triton")
+    with pytest.raises(PyramidKVError, match="kernel"):
+        CompressedCache(model, budget=8, kernel="cuda-magic")
