@@ -6,8 +6,15 @@ download. Tests marked ``slow`` load the embedded SmolLM2 model (converted once,
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter. The variable must be set before anything
+# imports triton (transformers and torch may, lazily), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(
     vocab_size=97,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyramidkv.accounting import cache_nbytes, full_cache_nbytes
+from pyramidkv.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.generation import prompt_ids
 
@@ -50,7 +51,7 @@ def test_full_cache_formula_against_tensors(tiny_llama):
 
     cache = DynamicCache(config=tiny_llama.config)
     with torch.no_grad():
-        tiny_llama(torch.arange(3, 20).unsqueeze(0).repeat(2, 1), past_key_values=cache)
+        tiny_llama(torch.arange(3, 20).unsqueeze(0).repeat(2, 1), **cache_kwargs(tiny_llama, cache))
     assert cache_nbytes(cache) == full_cache_nbytes(
         tiny_llama.config, 17, batch=2, dtype=torch.float32
     )

@@ -2,9 +2,9 @@
 
 The reference never works in rotated space: it decodes keys and values to x_hat and runs the plain chunked
 softmax, so an error in the rotation, the gather, the bit layout or the split merge shows up. On a machine
-without CUDA the kernel runs in Triton's interpreter: this module sets ``TRITON_INTERPRET=1`` before triton
-is first imported (it leaks to the rest of the pytest process, which never imports triton otherwise) and
-skips when triton is missing or the variable was set to something else. With CUDA it runs natively.
+without CUDA the kernel runs in Triton's interpreter: tests/conftest.py sets ``TRITON_INTERPRET=1`` before
+anything imports triton, and this module skips when triton is missing or the variable was set to something
+else. With CUDA it runs natively.
 """
 
 from __future__ import annotations
