@@ -27,6 +27,11 @@ def budget_order(budget: str) -> tuple[int, float]:
     return (2, 0.0)
 
 
+def config_name(policy: str, codec: str) -> str:
+    """``pyramidkv`` or ``pyramidkv+fibquant:2``: how tables and plots name a configuration."""
+    return policy if codec == "none" else f"{policy}+{codec}"
+
+
 def _config_order(rows: list[dict]) -> dict[tuple[str, str, str], tuple]:
     policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
     return {
@@ -77,7 +82,7 @@ def table(rows: list[dict], title: str = "accuracy") -> Table:
             kept = sum(r["kv_bytes"] for r in per_length.values())
             full = sum(r["full_kv_bytes"] for r in per_length.values())
             policy, budget, codec = config
-            name = policy if codec == "none" else f"{policy}+{codec}"
+            name = config_name(policy, codec)
             out.add_row(task, mode, name, budget, *entries, f"{100 * kept / max(full, 1):.1f}%")
     return out
 
@@ -115,7 +120,8 @@ def plot_heatmaps(rows: list[dict], folder: Path) -> list[Path]:
             image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
-            ax.set_title(config[0] if config[0] == "full" else f"{config[0]} {config[1]}")
+            name = config_name(config[0], config[2])
+            ax.set_title(name if config[0] == "full" else f"{name} {config[1]}")
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
         fig.supxlabel("context length (tokens)")
         fig.supylabel("needle depth")
@@ -157,7 +163,7 @@ def _lines(rows: list[dict], folder: Path, x_of: str) -> list[Path]:
                     [y - r["ci95"][0] for y, r in zip(ys, points, strict=True)],
                     [r["ci95"][1] - y for y, r in zip(ys, points, strict=True)],
                 ]
-                label = policy if codec == "none" else f"{policy}+{codec}"
+                label = config_name(policy, codec)
                 if x_of == "bytes":
                     xs = [r["kv_bytes"] for r in points]
                     style = (
