@@ -1,4 +1,4 @@
-"""The pure metrics of ``benchmarks/rate_distortion.py --part model`` against slow float64 references."""
+"""The pure metrics of ``benchmarks/rate_distortion_model.py`` (``rate_distortion.py --part model``) against slow float64 references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "rate_distortion.py"
+_PATH = Path(__file__).parents[1] / "benchmarks" / "rate_distortion_model.py"
 _SPEC = importlib.util.spec_from_file_location("rate_distortion_bench", _PATH)
 bench = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = bench  # dataclasses look their module up there
