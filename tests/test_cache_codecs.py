@@ -111,8 +111,8 @@ def test_nbytes_is_codes_norms_lengths_and_codebooks(tiny_llama):
         tables = (
             d * d + codec.n * codec.k
         ) * 4  # one rotation and codebook shared by keys and values
-        expected = layers * (2 * heads * budget * per_vector + heads * 8 * 2) + tables
-        # (row lengths are held by the layer and by its ragged prompt block: 2 x int64 per KV head)
+        expected = layers * (2 * heads * budget * per_vector + heads * 8) + tables
+        # (one int64 row length per KV head: the ragged prompt block shares the layer's tensor)
         assert cache.nbytes() == expected
         report = cache.memory_report()
         assert report["total_bytes"] == cache.nbytes()
@@ -134,6 +134,16 @@ def test_byte_budget_is_met(tiny_llama):
         assert (
             held > limit - 4 * cache.token_bytes() - 64
         )  # within one token per layer of the target
+    # the byte budget is for the whole batch: two rows share it
+    with (
+        torch.no_grad(),
+        CompressedCache(
+            tiny_llama, policy="pyramidkv", kv_memory=limit, codec="fibquant", bits=2
+        ) as cache,
+    ):
+        tiny_llama(PROMPT.repeat(2, 1), **cache_kwargs(tiny_llama, cache))
+        assert cache.nbytes() <= limit
+        assert cache.nbytes() > limit - 2 * 4 * cache.token_bytes() - 128
     with torch.no_grad(), CompressedCache(tiny_llama, policy="snapkv", kv_memory="25%") as cache:
         tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
         kept = cache.kept_tokens()[:, 0, 0]

@@ -29,6 +29,13 @@ from .kernels import check_kernel, chunked_attention, fused_attention
 from .policies import Policy, get_policy, select
 
 
+def _causal(recent: int, q_len: int, device) -> torch.Tensor:
+    """(q_len, recent) bool: appended slot ``r`` is visible to new query ``i`` when ``r <= recent - q_len + i``."""
+    steps = torch.arange(recent, device=device)
+    limit = recent - q_len + torch.arange(q_len, device=device)
+    return steps[None, :] <= limit[:, None]
+
+
 class CompressedLayer(CacheLayerMixin):
     """One attention layer's compressed cache (see the module docstring for the layout)."""
 
@@ -100,9 +107,7 @@ class CompressedLayer(CacheLayerMixin):
         Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
         """
         q_len, recent = query.shape[-2], self.keys.shape[-2]
-        steps = torch.arange(recent, device=query.device)
-        limit = recent - q_len + torch.arange(q_len, device=query.device)
-        causal = (steps[None, :] <= limit[:, None])[None, None]
+        causal = _causal(recent, q_len, query.device)[None, None]
         if self.kernel == "triton":
             out = fused_attention(query, self.coded, self.keys, self.values, causal, scaling)
         else:
@@ -126,9 +131,7 @@ class CompressedLayer(CacheLayerMixin):
         kept = (
             (slots < self.lengths[..., None]).unsqueeze(-2).expand(batch, kv_heads, q_len, capacity)
         )
-        steps = torch.arange(recent, device=keys.device)
-        limit = recent - q_len + torch.arange(q_len, device=keys.device)
-        causal = (steps[None, :] <= limit[:, None]).expand(batch, kv_heads, q_len, recent)
+        causal = _causal(recent, q_len, keys.device).expand(batch, kv_heads, q_len, recent)
         mask = torch.cat([kept, causal], dim=-1).repeat_interleave(q_heads // kv_heads, dim=1)
         if as_float:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=keys.device).masked_fill(
@@ -281,11 +284,10 @@ class CompressedCache(Cache):
     def choose(self, layer_idx: int, queries, keys, valid, scaling: float):
         """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps."""
         counts = valid.sum(dim=1).tolist()
-        budgets = torch.tensor(
-            [self.layer_budgets(n)[layer_idx] if n else 0 for n in counts], device=keys.device
-        )
+        kept = [self.layer_budgets(n, len(counts))[layer_idx] if n else 0 for n in counts]
+        budgets = torch.tensor(kept, device=keys.device)
         scorer = self.policy.scorer
-        if scorer is None or bool((budgets >= valid.sum(dim=1)).all()):
+        if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
         else:
             window_queries = (
@@ -317,11 +319,6 @@ class CompressedCache(Cache):
             )
             parts["lengths"] = (
                 0 if layer.lengths is None else layer.lengths.numel() * layer.lengths.element_size()
-            )
-            parts["lengths"] += (
-                sum(b.lengths.numel() * 8 for b in layer.coded.blocks if b.lengths is not None)
-                if layer.coded
-                else 0
             )
             layers.append(parts)
             for key, value in parts.items():

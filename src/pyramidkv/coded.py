@@ -157,11 +157,8 @@ class CodedBlocks:
             yield keys, values, visible
 
     def nbytes(self) -> int:
-        total = 0
-        for b in self.blocks:
-            total += b.keys.nbytes + b.values.nbytes
-            total += 0 if b.lengths is None else b.lengths.numel() * b.lengths.element_size()
-        return total
+        """Bytes of the codes. A ragged block's ``lengths`` is the layer's own tensor, counted by the layer."""
+        return sum(b.keys.nbytes + b.values.nbytes for b in self.blocks)
 
     def components(self) -> dict[str, int]:
         """Bytes per component: packed indices / ints, and norms / scales / zero-points."""
