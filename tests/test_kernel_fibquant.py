@@ -10,30 +10,19 @@ else. With CUDA it runs natively.
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ["TRITON_INTERPRET"] != "1":
-        pytest.skip(
-            "no CUDA device and TRITON_INTERPRET is not 1: the kernel cannot run",
-            allow_module_level=True,
-        )
-pytest.importorskip("triton", reason="triton is not installed (the CPU CI venv has none)")
-
-from pyramidkv.codecs import FibQuant
-from pyramidkv.kernels.fibquant_decode import (
-    fibquant_decode_attention,
-    make_workspace,
-    merge_partials,
-    window_partial,
-)
+from pyramidkv.codecs import FibQuant, TurboQuant
+from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention, make_workspace
+from pyramidkv.kernels.merge import merge_partials, window_partial
 from pyramidkv.kernels.reference import chunked_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .kernel_device import kernel_device
+
+DEVICE = kernel_device()
+
 # the interpreter computes in float32; on CUDA tl.dot takes TF32 inputs (10-bit mantissa)
 TOLERANCE = 1e-2 if DEVICE == "cuda" else 1e-3
 
@@ -148,8 +137,12 @@ def test_merge_with_fp16_window_equals_attention_over_the_concatenation():
 def test_unsupported_codecs_and_arguments_raise():
     ck, cv, codes_k, codes_v, _, _ = make_block(16, 4, 4, batch=1, slots=4)
     query = torch.randn(1, 6, 1, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="k=4, N=16"):
-        fibquant_decode_attention(query, codes_k, codes_v, codec(16, 4, 16), cv, 1.0)
+    with pytest.raises(ValueError, match="head dim 16"):
+        fibquant_decode_attention(query, codes_k, codes_v, codec(32, 4), cv, 1.0)
+    with pytest.raises(TypeError, match="block_size"):
+        fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, block_size=8)
+    with pytest.raises(ValueError, match="block"):
+        fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, block=8)
     with pytest.raises(ValueError, match="split"):
         fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, split=0)
     with pytest.raises(ValueError, match="lengths"):
@@ -158,20 +151,21 @@ def test_unsupported_codecs_and_arguments_raise():
         )
 
 
-def test_cache_with_the_fused_kernel_equals_the_torch_reference(tmp_path, monkeypatch):
-    """A quantized cache decoding through the kernel gives the reference path's logits and tokens."""
+@pytest.mark.parametrize("codec_name", ["fibquant:2", "fibquant:3", "turboquant:3"])
+def test_cache_with_the_fused_kernel_equals_the_torch_reference(codec_name):
+    """A quantized cache encoding and decoding through the kernels gives the reference path's logits and tokens."""
     from pyramidkv.cache import CompressedCache
     from pyramidkv.compat import cache_kwargs
     from pyramidkv.errors import PyramidKVError
 
     from .conftest import make_tiny
 
-    model = make_tiny("llama", head_dim=16)
-    ids = torch.arange(3, 50).unsqueeze(0)
+    model = make_tiny("llama", head_dim=16).to(DEVICE)
+    ids = torch.arange(3, 50, device=DEVICE).unsqueeze(0)
     kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     results = {}
     for kernel in ("torch", "triton"):
-        options = dict(policy="snapkv", budget=12, codec="fibquant:2", residual=3, kernel=kernel)
+        options = dict(policy="snapkv", budget=12, codec=codec_name, residual=3, kernel=kernel)
         with torch.no_grad(), CompressedCache(model, **options) as cache:
             out = model.generate(
                 ids,
@@ -185,6 +179,72 @@ def test_cache_with_the_fused_kernel_equals_the_torch_reference(tmp_path, monkey
     for a, b in zip(results["torch"].logits, results["triton"].logits, strict=True):
         torch.testing.assert_close(a, b, rtol=TOLERANCE, atol=TOLERANCE)
     with pytest.raises(PyramidKVError, match="kernel"):
-        CompressedCache(model, budget=8, codec="turboquant:2", kernel="triton")
+        CompressedCache(model, budget=8, codec="kivi:2", kernel="triton")
+    auto = CompressedCache(model, budget=8, codec=codec_name)  # auto: the kernel on CUDA only
+    validated = not codec_name.startswith("turboquant")  # k = 1 waits for a native GPU run
+    assert auto.layers[0]._fused(torch.device("cuda")) == validated
+    assert not auto.layers[0]._fused(torch.device("cpu"))
+    assert (
+        not CompressedCache(model, budget=8, codec="kivi:2").layers[0]._fused(torch.device("cuda"))
+    )
     with pytest.raises(PyramidKVError, match="kernel"):
         CompressedCache(model, budget=8, kernel="cuda-magic")
+
+
+def _random_codes(codec, shape, scale=1.0):
+    """Codes of random vectors (any width of index) and their float32 decoding."""
+    x = torch.randn(*shape, codec.d, device=DEVICE) * scale
+    codes = codec.encode(x)
+    return codes, codec.decode(codes, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("key_codec", "value_codec"),
+    [
+        (("fib", 2, 64), ("fib", 2, 64)),  # 3 bits per coordinate: 6-bit indices straddle bytes
+        (("fib", 4, 4096), ("fib", 1, 16)),  # 12-bit indices; 4 bits scalar-sized blocks
+        (("tq", 2), ("tq", 3)),  # TurboQuant: k = 1, 2- and 3-bit indices
+        (("tq", 4), ("fib", 8, 256)),  # 4-bit nibbles; k = 8 at 1 bit per coordinate
+    ],
+    ids=["fib3bit", "fib12bit-idx", "turboquant2-3", "turboquant4-fibk8"],
+)
+@pytest.mark.parametrize("shared_gather", [True, False])
+def test_any_index_width_and_turboquant(key_codec, value_codec, shared_gather):
+    def build(spec):
+        return TurboQuant(32, spec[1]) if spec[0] == "tq" else codec(32, spec[1], spec[2])
+
+    ck, cv = build(key_codec), build(value_codec)
+    torch.manual_seed(3)
+    codes_k, keys = _random_codes(ck, (2, 2, 45), scale=3.0)
+    codes_v, values = _random_codes(cv, (2, 2, 45))
+    lengths = torch.tensor([[45, 1], [17, 33]], device=DEVICE)
+    query = torch.randn(2, 4, 1, 32, device=DEVICE)
+    out, _ = fibquant_decode_attention(
+        query, codes_k, codes_v, ck, cv, 32**-0.5, lengths, split=2, shared_gather=shared_gather
+    )
+    want = chunked_attention(query, [(keys, values, visible_of(lengths, 45))], 32**-0.5)
+    assert rel_error(out, want) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "codebook_dtype",
+    [
+        torch.float32,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(
+                DEVICE == "cpu", reason="Triton's interpreter computes bfloat16 dots wrongly"
+            ),
+        ),
+    ],
+)
+def test_codebook_dtypes_and_blocks(codebook_dtype):
+    ck, cv, codes_k, codes_v, keys, values = make_block(16, 4, 2, slots=70, seed=4)
+    lengths = torch.tensor([[70, 3], [64, 65]], device=DEVICE)
+    query = torch.randn(2, 6, 1, 16, device=DEVICE)
+    out, _ = fibquant_decode_attention(
+        query, codes_k, codes_v, ck, cv, 0.25, lengths, block=64, codebook_dtype=codebook_dtype
+    )
+    want = chunked_attention(query, [(keys, values, visible_of(lengths, 70))], 0.25)
+    # bf16 keeps 8 mantissa bits: its error is ~4x fp16's
+    assert rel_error(out, want) < (TOLERANCE if codebook_dtype == torch.float32 else 3e-2)

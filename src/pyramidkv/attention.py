@@ -16,12 +16,14 @@ garbage collected.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
@@ -76,16 +78,32 @@ def pyramidkv_attention(
         query.shape[-2], query.shape[1], as_float=_fallback(module) != "sdpa"
     )
     kwargs.pop("is_causal", None)
-    return fallback(
-        module,
-        query,
-        keys,
-        values,
-        mask,
-        dropout=dropout,
-        scaling=scaling,
-        is_causal=False,
-        **kwargs,
+    with decode_backends(query.device):
+        return fallback(
+            module,
+            query,
+            keys,
+            values,
+            mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=False,
+            **kwargs,
+        )
+
+
+def decode_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """SDPA backends for decoding over a compressed cache: every one but cuDNN's on CUDA.
+
+    Each layer of a PyramidKV cache holds its own number of tokens, and that number grows at every step, so a
+    decode step asks for a new key length in every layer. cuDNN's attention builds an execution graph per
+    shape (hundreds of milliseconds: sgl-project/sglang#4650, ml-explore/mlx#2743); on the H200 a PyramidKV
+    decode step took 0.8-2.4 s against 0.08 s for the full cache, whose layers share one length.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     )
 
 

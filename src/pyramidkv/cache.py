@@ -25,7 +25,7 @@ from .accounting import kv_geometry
 from .budgets import Budget, MemoryBudget, parse_budget, parse_memory
 from .coded import CodecPair, CodedBlocks, make_codecs
 from .errors import PyramidKVError, UnsupportedModelError
-from .kernels import check_kernel, chunked_attention, fused_attention
+from .kernels import check_kernel, chunked_attention, fused_attention, use_fused
 from .policies import Policy, get_policy, select
 
 
@@ -55,7 +55,7 @@ class CompressedLayer(CacheLayerMixin):
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept per row
         self.coded = CodedBlocks(owner.codecs) if owner.codecs is not None else None
         self.residual = owner.residual
-        self.kernel = owner.kernel
+        self.kernel, self.fused_ok = owner.kernel, owner.fused_ok
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -76,7 +76,8 @@ class CompressedLayer(CacheLayerMixin):
                 "does not go through transformers' AttentionInterface, so it cannot be compressed"
             )
         elif self.coded is not None and self.keys.shape[-2] >= self.residual:
-            self.coded.add(self.keys, self.values)  # the recent window is full: store it as codes
+            # the recent window is full: store it as codes
+            self.coded.add(self.keys, self.values, fused=self._fused(key_states.device))
             self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -92,7 +93,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.coded is None:
             self.kept_keys, self.kept_values = kept_keys, kept_values
         else:
-            self.coded.add(kept_keys, kept_values, lengths)
+            self.coded.add(kept_keys, kept_values, lengths, fused=self._fused(kept_keys.device))
         self.lengths = lengths
         # read once here, not at every decode step: a host sync per layer and step costs more than the step
         self.ragged = bool((lengths != indices.shape[-1]).any())
@@ -100,15 +101,19 @@ class CompressedLayer(CacheLayerMixin):
         self.values = self.values[..., :0, :]
         self.compressed = True
 
+    def _fused(self, device: torch.device) -> bool:
+        return use_fused(self.kernel, self.fused_ok, device)
+
     def attend_codes(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of (batch, q_heads, q_len, dim) queries over coded blocks, then the fp16 recent window.
 
-        Blocks are decoded one at a time (torch reference; the CUDA kernel reads codes directly).
+        The fused kernel reads the codes directly (on CUDA with ``kernel="auto"``, or when forced); the torch
+        reference decodes one block at a time.
         Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
         """
         q_len, recent = query.shape[-2], self.keys.shape[-2]
         causal = _causal(recent, q_len, query.device)[None, None]
-        if self.kernel == "triton":
+        if self._fused(query.device):
             out = fused_attention(query, self.coded, self.keys, self.values, causal, scaling)
         else:
             chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
@@ -170,6 +175,8 @@ class CompressedLayer(CacheLayerMixin):
             tensor = getattr(self, name)
             if isinstance(tensor, torch.Tensor):
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+        if self.coded is not None:
+            self.coded.reorder(beam_idx, self.lengths)
 
     def reset(self) -> None:
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
@@ -192,8 +199,8 @@ class CompressedCache(Cache):
     ``key_bits`` / ``value_bits``) stores what is kept as codes; new tokens wait in an fp16 window of
     ``residual`` tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or
     ``"5%"`` (of the full fp16 cache) replaces ``budget``: the token budget is chosen so the codes fit.
-    ``kernel="triton"`` reads FibQuant codes in the fused Triton decode kernel instead of the torch
-    reference (``"torch"``, the default until the kernel has been validated on a GPU).
+    ``kernel="auto"`` (default) reads FibQuant and TurboQuant codes in the fused Triton decode kernel on CUDA
+    and decodes them block by block in torch elsewhere; ``"triton"`` or ``"torch"`` forces one path.
 
     While the cache is alive the model routes attention through pyramidkv; :meth:`close` (or leaving a
     ``with`` block, or garbage collection) restores the model's own attention implementation.
@@ -211,7 +218,7 @@ class CompressedCache(Cache):
         value_bits: float | None = None,
         residual: int = 64,  # measured knee: benchmarks/residual_window.py
         kv_memory: str | int | MemoryBudget | None = None,
-        kernel: str = "torch",
+        kernel: str = "auto",
         **options,
     ):
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -230,7 +237,8 @@ class CompressedCache(Cache):
             codec, self.head_dim, bits, key_bits, value_bits
         )
         self.residual = residual
-        self.kernel = check_kernel(kernel, self.codecs, self.head_dim)
+        self.kernel = kernel
+        self.fused_ok = check_kernel(kernel, self.codecs, self.head_dim)
         self.dtype = next(model.parameters()).dtype
         attention.install(model)
         self._release = weakref.finalize(self, attention.release, weakref.ref(model))
@@ -347,8 +355,12 @@ class CompressedCache(Cache):
         }
 
     def kept_tokens(self) -> torch.Tensor:
-        """(layers, batch, kv_heads) tokens held per layer and KV head."""
-        return torch.stack([layer.kept_tokens() for layer in self.layers])
+        """(layers, batch, kv_heads) tokens held per layer and KV head, on the CPU.
+
+        Each layer counts on its own device (a model split with ``device_map`` spreads them), so the summary
+        is gathered on the CPU: one small copy per layer, when asked, never per decode step.
+        """
+        return torch.stack([layer.kept_tokens().cpu() for layer in self.layers])
 
     def close(self) -> None:
         """Restore the model's own attention implementation (idempotent)."""

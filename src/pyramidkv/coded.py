@@ -9,7 +9,7 @@ quantized cache is never decoded whole (KIVI, Liu et al. 2024, keeps the same fp
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -124,19 +124,44 @@ class CodedBlocks:
     blocks: list[_Block] = field(default_factory=list)
 
     def add(
-        self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor | None = None
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        fused: bool = False,
     ) -> None:
-        """Encode (batch, kv_heads, s, dim) keys and values as one block; ``lengths`` marks ragged rows."""
+        """Encode (batch, kv_heads, s, dim) keys and values as one block; ``lengths`` marks ragged rows.
+
+        ``fused``: encode in the Triton kernel (:func:`pyramidkv.kernels.fibquant_encode.fused_encode`).
+        """
         if keys.shape[-2] == 0:
             return
-        self.blocks.append(
-            _Block(
-                self.codecs.keys.encode(keys),
-                self.codecs.values.encode(values),
-                keys.shape[-2],
-                lengths,
+        if fused:
+            from .kernels.fibquant_encode import fused_encode
+
+            codes_k, codes_v = (
+                fused_encode(self.codecs.keys, keys),
+                fused_encode(self.codecs.values, values),
             )
-        )
+        else:
+            codes_k, codes_v = self.codecs.keys.encode(keys), self.codecs.values.encode(values)
+        self.blocks.append(_Block(codes_k, codes_v, keys.shape[-2], lengths))
+
+    def reorder(self, rows: torch.Tensor, lengths: torch.Tensor | None) -> None:
+        """Keep rows ``rows`` of every block, in that order (beam search); ``lengths``: the layer's reordered
+        row lengths, which the ragged prompt block shares."""
+        for block in self.blocks:
+            for name in ("keys", "values"):
+                codes = getattr(block, name)
+                tensors = {f.name: getattr(codes, f.name) for f in fields(codes)}
+                picked = {
+                    key: value.index_select(0, rows.to(value.device))
+                    for key, value in tensors.items()
+                    if isinstance(value, torch.Tensor)
+                }
+                setattr(block, name, replace(codes, **picked))
+            if block.lengths is not None:
+                block.lengths = lengths
 
     @property
     def tokens(self) -> int:

@@ -59,7 +59,8 @@ class Prefill:
         ):
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values, layer.seen = keys, values, keys.shape[-2]
-            layer.compress(queries, self.valid, self.scaling)
+            # one valid mask serves every layer; with a split model (device_map) it follows each layer's device
+            layer.compress(queries, self.valid.to(keys.device), self.scaling)
         return cache
 
 
@@ -101,20 +102,40 @@ def greedy_continue(
     stop_ids: list[int] | tuple[int, ...] = (),
     append_ids: torch.Tensor | None = None,
 ) -> list[int]:
-    """Greedy tokens after a prefilled ``cache`` (batch 1), starting from ``logits``.
+    """Greedy tokens after a prefilled ``cache`` of batch 1, starting from ``logits``; see :func:`greedy_rows`."""
+    return greedy_rows(model, cache, logits, max_new_tokens, stop_ids, append_ids)[0]
 
-    ``append_ids`` (context-only mode) are fed first, uncompressed, and decoding starts from their last logits.
-    The stop token is included in the result when it is produced, as ``generate`` does.
+
+def greedy_rows(
+    model,
+    cache,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: list[int] | tuple[int, ...] = (),
+    append_ids: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Greedy tokens of every row of a prefilled ``cache``, starting from ``logits`` (rows or one row for all).
+
+    ``append_ids`` (1, n) (context-only mode) are fed first to every row, uncompressed, and decoding starts
+    from their last logits. A row ends at its first stop token, which is included in its result, as
+    ``generate`` does; the batch steps on until every row has ended or ``max_new_tokens`` are out.
     """
-    tokens: list[int] = []
+    rows = cache.layers[0].lengths.shape[0] if cache.layers[0].lengths is not None else 1
+    device = model.device
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    ended = [False] * rows
     with torch.inference_mode():
         if append_ids is not None and append_ids.numel():
-            logits = model(append_ids.to(model.device), **cache_kwargs(model, cache)).logits[:, -1]
-        for _ in range(max_new_tokens):
-            token = int(logits[0].argmax())
-            tokens.append(token)
-            if token in stop_ids:
-                break
-            step = torch.tensor([[token]], device=model.device)
+            step = append_ids.to(device).expand(rows, -1)
             logits = model(step, **cache_kwargs(model, cache)).logits[:, -1]
+        logits = logits.expand(rows, -1)
+        for _ in range(max_new_tokens):
+            chosen = logits.argmax(dim=-1)
+            for row, token in enumerate(chosen.tolist()):
+                if not ended[row]:
+                    tokens[row].append(token)
+                    ended[row] = token in stop_ids
+            if all(ended):
+                break
+            logits = model(chosen[:, None], **cache_kwargs(model, cache)).logits[:, -1]
     return tokens

@@ -30,7 +30,8 @@ from ..coded import DEFAULT_BITS, parse_codec
 from ..compat import cache_kwargs
 from ..errors import PyramidKVError
 from ..policies import get_policy
-from ..prefill import greedy_continue, prefill
+from ..prefill import greedy_rows, prefill
+from ..stacking import can_stack, stack_caches
 from .scoring import score
 from .tasks import Sample
 
@@ -86,9 +87,9 @@ def make_configs(
 
 
 def _clock(model) -> float:
-    """Wall time, after the model's pending GPU work has finished."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+    """Wall time, after the model's pending GPU work has finished (on every GPU its layers use)."""
+    for device in {p.device for p in model.parameters() if p.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
@@ -111,7 +112,7 @@ def _prompt_nbytes(cache: CompressedCache) -> int:
 
 def _prompt_kept(cache: CompressedCache) -> float:
     """Prompt tokens kept, averaged over layers and KV heads (appended tokens left out)."""
-    return torch.stack([layer.lengths.float().mean() for layer in cache.layers]).mean().item()
+    return sum(layer.lengths.float().mean().item() for layer in cache.layers) / len(cache.layers)
 
 
 def _record(
@@ -145,30 +146,59 @@ def _record(
     }
 
 
-def run_one_prefill(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterator[dict]:
-    """Prefill ``sample`` once, then build and decode each configuration's cache from that prefill."""
+def _groups(configs: list[Config]) -> list[list[Config]]:
+    """Configurations decoded together: same codec, and the full cache apart (it would pad every row to
+    the whole prompt)."""
+    groups: dict[tuple[str, bool], list[Config]] = {}
+    for config in configs:
+        groups.setdefault((config.codec, config.policy == "full"), []).append(config)
+    return list(groups.values())
+
+
+def run_one_prefill(
+    model, tokenizer, sample: Sample, configs: list[Config], batched: bool = True
+) -> Iterator[dict]:
+    """Prefill ``sample`` once, build each configuration's cache from that prefill, and decode them; with
+    ``batched`` the caches of a group (:func:`_groups`) are stacked into one batch and decoded together."""
     start = _clock(model)
     captured = prefill(model, sample.prefill_ids)
     prefill_s = _clock(model) - start
-    for config in configs:
-        start = _clock(model)
-        with captured.cache(config.policy, config.cache_budget(), codec=config.codec) as cache:
-            cache_s = _clock(model) - start
-            kv_bytes, kept = _prompt_nbytes(cache), _prompt_kept(cache)
+    for group in _groups(configs) if batched else [[c] for c in configs]:
+        caches, measured, decoding = [], [], None
+        try:
+            for config in group:
+                start = _clock(model)
+                caches.append(
+                    captured.cache(config.policy, config.cache_budget(), codec=config.codec)
+                )
+                cache_s = _clock(model) - start
+                measured.append(
+                    dict(
+                        kv_bytes=_prompt_nbytes(caches[-1]),
+                        kept_tokens=_prompt_kept(caches[-1]),
+                        cache_s=cache_s,
+                    )
+                )
+            together = len(caches) > 1 and can_stack(caches)
             start = _clock(model)
-            tokens = greedy_continue(
-                model,
-                cache,
-                captured.logits,
-                sample.max_new_tokens,
-                stop_ids(model),
-                append_ids=sample.append_ids,
-            )
+            decoding = stack_caches(model, caches, codec=group[0].codec) if together else None
+            runs = [decoding] if together else caches
+            answers = []
+            for cache in runs:
+                answers += greedy_rows(
+                    model, cache, captured.logits, sample.max_new_tokens, stop_ids(model),
+                    append_ids=sample.append_ids,
+                )  # fmt: skip
             decode_s = _clock(model) - start
-        yield _record(
-            model, tokenizer, sample, config, tokens, runner="one-prefill", kv_bytes=kv_bytes,
-            kept_tokens=kept, prefill_s=prefill_s, cache_s=cache_s, decode_s=decode_s,
-        )  # fmt: skip
+        finally:
+            for cache in [*caches, decoding]:
+                if cache is not None:
+                    cache.close()
+        for config, tokens, extra in zip(group, answers, measured, strict=True):
+            yield _record(
+                model, tokenizer, sample, config, tokens, runner="one-prefill", prefill_s=prefill_s,
+                decode_s=decode_s / len(group), decode_rows=len(group) if together else 1, **extra,
+            )  # fmt: skip
 
 
 class _FirstToken(BaseStreamer):

@@ -1,7 +1,8 @@
-"""Fused decode attention on FibQuant codes (Triton): keys and values are read as packed indices + fp16 norms.
+"""Fused decode attention on rotated-block codes (FibQuant, TurboQuant) in Triton: read indices, never x_hat.
 
 FibQuant (arXiv 2605.11478) stores x as nu = ||x|| and, for each of the d/k blocks of the rotated unit vector
-u = x Pi^T / nu, one index into a shared codebook of N codewords. Attention never needs x itself:
+u = x Pi^T / nu, one index into a shared codebook of N codewords; TurboQuant-mse (arXiv 2504.19874) is the
+case k = 1. Attention never needs x itself:
 
 * q . x_hat = nu * sum_m <(q Pi^T)_m, c_{idx_m}>: the query is rotated once, then each key is a gather
   of d/k codewords and one dot product;
@@ -10,40 +11,108 @@ u = x Pi^T / nu, one index into a shared codebook of N codewords. Attention neve
 
 One program handles one (sequence, KV head, split): the G * q_len query rows of that KV head share every
 read of the codes (GQA), and the sequence is cut into ``split`` contiguous ranges (flash-decoding, Dao et
-al. 2023) whose partial results — running max, normaliser and unnormalised rotated output — are merged
-with a log-sum-exp in torch. The launcher returns ``(out, lse)`` so the caller can merge it with the fp16
-recent window (:func:`merge_partials`, :func:`window_partial`). Supported now: 8-bit indices (one byte per
-index, N in 129..256) and k in {2, 4}; see NOTES.md for the byte and operation counts.
+al. 2023) merged by log-sum-exp (:mod:`.merge`). Indices are read from the bit-packed layout of
+:mod:`pyramidkv.codecs.packing` at any width from 1 to 16 bits, so 2, 3 and 4 bits per coordinate and
+TurboQuant all go through this one kernel. See NOTES.md for the byte and operation counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from ..codecs.packing import MAX_BITS, packed_bytes
 from ..codecs.rotated import RotatedBlockCodec, VectorCodes
+from .merge import merge_splits
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the CPU/CI environment has no triton; the torch helpers below still work
+except ImportError:  # a CPU environment without triton; callers use the torch reference there
     triton = None
 
-SUPPORTED_K = (2, 4)
-SUPPORTED_INDEX_BITS = 8
-BLOCK_S = 16  # tokens per tile; tl.dot needs >= 16 on every dimension
 LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch choices of the decode kernel; defaults measured on the H200 (benchmarks/decode_attention.py).
+
+    block: tokens per tile (>= 16 for ``tl.dot``); waves: programs per SM the default split aims at (more
+    splits hide the latency of the gathers; each adds one partial row to merge); shared_gather: gather
+    codewords from a shared-memory copy of the codebook (``tl.gather``) instead of from global memory, whose
+    L1 serves a warp's scattered loads one cache line at a time; codebook_dtype: the dtype the
+    codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
+    and keeps 10 mantissa bits, as TF32 does).
+    """
+
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    waves: int = 8
+    shared_gather: bool = True
+    codebook_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {self.block}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if self.waves < 1:
+            raise ValueError(f"waves must be >= 1, got {self.waves}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.codebook_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"codebook_dtype must be float16, bfloat16 or float32, got {self.codebook_dtype}"
+            )
+
+
+TUNING_FIELDS = tuple(f.name for f in fields(DecodeTuning))
 
 if triton is not None:
 
     @triton.jit
-    def _gather_unit(idx_base, cb_ptr, s_off, s_mask, d_off, NBYTES: tl.constexpr, K: tl.constexpr):
-        """(BLOCK_S, D) unit vectors in rotated space: coordinate d is codeword idx[d // K], entry d % K."""
-        idx = tl.load(
-            idx_base + s_off[:, None] * NBYTES + (d_off // K)[None, :], mask=s_mask[:, None]
-        )
-        return tl.load(cb_ptr + idx.to(tl.int32) * K + (d_off % K)[None, :])
+    def _index_words(row_ptr, s_off, s_mask, coord, K: tl.constexpr, W: tl.constexpr,
+                     NBYTES: tl.constexpr, SPAN: tl.constexpr):  # fmt: skip
+        """Codebook index of coordinate ``coord`` of tokens ``s_off`` (same shapes, broadcast): block m = coord // K
+        sits in bits [m W, (m + 1) W) of the token's packed little-endian stream."""
+        bit = (coord // K) * W
+        byte = bit // 8
+        ptrs = row_ptr + s_off * NBYTES + byte
+        word = tl.load(ptrs, mask=s_mask, other=0).to(tl.int32)
+        if SPAN >= 2:
+            word |= tl.load(ptrs + 1, mask=s_mask & (byte + 1 < NBYTES), other=0).to(tl.int32) << 8
+        if SPAN >= 3:
+            word |= tl.load(ptrs + 2, mask=s_mask & (byte + 2 < NBYTES), other=0).to(tl.int32) << 16
+        if W % 8 != 0:
+            word = (word >> (bit % 8)) & ((1 << W) - 1)
+        return word
+
+    @triton.jit
+    def _unit_tile(
+        row_ptr, start, hi, cb_ptr, book,
+        D: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NBYTES: tl.constexpr,
+        SPAN: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr,
+    ):  # fmt: skip
+        """(BLOCK, D) unit vectors in rotated space of tokens [start, start + BLOCK) (masked at ``hi``).
+
+        SHARED: ``book`` (the flat codebook, loaded once per program) is gathered with ``tl.gather``, which
+        goes through shared memory; else every coordinate is a gather from global memory (L1) at ``cb_ptr``.
+        """
+        if SHARED:
+            flat = tl.arange(0, BLOCK * D)
+            s_off = start + flat // D
+            coord = flat % D
+            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+            return tl.reshape(tl.gather(book, word * K + coord % K, 0), (BLOCK, D))
+        s_off = start + tl.arange(0, BLOCK)[:, None]
+        coord = tl.arange(0, D)[None, :]
+        word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+        return tl.load(cb_ptr + word * K + coord % K)
 
     @triton.jit
     def _decode_split_kernel(
@@ -52,7 +121,10 @@ if triton is not None:
         s_kv, chunk, n_kv_heads, n_split,
         kidx_sb, kidx_sh, knorm_sb, knorm_sh, vidx_sb, vidx_sh, vnorm_sb, vnorm_sh,
         ROWS: tl.constexpr, ROWS_BLOCK: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-        K_K: tl.constexpr, K_V: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+        K_K: tl.constexpr, W_K: tl.constexpr, NB_K: tl.constexpr, SPAN_K: tl.constexpr,
+        K_V: tl.constexpr, W_V: tl.constexpr, NB_V: tl.constexpr, SPAN_V: tl.constexpr,
+        NK_K: tl.constexpr, NK_V: tl.constexpr, NK_K_REAL: tl.constexpr, NK_V_REAL: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, SHARED: tl.constexpr,
     ):  # fmt: skip
         """Partial attention of the ROWS query rows of one (batch, KV head) over one split of the codes.
 
@@ -79,19 +151,26 @@ if triton is not None:
             other=0.0,
         )
 
-        kidx_base = kidx_ptr + b * kidx_sb + h * kidx_sh
-        vidx_base = vidx_ptr + b * vidx_sb + h * vidx_sh
-        knorm_base = knorm_ptr + b * knorm_sb + h * knorm_sh
-        vnorm_base = vnorm_ptr + b * vnorm_sb + h * vnorm_sh
+        kidx_row = kidx_ptr + b * kidx_sb + h * kidx_sh
+        vidx_row = vidx_ptr + b * vidx_sb + h * vidx_sh
+        knorm_row = knorm_ptr + b * knorm_sb + h * knorm_sh
+        vnorm_row = vnorm_ptr + b * vnorm_sb + h * vnorm_sh
 
+        book_k = None
+        book_v = None
+        if SHARED:  # whole codebooks, once per program (sizes padded to a power of two)
+            book_k = tl.load(kcb_ptr + tl.arange(0, NK_K), mask=tl.arange(0, NK_K) < NK_K_REAL)
+            book_v = tl.load(vcb_ptr + tl.arange(0, NK_V), mask=tl.arange(0, NK_V) < NK_V_REAL)
         m_i = tl.full([ROWS_BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS_BLOCK], tl.float32)
         acc = tl.zeros([ROWS_BLOCK, D], tl.float32)
         for start in range(lo, hi, BLOCK):
             s_off = start + tl.arange(0, BLOCK)
             s_mask = s_off < hi
-            k_unit = _gather_unit(kidx_base, kcb_ptr, s_off, s_mask, d_off, D // K_K, K_K)
-            k_nu = tl.load(knorm_base + s_off, mask=s_mask, other=0.0).to(tl.float32)
+            k_unit = _unit_tile(
+                kidx_row, start, hi, kcb_ptr, book_k, D, K_K, W_K, NB_K, SPAN_K, BLOCK, SHARED
+            )
+            k_nu = tl.load(knorm_row + s_off, mask=s_mask, other=0.0).to(tl.float32)
             scores = tl.dot(q, tl.trans(k_unit)) * k_nu[None, :]
             scores = tl.where(s_mask[None, :], scores, float("-inf"))
             # finite: every tile of [lo, hi) holds at least one visible token
@@ -99,9 +178,12 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_unit = _gather_unit(vidx_base, vcb_ptr, s_off, s_mask, d_off, D // K_V, K_V)
-            v_nu = tl.load(vnorm_base + s_off, mask=s_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p * v_nu[None, :], v_unit)
+            v_unit = _unit_tile(
+                vidx_row, start, hi, vcb_ptr, book_v, D, K_V, W_V, NB_V, SPAN_V, BLOCK, SHARED
+            )
+            v_nu = tl.load(vnorm_row + s_off, mask=s_mask, other=0.0).to(tl.float32)
+            weights = (p * v_nu[None, :]).to(v_unit.dtype)
+            acc = acc * alpha[:, None] + tl.dot(weights, v_unit)
             m_i = m_new
 
         row = (pid_bh * n_split + pid_split) * ROWS + r_off
@@ -110,17 +192,29 @@ if triton is not None:
         tl.store(sum_ptr + row, l_i, mask=r_mask)
 
 
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device, not the tensors': make ``device`` current for the launch
+    (a model spread over several GPUs calls the kernel for layers on each)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _span(bits: int) -> int:
+    """Bytes an index of ``bits`` bits can straddle in the packed stream, over every bit offset it takes."""
+    return max((j * bits % 8 + bits + 7) // 8 for j in range(8))
+
+
 def check_codec(name: str, codec: object, dim: int) -> None:
-    """Raise unless ``codec`` is a rotated-block codec of head dimension ``dim`` this kernel reads."""
+    """Raise unless ``codec`` is a rotated-block codec of head dimension ``dim`` that this kernel reads."""
     if not isinstance(codec, RotatedBlockCodec):
-        raise TypeError(f"{name} must be a FibQuant codec, got {type(codec).__name__}")
+        raise TypeError(
+            f"{name} must be a FibQuant or TurboQuant codec, got {type(codec).__name__}"
+        )
     if codec.d != dim:
         raise ValueError(f"{name}.d must equal the query's head dim {dim}, got {codec.d}")
-    if codec.index_bits != SUPPORTED_INDEX_BITS or codec.k not in SUPPORTED_K:
+    if codec.k & (codec.k - 1) or codec.index_bits > MAX_BITS:
         raise ValueError(
-            f"{name}: the fused kernel reads {SUPPORTED_INDEX_BITS}-bit indices (N in 129..256) with k in "
-            f"{SUPPORTED_K}; got k={codec.k}, N={codec.n} ({codec.index_bits}-bit indices, "
-            f"{codec.rate:g} bits per coordinate)"
+            f"{name}: the fused kernel reads blocks of k = a power of two with indices of at most "
+            f"{MAX_BITS} bits; got k={codec.k}, N={codec.n}"
         )
 
 
@@ -140,14 +234,37 @@ def make_workspace(
     )
 
 
-def _default_split(batch: int, kv_heads: int, tiles: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU twice over, never more splits than tiles."""
+def default_split(
+    batch: int, kv_heads: int, tiles: int, device: torch.device, waves: int = 2
+) -> int:
+    """Enough programs for ``waves`` per SM of the GPU, never more splits than tiles."""
     units = (
         torch.cuda.get_device_properties(device).multi_processor_count
         if device.type == "cuda"
         else 1
     )
-    return max(1, min(tiles, math.ceil(2 * units / (batch * kv_heads))))
+    return max(1, min(tiles, math.ceil(waves * units / (batch * kv_heads))))
+
+
+def _check_shapes(query, codes_k, codes_v, lengths) -> None:
+    if query.dim() != 4:
+        raise ValueError(
+            f"query must be (batch, q_heads, q_len, dim), got shape {tuple(query.shape)}"
+        )
+    batch, q_heads, _, dim = query.shape
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"query head dim must be a power of two >= 16, got {dim}")
+    kv_heads, s_kv = codes_k.shape[1], codes_k.shape[2]
+    if codes_k.shape != (batch, kv_heads, s_kv) or codes_v.shape != codes_k.shape:
+        raise ValueError(
+            f"codes_k and codes_v must both be (batch={batch}, kv_heads, s), got {codes_k.shape} and {codes_v.shape}"
+        )
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
+    if lengths is not None and tuple(lengths.shape) != (batch, kv_heads):
+        raise ValueError(
+            f"lengths must be (batch, kv_heads) = ({batch}, {kv_heads}), got {tuple(lengths.shape)}"
+        )
 
 
 def fibquant_decode_attention(
@@ -160,48 +277,41 @@ def fibquant_decode_attention(
     lengths: torch.Tensor | None = None,
     split: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    tuning: DecodeTuning | None = None,
+    **overrides,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention of ``query`` (batch, q_heads, q_len, dim) over one block of FibQuant codes.
+    """Decode attention of ``query`` (batch, q_heads, q_len, dim) over one block of FibQuant/TurboQuant codes.
 
     ``codes_k`` / ``codes_v``: codes of keys / values shaped (batch, kv_heads, s); ``lengths`` (batch,
-    kv_heads) integers: row (b, h) sees its first ``lengths[b, h]`` slots (clipped to [0, s]; None: all s). Every key is visible
-    to every query token (codes hold past tokens only). ``split``: ranges the sequence is cut into (default:
-    enough to fill the device). Returns ``(out, lse)``: out (batch, q_heads, q_len, dim) float32, the
-    softmax-normalised output over this block, and lse (batch, q_heads, q_len) float32, the natural-log
-    sum of exp(scores); a row that sees no key gets out = 0, lse = -inf. Merge with other blocks or the
-    fp16 window by :func:`merge_partials`.
+    kv_heads) integers: row (b, h) sees its first ``lengths[b, h]`` slots (clipped to [0, s]; None: all s).
+    Every key is visible to every query token (codes hold past tokens only). ``split``: ranges the sequence
+    is cut into (default: enough to fill the device). ``tuning`` or keyword ``overrides`` of its fields
+    (``block=64``, ``num_warps=8``) choose the launch. Returns ``(out, lse)``: out (batch, q_heads, q_len,
+    dim) float32, the softmax-normalised output over this block, and lse (batch, q_heads, q_len) float32, the
+    natural-log sum of exp(scores); a row that sees no key gets out = 0, lse = -inf. Merge with other blocks
+    or the fp16 window by :func:`pyramidkv.kernels.merge.merge_partials`.
     """
     if triton is None:
         raise RuntimeError(
             "fibquant_decode_attention needs triton; use kernels.chunked_attention instead"
         )
-    if query.dim() != 4:
-        raise ValueError(
-            f"query must be (batch, q_heads, q_len, dim), got shape {tuple(query.shape)}"
-        )
+    unknown = set(overrides) - set(TUNING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown tuning options {sorted(unknown)}; known: {TUNING_FIELDS}")
+    tuning = replace(tuning or DecodeTuning(), **overrides)
+    _check_shapes(query, codes_k, codes_v, lengths)
     batch, q_heads, q_len, dim = query.shape
-    if dim < 16 or dim & (dim - 1):
-        raise ValueError(f"query head dim must be a power of two >= 16, got {dim}")
     check_codec("codec_k", codec_k, dim)
     check_codec("codec_v", codec_v, dim)
     kv_heads, s_kv = codes_k.shape[1], codes_k.shape[2]
-    if codes_k.shape != (batch, kv_heads, s_kv) or codes_v.shape != codes_k.shape:
-        raise ValueError(
-            f"codes_k and codes_v must both be (batch={batch}, kv_heads, s), got {codes_k.shape} and {codes_v.shape}"
-        )
-    if q_heads % kv_heads:
-        raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
-    if lengths is not None and tuple(lengths.shape) != (batch, kv_heads):
-        raise ValueError(
-            f"lengths must be (batch, kv_heads) = ({batch}, {kv_heads}), got {tuple(lengths.shape)}"
-        )
     device = query.device
     rows = (q_heads // kv_heads) * q_len
-    tiles = max(1, triton.cdiv(s_kv, BLOCK_S))
-    split = _default_split(batch, kv_heads, tiles, device) if split is None else split
+    tiles = max(1, triton.cdiv(s_kv, tuning.block))
+    if split is None:
+        split = default_split(batch, kv_heads, tiles, device, tuning.waves)
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"split must be a positive integer, got {split!r}")
-    chunk = triton.cdiv(tiles, split) * BLOCK_S  # whole tiles per split
+    chunk = triton.cdiv(tiles, split) * tuning.block  # whole tiles per split
     if workspace is None:
         workspace = make_workspace(batch, kv_heads, rows, split, dim, device)
     acc, row_max, row_sum = workspace
@@ -210,88 +320,32 @@ def fibquant_decode_attention(
             f"workspace must come from make_workspace for these shapes and split={split}"
         )
 
-    rot_k, book_k = codec_k.tensors(device, torch.float32)
-    rot_v, book_v = codec_v.tensors(device, torch.float32)
+    rot_k, _ = codec_k.tensors(device, torch.float32)
+    rot_v, _ = codec_v.tensors(device, torch.float32)
+    _, book_k = codec_k.tensors(device, tuning.codebook_dtype)
+    _, book_v = codec_v.tensors(device, tuning.codebook_dtype)
     # q rotated once into key space (u = x Pi^T), with the softmax scale and log2(e) folded in
     q_rot = (query.float() @ rot_k.T) * (scaling * LOG2E)
-    q_rot = q_rot.reshape(batch, kv_heads, rows, dim).contiguous()
+    q_rot = q_rot.reshape(batch, kv_heads, rows, dim).to(tuning.codebook_dtype).contiguous()
     kidx, vidx = codes_k.indices.contiguous(), codes_v.indices.contiguous()
     knorm, vnorm = codes_k.norms.contiguous(), codes_v.norms.contiguous()
     lens = torch.zeros(1, dtype=torch.int32, device=device) if lengths is None else lengths
     lens = lens.to(device=device, dtype=torch.int32).contiguous()
-    _decode_split_kernel[(batch * kv_heads, split)](
-        q_rot, kidx, knorm, vidx, vnorm, book_k, book_v, lens, acc, row_max, row_sum,
-        s_kv, chunk, kv_heads, split,
-        kidx.stride(0), kidx.stride(1), knorm.stride(0), knorm.stride(1),
-        vidx.stride(0), vidx.stride(1), vnorm.stride(0), vnorm.stride(1),
-        ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), D=dim, BLOCK=BLOCK_S,
-        K_K=codec_k.k, K_V=codec_v.k, HAS_LENGTHS=lengths is not None,
-    )  # fmt: skip
-    out_rot, lse = _merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
+    wk, wv = codec_k.index_bits, codec_v.index_bits
+    with launch_device(device):
+        _decode_split_kernel[(batch * kv_heads, split)](
+            q_rot, kidx, knorm, vidx, vnorm, book_k, book_v, lens, acc, row_max, row_sum,
+            s_kv, chunk, kv_heads, split,
+            kidx.stride(0), kidx.stride(1), knorm.stride(0), knorm.stride(1),
+            vidx.stride(0), vidx.stride(1), vnorm.stride(0), vnorm.stride(1),
+            ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), D=dim, BLOCK=tuning.block,
+            K_K=codec_k.k, W_K=wk, NB_K=packed_bytes(dim // codec_k.k, wk), SPAN_K=_span(wk),
+            K_V=codec_v.k, W_V=wv, NB_V=packed_bytes(dim // codec_v.k, wv), SPAN_V=_span(wv),
+            NK_K=triton.next_power_of_2(book_k.numel()), NK_V=triton.next_power_of_2(book_v.numel()),
+            NK_K_REAL=book_k.numel(), NK_V_REAL=book_v.numel(),
+            HAS_LENGTHS=lengths is not None, SHARED=tuning.shared_gather,
+            num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        )  # fmt: skip
+    out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
     out = out_rot @ rot_v  # rotated back once per output row: x_hat = unit Pi
-    return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
-
-
-def _merge_splits(
-    acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge split partials along dim 2 (natural-log max): normalised output and lse per row."""
-    top = row_max.amax(dim=2, keepdim=True)
-    weight = torch.exp(row_max - top.clamp_min(-1e30))  # 0 for empty splits
-    total = (row_sum * weight).sum(dim=2)
-    out = (acc * weight.unsqueeze(-1)).sum(dim=2)
-    seen = total > 0
-    out = torch.where(
-        seen.unsqueeze(-1), out / total.clamp_min(1e-30).unsqueeze(-1), torch.zeros_like(out)
-    )
-    lse = torch.where(
-        seen,
-        top.squeeze(2) + torch.log(total.clamp_min(1e-30)),
-        torch.full_like(total, float("-inf")),
-    )
-    return out, lse
-
-
-def merge_partials(
-    parts: list[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``(out, lse)`` attention results over disjoint key sets into the result over their union.
-
-    out_i (..., dim) is normalised over set i and lse_i (...) its natural-log normaliser;
-    out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i. Rows no part sees stay 0 / -inf.
-    """
-    if not parts:
-        raise ValueError("parts must hold at least one (out, lse) pair, got none")
-    lse_all = torch.stack([lse.float() for _, lse in parts])
-    lse = torch.logsumexp(lse_all, dim=0)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weights = torch.exp(lse_all - safe)  # exp(-inf) = 0 for empty parts and rows
-    out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, parts, strict=True))
-    return out, lse
-
-
-def window_partial(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scaling: float,
-    visible: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of ``query`` (b, q_heads, q, d) over the fp16 window (b, kv_heads, w, d), for merging.
-
-    ``visible``: bool mask broadcastable to (b, kv_heads, q, w) (e.g. causal inside the window), or None.
-    """
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, width = keys.shape[1], keys.shape[2]
-    group = q_heads // kv_heads
-    q = query.float().reshape(batch, kv_heads, group * q_len, dim)
-    scores = q @ keys.float().transpose(-1, -2) * scaling
-    if visible is not None:
-        seen = visible.expand(batch, kv_heads, q_len, width).repeat(1, 1, group, 1)
-        scores = scores.masked_fill(~seen, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(
-        scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
-    )
-    out = weights @ values.float()
     return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)

@@ -1,0 +1,99 @@
+"""Fused encode of rotated-block codes (FibQuant, TurboQuant) in Triton: normalise, rotate, nearest codeword.
+
+The torch encoder (:meth:`pyramidkv.codecs.rotated.RotatedBlockCodec.encode`) writes the rotated vectors
+and a (points x codewords) score matrix to memory; here one program takes a tile of vectors, keeps them in
+registers, rotates them with one ``tl.dot`` against Pi^T, and scans the N codewords once, keeping for each
+block of k coordinates the best score 2 <u_m, c_n> - ||c_n||^2 (the nearest codeword, as in
+:func:`pyramidkv.codecs.lloyd.nearest_codeword`). Used for the prompt at prefill and for every flush of the
+fp16 recent window, so the cache's write path never leaves the GPU's registers until the codes are done.
+8-bit indices are stored as bytes by the kernel; other widths are bit-packed after it (:mod:`..codecs.packing`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codecs.base import FP16_MAX, check_input
+from ..codecs.packing import pack_bits
+from ..codecs.rotated import RotatedBlockCodec, VectorCodes
+from .fibquant_decode import launch_device
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU environment without triton; codecs encode in torch there
+    triton = None
+
+BLOCK_T = 16  # vectors per program (tl.dot needs >= 16 rows)
+
+if triton is not None:
+
+    @triton.jit
+    def _encode_kernel(
+        x_ptr, rot_t_ptr, cb_ptr, cb_sq_ptr, idx_ptr, norm_ptr, count,
+        D: tl.constexpr, K: tl.constexpr, N: tl.constexpr, BYTE_INDEX: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Norms (fp16) and nearest-codeword indices (BLOCK vectors x D/K blocks) of BLOCK rows of x."""
+        t_off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        t_mask = t_off < count
+        d_off = tl.arange(0, D)
+        x = tl.load(x_ptr + t_off[:, None] * D + d_off[None, :], mask=t_mask[:, None], other=0.0)
+        x = x.to(tl.float32)
+        nu = tl.sqrt(tl.sum(x * x, axis=1))
+        rot_t = tl.load(rot_t_ptr + d_off[:, None] * D + d_off[None, :])
+        unit = tl.dot(x, rot_t, input_precision="ieee") / tl.maximum(nu, 1e-30)[:, None]
+        blocks = tl.reshape(unit, (BLOCK, D // K, K))
+        entry = tl.arange(0, K)
+        best = tl.full([BLOCK, D // K], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK, D // K], tl.int32)
+        for n in range(N):
+            word = tl.load(cb_ptr + n * K + entry)
+            score = 2.0 * tl.sum(blocks * word[None, None, :], axis=2) - tl.load(cb_sq_ptr + n)
+            better = score > best  # strict: the first of equal codewords wins, as argmin does
+            best = tl.where(better, score, best)
+            best_idx = tl.where(better, n, best_idx)
+        m_off = tl.arange(0, D // K)
+        out = idx_ptr + t_off[:, None] * (D // K) + m_off[None, :]
+        if BYTE_INDEX:
+            tl.store(out, best_idx.to(tl.uint8), mask=t_mask[:, None])
+        else:
+            tl.store(out, best_idx.to(tl.int16), mask=t_mask[:, None])
+        tl.store(norm_ptr + t_off, nu.to(tl.float16), mask=t_mask)
+
+
+def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor) -> VectorCodes:
+    """Codes of ``x[..., d]`` equal to ``codec.encode(x)`` (up to ties at a cell border), from one kernel."""
+    if triton is None:
+        raise RuntimeError("fused_encode needs triton; use codec.encode instead")
+    x = check_input(x, codec.d)
+    if codec.k & (codec.k - 1) or codec.d & (codec.d - 1) or codec.d < 16:
+        raise ValueError(
+            f"fused_encode reads d a power of two >= 16 and k a power of two; got d={codec.d}, k={codec.k}"
+        )
+    flat = x.reshape(-1, codec.d).contiguous()
+    rotation, codebook = codec.tensors(x.device, torch.float32)
+    byte_index = codec.index_bits == 8
+    indices = torch.empty(
+        flat.shape[0],
+        codec.blocks,
+        dtype=torch.uint8 if byte_index else torch.int16,
+        device=x.device,
+    )
+    norms = torch.empty(flat.shape[0], dtype=torch.float16, device=x.device)
+    if flat.shape[0]:
+        with launch_device(x.device):
+            _encode_kernel[(triton.cdiv(flat.shape[0], BLOCK_T),)](
+                flat, rotation.T.contiguous(), codebook, (codebook * codebook).sum(-1), indices, norms,
+                flat.shape[0], D=codec.d, K=codec.k, N=codec.n, BYTE_INDEX=byte_index, BLOCK=BLOCK_T,
+            )  # fmt: skip
+    if bool(torch.isinf(norms).any()):
+        raise ValueError(
+            f"x has a vector whose norm is beyond the fp16 range ({FP16_MAX:g}) its norm is stored in; "
+            "scale the input down"
+        )
+    packed = indices if byte_index else pack_bits(indices, codec.index_bits)
+    lead = x.shape[:-1]
+    return VectorCodes(
+        dtype=x.dtype, indices=packed.reshape(*lead, packed.shape[-1]), norms=norms.reshape(lead)
+    )
