@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 from pyramidkv.codecs import FibQuant, TurboQuant
 
 _PATH = Path(__file__).parents[1] / "benchmarks" / "decode_attention.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling gpu_measure.py
 _SPEC = importlib.util.spec_from_file_location("decode_attention_bench", _PATH)
 bench = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = bench  # dataclasses look their module up there

@@ -71,7 +71,8 @@ def rel_error(got, want):
     ("dim", "k_keys", "k_values", "q_len", "split"),
     [(16, 4, 2, 1, 1), (16, 2, 4, 2, 3), (32, 4, 4, 1, None), (32, 2, 2, 3, 2)],
 )
-def test_matches_reference_over_decoded_codes(dim, k_keys, k_values, q_len, split):
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_matches_reference_over_decoded_codes(dim, k_keys, k_values, q_len, split, fused_merge):
     ck, cv, codes_k, codes_v, keys, values = make_block(dim, k_keys, k_values)
     lengths = torch.tensor(
         [[0, 1], [37, 20]], device=DEVICE
@@ -82,7 +83,16 @@ def test_matches_reference_over_decoded_codes(dim, k_keys, k_values, q_len, spli
     for part in workspace:
         part.fill_(float("nan"))  # poison: the kernel must write every entry, empty splits included
     out, lse = fibquant_decode_attention(
-        query, codes_k, codes_v, ck, cv, scaling, lengths, split=split or 3, workspace=workspace
+        query,
+        codes_k,
+        codes_v,
+        ck,
+        cv,
+        scaling,
+        lengths,
+        split=split or 3,
+        workspace=workspace,
+        fused_merge=fused_merge,
     )
     assert not any(bool(part.isnan().any()) for part in workspace)
     visible = visible_of(lengths, 37)

@@ -44,7 +44,9 @@ class DecodeTuning:
     block: tokens per tile (>= 16 for ``tl.dot``); waves: programs per SM the default split aims at (more
     splits hide the latency of the gathers; each adds one partial row to merge); shared_gather: gather
     codewords from a shared-memory copy of the codebook (``tl.gather``) instead of from global memory, whose
-    L1 serves a warp's scattered loads one cache line at a time; codebook_dtype: the dtype the
+    L1 serves a warp's scattered loads one cache line at a time; fused_merge: merge the splits and rotate
+    back in one Triton launch (:mod:`.merge_kernel`) instead of a dozen torch operations (off until it has
+    been timed on a GPU); codebook_dtype: the dtype the
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
     and keeps 10 mantissa bits, as TF32 does).
     """
@@ -55,6 +57,7 @@ class DecodeTuning:
     waves: int = 8
     shared_gather: bool = True
     codebook_dtype: torch.dtype = torch.float16
+    fused_merge: bool = False
 
     def __post_init__(self) -> None:
         if self.block < 16 or self.block & (self.block - 1):
@@ -346,6 +349,11 @@ def fibquant_decode_attention(
             HAS_LENGTHS=lengths is not None, SHARED=tuning.shared_gather,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )  # fmt: skip
-    out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
-    out = out_rot @ rot_v  # rotated back once per output row: x_hat = unit Pi
+    if tuning.fused_merge:
+        from .merge_kernel import merge_rotate
+
+        out, lse = merge_rotate(acc, row_max, row_sum, rot_v)
+    else:
+        out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
+        out = out_rot @ rot_v  # rotated back once per output row: x_hat = unit Pi
     return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
