@@ -54,3 +54,23 @@ def test_captured_tensors_survive_many_caches(tiny_llama):
                 tiny_llama, cache, captured.logits, 3, append_ids=torch.tensor([[5, 6]])
             )
     assert all(torch.equal(a, b) for a, b in zip(before, captured.keys, strict=True))
+
+
+def test_scores_shared_across_budgets_and_policies_change_nothing(tiny_llama):
+    """Caches built one after another from one capture reuse its scores (Prefill.scores); each must still
+    equal a fresh prefill with its own policy and budget."""
+    captured = prefill(tiny_llama, IDS)
+    configs = [("h2o", 8), ("snapkv", 16), ("pyramidkv", 12), ("h2o", 24), ("snapkv", 8)]
+    for policy, budget in configs:
+        with (
+            captured.cache(policy, budget) as rebuilt,
+            torch.no_grad(),
+            CompressedCache(tiny_llama, policy=policy, budget=budget) as fresh,
+        ):
+            tiny_llama(IDS, **cache_kwargs(tiny_llama, fresh))
+            for a, b in zip(rebuilt.layers, fresh.layers, strict=True):
+                assert torch.equal(a.lengths, b.lengths)
+                torch.testing.assert_close(a.kept_keys, b.kept_keys)
+    # snapkv and pyramidkv share one scorer and window: one entry per layer for both, one for h2o
+    layers = tiny_llama.config.num_hidden_layers
+    assert len(captured.scores) == 2 * layers

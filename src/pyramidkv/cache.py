@@ -243,6 +243,9 @@ class CompressedCache(Cache):
         attention.install(model)
         self._release = weakref.finalize(self, attention.release, weakref.ref(model))
         self._schedule_cache: dict[tuple[int, int], list[int]] = {}
+        # scores of one prompt, shared by caches built from one capture (Prefill.cache): a policy's scores
+        # do not depend on the budget, so four budgets of H2O score the prompt once, not four times
+        self.score_memo: dict | None = None
         super().__init__(layers=[CompressedLayer(i, self) for i in range(self.num_layers)])
 
     def token_bytes(self) -> float:
@@ -298,10 +301,14 @@ class CompressedCache(Cache):
         if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
         else:
-            window_queries = (
-                queries if scorer.needs_all_queries else queries[..., -self.policy.window :, :]
-            )
-            scores = scorer.score(window_queries, keys, valid, scaling)
+            window = None if scorer.needs_all_queries else self.policy.window
+            memo_key = (scorer, window, layer_idx)
+            scores = self.score_memo.get(memo_key) if self.score_memo is not None else None
+            if scores is None:
+                window_queries = queries if window is None else queries[..., -window:, :]
+                scores = scorer.score(window_queries, keys, valid, scaling)
+                if self.score_memo is not None:
+                    self.score_memo[memo_key] = scores
         return select(scores, valid, budgets, self.policy.window)
 
     def nbytes(self) -> int:

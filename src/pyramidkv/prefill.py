@@ -44,6 +44,9 @@ class Prefill:
     valid: torch.Tensor = field(repr=False)
     scaling: float = 1.0
     seconds: float = 0.0
+    scores: dict = field(
+        default_factory=dict, repr=False
+    )  # (scorer, window, layer) -> token scores
 
     @property
     def length(self) -> int:
@@ -54,6 +57,7 @@ class Prefill:
     ) -> CompressedCache:
         """The cache a fresh prefill with ``policy`` and ``budget`` would hold, built from the capture."""
         cache = CompressedCache(self.model, policy=policy, budget=budget, **options)
+        cache.score_memo = self.scores
         for layer, keys, values, queries in zip(
             cache.layers, self.keys, self.values, self.queries, strict=True
         ):
