@@ -218,8 +218,16 @@ def _random_codes(codec, shape, scale=1.0):
     ],
     ids=["fib3bit", "fib12bit-idx", "turboquant2-3", "turboquant4-fibk8"],
 )
-@pytest.mark.parametrize("shared_gather", [True, False])
-def test_any_index_width_and_turboquant(key_codec, value_codec, shared_gather):
+@pytest.mark.parametrize(
+    "gather",
+    [
+        {"shared_gather": False},
+        {"shared_gather": True},
+        {"shared_gather": True, "row_gather": True},
+    ],
+    ids=["global", "shared", "shared-rows"],
+)
+def test_any_index_width_and_turboquant(key_codec, value_codec, gather):
     def build(spec):
         return TurboQuant(32, spec[1]) if spec[0] == "tq" else codec(32, spec[1], spec[2])
 
@@ -230,7 +238,7 @@ def test_any_index_width_and_turboquant(key_codec, value_codec, shared_gather):
     lengths = torch.tensor([[45, 1], [17, 33]], device=DEVICE)
     query = torch.randn(2, 4, 1, 32, device=DEVICE)
     out, _ = fibquant_decode_attention(
-        query, codes_k, codes_v, ck, cv, 32**-0.5, lengths, split=2, shared_gather=shared_gather
+        query, codes_k, codes_v, ck, cv, 32**-0.5, lengths, split=2, **gather
     )
     want = chunked_attention(query, [(keys, values, visible_of(lengths, 45))], 32**-0.5)
     assert rel_error(out, want) < TOLERANCE

@@ -44,7 +44,8 @@ class DecodeTuning:
     block: tokens per tile (>= 16 for ``tl.dot``); waves: programs per SM the default split aims at (more
     splits hide the latency of the gathers; each adds one partial row to merge); shared_gather: gather
     codewords from a shared-memory copy of the codebook (``tl.gather``) instead of from global memory, whose
-    L1 serves a warp's scattered loads one cache line at a time; fused_merge: merge the splits and rotate
+    L1 serves a warp's scattered loads one cache line at a time; row_gather (with shared_gather): gather
+    whole k-vectors, one index per block of k coordinates (off until timed on a GPU); fused_merge: merge the splits and rotate
     back in one Triton launch (:mod:`.merge_kernel`) instead of a dozen torch operations (off until it has
     been timed on a GPU); codebook_dtype: the dtype the
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
@@ -56,8 +57,13 @@ class DecodeTuning:
     num_stages: int = 2
     waves: int = 8
     shared_gather: bool = True
+    row_gather: bool = False
     codebook_dtype: torch.dtype = torch.float16
     fused_merge: bool = False
+
+    def gather_mode(self) -> int:
+        """The kernel's GATHER: 0 global memory, 1 shared flat, 2 shared (N, k) rows."""
+        return 0 if not self.shared_gather else 2 if self.row_gather else 1
 
     def __post_init__(self) -> None:
         if self.block < 16 or self.block & (self.block - 1):
@@ -99,14 +105,23 @@ if triton is not None:
     def _unit_tile(
         row_ptr, start, hi, cb_ptr, book,
         D: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NBYTES: tl.constexpr,
-        SPAN: tl.constexpr, BLOCK: tl.constexpr, SHARED: tl.constexpr,
+        SPAN: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr,
     ):  # fmt: skip
         """(BLOCK, D) unit vectors in rotated space of tokens [start, start + BLOCK) (masked at ``hi``).
 
-        SHARED: ``book`` (the flat codebook, loaded once per program) is gathered with ``tl.gather``, which
-        goes through shared memory; else every coordinate is a gather from global memory (L1) at ``cb_ptr``.
+        GATHER 0: every coordinate is a gather from global memory (L1) at ``cb_ptr``. 1 and 2 gather from
+        ``book``, the codebook loaded once per program, with ``tl.gather`` (through shared memory): 1 from
+        the flat codebook, one entry per coordinate; 2 from the (N, k) codebook, one index per block of k
+        coordinates (its bits extracted once, not k times).
         """
-        if SHARED:
+        if GATHER == 2:
+            flat = tl.arange(0, BLOCK * (D // K))
+            s_off = start + flat // (D // K)
+            coord = (flat % (D // K)) * K  # the first coordinate of each block
+            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+            rows = tl.broadcast_to(word[:, None], (BLOCK * (D // K), K))
+            return tl.reshape(tl.gather(book, rows, 0), (BLOCK, D))
+        if GATHER == 1:
             flat = tl.arange(0, BLOCK * D)
             s_off = start + flat // D
             coord = flat % D
@@ -118,6 +133,18 @@ if triton is not None:
         return tl.load(cb_ptr + word * K + coord % K)
 
     @triton.jit
+    def _load_book(cb_ptr, NK: tl.constexpr, NK_REAL: tl.constexpr, K: tl.constexpr,
+                   GATHER: tl.constexpr):  # fmt: skip
+        """The whole codebook, padded to a power of two: flat (GATHER 1) or as (N, k) rows (GATHER 2)."""
+        if GATHER == 2:
+            n = tl.arange(0, NK // K)
+            entry = tl.arange(0, K)
+            return tl.load(
+                cb_ptr + n[:, None] * K + entry[None, :], mask=(n < NK_REAL // K)[:, None]
+            )
+        return tl.load(cb_ptr + tl.arange(0, NK), mask=tl.arange(0, NK) < NK_REAL)
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr, kidx_ptr, knorm_ptr, vidx_ptr, vnorm_ptr, kcb_ptr, vcb_ptr, len_ptr,
         acc_ptr, max_ptr, sum_ptr,
@@ -127,7 +154,7 @@ if triton is not None:
         K_K: tl.constexpr, W_K: tl.constexpr, NB_K: tl.constexpr, SPAN_K: tl.constexpr,
         K_V: tl.constexpr, W_V: tl.constexpr, NB_V: tl.constexpr, SPAN_V: tl.constexpr,
         NK_K: tl.constexpr, NK_V: tl.constexpr, NK_K_REAL: tl.constexpr, NK_V_REAL: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr, SHARED: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, GATHER: tl.constexpr,
     ):  # fmt: skip
         """Partial attention of the ROWS query rows of one (batch, KV head) over one split of the codes.
 
@@ -161,9 +188,9 @@ if triton is not None:
 
         book_k = None
         book_v = None
-        if SHARED:  # whole codebooks, once per program (sizes padded to a power of two)
-            book_k = tl.load(kcb_ptr + tl.arange(0, NK_K), mask=tl.arange(0, NK_K) < NK_K_REAL)
-            book_v = tl.load(vcb_ptr + tl.arange(0, NK_V), mask=tl.arange(0, NK_V) < NK_V_REAL)
+        if GATHER != 0:  # whole codebooks, once per program
+            book_k = _load_book(kcb_ptr, NK_K, NK_K_REAL, K_K, GATHER)
+            book_v = _load_book(vcb_ptr, NK_V, NK_V_REAL, K_V, GATHER)
         m_i = tl.full([ROWS_BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS_BLOCK], tl.float32)
         acc = tl.zeros([ROWS_BLOCK, D], tl.float32)
@@ -171,7 +198,7 @@ if triton is not None:
             s_off = start + tl.arange(0, BLOCK)
             s_mask = s_off < hi
             k_unit = _unit_tile(
-                kidx_row, start, hi, kcb_ptr, book_k, D, K_K, W_K, NB_K, SPAN_K, BLOCK, SHARED
+                kidx_row, start, hi, kcb_ptr, book_k, D, K_K, W_K, NB_K, SPAN_K, BLOCK, GATHER
             )
             k_nu = tl.load(knorm_row + s_off, mask=s_mask, other=0.0).to(tl.float32)
             scores = tl.dot(q, tl.trans(k_unit)) * k_nu[None, :]
@@ -182,7 +209,7 @@ if triton is not None:
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_unit = _unit_tile(
-                vidx_row, start, hi, vcb_ptr, book_v, D, K_V, W_V, NB_V, SPAN_V, BLOCK, SHARED
+                vidx_row, start, hi, vcb_ptr, book_v, D, K_V, W_V, NB_V, SPAN_V, BLOCK, GATHER
             )
             v_nu = tl.load(vnorm_row + s_off, mask=s_mask, other=0.0).to(tl.float32)
             weights = (p * v_nu[None, :]).to(v_unit.dtype)
@@ -346,7 +373,7 @@ def fibquant_decode_attention(
             K_V=codec_v.k, W_V=wv, NB_V=packed_bytes(dim // codec_v.k, wv), SPAN_V=_span(wv),
             NK_K=triton.next_power_of_2(book_k.numel()), NK_V=triton.next_power_of_2(book_v.numel()),
             NK_K_REAL=book_k.numel(), NK_V_REAL=book_v.numel(),
-            HAS_LENGTHS=lengths is not None, SHARED=tuning.shared_gather,
+            HAS_LENGTHS=lengths is not None, GATHER=tuning.gather_mode(),
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )  # fmt: skip
     if tuning.fused_merge:
