@@ -10,7 +10,7 @@ from pyramidkv.cache import CompressedCache
 from pyramidkv.codecs import FibQuant
 from pyramidkv.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
-from pyramidkv.prefill import greedy_continue, prefill
+from pyramidkv.prefill import greedy_rows, prefill
 
 from .conftest import make_tiny
 
@@ -178,7 +178,7 @@ def test_batch_with_padding_equals_rows_alone_with_codes():
 def test_one_prefill_runner_with_codes_equals_generate(tiny_llama):
     captured = prefill(tiny_llama, PROMPT)
     with captured.cache("pyramidkv", 16, codec="turboquant", bits=2, residual=2) as cache:
-        ours = greedy_continue(tiny_llama, cache, captured.logits, 5)
+        ours = greedy_rows(tiny_llama, cache, captured.logits, 5)[0]
     with CompressedCache(
         tiny_llama, policy="pyramidkv", budget=16, codec="turboquant", bits=2, residual=2
     ) as cache:

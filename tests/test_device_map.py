@@ -34,7 +34,7 @@ import pyramidkv
 import pyramidkv.cache
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
-from pyramidkv.prefill import greedy_continue, prefill
+from pyramidkv.prefill import greedy_rows, prefill
 
 from .conftest import make_tiny
 
@@ -237,7 +237,7 @@ def test_one_prefill_runner_on_a_split_model(family, policy, codec):
         want_kept = cache.kept_tokens()
     captured = prefill(dispatched, PROMPT)
     with captured.cache(**options) as cache:
-        tokens = greedy_continue(dispatched, cache, captured.logits, STEPS)
+        tokens = greedy_rows(dispatched, cache, captured.logits, STEPS)[0]
         assert_on_layer_devices(cache, devices)
         assert torch.equal(
             cache.kept_tokens(), want_kept + 1

@@ -7,7 +7,7 @@ import torch
 
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
-from pyramidkv.prefill import greedy_continue, prefill
+from pyramidkv.prefill import greedy_rows, prefill
 
 IDS = torch.tensor([[1, *range(4, 70)]])
 
@@ -29,10 +29,10 @@ def test_rebuilt_cache_equals_fresh_prefill(tiny_model, policy, budget):
     rebuilt.close()
 
 
-def test_greedy_continue_equals_generate(tiny_llama):
+def test_greedy_rows_equal_generate(tiny_llama):
     captured = prefill(tiny_llama, IDS)
     with captured.cache("snapkv", 16) as cache:
-        ours = greedy_continue(tiny_llama, cache, captured.logits, 6)
+        ours = greedy_rows(tiny_llama, cache, captured.logits, 6)[0]
     with CompressedCache(tiny_llama, policy="snapkv", budget=16) as cache:
         out = tiny_llama.generate(
             IDS,
@@ -50,9 +50,7 @@ def test_captured_tensors_survive_many_caches(tiny_llama):
     before = [k.clone() for k in captured.keys]
     for budget in (8, 16, 32):
         with captured.cache("pyramidkv", budget) as cache:
-            greedy_continue(
-                tiny_llama, cache, captured.logits, 3, append_ids=torch.tensor([[5, 6]])
-            )
+            greedy_rows(tiny_llama, cache, captured.logits, 3, append_ids=torch.tensor([[5, 6]]))
     assert all(torch.equal(a, b) for a, b in zip(before, captured.keys, strict=True))
 
 

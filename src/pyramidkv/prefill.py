@@ -98,18 +98,6 @@ def prefill(
         capture.close()
 
 
-def greedy_continue(
-    model,
-    cache,
-    logits: torch.Tensor,
-    max_new_tokens: int,
-    stop_ids: list[int] | tuple[int, ...] = (),
-    append_ids: torch.Tensor | None = None,
-) -> list[int]:
-    """Greedy tokens after a prefilled ``cache`` of batch 1, starting from ``logits``; see :func:`greedy_rows`."""
-    return greedy_rows(model, cache, logits, max_new_tokens, stop_ids, append_ids)[0]
-
-
 def greedy_rows(
     model,
     cache,
