@@ -203,3 +203,32 @@ def test_one_prefill_runner_with_codes_equals_generate(tiny_llama):
 def test_bad_codec_options(tiny_llama, kwargs, needle):
     with pytest.raises(PyramidKVError, match=needle):
         CompressedCache(tiny_llama, **kwargs)
+
+
+@pytest.mark.parametrize("codec", ["fibquant:2", "kivi:2"])
+def test_reorder_cache_moves_coded_rows_with_the_rest(tiny_llama, codec):
+    """Beam search reorders rows: every block of codes must follow, so swapped rows decode as the other row
+    did (the reference is the same cache before the swap, decoded through the torch path)."""
+    prompts = torch.stack([PROMPT[0], PROMPT[0].flip(0)])
+    with (
+        torch.no_grad(),
+        CompressedCache(tiny_llama, "snapkv", 16, codec=codec, residual=2) as cache,
+    ):
+        tiny_llama(prompts, **cache_kwargs(tiny_llama, cache))
+        for step in (
+            [[7], [8]],
+            [[9], [10]],
+            [[11], [12]],
+        ):  # flushes the window into a second block
+            tiny_llama(torch.tensor(step), **cache_kwargs(tiny_llama, cache))
+        layer = cache.layers[1]
+        assert len(layer.coded.blocks) >= 2
+        before = [(k.clone(), v.clone()) for k, v, _ in layer.coded.chunks(1, torch.float32)]
+        lengths = layer.lengths.clone()
+        cache.reorder_cache(torch.tensor([1, 0]))
+        after = list(layer.coded.chunks(1, torch.float32))
+        for (k0, v0), (k1, v1, _) in zip(before, after, strict=True):
+            torch.testing.assert_close(k1, k0.flip(0), rtol=0, atol=0)
+            torch.testing.assert_close(v1, v0.flip(0), rtol=0, atol=0)
+        assert torch.equal(layer.lengths, lengths.flip(0))
+        assert layer.coded.blocks[0].lengths is layer.lengths
