@@ -104,16 +104,23 @@ def generate(
             help="KV memory instead of --budget: '48MiB' or a share of the full cache '5%'."
         ),
     ] = None,
+    kernel: Annotated[
+        str,
+        typer.Option(help="Attention over codes: auto (Triton kernels on CUDA), torch or triton."),
+    ] = "auto",
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
     from .budgets import parse_budget, parse_memory
     from .cache import CompressedCache
     from .coded import parse_codec
     from .generation import generate as run
+    from .kernels import KERNELS
     from .models import load
     from .policies import get_policy
 
     compress = get_policy(policy).name != "full" or parse_codec(codec)[0] != "none"
+    if kernel not in KERNELS:
+        raise PyramidKVError(f"--kernel: got {kernel!r}; expected one of {', '.join(KERNELS)}")
     parse_budget(budget)
     if kv_memory is not None:
         parse_memory(kv_memory)
@@ -129,7 +136,13 @@ def generate(
     cache = None
     if compress:
         cache = CompressedCache(
-            lm, policy=policy, budget=budget, codec=codec, bits=bits, kv_memory=kv_memory
+            lm,
+            policy=policy,
+            budget=budget,
+            codec=codec,
+            bits=bits,
+            kv_memory=kv_memory,
+            kernel=kernel,
         )
 
     def show(piece: str) -> None:
