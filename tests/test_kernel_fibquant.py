@@ -266,3 +266,18 @@ def test_codebook_dtypes_and_blocks(codebook_dtype):
     want = chunked_attention(query, [(keys, values, visible_of(lengths, 70))], 0.25)
     # bf16 keeps 8 mantissa bits: its error is ~4x fp16's
     assert rel_error(out, want) < (TOLERANCE if codebook_dtype == torch.float32 else 3e-2)
+
+
+def test_auto_falls_back_where_the_kernels_cannot_read_the_codes():
+    """A head dim the kernels do not take (24: not a power of two) leaves auto on the torch path everywhere,
+    and forcing the kernel names the reason when the cache is built, not at the first decode step."""
+    from pyramidkv.cache import CompressedCache
+    from pyramidkv.errors import PyramidKVError
+
+    from .conftest import make_tiny
+
+    model = make_tiny("llama", head_dim=24)
+    auto = CompressedCache(model, budget=8, codec="fibquant:2")
+    assert not auto.layers[0]._fused(torch.device("cuda"))
+    with pytest.raises(PyramidKVError, match="powers of two"):
+        CompressedCache(model, budget=8, codec="fibquant:2", kernel="triton")

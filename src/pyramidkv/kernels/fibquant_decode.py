@@ -234,13 +234,18 @@ def _span(bits: int) -> int:
 
 
 def check_codec(name: str, codec: object, dim: int) -> None:
-    """Raise unless ``codec`` is a rotated-block codec of head dimension ``dim`` that this kernel reads."""
+    """Raise unless ``codec`` is a rotated-block codec of head dimension ``dim`` that the fused kernels (decode
+    and encode) read: the one statement of their limits, which ``kernel="auto"`` consults to fall back."""
     if not isinstance(codec, RotatedBlockCodec):
         raise TypeError(
             f"{name} must be a FibQuant or TurboQuant codec, got {type(codec).__name__}"
         )
     if codec.d != dim:
         raise ValueError(f"{name}.d must equal the query's head dim {dim}, got {codec.d}")
+    if codec.d < 16 or codec.d & (codec.d - 1):
+        raise ValueError(
+            f"{name}: the fused kernels read head dims that are powers of two >= 16; got d={codec.d}"
+        )
     if codec.k & (codec.k - 1) or codec.index_bits > MAX_BITS:
         raise ValueError(
             f"{name}: the fused kernel reads blocks of k = a power of two with indices of at most "
@@ -281,9 +286,7 @@ def _check_shapes(query, codes_k, codes_v, lengths) -> None:
         raise ValueError(
             f"query must be (batch, q_heads, q_len, dim), got shape {tuple(query.shape)}"
         )
-    batch, q_heads, _, dim = query.shape
-    if dim < 16 or dim & (dim - 1):
-        raise ValueError(f"query head dim must be a power of two >= 16, got {dim}")
+    batch, q_heads = query.shape[:2]
     kv_heads, s_kv = codes_k.shape[1], codes_k.shape[2]
     if codes_k.shape != (batch, kv_heads, s_kv) or codes_v.shape != codes_k.shape:
         raise ValueError(

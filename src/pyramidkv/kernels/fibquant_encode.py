@@ -16,7 +16,7 @@ import torch
 from ..codecs.base import FP16_MAX, check_input
 from ..codecs.packing import pack_bits
 from ..codecs.rotated import RotatedBlockCodec, VectorCodes
-from .fibquant_decode import launch_device
+from .fibquant_decode import check_codec, launch_device
 
 try:
     import triton
@@ -66,11 +66,8 @@ def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor) -> VectorCodes:
     """Codes of ``x[..., d]`` equal to ``codec.encode(x)`` (up to ties at a cell border), from one kernel."""
     if triton is None:
         raise RuntimeError("fused_encode needs triton; use codec.encode instead")
+    check_codec("codec", codec, codec.d)
     x = check_input(x, codec.d)
-    if codec.k & (codec.k - 1) or codec.d & (codec.d - 1) or codec.d < 16:
-        raise ValueError(
-            f"fused_encode reads d a power of two >= 16 and k a power of two; got d={codec.d}, k={codec.k}"
-        )
     flat = x.reshape(-1, codec.d).contiguous()
     rotation, codebook = codec.tensors(x.device, torch.float32)
     byte_index = codec.index_bits == 8
