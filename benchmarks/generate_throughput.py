@@ -8,7 +8,7 @@ memory (16 GiB), the largest batch each cache fits and the decode tokens/s it re
 Every row of a batch is a distinct window of real prose (``pyramidkv.eval.corpus``), all of one length, no
 padding; the prompt is 8,000 tokens by default because the model has 8,192 positions and the warm-up and
 timed steps follow it. Up to ``--prefill-rows`` rows are prefilled in one forward (a ``CompressedCache``
-compresses its first forward); a larger batch repeats those rows' cache (:func:`repeat_rows`), which is the
+compresses its first forward); a larger batch repeats those rows' cache (`Cache.batch_select_indices`), the
 cache one forward over the repeated prompts gives. Decode is a manual greedy loop timed between CUDA
 synchronisations after ``--warmup`` steps: ms per step, tokens/s = batch / step time, peak memory of
 prefill and of decode (each after a reset) and the bytes the cache holds at the end. Running out of GPU
@@ -29,7 +29,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -95,39 +95,6 @@ def corpus_rows(tokenizer, rows: int, length: int) -> torch.Tensor:
     return torch.stack([ids[i * stride : i * stride + length] for i in range(rows)])
 
 
-def repeat_rows(cache, index: torch.Tensor) -> None:
-    """Make row ``i`` of ``cache`` a copy of row ``index[i]``, in place (rows of a KV cache are independent).
-
-    transformers' caches do this with ``batch_select_indices``; ``CompressedLayer`` has no such method yet,
-    so its tensors and coded blocks are gathered here, a layer at a time (only one layer's old tensors stay
-    alive beside the new ones). A ragged prompt block shares the layer's ``lengths`` tensor, and still does.
-    """
-    if not isinstance(cache, CompressedCache):
-        cache.batch_select_indices(index)
-        return
-    for layer in cache.layers:
-        old_lengths = layer.lengths
-        for name in ("kept_keys", "kept_values", "lengths", "keys", "values"):
-            tensor = getattr(layer, name)
-            if isinstance(tensor, torch.Tensor):
-                setattr(layer, name, tensor.index_select(0, index.to(tensor.device)))
-        if layer.coded is not None:
-            layer.coded.blocks = [
-                replace(
-                    block,
-                    keys=_select_codes(block.keys, index),
-                    values=_select_codes(block.values, index),
-                    lengths=layer.lengths if block.lengths is old_lengths else block.lengths,
-                )
-                for block in layer.coded.blocks
-            ]
-
-
-def _select_codes(codes, index: torch.Tensor):
-    tensors = {k: v for k, v in vars(codes).items() if isinstance(v, torch.Tensor)}
-    return replace(codes, **{k: v.index_select(0, index.to(v.device)) for k, v in tensors.items()})
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,7 +133,7 @@ def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows)
             prefill_peak = _peak(device, reset=True)
             if batch > rows:
                 index = torch.arange(batch, device=device) % rows
-                repeat_rows(cache, index)
+                cache.batch_select_indices(index)
                 token = token[index]
                 _peak(device, reset=True)  # the decode peak starts after the repetition
             # every cache decodes with the SDPA backends pyramidkv's decode path uses (no cuDNN: it plans

@@ -1,6 +1,6 @@
 """``benchmarks/generate_throughput.py``: a batch built by repeating prefilled rows is the batch prefilled whole.
 
-The reference for :func:`repeat_rows` is the obvious one: prefill the repeated prompts in one forward and
+The reference for `batch_select_indices` (rows repeated) is the obvious one: prefill the repeated prompts in one forward and
 decode both caches with the same tokens; logits and held bytes must agree, for every cache the benchmark
 sweeps, across flushes of the recent window into new coded blocks.
 """
@@ -47,7 +47,7 @@ def _decode(
     with torch.inference_mode():
         logits = [model(input_ids=ids, **cache_kwargs(model, cache)).logits[:, -1]]
         if index is not None:
-            bench.repeat_rows(cache, index)
+            cache.batch_select_indices(index)
             logits = [logits[0][index]]
         for step in range(forced.shape[1]):
             out = model(input_ids=forced[:, step : step + 1], **cache_kwargs(model, cache))

@@ -178,6 +178,11 @@ class CompressedLayer(CacheLayerMixin):
         if self.coded is not None:
             self.coded.reorder(beam_idx, self.lengths)
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows ``indices`` in that order, repeats allowed (transformers' ``Cache.batch_select_indices``;
+        a server repeating one prefilled prompt over a batch uses it): the reordering beam search does."""
+        self.reorder_cache(indices)
+
     def reset(self) -> None:
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
         self.is_initialized = self.compressed = self.ragged = False
