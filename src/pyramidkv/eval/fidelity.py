@@ -134,10 +134,7 @@ def measure_sample(
             records.append(
                 {
                     "sample": sample,
-                    "config": config.key,
-                    "policy": config.policy,
-                    "budget": config.budget,
-                    "codec": config.codec,
+                    **config.fields(),
                     "isolate": isolate,
                     "cosine": [c.mean().item() for c in per_layer],
                     "cosine_min": [c.min().item() for c in per_layer],

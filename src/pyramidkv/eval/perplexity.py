@@ -155,10 +155,7 @@ def measure_sample(
             records.append(
                 {
                     "sample": sample,
-                    "config": config.key,
-                    "policy": config.policy,
-                    "budget": config.budget,
-                    "codec": config.codec,
+                    **config.fields(),
                     "context": task.context,
                     "continuation": task.continuation,
                     **found,

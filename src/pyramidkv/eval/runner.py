@@ -65,6 +65,15 @@ class Config:
     def key(self) -> str:
         return f"{self.policy}/{self.budget}/{self.codec}"
 
+    def fields(self) -> dict[str, str]:
+        """What every record of this configuration carries: policy, budget, codec and their key."""
+        return {
+            "policy": self.policy,
+            "budget": self.budget,
+            "codec": self.codec,
+            "config": self.key,
+        }
+
     def cache_budget(self) -> str:
         return "100%" if self.budget == FULL_BUDGET else self.budget
 
@@ -130,10 +139,7 @@ def _record(
         "depth": sample.depth,
         "prompt_tokens": len(sample.prompt_ids),
         "prefill_tokens": prefilled,
-        "policy": config.policy,
-        "budget": config.budget,
-        "codec": config.codec,
-        "config": config.key,
+        **config.fields(),
         "answer": answer,
         "expected": sample.answers,
         "score": value,
