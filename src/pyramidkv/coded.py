@@ -145,7 +145,13 @@ class CodedBlocks:
             )
         else:
             codes_k, codes_v = self.codecs.keys.encode(keys), self.codecs.values.encode(values)
-        self.blocks.append(_Block(codes_k, codes_v, keys.shape[-2], lengths))
+        self.append(codes_k, codes_v, keys.shape[-2], lengths)
+
+    def append(
+        self, keys: Codes, values: Codes, tokens: int, lengths: torch.Tensor | None = None
+    ) -> None:
+        """Add codes made elsewhere (e.g. rows of several caches stacked) as one block of ``tokens`` slots."""
+        self.blocks.append(_Block(keys, values, tokens, lengths))
 
     def reorder(self, rows: torch.Tensor, lengths: torch.Tensor | None) -> None:
         """Keep rows ``rows`` of every block, in that order (beam search); ``lengths``: the layer's reordered

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from .cache import CompressedCache
 from .codecs.rotated import VectorCodes
-from .coded import _Block
 
 
 def can_stack(caches: list[CompressedCache]) -> bool:
@@ -81,13 +80,11 @@ def stack_caches(model, caches: list[CompressedCache], **options) -> CompressedC
         else:  # one block per row: the compressed prompt (nothing was flushed yet)
             slots = max(r.coded.blocks[0].tokens for r in rows)
             blocks = [r.coded.blocks[0] for r in rows]
-            layer.coded.blocks.append(
-                _Block(
-                    _stack_codes([b.keys for b in blocks], slots),
-                    _stack_codes([b.values for b in blocks], slots),
-                    slots,
-                    layer.lengths,
-                )
+            layer.coded.append(
+                _stack_codes([b.keys for b in blocks], slots),
+                _stack_codes([b.values for b in blocks], slots),
+                slots,
+                layer.lengths,
             )
         layer.ragged = bool((layer.lengths != slots).any())
     return stacked
