@@ -41,7 +41,7 @@ def test_help(command):
         (["generate", "hi", "--model", "/no/such/model.gguf"], "no such file"),
         (["generate", "--prompt-file", "/no/such/prompt.txt"], "--prompt-file"),
         (["generate", "hi", "--kernel", "cuda-magic"], "--kernel"),
-        (["generate", "hi", "--codec", "kivi:2", "--kernel", "triton"], "kernel"),
+        (["generate", "hi", "--codec", "kivi:2", "--kernel", "triton"], "--kernel"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle):

@@ -114,13 +114,12 @@ def generate(
     from .cache import CompressedCache
     from .coded import parse_codec
     from .generation import generate as run
-    from .kernels import KERNELS
+    from .kernels.dispatch import check_kernel_name
     from .models import load
     from .policies import get_policy
 
     compress = get_policy(policy).name != "full" or parse_codec(codec)[0] != "none"
-    if kernel not in KERNELS:
-        raise PyramidKVError(f"--kernel: got {kernel!r}; expected one of {', '.join(KERNELS)}")
+    check_kernel_name(kernel, parse_codec(codec)[0], "--kernel")  # before the model loads
     parse_budget(budget)
     if kv_memory is not None:
         parse_memory(kv_memory)

@@ -15,6 +15,20 @@ import torch
 from ..errors import PyramidKVError
 
 KERNELS = ("auto", "torch", "triton")
+FUSED_CODECS = ("fibquant", "turboquant")  # the codecs whose codes the fused kernels read
+
+
+def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> None:
+    """What can be checked of the ``kernel`` switch before a model is loaded: its name, and for ``"triton"``
+    the codec family (head-dim limits wait for the model: :func:`check_kernel`). ``option`` names the
+    switch in the message (``--kernel`` on the command line)."""
+    if kernel not in KERNELS:
+        raise PyramidKVError(f"{option}: got {kernel!r}; expected one of {', '.join(KERNELS)}")
+    if kernel == "triton" and codec_name not in FUSED_CODECS:
+        raise PyramidKVError(
+            f"{option}: 'triton' reads {' or '.join(FUSED_CODECS)} codes, got codec {codec_name!r}; "
+            "use 'torch' or 'auto'"
+        )
 
 
 def _fused_error(codecs, head_dim: int) -> str | None:
@@ -33,8 +47,7 @@ def _fused_error(codecs, head_dim: int) -> str | None:
 
 def check_kernel(kernel: str, codecs, head_dim: int) -> bool:
     """Validate the ``kernel`` switch against the cache's codecs; True when the fused kernel may be used."""
-    if kernel not in KERNELS:
-        raise PyramidKVError(f"kernel: got {kernel!r}; expected one of {', '.join(KERNELS)}")
+    check_kernel_name(kernel, codecs.name if codecs is not None else "none")
     if kernel == "torch":
         return False
     reason = _fused_error(codecs, head_dim)
