@@ -198,11 +198,12 @@ def largest_batch(kv_memory: int, bytes_per_row: float, shared_bytes: int) -> in
     return max(0, int((kv_memory - shared_bytes) // bytes_per_row))
 
 
-def sweep(model, prompts, chosen, batches, settings, kv_memory) -> tuple[list, list]:
+def sweep(model, prompts, chosen, batches, settings, kv_memory, save) -> tuple[list, list]:
     """Batch sweep of every cache, then its run at the largest batch that fits ``kv_memory``.
 
     When that batch runs out of memory, the fixed-memory row is the largest measured batch below it, with
-    ``batch_fits`` and ``oom_at_fitting_batch`` saying so.
+    ``batch_fits`` and ``oom_at_fitting_batch`` saying so. ``save(rows, fixed)`` runs after every row, so a
+    run cut short by a time limit leaves what it measured.
     """
     rows, fixed = [], []
     for spec in chosen:
@@ -211,6 +212,7 @@ def sweep(model, prompts, chosen, batches, settings, kv_memory) -> tuple[list, l
         for batch in batches:
             rows.append(attempt(model, prompts, spec, batch, options))
             print(_line(rows[-1]), flush=True)
+            save(rows, fixed)
             if "oom" in rows[-1]:
                 break
             measured.append(rows[-1])
@@ -224,6 +226,7 @@ def sweep(model, prompts, chosen, batches, settings, kv_memory) -> tuple[list, l
             run = {**(below[-1] if below else {}), "oom_at_fitting_batch": run["oom"]}
         fixed.append({**run, "config": spec.key, "kv_memory": kv_memory, "batch_fits": fits})
         print(f"at {kv_memory / GiB:g} GiB of KV: {_line(fixed[-1])}", flush=True)
+        save(rows, fixed)
     base = next((f for f in fixed if f["config"] == "full" and "tokens_per_s" in f), None)
     for f in fixed:
         if base is not None and "tokens_per_s" in f:
@@ -359,7 +362,6 @@ def main(argv=None) -> None:
         model, prompts[:, :16], specs("", "")["full"], 1, {**settings, "prefill_rows": 1}
     )
     settings["prefill_rows"] = args.prefill_rows
-    rows, fixed = sweep(model, prompts, chosen, args.batches, settings, args.kv_memory_bytes)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     layers, kv_heads, head_dim = kv_geometry(model.config)
     record = {
@@ -383,14 +385,19 @@ def main(argv=None) -> None:
         "configs": {spec.key: asdict(spec) for spec in chosen},
         "settings": vars(args),
         "step_floor": floor,
-        "rows": rows,
-        "fixed_kv_memory": fixed,
-        "target": target(fixed),
+        "complete": False,
     }
     out = Path(args.out or (tempfile.gettempdir() if args.smoke else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"generate_throughput_{'smoke_' if args.smoke else ''}{device.type}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+
+    def save(rows: list, fixed: list) -> None:
+        record.update(rows=rows, fixed_kv_memory=fixed, target=target(fixed))
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+    rows, fixed = sweep(model, prompts, chosen, args.batches, settings, args.kv_memory_bytes, save)
+    record["complete"] = True
+    save(rows, fixed)
     title = f"{gpu or 'CPU'}, {record['model']['dtype']}, prompt {args.prompt}, {args.steps} steps"
     print_tables(rows, fixed, {s.key: s.label for s in chosen}, title)
     print(

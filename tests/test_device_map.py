@@ -12,8 +12,8 @@ torch has no second CPU-like device to split over on a CPU-only machine, so ther
 what runs everywhere is the hook path: the same model dispatched with hooks, all on the CPU, equals the
 undispatched one bit for bit.
 
-Models are float64 so that CPU and CUDA agree to ~1e-15 wherever pyramidkv does not itself compute in
-float32; the tolerances below follow from the float32 stages (see :data:`TOLERANCE`).
+Models are float64 so that CPU and CUDA agree closely; the tolerances below follow from the stages that
+still compute in float32, the model's RMSNorm and pyramidkv's attention over codes (see :data:`TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ STEPS = 8
 OPTIONS = dict(
     budget=12, residual=4
 )  # residual 4 < STEPS: decode steps flush the window into codes
-# Largest |logit difference| allowed, relative to the largest |logit|. Without a codec the whole forward
-# is float64 on both devices (scores are float32 but only choose tokens): reassociation error ~1e-15.
-# With a codec, attention over codes runs in float32 (chunked_attention), so a decode step differs by
-# ~1e-7 between devices, and a token flushed into codes later may round its fp16 norm one ulp apart
-# (2^-11 of one vector): ~1e-4 at most. A missing, extra or wrongly masked token moves logits by ~1e-2.
-TOLERANCE = {"none": 1e-9, "codec": 1e-3}
+# Largest |logit difference| allowed, relative to the largest |logit|. The models are float64, but their
+# RMSNorm computes in float32 (transformers' LlamaRMSNorm/Qwen2RMSNorm upcast to float32, not to the input's
+# dtype), and CUDA's float32 mean/rsqrt round differently from the CPU's: the H200 run of 2026-11-29 measured
+# 2e-7 of the largest logit without a codec (scores are float32 too, but only choose tokens). With a codec,
+# attention over codes runs in float32 (chunked_attention), so a decode step differs by ~1e-7 between
+# devices, and a token flushed into codes later may round its fp16 norm one ulp apart (2^-11 of one
+# vector): ~1e-4 at most. A missing, extra or wrongly masked token moves logits by ~1e-2.
+TOLERANCE = {"none": 1e-6, "codec": 1e-3}
 KERNEL_TOLERANCE = (
     1e-2  # the fused kernel feeds tl.dot 10-bit mantissas (tests/test_kernel_fibquant.py)
 )
