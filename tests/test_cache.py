@@ -121,6 +121,17 @@ def test_nbytes_is_the_stored_tensors_and_shrinks_by_the_budget(tiny_llama):
         assert full_bytes / kv == pytest.approx(n / budget)
 
 
+@pytest.mark.parametrize("codec", [None, "fibquant:2"])
+def test_nothing_held_keeps_the_prompt_alive(tiny_llama, codec):
+    """Every tensor a layer holds after prefill owns its storage: no view (the empty recent window, say)
+    keeps the whole prompt's keys and values allocated behind it."""
+    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", 10, codec=codec) as cache:
+        tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
+        for index, layer in enumerate(cache.layers):
+            for t in [layer.keys, layer.values, *layer.tensors()]:
+                assert t.untyped_storage().nbytes() == t.nbytes, f"layer {index}: {tuple(t.shape)}"
+
+
 def test_pyramid_keeps_fewer_tokens_in_deeper_layers():
     model = make_tiny("llama", num_hidden_layers=6)
     ids = torch.arange(3, 90).unsqueeze(0)
