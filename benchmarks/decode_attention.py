@@ -47,8 +47,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 TARGETS = {2: (5.0, 1.5), 3: (3.5, None)}
 PRESETS = {
     "full": dict(heads="32/8x128,9/3x64", batch="1,8,32", context="8k,32k,128k", bits="2,3,4",
-                 tune_at="32/8x128,8,128k", tune="block=32,64 num_warps=4,8 row_gather=false,true "
-                 "waves=2,8 fused_merge=false,true", budget_ms=100.0),
+                 tune_at="32/8x128,8,128k", tune="block=32,64 row_gather=false,true "
+                 "waves=2,8", budget_ms=100.0),
     "smoke": dict(heads="32/8x128,9/3x64", batch="1,2", context="64,200", bits="2,3,4",
                   tune_at="32/8x128,2,200", tune="block=16,32", budget_ms=0.0),
 }  # fmt: skip

@@ -70,19 +70,44 @@ def use_fused(kernel: str, fused_ok: bool, device: torch.device) -> bool:
 
 
 def fused_attention(
-    query, coded, recent_keys, recent_values, causal, scaling: float
+    query: torch.Tensor,
+    coded,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    scaling: float,
 ) -> torch.Tensor:
-    """Attention of ``query`` over every coded block (fused kernel) and the fp16 window, merged by LSE."""
-    from .fibquant_decode import fibquant_decode_attention
-    from .merge import merge_partials, window_partial
+    """Attention of ``query`` (b, q_heads, q_len, d) over every coded block and the fp16 window, whose last
+    q_len slots are the new tokens (causal among them): (b, q_len, q_heads, d) in the query's dtype.
 
-    codecs = coded.codecs
-    partials = [
-        fibquant_decode_attention(
-            query, b.keys, b.values, codecs.keys, codecs.values, scaling, lengths=b.lengths
-        )
-        for b in coded.blocks
-    ]
-    partials.append(window_partial(query, recent_keys, recent_values, scaling, causal))
-    out, _ = merge_partials(partials)
-    return out.to(query.dtype)
+    The query is rotated once; each block's kernel writes its split partials into one shared workspace; one
+    epilogue launch merges them with the window, rotates back and writes the model's layout
+    (:mod:`.epilogue`). That is a handful of torch operations per layer and step instead of ~80.
+    """
+    from .epilogue import decode_epilogue
+    from .fibquant_decode import (
+        DecodeTuning,
+        launch_partials,
+        make_workspace,
+        rotate_query,
+        split_count,
+    )
+
+    codec_k, codec_v = coded.codecs.keys, coded.codecs.values
+    tuning = DecodeTuning()
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = recent_keys.shape[1]
+    splits = [split_count(b.keys.shape, tuning, query.device) for b in coded.blocks]
+    rows = (q_heads // kv_heads) * q_len
+    workspace = make_workspace(batch, kv_heads, rows, max(1, sum(splits)), dim, query.device)
+    q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
+    offset = 0
+    for block, split in zip(coded.blocks, splits, strict=True):
+        launch_partials(
+            q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace, offset,
+            split, tuning,
+        )  # fmt: skip
+        offset += split
+    if not splits:  # no coded block yet: one empty split, as an empty block would write
+        workspace[0].zero_(), workspace[1].fill_(float("-inf")), workspace[2].zero_()
+    rotation = codec_v.tensors(query.device, torch.float32)[0]
+    return decode_epilogue(workspace, rotation, query, recent_keys, recent_values, scaling)

@@ -45,9 +45,8 @@ class DecodeTuning:
     splits hide the latency of the gathers; each adds one partial row to merge); shared_gather: gather
     codewords from a shared-memory copy of the codebook (``tl.gather``) instead of from global memory, whose
     L1 serves a warp's scattered loads one cache line at a time; row_gather (with shared_gather): gather
-    whole k-vectors, one index per block of k coordinates (off until timed on a GPU); fused_merge: merge the splits and rotate
-    back in one Triton launch (:mod:`.merge_kernel`) instead of a dozen torch operations (off until it has
-    been timed on a GPU); codebook_dtype: the dtype the
+    whole codewords as one packed integer word each (k x 16 bits <= 64), one index and one gather per block
+    of k coordinates instead of k (off until timed on a GPU); codebook_dtype: the dtype the
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
     and keeps 10 mantissa bits, as TF32 does).
     """
@@ -59,11 +58,13 @@ class DecodeTuning:
     shared_gather: bool = True
     row_gather: bool = False
     codebook_dtype: torch.dtype = torch.float16
-    fused_merge: bool = False
 
-    def gather_mode(self) -> int:
-        """The kernel's GATHER: 0 global memory, 1 shared flat, 2 shared (N, k) rows."""
-        return 0 if not self.shared_gather else 2 if self.row_gather else 1
+    def gather_mode(self, *books: torch.Tensor) -> int:
+        """The kernel's GATHER for these (N, k) codebooks: 0 global memory, 1 shared flat, 2 shared packed
+        codewords (``row_gather``, where every codeword fits one 64-bit word; else 1)."""
+        if not self.shared_gather:
+            return 0
+        return 2 if self.row_gather and all(_word_dtype(b) is not None for b in books) else 1
 
     def __post_init__(self) -> None:
         if self.block < 16 or self.block & (self.block - 1):
@@ -81,6 +82,18 @@ class DecodeTuning:
 
 
 TUNING_FIELDS = tuple(f.name for f in fields(DecodeTuning))
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _word_dtype(book: torch.Tensor) -> torch.dtype | None:
+    """The integer dtype holding one whole codeword of an (N, k) codebook (k x element size <= 8 bytes)."""
+    return _WORDS.get(book.shape[-1] * book.element_size())
+
+
+def packed_words(book: torch.Tensor) -> torch.Tensor:
+    """(N,) integers, codeword n's k entries bit for bit (entry j in bits [j e, (j + 1) e), e its width)."""
+    return book.contiguous().view(_word_dtype(book)).reshape(-1)
+
 
 if triton is not None:
 
@@ -105,50 +118,50 @@ if triton is not None:
     def _unit_tile(
         row_ptr, start, hi, cb_ptr, book,
         D: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NBYTES: tl.constexpr,
-        SPAN: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr,
+        SPAN: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr, FT: tl.constexpr,
     ):  # fmt: skip
         """(BLOCK, D) unit vectors in rotated space of tokens [start, start + BLOCK) (masked at ``hi``).
 
         GATHER 0: every coordinate is a gather from global memory (L1) at ``cb_ptr``. 1 and 2 gather from
         ``book``, the codebook loaded once per program, with ``tl.gather`` (through shared memory): 1 from
-        the flat codebook, one entry per coordinate; 2 from the (N, k) codebook, one index per block of k
-        coordinates (its bits extracted once, not k times).
+        the flat codebook, one entry per coordinate; 2 from the packed codewords (:func:`packed_words`), one
+        index and one gather per block of k coordinates, its k entries then cut out of the word by shifts.
         """
         if GATHER == 2:
             flat = tl.arange(0, BLOCK * (D // K))
             s_off = start + flat // (D // K)
             coord = (flat % (D // K)) * K  # the first coordinate of each block
             word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
-            rows = tl.broadcast_to(word[:, None], (BLOCK * (D // K), K))
-            return tl.reshape(tl.gather(book, rows, 0), (BLOCK, D))
-        if GATHER == 1:
+            packed = tl.gather(book, word, 0)
+            parts = packed[:, None] >> (tl.arange(0, K) * FT.primitive_bitwidth)[None, :]
+            if FT.primitive_bitwidth == 16:
+                entries = (parts & 0xFFFF).to(tl.int16).to(FT, bitcast=True)
+            else:
+                entries = parts.to(tl.int32).to(FT, bitcast=True)
+            tile = tl.reshape(entries, (BLOCK, D))
+        elif GATHER == 1:
             flat = tl.arange(0, BLOCK * D)
             s_off = start + flat // D
             coord = flat % D
             word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
-            return tl.reshape(tl.gather(book, word * K + coord % K, 0), (BLOCK, D))
-        s_off = start + tl.arange(0, BLOCK)[:, None]
-        coord = tl.arange(0, D)[None, :]
-        word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
-        return tl.load(cb_ptr + word * K + coord % K)
+            tile = tl.reshape(tl.gather(book, word * K + coord % K, 0), (BLOCK, D))
+        else:
+            s_off = start + tl.arange(0, BLOCK)[:, None]
+            coord = tl.arange(0, D)[None, :]
+            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+            tile = tl.load(cb_ptr + word * K + coord % K)
+        return tile
 
     @triton.jit
-    def _load_book(cb_ptr, NK: tl.constexpr, NK_REAL: tl.constexpr, K: tl.constexpr,
-                   GATHER: tl.constexpr):  # fmt: skip
-        """The whole codebook, padded to a power of two: flat (GATHER 1) or as (N, k) rows (GATHER 2)."""
-        if GATHER == 2:
-            n = tl.arange(0, NK // K)
-            entry = tl.arange(0, K)
-            return tl.load(
-                cb_ptr + n[:, None] * K + entry[None, :], mask=(n < NK_REAL // K)[:, None]
-            )
+    def _load_book(cb_ptr, NK: tl.constexpr, NK_REAL: tl.constexpr):
+        """The whole codebook, flat (entries, or packed codewords for GATHER 2), padded to a power of two."""
         return tl.load(cb_ptr + tl.arange(0, NK), mask=tl.arange(0, NK) < NK_REAL)
 
     @triton.jit
     def _decode_split_kernel(
         q_ptr, kidx_ptr, knorm_ptr, vidx_ptr, vnorm_ptr, kcb_ptr, vcb_ptr, len_ptr,
         acc_ptr, max_ptr, sum_ptr,
-        s_kv, chunk, n_kv_heads, n_split,
+        s_kv, chunk, n_kv_heads, split_offset, split_total,
         kidx_sb, kidx_sh, knorm_sb, knorm_sh, vidx_sb, vidx_sh, vnorm_sb, vnorm_sh,
         ROWS: tl.constexpr, ROWS_BLOCK: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
         K_K: tl.constexpr, W_K: tl.constexpr, NB_K: tl.constexpr, SPAN_K: tl.constexpr,
@@ -189,8 +202,8 @@ if triton is not None:
         book_k = None
         book_v = None
         if GATHER != 0:  # whole codebooks, once per program
-            book_k = _load_book(kcb_ptr, NK_K, NK_K_REAL, K_K, GATHER)
-            book_v = _load_book(vcb_ptr, NK_V, NK_V_REAL, K_V, GATHER)
+            book_k = _load_book(kcb_ptr, NK_K, NK_K_REAL)
+            book_v = _load_book(vcb_ptr, NK_V, NK_V_REAL)
         m_i = tl.full([ROWS_BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS_BLOCK], tl.float32)
         acc = tl.zeros([ROWS_BLOCK, D], tl.float32)
@@ -198,7 +211,19 @@ if triton is not None:
             s_off = start + tl.arange(0, BLOCK)
             s_mask = s_off < hi
             k_unit = _unit_tile(
-                kidx_row, start, hi, kcb_ptr, book_k, D, K_K, W_K, NB_K, SPAN_K, BLOCK, GATHER
+                kidx_row,
+                start,
+                hi,
+                kcb_ptr,
+                book_k,
+                D,
+                K_K,
+                W_K,
+                NB_K,
+                SPAN_K,
+                BLOCK,
+                GATHER,
+                q_ptr.dtype.element_ty,
             )
             k_nu = tl.load(knorm_row + s_off, mask=s_mask, other=0.0).to(tl.float32)
             scores = tl.dot(q, tl.trans(k_unit)) * k_nu[None, :]
@@ -209,14 +234,26 @@ if triton is not None:
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_unit = _unit_tile(
-                vidx_row, start, hi, vcb_ptr, book_v, D, K_V, W_V, NB_V, SPAN_V, BLOCK, GATHER
+                vidx_row,
+                start,
+                hi,
+                vcb_ptr,
+                book_v,
+                D,
+                K_V,
+                W_V,
+                NB_V,
+                SPAN_V,
+                BLOCK,
+                GATHER,
+                q_ptr.dtype.element_ty,
             )
             v_nu = tl.load(vnorm_row + s_off, mask=s_mask, other=0.0).to(tl.float32)
             weights = (p * v_nu[None, :]).to(v_unit.dtype)
             acc = acc * alpha[:, None] + tl.dot(weights, v_unit)
             m_i = m_new
 
-        row = (pid_bh * n_split + pid_split) * ROWS + r_off
+        row = (pid_bh * split_total + split_offset + pid_split) * ROWS + r_off
         tl.store(acc_ptr + row[:, None] * D + d_off[None, :], acc, mask=r_mask[:, None])
         tl.store(max_ptr + row, m_i, mask=r_mask)
         tl.store(sum_ptr + row, l_i, mask=r_mask)
@@ -321,8 +358,8 @@ def fibquant_decode_attention(
     is cut into (default: enough to fill the device). ``tuning`` or keyword ``overrides`` of its fields
     (``block=64``, ``num_warps=8``) choose the launch. Returns ``(out, lse)``: out (batch, q_heads, q_len,
     dim) float32, the softmax-normalised output over this block, and lse (batch, q_heads, q_len) float32, the
-    natural-log sum of exp(scores); a row that sees no key gets out = 0, lse = -inf. Merge with other blocks
-    or the fp16 window by :func:`pyramidkv.kernels.merge.merge_partials`.
+    natural-log sum of exp(scores); a row that sees no key gets out = 0, lse = -inf. A layer with several
+    blocks and the fp16 window goes through :func:`pyramidkv.kernels.dispatch.fused_attention` instead.
     """
     if triton is None:
         raise RuntimeError(
@@ -336,39 +373,87 @@ def fibquant_decode_attention(
     batch, q_heads, q_len, dim = query.shape
     check_codec("codec_k", codec_k, dim)
     check_codec("codec_v", codec_v, dim)
-    kv_heads, s_kv = codes_k.shape[1], codes_k.shape[2]
-    device = query.device
+    kv_heads = codes_k.shape[1]
     rows = (q_heads // kv_heads) * q_len
-    tiles = max(1, triton.cdiv(s_kv, tuning.block))
-    if split is None:
-        split = default_split(batch, kv_heads, tiles, device, tuning.waves)
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-        raise ValueError(f"split must be a positive integer, got {split!r}")
-    chunk = triton.cdiv(tiles, split) * tuning.block  # whole tiles per split
+    split = split_count(codes_k.shape, tuning, query.device, split)
     if workspace is None:
-        workspace = make_workspace(batch, kv_heads, rows, split, dim, device)
+        workspace = make_workspace(batch, kv_heads, rows, split, dim, query.device)
     acc, row_max, row_sum = workspace
     if tuple(acc.shape) != (batch, kv_heads, split, rows, dim) or not acc.is_contiguous():
         raise ValueError(
             f"workspace must come from make_workspace for these shapes and split={split}"
         )
+    q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
+    launch_partials(q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning)
+    out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
+    out = out_rot @ codec_v.tensors(query.device, torch.float32)[0]  # x_hat = unit Pi, once per row
+    return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
 
-    rot_k, _ = codec_k.tensors(device, torch.float32)
-    rot_v, _ = codec_v.tensors(device, torch.float32)
+
+def split_count(
+    shape: tuple[int, int, int],
+    tuning: DecodeTuning,
+    device: torch.device,
+    split: int | None = None,
+) -> int:
+    """Sequence ranges for codes of ``shape`` (batch, kv_heads, s): ``split`` checked, or the default that fills
+    the device (``tuning.waves`` programs per SM)."""
+    if split is None:
+        tiles = max(1, triton.cdiv(shape[2], tuning.block))
+        split = default_split(shape[0], shape[1], tiles, device, tuning.waves)
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive integer, got {split!r}")
+    return split
+
+
+def rotate_query(
+    query: torch.Tensor,
+    codec_k: RotatedBlockCodec,
+    scaling: float,
+    kv_heads: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(batch, kv_heads, rows, d) query rows rotated once into key space (u = x Pi^T), with the softmax scale and
+    log2(e) folded in (the kernel's scores are base 2); row g q_len + i is query head h G + g, token i."""
+    batch, q_heads, q_len, dim = query.shape
+    rotation = codec_k.tensors(query.device, torch.float32)[0]
+    q_rot = (query.float() @ rotation.T) * (scaling * LOG2E)
+    return q_rot.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim).to(dtype).contiguous()
+
+
+def launch_partials(
+    q_rot: torch.Tensor,
+    codes_k: VectorCodes,
+    codes_v: VectorCodes,
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    lengths: torch.Tensor | None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    offset: int,
+    split: int,
+    tuning: DecodeTuning,
+) -> None:
+    """Run the decode kernel over one block of codes, writing its ``split`` partials at splits [offset, offset +
+    split) of ``workspace`` (several blocks share one workspace, merged by one epilogue)."""
+    acc, row_max, row_sum = workspace
+    batch, kv_heads, rows, dim = q_rot.shape
+    s_kv, device = codes_k.shape[2], q_rot.device
+    tiles = max(1, triton.cdiv(s_kv, tuning.block))
+    chunk = triton.cdiv(tiles, split) * tuning.block  # whole tiles per split
     _, book_k = codec_k.tensors(device, tuning.codebook_dtype)
     _, book_v = codec_v.tensors(device, tuning.codebook_dtype)
-    # q rotated once into key space (u = x Pi^T), with the softmax scale and log2(e) folded in
-    q_rot = (query.float() @ rot_k.T) * (scaling * LOG2E)
-    q_rot = q_rot.reshape(batch, kv_heads, rows, dim).to(tuning.codebook_dtype).contiguous()
     kidx, vidx = codes_k.indices.contiguous(), codes_v.indices.contiguous()
     knorm, vnorm = codes_k.norms.contiguous(), codes_v.norms.contiguous()
     lens = torch.zeros(1, dtype=torch.int32, device=device) if lengths is None else lengths
     lens = lens.to(device=device, dtype=torch.int32).contiguous()
     wk, wv = codec_k.index_bits, codec_v.index_bits
+    gather = tuning.gather_mode(book_k, book_v)
+    if gather == 2:
+        book_k, book_v = packed_words(book_k), packed_words(book_v)
     with launch_device(device):
         _decode_split_kernel[(batch * kv_heads, split)](
             q_rot, kidx, knorm, vidx, vnorm, book_k, book_v, lens, acc, row_max, row_sum,
-            s_kv, chunk, kv_heads, split,
+            s_kv, chunk, kv_heads, offset, acc.shape[2],
             kidx.stride(0), kidx.stride(1), knorm.stride(0), knorm.stride(1),
             vidx.stride(0), vidx.stride(1), vnorm.stride(0), vnorm.stride(1),
             ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), D=dim, BLOCK=tuning.block,
@@ -376,14 +461,6 @@ def fibquant_decode_attention(
             K_V=codec_v.k, W_V=wv, NB_V=packed_bytes(dim // codec_v.k, wv), SPAN_V=_span(wv),
             NK_K=triton.next_power_of_2(book_k.numel()), NK_V=triton.next_power_of_2(book_v.numel()),
             NK_K_REAL=book_k.numel(), NK_V_REAL=book_v.numel(),
-            HAS_LENGTHS=lengths is not None, GATHER=tuning.gather_mode(),
+            HAS_LENGTHS=lengths is not None, GATHER=gather,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )  # fmt: skip
-    if tuning.fused_merge:
-        from .merge_kernel import merge_rotate
-
-        out, lse = merge_rotate(acc, row_max, row_sum, rot_v)
-    else:
-        out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
-        out = out_rot @ rot_v  # rotated back once per output row: x_hat = unit Pi
-    return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
