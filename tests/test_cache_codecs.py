@@ -232,3 +232,26 @@ def test_reorder_cache_moves_coded_rows_with_the_rest(tiny_llama, codec):
             torch.testing.assert_close(v1, v0.flip(0), rtol=0, atol=0)
         assert torch.equal(layer.lengths, lengths.flip(0))
         assert layer.coded.blocks[0].lengths is layer.lengths
+
+
+@pytest.mark.parametrize("codec", ["fibquant:2", "turboquant:3", "kivi:2"])
+def test_flushed_blocks_join_into_one(codec):
+    """Flushes of the window join the previous flushed block (per-token codes), so a long generation keeps
+    two blocks, not one per flush; the joined block decodes as the flushes did one by one. KIVI's keys are
+    grouped across tokens and stay separate blocks."""
+    from pyramidkv.coded import CodedBlocks, make_codecs
+
+    torch.manual_seed(0)
+    codecs = make_codecs(codec, 32)
+    coded = CodedBlocks(codecs)
+    prompt = torch.randn(2, 2, 10, 32)
+    coded.add(prompt, prompt, torch.tensor([[10, 3], [7, 10]]))
+    flushes = [torch.randn(2, 2, 32, 32) for _ in range(3)]
+    for part in flushes:
+        coded.add(part, -part)
+    one_by_one = [codecs.keys.decode(codecs.keys.encode(part), torch.float32) for part in flushes]
+    per_token = codec != "kivi:2"
+    assert [b.tokens for b in coded.blocks] == ([10, 96] if per_token else [10, 32, 32, 32])
+    assert coded.tokens == 96
+    decoded = [keys for keys, _, _ in coded.chunks(1, torch.float32)][1:]
+    torch.testing.assert_close(torch.cat(decoded, 2), torch.cat(one_by_one, 2), rtol=0, atol=0)

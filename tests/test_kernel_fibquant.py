@@ -204,8 +204,7 @@ def test_cache_with_the_fused_kernel_equals_the_torch_reference(codec_name):
     with pytest.raises(PyramidKVError, match="kernel"):
         CompressedCache(model, budget=8, codec="kivi:2", kernel="triton")
     auto = CompressedCache(model, budget=8, codec=codec_name)  # auto: the kernel on CUDA only
-    validated = not codec_name.startswith("turboquant")  # k = 1 waits for a native GPU run
-    assert auto.layers[0]._fused(torch.device("cuda")) == validated
+    assert auto.layers[0]._fused(torch.device("cuda"))
     assert not auto.layers[0]._fused(torch.device("cpu"))
     assert (
         not CompressedCache(model, budget=8, codec="kivi:2").layers[0]._fused(torch.device("cuda"))

@@ -2,7 +2,7 @@
 
 Eviction decides which tokens a layer keeps; a codec decides how each is stored. A coded layer holds
 blocks of codes — the compressed prompt first (its rows ragged, one length per (sequence, KV head)), then
-one block per flush of the recent window — and reads them back one chunk at a time for attention, so a
+the flushes of the recent window, joined into one block where the codes are per token — and reads them back one chunk at a time for attention, so a
 quantized cache is never decoded whole (KIVI, Liu et al. 2024, keeps the same fp16 residual window).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .codecs import KIVI, Codec, Codes, FibQuant, TurboQuant
+from .codecs import KIVI, Codec, Codes, FibQuant, TurboQuant, VectorCodes
 from .errors import PyramidKVError
 
 CODEC_NAMES = ("none", "fibquant", "turboquant", "kivi")
@@ -116,6 +116,18 @@ class _Block:
     )  # (batch, kv_heads) for the ragged prompt block, else every slot is valid
 
 
+def _join(first: Codes, then: Codes) -> Codes | None:
+    """``first`` followed by ``then`` along the token axis, for codes stored per token (FibQuant, TurboQuant);
+    None for codes grouped across tokens (KIVI's keys), which stay separate blocks."""
+    if not (isinstance(first, VectorCodes) and isinstance(then, VectorCodes)):
+        return None
+    return replace(
+        first,
+        indices=torch.cat([first.indices, then.indices], dim=-2),
+        norms=torch.cat([first.norms, then.norms], dim=-1),
+    )
+
+
 @dataclass
 class CodedBlocks:
     """Blocks of key and value codes of one layer, read back chunk by chunk."""
@@ -150,7 +162,19 @@ class CodedBlocks:
     def append(
         self, keys: Codes, values: Codes, tokens: int, lengths: torch.Tensor | None = None
     ) -> None:
-        """Add codes made elsewhere (e.g. rows of several caches stacked) as one block of ``tokens`` slots."""
+        """Add codes made elsewhere (e.g. rows of several caches stacked) as one block of ``tokens`` slots.
+
+        Dense codes (every row holds every slot) that follow a dense block of per-token codes join it, so a
+        layer holds at most two blocks however long it decodes: the ragged prompt and what was generated.
+        Each block costs a kernel launch per decode step; the copy costs one pass over the generated codes
+        per flush of the window.
+        """
+        last = self.blocks[-1] if self.blocks else None
+        if lengths is None and last is not None and last.lengths is None:
+            joined_keys, joined_values = _join(last.keys, keys), _join(last.values, values)
+            if joined_keys is not None and joined_values is not None:
+                self.blocks[-1] = _Block(joined_keys, joined_values, last.tokens + tokens, None)
+                return
         self.blocks.append(_Block(keys, values, tokens, lengths))
 
     def reorder(self, rows: torch.Tensor, lengths: torch.Tensor | None) -> None:
