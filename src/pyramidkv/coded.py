@@ -2,8 +2,9 @@
 
 Eviction decides which tokens a layer keeps; a codec decides how each is stored. A coded layer holds
 blocks of codes — the compressed prompt first (its rows ragged, one length per (sequence, KV head)), then
-the flushes of the recent window, joined into one block where the codes are per token — and reads them back one chunk at a time for attention, so a
-quantized cache is never decoded whole (KIVI, Liu et al. 2024, keeps the same fp16 residual window).
+the flushes of the recent window, joined into one block where the codes are per token — and reads them
+back one chunk at a time for attention, so a quantized cache is never decoded whole (KIVI, Liu et al.
+2024, keeps the same fp16 residual window).
 """
 
 from __future__ import annotations

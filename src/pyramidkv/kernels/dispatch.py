@@ -98,7 +98,8 @@ def fused_attention(
     kv_heads = recent_keys.shape[1]
     splits = [split_count(b.keys.shape, tuning, query.device) for b in coded.blocks]
     rows = (q_heads // kv_heads) * q_len
-    workspace = make_workspace(batch, kv_heads, rows, max(1, sum(splits)), dim, query.device)
+    # no coded block yet: zero splits, and the epilogue attends over the window alone
+    workspace = make_workspace(batch, kv_heads, rows, sum(splits), dim, query.device)
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
     offset = 0
     for block, split in zip(coded.blocks, splits, strict=True):
@@ -107,7 +108,5 @@ def fused_attention(
             split, tuning,
         )  # fmt: skip
         offset += split
-    if not splits:  # no coded block yet: one empty split, as an empty block would write
-        workspace[0].zero_(), workspace[1].fill_(float("-inf")), workspace[2].zero_()
     rotation = codec_v.tensors(query.device, torch.float32)[0]
     return decode_epilogue(workspace, rotation, query, recent_keys, recent_values, scaling)

@@ -390,6 +390,11 @@ def fibquant_decode_attention(
     return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
 
 
+def _tiles(tokens: int, tuning: DecodeTuning) -> int:
+    """Tiles of ``tuning.block`` tokens that cover ``tokens`` (at least one, so an empty block still writes)."""
+    return max(1, triton.cdiv(tokens, tuning.block))
+
+
 def split_count(
     shape: tuple[int, int, int],
     tuning: DecodeTuning,
@@ -399,8 +404,7 @@ def split_count(
     """Sequence ranges for codes of ``shape`` (batch, kv_heads, s): ``split`` checked, or the default that fills
     the device (``tuning.waves`` programs per SM)."""
     if split is None:
-        tiles = max(1, triton.cdiv(shape[2], tuning.block))
-        split = default_split(shape[0], shape[1], tiles, device, tuning.waves)
+        split = default_split(shape[0], shape[1], _tiles(shape[2], tuning), device, tuning.waves)
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"split must be a positive integer, got {split!r}")
     return split
@@ -438,8 +442,7 @@ def launch_partials(
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
     s_kv, device = codes_k.shape[2], q_rot.device
-    tiles = max(1, triton.cdiv(s_kv, tuning.block))
-    chunk = triton.cdiv(tiles, split) * tuning.block  # whole tiles per split
+    chunk = triton.cdiv(_tiles(s_kv, tuning), split) * tuning.block  # whole tiles per split
     _, book_k = codec_k.tensors(device, tuning.codebook_dtype)
     _, book_v = codec_v.tensors(device, tuning.codebook_dtype)
     kidx, vidx = codes_k.indices.contiguous(), codes_v.indices.contiguous()
