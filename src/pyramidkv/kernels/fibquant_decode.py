@@ -425,6 +425,18 @@ def rotate_query(
     return q_rot.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim).to(dtype).contiguous()
 
 
+def side_constexprs(side: str, k: int, bits: int, dim: int, book: torch.Tensor) -> dict[str, int]:
+    """The decode kernel's compile-time constants for keys (``side="K"``) or values (``"V"``): block size k,
+    index width, packed bytes per vector, bytes an index can straddle, and the codebook's length (entries,
+    or packed words for GATHER 2) padded to a power of two and real. The one statement of them, shared by
+    the launcher and the offline compile check (:mod:`.offline_compile`)."""
+    return {
+        f"K_{side}": k, f"W_{side}": bits, f"NB_{side}": packed_bytes(dim // k, bits),
+        f"SPAN_{side}": _span(bits), f"NK_{side}": triton.next_power_of_2(book.numel()),
+        f"NK_{side}_REAL": book.numel(),
+    }  # fmt: skip
+
+
 def launch_partials(
     q_rot: torch.Tensor,
     codes_k: VectorCodes,
@@ -449,7 +461,6 @@ def launch_partials(
     knorm, vnorm = codes_k.norms.contiguous(), codes_v.norms.contiguous()
     lens = torch.zeros(1, dtype=torch.int32, device=device) if lengths is None else lengths
     lens = lens.to(device=device, dtype=torch.int32).contiguous()
-    wk, wv = codec_k.index_bits, codec_v.index_bits
     gather = tuning.gather_mode(book_k, book_v)
     if gather == 2:
         book_k, book_v = packed_words(book_k), packed_words(book_v)
@@ -460,10 +471,8 @@ def launch_partials(
             kidx.stride(0), kidx.stride(1), knorm.stride(0), knorm.stride(1),
             vidx.stride(0), vidx.stride(1), vnorm.stride(0), vnorm.stride(1),
             ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), D=dim, BLOCK=tuning.block,
-            K_K=codec_k.k, W_K=wk, NB_K=packed_bytes(dim // codec_k.k, wk), SPAN_K=_span(wk),
-            K_V=codec_v.k, W_V=wv, NB_V=packed_bytes(dim // codec_v.k, wv), SPAN_V=_span(wv),
-            NK_K=triton.next_power_of_2(book_k.numel()), NK_V=triton.next_power_of_2(book_v.numel()),
-            NK_K_REAL=book_k.numel(), NK_V_REAL=book_v.numel(),
+            **side_constexprs("K", codec_k.k, codec_k.index_bits, dim, book_k),
+            **side_constexprs("V", codec_v.k, codec_v.index_bits, dim, book_v),
             HAS_LENGTHS=lengths is not None, GATHER=gather,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )  # fmt: skip

@@ -39,8 +39,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction
 
-from ..codecs.packing import packed_bytes
-from .fibquant_decode import DecodeTuning, _decode_split_kernel, _span, packed_words
+from .fibquant_decode import DecodeTuning, _decode_split_kernel, packed_words, side_constexprs
 
 SM90 = GPUTarget("cuda", 90, 32)  # H100 / H200
 KernelArgs = Mapping[str, object]
@@ -306,13 +305,11 @@ def decode_args(config: DecodeConfig) -> dict[str, object]:
         "ROWS": config.rows, "ROWS_BLOCK": max(16, triton.next_power_of_2(config.rows)),
         "D": config.d, "BLOCK": config.block, "HAS_LENGTHS": config.has_lengths, "GATHER": config.gather,
     }  # fmt: skip
-    for side, s in (("k", "K"), ("v", "V")):
+    for side in ("k", "v"):
         args |= {
             f"{side}idx_ptr": "*u8:16", f"{side}norm_ptr": "*fp16:16",
             f"{side}cb_ptr": f"*{_TYPES[book.dtype]}:16",
-            f"K_{s}": config.k, f"W_{s}": bits, f"NB_{s}": packed_bytes(config.d // config.k, bits),
-            f"SPAN_{s}": _span(bits), f"NK_{s}": triton.next_power_of_2(book.numel()),
-            f"NK_{s}_REAL": book.numel(),
+            **side_constexprs(side.upper(), config.k, bits, config.d, book),
         }  # fmt: skip
     names = _decode_split_kernel.arg_names
     stale = sorted(set(args) - set(names))
