@@ -86,26 +86,28 @@ def fused_attention(
     from .epilogue import decode_epilogue
     from .fibquant_decode import (
         DecodeTuning,
-        launch_partials,
+        launch_block,
         make_workspace,
+        plan_block,
         rotate_query,
-        split_count,
     )
 
     codec_k, codec_v = coded.codecs.keys, coded.codecs.values
     tuning = DecodeTuning()
     batch, q_heads, q_len, dim = query.shape
     kv_heads = recent_keys.shape[1]
-    splits = [split_count(b.keys.shape, tuning, query.device) for b in coded.blocks]
     rows = (q_heads // kv_heads) * q_len
+    plans = [
+        plan_block(b.keys.shape, codec_k, codec_v, rows, tuning, query.device) for b in coded.blocks
+    ]
     # no coded block yet: zero splits, and the epilogue attends over the window alone
-    workspace = make_workspace(batch, kv_heads, rows, sum(splits), dim, query.device)
+    workspace = make_workspace(batch, kv_heads, rows, sum(s for _, s in plans), dim, query.device)
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
     offset = 0
-    for block, split in zip(coded.blocks, splits, strict=True):
-        launch_partials(
-            q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace, offset,
-            split, tuning,
+    for block, (use_mma, split) in zip(coded.blocks, plans, strict=True):
+        launch_block(
+            use_mma, q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace,
+            offset, split, tuning,
         )  # fmt: skip
         offset += split
     rotation = codec_v.tensors(query.device, torch.float32)[0]

@@ -26,6 +26,7 @@ import torch
 
 from ..codecs.packing import MAX_BITS, packed_bytes
 from ..codecs.rotated import RotatedBlockCodec, VectorCodes
+from . import mma_decode
 from .merge import merge_splits
 
 try:
@@ -48,7 +49,9 @@ class DecodeTuning:
     whole codewords as one packed integer word each (k x 16 bits <= 64), one index and one gather per block
     of k coordinates instead of k (off until timed on a GPU); codebook_dtype: the dtype the
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
-    and keeps 10 mantissa bits, as TF32 does).
+    and keeps 10 mantissa bits, as TF32 does); mma: read 8-bit FibQuant codes (2 and 4 bits per
+    coordinate) with the CUDA kernel of :mod:`.mma_decode` instead, where it runs (sm_80 or later, NVRTC
+    found, float16 codebook), with ``mma_warps`` warps per block.
     """
 
     block: int = 64
@@ -58,6 +61,8 @@ class DecodeTuning:
     shared_gather: bool = True
     row_gather: bool = False
     codebook_dtype: torch.dtype = torch.float16
+    mma: bool = True
+    mma_warps: int = 8
 
     def gather_mode(self, *books: torch.Tensor) -> int:
         """The kernel's GATHER for these (N, k) codebooks: 0 global memory, 1 shared flat, 2 shared packed
@@ -375,7 +380,7 @@ def fibquant_decode_attention(
     check_codec("codec_v", codec_v, dim)
     kv_heads = codes_k.shape[1]
     rows = (q_heads // kv_heads) * q_len
-    split = split_count(codes_k.shape, tuning, query.device, split)
+    use_mma, split = plan_block(codes_k.shape, codec_k, codec_v, rows, tuning, query.device, split)
     if workspace is None:
         workspace = make_workspace(batch, kv_heads, rows, split, dim, query.device)
     acc, row_max, row_sum = workspace
@@ -384,7 +389,9 @@ def fibquant_decode_attention(
             f"workspace must come from make_workspace for these shapes and split={split}"
         )
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
-    launch_partials(q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning)
+    launch_block(
+        use_mma, q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning
+    )
     out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
     out = out_rot @ codec_v.tensors(query.device, torch.float32)[0]  # x_hat = unit Pi, once per row
     return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
@@ -408,6 +415,52 @@ def split_count(
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"split must be a positive integer, got {split!r}")
     return split
+
+
+def plan_block(
+    shape: tuple[int, int, int],
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    rows: int,
+    tuning: DecodeTuning,
+    device: torch.device,
+    split: int | None = None,
+) -> tuple[bool, int]:
+    """Which kernel reads a block of codes of ``shape`` (batch, kv_heads, s) — True: the CUDA mma kernel
+    (:mod:`.mma_decode`), False: the Triton kernel — and its split (``split`` checked, or that kernel's default)."""
+    use_mma = (
+        tuning.mma
+        and tuning.codebook_dtype == torch.float16
+        and mma_decode.usable(codec_k, codec_v, codec_k.d, rows, device)
+    )
+    if use_mma and split is None:
+        return True, mma_decode.mma_split(shape, device, tuning.mma_warps, rows)
+    return use_mma, split_count(shape, tuning, device, split)
+
+
+def launch_block(
+    use_mma: bool,
+    q_rot: torch.Tensor,
+    codes_k: VectorCodes,
+    codes_v: VectorCodes,
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    lengths: torch.Tensor | None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    offset: int,
+    split: int,
+    tuning: DecodeTuning,
+) -> None:
+    """One block's split partials into ``workspace`` by the kernel :func:`plan_block` chose."""
+    if use_mma:
+        mma_decode.launch_mma_partials(
+            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split,
+            tuning.mma_warps,
+        )  # fmt: skip
+    else:
+        launch_partials(
+            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split, tuning
+        )
 
 
 def rotate_query(

@@ -1,0 +1,179 @@
+"""Launcher of the CUDA decode kernel on FibQuant codes at 2, 3 and 4 bits (``cuda/mma_decode.cu``).
+
+FibQuant at 2 bits (k = 4) and 4 bits (k = 2) per coordinate stores one byte per codeword (N = 256, arXiv
+2605.11478), at 3 bits 6 bits per pair of coordinates (k = 2, N = 64). For those codes the CUDA kernel gathers codewords straight into ``mma.sync`` fragments from
+lane-private copies of the codebook in shared memory, where the Triton kernel of :mod:`.fibquant_decode`
+spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the same split partials
+into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits` take either.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..codecs.rotated import RotatedBlockCodec, VectorCodes
+from .cuda_module import CudaKernel, compile_cubin, nvrtc_found
+
+SOURCE = Path(__file__).with_name("cuda") / "mma_decode.cu"
+KERNEL_NAME = "fibquant_mma_decode"
+TILE = 16  # tokens per warp iteration (the kernel's TILE)
+CODES = {(4, 256), (2, 256), (2, 64)}  # (k, N): FibQuant at 2, 4 and 3 bits per coordinate
+MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
+
+
+@dataclass(frozen=True)
+class MmaVariant:
+    """The kernel's compile-time constants: head dim, codeword length k, whether 9-16 query rows share a KV
+    head, warps per block, whether keys and values share one codebook (one table in shared memory), and the
+    codebook's size N (2^index bits)."""
+
+    dim: int
+    k: int
+    rows2: bool
+    warps: int = 8
+    shared_book: bool = True
+    n: int = 256
+
+    def __post_init__(self) -> None:
+        if self.dim not in (64, 128):
+            raise ValueError(f"dim must be 64 or 128, got {self.dim}")
+        if self.k not in (2, 4):
+            raise ValueError(f"k must be 2 or 4, got {self.k}")
+        if self.warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"warps must be one of 1, 2, 4, 8, 16, got {self.warps}")
+        if (self.k, self.n) not in CODES:
+            raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
+
+    @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory: one or two tables of N codewords x 32 words, or what the merge of the warps
+        at the end of a block needs (it reuses the tables), whichever is larger."""
+        tables = self.n * 32 * 4 * (1 if self.shared_book else 2)
+        return max(tables, (2 * self.warps * MAX_ROWS + MAX_ROWS * self.dim) * 4)
+
+    def source(self) -> str:
+        """The CUDA source with this variant's constants defined."""
+        defines = dict(
+            D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS2=int(self.rows2), NW=self.warps,
+            SHARED_BOOK=int(self.shared_book),
+        )  # fmt: skip
+        head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+        return head + SOURCE.read_text()
+
+
+def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | None:
+    """Why the kernel cannot read these codes, or None: it reads FibQuant codes of one index byte per
+    codeword (N = 256, k = 4 or 2: 2 and 4 bits per coordinate) or 6-bit indices (N = 64, k = 2: 3 bits),
+    the same (k, N) for keys and values, at head dims 64 and 128, for at most 16 query rows per KV head."""
+    for name, codec in (("key codec", codec_k), ("value codec", codec_v)):
+        if not isinstance(codec, RotatedBlockCodec) or (codec.k, codec.n) not in CODES:
+            return f"{name}: reads codebooks with (k, N) in {sorted(CODES)}"
+    if (codec_k.k, codec_k.n) != (codec_v.k, codec_v.n):
+        return f"keys and values must share k and N; got {(codec_k.k, codec_k.n)} and {(codec_v.k, codec_v.n)}"
+    if dim not in (64, 128) or codec_k.d != dim or codec_v.d != dim:
+        return f"head dim must be 64 or 128, got {dim}"
+    if rows > MAX_ROWS:
+        return f"at most {MAX_ROWS} query rows per KV head (G x q_len), got {rows}"
+    return None
+
+
+def usable(codec_k: object, codec_v: object, dim: int, rows: int, device: torch.device) -> bool:
+    """Whether the kernel runs here and reads these codes: a CUDA device with f16 ``mma.sync`` (compute
+    capability 8.0 or later), NVRTC found, and codes :func:`unsupported` accepts."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    return unsupported(codec_k, codec_v, dim, rows) is None and nvrtc_found()
+
+
+def same_codebook(codec_k: RotatedBlockCodec, codec_v: RotatedBlockCodec) -> bool:
+    """Whether keys and values use one codebook (same class, d, k, N and seed: FibQuant at one rate)."""
+    key = ("d", "k", "n", "seed")
+    return type(codec_k) is type(codec_v) and all(
+        getattr(codec_k, a) == getattr(codec_v, a) for a in key
+    )
+
+
+@functools.cache
+def compiled(variant: MmaVariant, arch: str) -> bytes:
+    """The variant's cubin for ``arch`` (``"sm_90"``), compiled once per process."""
+    return compile_cubin(variant.source(), KERNEL_NAME, arch, ["-DNDEBUG"])
+
+
+@functools.cache
+def _kernel(variant: MmaVariant, device: torch.device) -> CudaKernel:
+    major, minor = torch.cuda.get_device_capability(device)
+    cubin = compiled(variant, f"sm_{major}{minor}")
+    return CudaKernel(cubin, KERNEL_NAME, device, variant.shared_bytes)
+
+
+def mma_split(
+    shape: tuple[int, int, int], device: torch.device, warps: int = 8, rows: int = 1
+) -> int:
+    """Sequence ranges for codes of ``shape`` (batch, kv_heads, s): the most blocks that still run in one
+    wave, so no second wave runs a few blocks alone (measured at 32/8 x 128, batch 8, 128k, 2 bits: split 4,
+    0.415 ms, against 0.555 ms at split 5); at least one tile per warp in each block. A block of up to 8 query
+    rows is held to 128 registers (``__launch_bounds__``): 16 warps per SM; 9-16 rows take one block per SM."""
+    per_sm = 1 if rows > 8 else max(1, 16 // warps)
+    units = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    most = max(1, math.ceil(shape[2] / (TILE * warps)))
+    return max(1, min(most, units // (shape[0] * shape[1])))
+
+
+def _aligned(codes: VectorCodes) -> VectorCodes:
+    """Codes whose index rows the kernel can read with 16-byte loads, as they are or as a contiguous copy
+    (an odd view, e.g. a slice of a wider tensor)."""
+    idx = codes.indices
+    ok = idx.stride(-1) == 1 and idx.stride(-2) == idx.shape[-1] and idx.data_ptr() % 16 == 0
+    if ok and all(s % 16 == 0 for s in idx.stride()[:2]):
+        return codes
+    return replace(codes, indices=idx.contiguous())
+
+
+def launch_mma_partials(
+    q_rot: torch.Tensor,
+    codes_k: VectorCodes,
+    codes_v: VectorCodes,
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    lengths: torch.Tensor | None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    offset: int,
+    split: int,
+    warps: int = 8,
+) -> None:
+    """The CUDA kernel over one block of codes: its ``split`` partials at splits [offset, offset + split) of
+    ``workspace``, as :func:`.fibquant_decode.launch_partials` writes them. ``q_rot`` (batch, kv_heads, rows,
+    d) float16 from :func:`.fibquant_decode.rotate_query`."""
+    acc, row_max, row_sum = workspace
+    batch, kv_heads, rows, dim = q_rot.shape
+    reason = unsupported(codec_k, codec_v, dim, rows)
+    if reason is not None:
+        raise ValueError(f"the mma kernel cannot read these codes: {reason}")
+    if q_rot.dtype != torch.float16 or not q_rot.is_contiguous():
+        raise ValueError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
+    shared = same_codebook(codec_k, codec_v)
+    variant = MmaVariant(dim, codec_k.k, rows > 8, warps, shared, codec_k.n)
+    device = q_rot.device
+    codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)
+    s_kv = codes_k.shape[2]
+    chunk = math.ceil(math.ceil(s_kv / split) / TILE) * TILE
+    book_k = codec_k.tensors(device, torch.float16)[1].contiguous().view(torch.int32)
+    book_v = (
+        book_k
+        if shared
+        else codec_v.tensors(device, torch.float16)[1].contiguous().view(torch.int32)
+    )
+    lens = None if lengths is None else lengths.to(device=device, dtype=torch.int32).contiguous()
+    ki, kn, vi, vn = codes_k.indices, codes_k.norms, codes_v.indices, codes_v.norms
+    _kernel(variant, device)(
+        (batch * kv_heads, split), 32 * warps,
+        q_rot, ki, kn, vi, vn, book_k, book_v, lens, acc, row_max, row_sum,
+        s_kv, chunk, kv_heads, offset, acc.shape[2], rows,
+        ki.stride(0), ki.stride(1), kn.stride(0), kn.stride(1),
+        vi.stride(0), vi.stride(1), vn.stride(0), vn.stride(1),
+    )  # fmt: skip

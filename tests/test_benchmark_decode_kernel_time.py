@@ -1,0 +1,39 @@
+"""benchmarks/decode_kernel_time.py: it reads device kernel times from the CUDA profiler, so without a GPU it
+must refuse with a clear message instead of printing numbers; on a GPU it profiles one small case."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).parents[1] / "benchmarks" / "decode_kernel_time.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling decode_attention.py
+_SPEC = importlib.util.spec_from_file_location("decode_kernel_time_bench", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_refuses_without_a_gpu(tmp_path):
+    out = tmp_path / "times.json"
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        bench.main(["--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_profiles_a_small_case(tmp_path):
+    out = tmp_path / "times.json"
+    record = bench.main(
+        ["--heads", "4/2x64", "--batch", "1", "--context", "300", "--bits", "2", "--out", str(out)]
+    )
+    row = record["rows"][0]
+    assert row["decode_kernel_ms"] > 0 and row["all_kernels_ms"] >= row["decode_kernel_ms"]
+    assert json.loads(out.read_text())["rows"][0]["bits"] == 2

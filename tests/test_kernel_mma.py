@@ -1,0 +1,159 @@
+"""The CUDA mma decode kernel on 8-bit FibQuant codes against attention over the decoded codes.
+
+The reference decodes keys and values to x_hat (``codec.decode``) and runs the plain chunked softmax in
+float32, so an error in a fragment permutation, the lane-private tables, the tail masking or the merge of
+the warps shows up. The kernel runs natively on a CUDA device of compute capability 8.0 or later. Without
+one, the source is still compiled for sm_90 by NVRTC when the library is found (``PYRAMIDKV_NVRTC``, or the
+``nvidia-cuda-nvrtc`` wheel), so a syntax or type error fails here; else those tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import pytest
+import torch
+
+from pyramidkv.codecs import FibQuant
+from pyramidkv.kernels import mma_decode
+from pyramidkv.kernels.cuda_module import nvrtc_found
+from pyramidkv.kernels.reference import chunked_attention
+
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device with mma.sync (sm_80+)")
+TOLERANCE = (
+    1e-2  # f16 codewords, queries and weights into mma (10 mantissa bits), as the Triton kernel
+)
+
+
+@functools.cache
+def codec(dim: int, k: int, seed: int = 0, n: int = 256) -> FibQuant:
+    return FibQuant(dim, k=k, n=n, seed=seed)
+
+
+def rel_error(got, want) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+@pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc.so) not found: set PYRAMIDKV_NVRTC")
+@pytest.mark.parametrize(
+    ("dim", "kn", "rows2", "shared"),
+    list(itertools.product((64, 128), ((4, 256), (2, 256), (2, 64)), (False, True), (True, False))),
+)
+def test_every_variant_compiles_for_sm90(dim, kn, rows2, shared):
+    variant = mma_decode.MmaVariant(dim, kn[0], rows2, 8, shared, kn[1])
+    cubin = mma_decode.compiled(variant, "sm_90")
+    assert cubin[:4] == b"\x7fELF"
+
+
+def test_which_codes_it_reads():
+    assert mma_decode.unsupported(codec(128, 4), codec(128, 4), 128, 16) is None
+    assert mma_decode.unsupported(codec(64, 2), codec(64, 2), 64, 1) is None
+    assert "(k, N) in" in mma_decode.unsupported(FibQuant(64, k=4, n=64), codec(64, 2), 64, 4)
+    assert mma_decode.unsupported(FibQuant(64, k=2, n=64), FibQuant(64, k=2, n=64), 64, 4) is None
+    assert "share k and N" in mma_decode.unsupported(codec(64, 4), codec(64, 2), 64, 4)
+    assert "head dim" in mma_decode.unsupported(codec(32, 4), codec(32, 4), 32, 4)
+    assert "16 query rows" in mma_decode.unsupported(codec(64, 4), codec(64, 4), 64, 17)
+    assert not mma_decode.usable(codec(64, 4), codec(64, 4), 64, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="k must be 2 or 4"):
+        mma_decode.MmaVariant(64, 8, False)
+
+
+def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None):
+    from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
+
+    return fibquant_decode_attention(
+        query, codes_k, codes_v, ck, cv, query.shape[-1] ** -0.5, lengths, split=split,
+        workspace=workspace, mma=mma,
+    )  # fmt: skip
+
+
+def _block(dim, ck, cv, batch, kv_heads, slots, seed):
+    torch.manual_seed(seed)
+    keys = torch.randn(batch, kv_heads, slots, dim, device="cuda") * 3
+    values = torch.randn(batch, kv_heads, slots, dim, device="cuda")
+    codes_k, codes_v = ck.encode(keys), cv.encode(values)
+    return codes_k, codes_v, ck.decode(codes_k, torch.float32), cv.decode(codes_v, torch.float32)
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    ("dim", "k", "n"),
+    [(128, 4, 256), (128, 2, 256), (64, 4, 256), (64, 2, 256), (128, 2, 64), (64, 2, 64)],
+    ids=["128-2bit", "128-4bit", "64-2bit", "64-4bit", "128-3bit", "64-3bit"],
+)
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "q_len", "split"),
+    [(4, 2, 1, 1), (8, 2, 1, 3), (6, 2, 3, None), (32, 8, 2, 2), (9, 3, 5, 4)],
+    ids=["rows2", "rows4", "rows9", "rows8", "rows15"],
+)
+def test_matches_attention_over_decoded_codes(dim, k, n, q_heads, kv_heads, q_len, split):
+    from pyramidkv.kernels.fibquant_decode import make_workspace
+
+    ck = cv = codec(dim, k, n=n)
+    slots = 203
+    codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, kv_heads, slots, seed=dim + k)
+    # per row: empty, one token, under a tile, one tile, odd, everything
+    pattern = torch.tensor([0, 1, 5, 16, 17, 203, 130, 64], device="cuda")
+    lengths = pattern.repeat(2 * kv_heads)[: 2 * kv_heads].reshape(2, kv_heads)
+    query = torch.randn(2, q_heads, q_len, dim, device="cuda")
+    rows = q_heads // kv_heads * q_len
+    splits = split or mma_decode.mma_split((2, kv_heads, slots), query.device, rows=rows)
+    workspace = make_workspace(2, kv_heads, rows, splits, dim, "cuda")
+    for part in workspace:
+        part.fill_(float("nan"))  # every entry must be written, empty splits included
+    out, lse = _attend(query, ck, cv, codes_k, codes_v, lengths, split, True, workspace)
+    assert not any(bool(part.isnan().any()) for part in workspace)
+    visible = (torch.arange(slots, device="cuda") < lengths[..., None]).unsqueeze(-2)
+    want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
+    assert rel_error(out, want) < TOLERANCE
+    _, triton_lse = _attend(query, ck, cv, codes_k, codes_v, lengths, split, False)
+    seen = torch.isfinite(triton_lse)
+    assert torch.equal(seen, torch.isfinite(lse))  # -inf exactly for the rows that see no key
+    assert rel_error(lse[seen], triton_lse[seen]) < 1e-3
+    empty = (lengths == 0).repeat_interleave(q_heads // kv_heads, dim=1)
+    assert bool((out[empty] == 0).all())
+
+
+@needs_gpu
+def test_separate_codebooks_and_codes_that_are_views():
+    """Keys and values with codebooks of different seeds (two tables), codes sliced out of a wider tensor."""
+    ck, cv = codec(128, 4, seed=0), codec(128, 4, seed=7)
+    codes_k, codes_v, keys, values = _block(128, ck, cv, 3, 2, 300, seed=1)
+    view_k = dataclasses.replace(codes_k, indices=codes_k.indices[1:], norms=codes_k.norms[1:])
+    view_v = dataclasses.replace(codes_v, indices=codes_v.indices[1:], norms=codes_v.norms[1:])
+    query = torch.randn(2, 8, 1, 128, device="cuda")
+    out, _ = _attend(query, ck, cv, view_k, view_v, None, None, True)
+    want = chunked_attention(query, [(keys[1:], values[1:], None)], 128**-0.5)
+    assert rel_error(out, want) < TOLERANCE
+
+
+@needs_gpu
+def test_the_layer_path_reads_blocks_with_the_mma_kernel():
+    """fused_attention (one workspace for every block, one epilogue) with the mma kernel at head dim 64."""
+    from pyramidkv.coded import CodedBlocks, make_codecs
+    from pyramidkv.kernels.dispatch import fused_attention
+
+    torch.manual_seed(2)
+    codecs = make_codecs("fibquant:2", 64)
+    coded = CodedBlocks(codecs)
+    chunks = []
+    for slots, lengths in ((90, torch.tensor([[0, 9, 90]], device="cuda")), (64, None)):
+        keys = torch.randn(1, 3, slots, 64, device="cuda") * 3
+        values = torch.randn(1, 3, slots, 64, device="cuda")
+        coded.add(keys, values, lengths)
+        block = coded.blocks[-1]
+        visible = (
+            None
+            if lengths is None
+            else (torch.arange(slots, device="cuda") < lengths[..., None]).unsqueeze(-2)
+        )
+        chunks.append((codecs.keys.decode(block.keys, torch.float32), codecs.values.decode(block.values, torch.float32), visible))  # fmt: skip
+    query = torch.randn(1, 9, 1, 64, device="cuda", dtype=torch.bfloat16)
+    win_k = torch.randn(1, 3, 3, 64, device="cuda", dtype=torch.bfloat16)
+    win_v = torch.randn(1, 3, 3, 64, device="cuda", dtype=torch.bfloat16)
+    out = fused_attention(query, coded, win_k, win_v, 0.125)
+    want = chunked_attention(query, [*chunks, (win_k, win_v, None)], 0.125)
+    assert rel_error(out.transpose(1, 2), want) < 1.5e-2  # + the bf16 output rounding
