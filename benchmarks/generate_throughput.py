@@ -43,7 +43,7 @@ from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.corpus import shuffled_paragraphs, source
-from pyramidkv.kernels import use_fused
+from pyramidkv.kernels import mma_decode, use_fused
 from pyramidkv.models import load
 
 GiB = 2**30
@@ -80,10 +80,14 @@ def specs(budget: str, codec: str) -> dict[str, CacheSpec]:
 
 
 def kernel_used(cache, device: torch.device) -> str:
-    """Decode attention: the fused Triton kernel or the torch reference on codes, else the model's SDPA."""
+    """Decode attention on codes: the CUDA mma kernel, the Triton kernel or the torch reference (a one-token
+    step of a model with at most 16 query heads per KV head); without codes, the model's SDPA."""
     if not isinstance(cache, CompressedCache) or cache.codecs is None:
         return "sdpa" if isinstance(cache, DynamicCache) else "sdpa (kept + recent)"
-    return "triton" if use_fused(cache.kernel, cache.fused_ok, device) else "torch"
+    if not use_fused(cache.kernel, cache.fused_ok, device):
+        return "torch"
+    keys, values = cache.codecs.keys, cache.codecs.values
+    return "cuda mma" if mma_decode.usable(keys, values, keys.d, 1, device) else "triton"
 
 
 def corpus_rows(tokenizer, rows: int, length: int) -> torch.Tensor:

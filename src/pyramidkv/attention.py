@@ -72,6 +72,8 @@ def pyramidkv_attention(
             query, valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device), scaling
         )
         return output
+    if hasattr(layer, "attend"):  # a static-shape layer (static_cache.py) reads its own buffers
+        return layer.attend(query, scaling), None
     if layer.coded is not None:
         return layer.attend_codes(query, scaling), None
     keys, values, mask = layer.attention_inputs(

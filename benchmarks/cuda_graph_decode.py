@@ -1,0 +1,391 @@
+"""Does a CUDA graph take the host out of a decode step? ms per step of the embedded model on long prompts:
+eager through the dynamic caches, eager through a static-shape cache, and one captured CUDA graph replayed.
+
+    PYTHONPATH=src python benchmarks/cuda_graph_decode.py      # GPU: 8k prompts, batch 1,8,32,128, full and pyramidkv 10%
+    python benchmarks/cuda_graph_decode.py --smoke             # CPU: tiny random llama, no graph, no timing claims
+
+On the H200 a decode step of the embedded model took ~18 ms with the full cache and 26-30 ms with PyramidKV
+at batch 1, about its cost at batch 128: the step is bound by host work, not by memory (issue 7). For every
+cache and batch, one prefill (``--prefill-rows`` rows in one forward, repeated to the batch with
+``batch_select_indices`` as benchmarks/generate_throughput.py does), then three decodes of ``--warmup`` +
+``--steps`` greedy steps from the same first token, the last ``--steps`` timed between synchronisations:
+
+* ``eager_dynamic`` — the existing cache (``DynamicCache`` for full, ``CompressedCache`` for pyramidkv)
+  through model forward, as generate_throughput.py times it;
+* ``eager_static`` — :class:`~pyramidkv.static_cache.StaticCompressedCache` built from that prefilled cache
+  (the full cache too: one code path for both), stepped by :class:`~pyramidkv.static_cache.DecodeStep`;
+* ``graph`` (CUDA only) — that step captured once as a ``torch.cuda.CUDAGraph`` after a warm-up on a side
+  stream, replayed per step, the greedy token copied into the step's input buffer between replays.
+
+The graph's greedy tokens must equal the eager static cache's over the timed steps: checked, and the script
+exits with an error after saving when they do not. How often the static cache's tokens equal the dynamic
+cache's is reported (in bf16 the two sum the attention in different orders, so a near-tie may flip).
+Writes ``benchmarks/results/cuda_graph_decode.json`` (``--smoke``: the temp folder) after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from datetime import date
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from pyramidkv.accounting import cache_nbytes, kv_geometry
+from pyramidkv.attention import decode_backends
+from pyramidkv.cache import CompressedCache
+from pyramidkv.compat import cache_kwargs
+from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
+
+GRAPH_WARMUP = (
+    2  # eager steps on a side stream before capture (allocator and library workspaces settle)
+)
+MODES = ("eager_dynamic", "eager_static", "graph")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _next(model, cache, ids: torch.Tensor, **options) -> torch.Tensor:
+    """One forward with the cache; the greedy next token of every row, (batch, 1)."""
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), **options).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode(advance, first: torch.Tensor, warmup: int, steps: int) -> tuple[float, torch.Tensor]:
+    """ms per step of ``steps`` calls of ``advance(token) -> next token`` after ``warmup`` untimed ones, and
+    the (warmup + steps, batch) greedy tokens, recorded on the device so the host never waits for them."""
+    device = first.device
+    tokens = torch.empty(warmup + steps, first.shape[0], dtype=torch.long, device=device)
+    token = first
+    for i in range(warmup):
+        token = advance(token)
+        tokens[i].copy_(token.view(-1))
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        token = advance(token)
+        tokens[i].copy_(token.view(-1))
+    _sync(device)
+    return (time.perf_counter() - start) / steps * 1e3, tokens.cpu()
+
+
+def capture(step: DecodeStep, cache: StaticCompressedCache, first: torch.Tensor):
+    """The step captured as a CUDA graph, and the (batch, 1) tensor its replays write the greedy token to.
+
+    Warm-up and capture move the cache's counters (the warm-up on the device, the capture on the host only);
+    the cache is rewound after each, so the first replay decodes from the state the cache was built in.
+    """
+    step.input_ids.copy_(first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    cache.rewind(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, token = step()
+    cache.rewind(0)
+    return graph, token
+
+
+def build_source(model, config: str, budget: str):
+    if config == "full":
+        return DynamicCache(config=model.config)
+    return CompressedCache(model, config, budget)
+
+
+def _collect(device: torch.device) -> None:
+    """Free the memory of caches just dropped, so the next decode starts from what it holds itself."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def prefill(model, prompts: torch.Tensor, config: str, batch: int, args):
+    """The source cache of ``batch`` rows (``--prefill-rows`` prefilled, then repeated) and its first tokens."""
+    device, rows = model.device, min(batch, args.prefill_rows)
+    source = build_source(model, config, args.budget)
+    first = _next(model, source, prompts[:rows].to(device), logits_to_keep=1)
+    if batch > rows:
+        index = torch.arange(batch, device=device) % rows
+        source.batch_select_indices(index)
+        first = first[index]
+    return source, first
+
+
+def graph_decode(step: DecodeStep, static, first: torch.Tensor, warmup: int, steps: int) -> dict:
+    """Capture the step, replay it ``warmup + steps`` times; a failure is recorded, not raised (the eager
+    measurements of the row stand, and the GPU time spent on them is not lost)."""
+    static.rewind(0)
+    try:
+        start = time.perf_counter()
+        graph, output = capture(step, static, first)
+        capture_s = time.perf_counter() - start
+
+        def replay(token: torch.Tensor) -> torch.Tensor:
+            step.input_ids.copy_(token)
+            graph.replay()
+            return output
+
+        ms, tokens = decode(replay, first, warmup, steps)
+    except RuntimeError as exc:
+        traceback.print_exc()
+        return {"graph_error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    return {"graph_ms": ms, "capture_s": capture_s, "graph_tokens": tokens}
+
+
+def measure(model, prompts: torch.Tensor, config: str, batch: int, args) -> dict:
+    """The three decodes of one cache and batch from one prefill (see the module docstring)."""
+    device, warmup, steps = model.device, args.warmup, args.steps
+    row: dict = {"config": config, "batch": batch, "prefill_rows": min(batch, args.prefill_rows)}
+    row.update(graph_ms=None, capture_s=None, graph_equals_static=None)
+    timed = slice(warmup, None)
+    with torch.inference_mode():
+        source, first = prefill(model, prompts, config, batch, args)
+        row["dynamic_bytes"] = cache_nbytes(source)
+        static = StaticCompressedCache(model, source, max(warmup + steps, GRAPH_WARMUP + 1))
+        # the SDPA backends generate_throughput.py gives every cache (no cuDNN planning per length)
+        with decode_backends(device):
+            ms, dynamic = decode(partial(_next, model, source), first, warmup, steps)
+        row["eager_dynamic_ms"] = ms
+        if isinstance(source, CompressedCache):
+            source.close()
+        del source
+        _collect(device)
+
+        step = DecodeStep(model, static)
+
+        def eager(token: torch.Tensor) -> torch.Tensor:
+            step.input_ids.copy_(token)
+            return step()[1]
+
+        row["eager_static_ms"], eager_tokens = decode(eager, first, warmup, steps)
+        row["static_bytes"] = static.nbytes()
+        row["capacity"] = [layer.keys.shape[-2] for layer in static.layers]
+        same = (eager_tokens[timed] == dynamic[timed]).float().mean().item()
+        row["static_equals_dynamic"] = same
+        if device.type == "cuda":
+            row.update(graph_decode(step, static, first, warmup, steps))
+        static.close()
+    if "graph_tokens" in row:
+        agree = (row.pop("graph_tokens")[timed] == eager_tokens[timed]).float().mean().item()
+        row["graph_equals_static"], row["graph_static_agreement"] = agree == 1.0, agree
+        row["graph_speedup_vs_eager_dynamic"] = row["eager_dynamic_ms"] / row["graph_ms"]
+    for mode in MODES:
+        ms = row[f"{mode}_ms"]
+        row[f"{mode}_tokens_per_s"] = batch / ms * 1e3 if ms else None
+    return row
+
+
+def sweep(model, prompts, args, save) -> list[dict]:
+    """Every cache over the batches; running out of memory ends a cache's sweep. ``save`` after every row."""
+    rows = []
+    for config in args.configs:
+        for batch in args.batches:
+            try:
+                rows.append(measure(model, prompts, config, batch, args))
+            except torch.cuda.OutOfMemoryError as exc:
+                rows.append({"config": config, "batch": batch, "oom": str(exc).splitlines()[0]})
+            _collect(
+                model.device
+            )  # here, once the except block has dropped the failed frame's tensors
+            print(_line(rows[-1]), flush=True)
+            save(rows)
+            if "oom" in rows[-1]:
+                break
+    return rows
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _line(row: dict) -> str:
+    if "oom" in row:
+        return f"{row['config']} batch {row['batch']}: out of memory ({row['oom'][:80]})"
+    times = ", ".join(f"{mode} {_ms(row[f'{mode}_ms'])}" for mode in MODES)
+    check = {None: "no graph", True: "graph tokens = eager static", False: "GRAPH TOKENS DIFFER"}
+    graph = f"graph failed: {row['graph_error']}" if "graph_error" in row else None
+    return (
+        f"{row['config']} batch {row['batch']}: ms/step {times}; "
+        f"{graph or check[row['graph_equals_static']]}; "
+        f"static = dynamic tokens {row['static_equals_dynamic']:.0%}"
+    )
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    header = ["config", "batch", "eager dynamic ms", "eager static ms", "graph ms"]
+    header += ["graph tokens/s", "graph speedup", "graph = static", "static = dynamic"]
+    cells = []
+    for r in rows:
+        if "oom" in r:
+            cells.append([r["config"], r["batch"], "out of memory", *[""] * 6])
+            continue
+        speedup = r.get("graph_speedup_vs_eager_dynamic")
+        tokens = r["graph_tokens_per_s"]
+        check = {None: "-", True: "yes", False: "NO"}[r["graph_equals_static"]]
+        cells.append([
+            r["config"], r["batch"], *(_ms(r[f"{m}_ms"]) for m in MODES),
+            "-" if tokens is None else f"{tokens:,.0f}", "-" if speedup is None else f"{speedup:.1f}x",
+            "failed" if "graph_error" in r else check,
+            f"{r['static_equals_dynamic']:.0%}",
+        ])  # fmt: skip
+    widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
+    print(f"\n{title}")
+    for c in [header, ["-" * w for w in widths], *cells]:
+        print("  ".join(str(v).rjust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def tiny_model():
+    """A random-weight llama (4 layers, GQA 4/2): the CPU smoke run's model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # clear-cut greedy choices, so equal caches give equal tokens
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+    return model
+
+
+def arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model", default=None, help="default: $PYRAMIDKV_MODEL, else the embedded model")
+    add("--prompt", type=int, default=8000, help="prompt tokens per row")
+    add("--batches", default="1,8,32,128")
+    add("--configs", default="full,pyramidkv", help="full (DynamicCache) and/or pyramidkv")
+    add("--budget", default="10%", help="pyramidkv's average budget per layer")
+    add("--steps", type=int, default=32, help="timed decode steps")
+    add("--warmup", type=int, default=3, help="untimed decode steps before them")
+    add(
+        "--prefill-rows", type=int, default=8, help="distinct rows prefilled, repeated to the batch"
+    )
+    add("--out", default=None, help="folder; default benchmarks/results (smoke: the temp folder)")
+    add("--smoke", action="store_true", help="CPU check: tiny random llama, prompt 128, batch 1,2")
+    if parser.parse_known_args(argv)[
+        0
+    ].smoke:  # smoke sizes replace the defaults, not given options
+        parser.set_defaults(prompt=128, batches="1,2", steps=3, warmup=1, prefill_rows=1)
+    args = parser.parse_args(argv)
+    for name in ("prompt", "steps", "prefill_rows", "warmup"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; too small")
+    given = args.batches
+    try:
+        args.batches = sorted({int(b) for b in given.split(",")})
+    except ValueError:
+        args.batches = [0]
+    if args.batches[0] < 1:
+        parser.error(f"--batches: got {given!r}; expected comma-separated integers >= 1")
+    args.configs = args.configs.split(",")
+    unknown = sorted(set(args.configs) - {"full", "pyramidkv"})
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; expected full and/or pyramidkv")
+    return args
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return None
+
+
+def main(argv=None) -> dict:
+    args = arguments(argv)
+    if args.smoke:
+        model, name = tiny_model(), "tiny random llama"
+        generator = torch.Generator().manual_seed(0)
+        rows = min(args.prefill_rows, args.batches[-1])
+        prompts = torch.randint(
+            3, model.config.vocab_size, (rows, args.prompt), generator=generator
+        )
+        text = "random token ids"
+    else:
+        from generate_throughput import corpus_rows  # sibling script: the same prose windows
+        from pyramidkv.eval.corpus import source
+        from pyramidkv.models import load
+
+        model, tokenizer = load(args.model)
+        name = model.config.name_or_path or args.model or "embedded"
+        prompts = corpus_rows(tokenizer, min(args.prefill_rows, args.batches[-1]), args.prompt)
+        text = source()
+    device, positions = model.device, model.config.max_position_embeddings
+    if args.prompt + args.warmup + args.steps > positions:
+        raise SystemExit(
+            f"--prompt: {args.prompt} + {args.warmup} warm-up + {args.steps} steps is more than "
+            f"the model's {positions} positions"
+        )
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    record = {
+        "question": "ms per decode step: eager dynamic caches, eager static cache, CUDA-graph replay",
+        "date": date.today().isoformat(),
+        "command": shlex.join(
+            ["python", "benchmarks/cuda_graph_decode.py", *(argv or sys.argv[1:])]
+        ),
+        "machine": {
+            "device": str(device),
+            "gpu": gpu,
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            **{p: _version(p) for p in ("torch", "transformers", "triton")},
+        },
+        "model": {
+            "name": name,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "attention": model.config._attn_implementation,
+            **dict(layers=layers, kv_heads=kv_heads, head_dim=head_dim),
+        },
+        "prompt": {"tokens": args.prompt, "source": text, "padding": "none"},
+        "settings": vars(args),
+        "graph": "torch.cuda.CUDAGraph per (cache, batch)" if device.type == "cuda" else None,
+        "complete": False,
+    }
+    out = Path(
+        args.out or (tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cuda_graph_decode{'_smoke' if args.smoke else ''}.json"
+
+    def save(rows: list[dict]) -> None:
+        record["rows"] = rows
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+    rows = sweep(model, prompts, args, save)
+    record["complete"] = True
+    save(rows)
+    dtype = record["model"]["dtype"]
+    print_table(rows, f"{gpu or 'CPU'}, {name}, {dtype}, prompt {args.prompt}, {args.steps} steps")
+    print(f"wrote {path}")
+    failed = [
+        f"{r['config']} batch {r['batch']}: {r.get('graph_error', 'tokens differ from eager static')}"
+        for r in rows
+        if r.get("graph_equals_static") is False or "graph_error" in r
+    ]
+    if failed:
+        raise SystemExit("graph check failed (results saved): " + "; ".join(failed))
+    return record
+
+
+if __name__ == "__main__":
+    main()

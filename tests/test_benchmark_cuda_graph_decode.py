@@ -1,0 +1,51 @@
+"""``benchmarks/cuda_graph_decode.py --smoke``: the CPU run the lead checks before the GPU one.
+
+No graph and no timing claims on a CPU; what must hold is the record: every cache and batch measured in the
+two eager modes, the static cache's greedy tokens equal to the dynamic cache's (a float32 tiny model with
+clear-cut logits, so any difference is a bug), the JSON written and complete, bad options refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).parents[1] / "benchmarks" / "cuda_graph_decode.py"
+_SPEC = importlib.util.spec_from_file_location("cuda_graph_decode_bench", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = bench
+_SPEC.loader.exec_module(bench)
+
+
+def test_smoke_run_writes_every_row(tmp_path):
+    record = bench.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "cuda_graph_decode_smoke.json").read_text())
+    assert saved["complete"] and saved["rows"] == record["rows"]
+    assert {"date", "command", "machine"} <= set(saved)
+    assert {"torch", "transformers"} <= set(saved["machine"])
+    assert [(r["config"], r["batch"]) for r in saved["rows"]] == [
+        ("full", 1),
+        ("full", 2),
+        ("pyramidkv", 1),
+        ("pyramidkv", 2),
+    ]
+    for row in saved["rows"]:
+        assert row["eager_dynamic_ms"] > 0 and row["eager_static_ms"] > 0
+        assert row["graph_ms"] is None and row["graph_equals_static"] is None  # no graph on a CPU
+        assert row["static_equals_dynamic"] == 1.0, row
+    full, pyramid = saved["rows"][0], saved["rows"][2]
+    # static capacity: the prompt (full) or the widest kept row (pyramidkv) + max_new_tokens, 16-aligned
+    assert set(full["capacity"]) == {144}  # 128 + 4 new tokens -> 144
+    assert max(pyramid["capacity"]) < min(full["capacity"])
+
+
+@pytest.mark.parametrize(
+    "option,value", [("--batches", "0,2"), ("--configs", "full,h2o"), ("--steps", "0")]
+)
+def test_bad_options(option, value):
+    with pytest.raises(SystemExit):
+        bench.arguments(["--smoke", option, value])
