@@ -86,7 +86,7 @@ def fused_attention(
     from .epilogue import decode_epilogue
     from .fibquant_decode import (
         DecodeTuning,
-        launch_block,
+        launch_partials,
         make_workspace,
         plan_block,
         rotate_query,
@@ -105,9 +105,9 @@ def fused_attention(
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
     offset = 0
     for block, (use_mma, split) in zip(coded.blocks, plans, strict=True):
-        launch_block(
-            use_mma, q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace,
-            offset, split, tuning,
+        launch_partials(
+            q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace, offset,
+            split, tuning, use_mma,
         )  # fmt: skip
         offset += split
     rotation = codec_v.tensors(query.device, torch.float32)[0]

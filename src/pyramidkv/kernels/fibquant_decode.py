@@ -389,8 +389,8 @@ def fibquant_decode_attention(
             f"workspace must come from make_workspace for these shapes and split={split}"
         )
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
-    launch_block(
-        use_mma, q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning
+    launch_partials(
+        q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning, use_mma
     )
     out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
     out = out_rot @ codec_v.tensors(query.device, torch.float32)[0]  # x_hat = unit Pi, once per row
@@ -438,31 +438,6 @@ def plan_block(
     return use_mma, split_count(shape, tuning, device, split)
 
 
-def launch_block(
-    use_mma: bool,
-    q_rot: torch.Tensor,
-    codes_k: VectorCodes,
-    codes_v: VectorCodes,
-    codec_k: RotatedBlockCodec,
-    codec_v: RotatedBlockCodec,
-    lengths: torch.Tensor | None,
-    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    offset: int,
-    split: int,
-    tuning: DecodeTuning,
-) -> None:
-    """One block's split partials into ``workspace`` by the kernel :func:`plan_block` chose."""
-    if use_mma:
-        mma_decode.launch_mma_partials(
-            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split,
-            tuning.mma_warps,
-        )  # fmt: skip
-    else:
-        launch_partials(
-            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split, tuning
-        )
-
-
 def rotate_query(
     query: torch.Tensor,
     codec_k: RotatedBlockCodec,
@@ -501,9 +476,17 @@ def launch_partials(
     offset: int,
     split: int,
     tuning: DecodeTuning,
+    use_mma: bool = False,
 ) -> None:
-    """Run the decode kernel over one block of codes, writing its ``split`` partials at splits [offset, offset +
-    split) of ``workspace`` (several blocks share one workspace, merged by one epilogue)."""
+    """Run a decode kernel over one block of codes, writing its ``split`` partials at splits [offset, offset +
+    split) of ``workspace`` (several blocks share one workspace, merged by one epilogue): the Triton kernel,
+    or with ``use_mma`` (:func:`plan_block` says when) the CUDA kernel of :mod:`.mma_decode`."""
+    if use_mma:
+        mma_decode.launch_mma_partials(
+            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split,
+            tuning.mma_warps,
+        )  # fmt: skip
+        return
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
     s_kv, device = codes_k.shape[2], q_rot.device
