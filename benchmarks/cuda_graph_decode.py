@@ -2,6 +2,7 @@
 eager through the dynamic caches, eager through a static-shape cache, and one captured CUDA graph replayed.
 
     PYTHONPATH=src python benchmarks/cuda_graph_decode.py      # GPU: 8k prompts, batch 1,8,32,128, full and pyramidkv 10%
+    PYTHONPATH=src python benchmarks/cuda_graph_decode.py --configs fibquant,pyramidkv+fibquant --label codes
     python benchmarks/cuda_graph_decode.py --smoke             # CPU: tiny random llama, no graph, no timing claims
 
 On the H200 a decode step of the embedded model took ~18 ms with the full cache and 26-30 ms with PyramidKV
@@ -10,17 +11,24 @@ cache and batch, one prefill (``--prefill-rows`` rows in one forward, repeated t
 ``batch_select_indices`` as benchmarks/generate_throughput.py does), then three decodes of ``--warmup`` +
 ``--steps`` greedy steps from the same first token, the last ``--steps`` timed between synchronisations:
 
-* ``eager_dynamic`` — the existing cache (``DynamicCache`` for full, ``CompressedCache`` for pyramidkv)
+* ``eager_dynamic`` — the existing cache (``DynamicCache`` for full, ``CompressedCache`` for the others)
   through model forward, as generate_throughput.py times it;
 * ``eager_static`` — :class:`~pyramidkv.static_cache.StaticCompressedCache` built from that prefilled cache
   (the full cache too: one code path for both), stepped by :class:`~pyramidkv.static_cache.DecodeStep`;
 * ``graph`` (CUDA only) — that step captured once as a ``torch.cuda.CUDAGraph`` after a warm-up on a side
   stream, replayed per step, the greedy token copied into the step's input buffer between replays.
 
+Caches (``--configs``): ``full``, ``pyramidkv`` (at ``--budget``), and with FibQuant 2-bit codes and an fp16
+window of ``--residual`` tokens ``fibquant`` (every token) and ``pyramidkv+fibquant``: their static copy
+holds a store of codes and a ring of fp16 tokens (:mod:`pyramidkv.static_codes`). While warm-up and timed
+steps fit in the window (35 <= 64 by default) no token leaves it, but every step encodes and writes one
+slot all the same, so the time is that of any step.
+
 The graph's greedy tokens must equal the eager static cache's over the timed steps: checked, and the script
 exits with an error after saving when they do not. How often the static cache's tokens equal the dynamic
 cache's is reported (in bf16 the two sum the attention in different orders, so a near-tie may flip).
-Writes ``benchmarks/results/cuda_graph_decode.json`` (``--smoke``: the temp folder) after every row.
+Writes ``benchmarks/results/cuda_graph_decode.json`` (``--label x``: ``cuda_graph_decode_x.json``;
+``--smoke``: the temp folder) after every row.
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ GRAPH_WARMUP = (
     2  # eager steps on a side stream before capture (allocator and library workspaces settle)
 )
 MODES = ("eager_dynamic", "eager_static", "graph")
+CODEC = "fibquant:2"
+CONFIGS = {  # name -> (policy, codec) of the CompressedCache; full without codes is a DynamicCache
+    "full": ("full", None),
+    "pyramidkv": ("pyramidkv", None),
+    "fibquant": ("full", CODEC),
+    "pyramidkv+fibquant": ("pyramidkv", CODEC),
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -104,10 +119,11 @@ def capture(step: DecodeStep, cache: StaticCompressedCache, first: torch.Tensor)
     return graph, token
 
 
-def build_source(model, config: str, budget: str):
+def build_source(model, config: str, budget: str, residual: int):
+    policy, codec = CONFIGS[config]
     if config == "full":
         return DynamicCache(config=model.config)
-    return CompressedCache(model, config, budget)
+    return CompressedCache(model, policy, budget, codec=codec, residual=residual)
 
 
 def _collect(device: torch.device) -> None:
@@ -120,7 +136,7 @@ def _collect(device: torch.device) -> None:
 def prefill(model, prompts: torch.Tensor, config: str, batch: int, args):
     """The source cache of ``batch`` rows (``--prefill-rows`` prefilled, then repeated) and its first tokens."""
     device, rows = model.device, min(batch, args.prefill_rows)
-    source = build_source(model, config, args.budget)
+    source = build_source(model, config, args.budget, args.residual)
     first = _next(model, source, prompts[:rows].to(device), logits_to_keep=1)
     if batch > rows:
         index = torch.arange(batch, device=device) % rows
@@ -153,7 +169,8 @@ def graph_decode(step: DecodeStep, static, first: torch.Tensor, warmup: int, ste
 def measure(model, prompts: torch.Tensor, config: str, batch: int, args) -> dict:
     """The three decodes of one cache and batch from one prefill (see the module docstring)."""
     device, warmup, steps = model.device, args.warmup, args.steps
-    row: dict = {"config": config, "batch": batch, "prefill_rows": min(batch, args.prefill_rows)}
+    row: dict = {"config": config, "codec": CONFIGS[config][1], "batch": batch}
+    row["prefill_rows"] = min(batch, args.prefill_rows)
     row.update(graph_ms=None, capture_s=None, graph_equals_static=None)
     timed = slice(warmup, None)
     with torch.inference_mode():
@@ -177,7 +194,7 @@ def measure(model, prompts: torch.Tensor, config: str, batch: int, args) -> dict
 
         row["eager_static_ms"], eager_tokens = decode(eager, first, warmup, steps)
         row["static_bytes"] = static.nbytes()
-        row["capacity"] = [layer.keys.shape[-2] for layer in static.layers]
+        row["capacity"] = [layer.capacity for layer in static.layers]
         same = (eager_tokens[timed] == dynamic[timed]).float().mean().item()
         row["static_equals_dynamic"] = same
         if device.type == "cuda":
@@ -272,21 +289,25 @@ def arguments(argv=None) -> argparse.Namespace:
     add("--model", default=None, help="default: $PYRAMIDKV_MODEL, else the embedded model")
     add("--prompt", type=int, default=8000, help="prompt tokens per row")
     add("--batches", default="1,8,32,128")
-    add("--configs", default="full,pyramidkv", help="full (DynamicCache) and/or pyramidkv")
+    add("--configs", default="full,pyramidkv", help=f"comma-separated, of {', '.join(CONFIGS)}")
     add("--budget", default="10%", help="pyramidkv's average budget per layer")
+    add("--residual", type=int, default=64, help="fp16 window of the caches with codes, tokens")
     add("--steps", type=int, default=32, help="timed decode steps")
     add("--warmup", type=int, default=3, help="untimed decode steps before them")
     add(
         "--prefill-rows", type=int, default=8, help="distinct rows prefilled, repeated to the batch"
     )
     add("--out", default=None, help="folder; default benchmarks/results (smoke: the temp folder)")
+    add(
+        "--label", default=None, help="suffix of the JSON file's name: cuda_graph_decode_LABEL.json"
+    )
     add("--smoke", action="store_true", help="CPU check: tiny random llama, prompt 128, batch 1,2")
     if parser.parse_known_args(argv)[
         0
     ].smoke:  # smoke sizes replace the defaults, not given options
         parser.set_defaults(prompt=128, batches="1,2", steps=3, warmup=1, prefill_rows=1)
     args = parser.parse_args(argv)
-    for name in ("prompt", "steps", "prefill_rows", "warmup"):
+    for name in ("prompt", "steps", "prefill_rows", "warmup", "residual"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; too small")
     given = args.batches
@@ -297,9 +318,11 @@ def arguments(argv=None) -> argparse.Namespace:
     if args.batches[0] < 1:
         parser.error(f"--batches: got {given!r}; expected comma-separated integers >= 1")
     args.configs = args.configs.split(",")
-    unknown = sorted(set(args.configs) - {"full", "pyramidkv"})
+    unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
-        parser.error(f"--configs: unknown {unknown}; expected full and/or pyramidkv")
+        parser.error(f"--configs: unknown {unknown}; expected some of {', '.join(CONFIGS)}")
+    if args.label is not None and not args.label.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--label: got {args.label!r}; expected letters, digits, - and _")
     return args
 
 
@@ -365,7 +388,8 @@ def main(argv=None) -> dict:
         args.out or (tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results")
     )
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cuda_graph_decode{'_smoke' if args.smoke else ''}.json"
+    suffix = "".join(f"_{part}" for part in (args.label, "smoke" if args.smoke else None) if part)
+    path = out / f"cuda_graph_decode{suffix}.json"
 
     def save(rows: list[dict]) -> None:
         record["rows"] = rows

@@ -43,8 +43,39 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert max(pyramid["capacity"]) < min(full["capacity"])
 
 
+def test_smoke_run_of_the_caches_with_codes(tmp_path, monkeypatch):
+    """FibQuant codes, every token and PyramidKV's: the static cache with codes (its fp16 ring holds all 4
+    new tokens of the smoke run, as the dynamic cache's window does) gives the dynamic cache's tokens."""
+    monkeypatch.setenv("PYRAMIDKV_CACHE_DIR", str(tmp_path / "codebooks"))
+    configs = "fibquant,pyramidkv+fibquant"
+    bench.main(["--smoke", "--out", str(tmp_path), "--configs", configs, "--label", "codes"])
+    saved = json.loads((tmp_path / "cuda_graph_decode_codes_smoke.json").read_text())
+    assert saved["complete"] and saved["settings"]["residual"] == 64
+    assert [(r["config"], r["codec"], r["batch"]) for r in saved["rows"]] == [
+        ("fibquant", "fibquant:2", 1),
+        ("fibquant", "fibquant:2", 2),
+        ("pyramidkv+fibquant", "fibquant:2", 1),
+        ("pyramidkv+fibquant", "fibquant:2", 2),
+    ]
+    for row in saved["rows"]:
+        assert row["eager_dynamic_ms"] > 0 and row["eager_static_ms"] > 0
+        assert row["static_equals_dynamic"] == 1.0, row
+    full, pyramid = saved["rows"][0], saved["rows"][2]
+    # the store: the prompt (every token) or the widest kept row, + 1 slot, 16-aligned: 128 + 1 -> 144
+    assert set(full["capacity"]) == {144}
+    assert max(pyramid["capacity"]) < min(full["capacity"])
+    assert pyramid["static_bytes"] < full["static_bytes"]
+
+
 @pytest.mark.parametrize(
-    "option,value", [("--batches", "0,2"), ("--configs", "full,h2o"), ("--steps", "0")]
+    "option,value",
+    [
+        ("--batches", "0,2"),
+        ("--configs", "full,h2o"),
+        ("--steps", "0"),
+        ("--residual", "0"),
+        ("--label", "a/b"),
+    ],
 )
 def test_bad_options(option, value):
     with pytest.raises(SystemExit):

@@ -276,10 +276,11 @@ def test_a_step_past_max_new_tokens_is_refused_and_changes_nothing(prefilled):
 
 def test_sources_that_cannot_be_made_static(prefilled):
     model, _ = prefilled
-    with CompressedCache(model, "snapkv", 16, codec="fibquant:2", kernel="torch") as coded:
+    # FibQuant and TurboQuant codes are taken: tests/test_static_codes.py
+    with CompressedCache(model, "snapkv", 16, codec="kivi:2") as coded:
         with torch.no_grad():
             _prefill(model, coded)
-        with pytest.raises(ValueError, match=r"source: .*codec"):
+        with pytest.raises(ValueError, match=r"source: .*codec 'kivi:2'"):
             StaticCompressedCache(model, coded, max_new_tokens=4)
     with (
         CompressedCache(model, "snapkv", 16) as fresh,

@@ -24,6 +24,9 @@ through pyramidkv's registered attention function, which hands the query to :met
 attention over the buffers, with its mask, in :mod:`pyramidkv.static_attention` (batched matmuls split over
 the slots, flash-decoding style, for the few query rows of a decode step).
 
+A source with FibQuant or TurboQuant codes gets :class:`~pyramidkv.static_codes.StaticCodedLayer`
+layers instead: a static store of codes and a ring of fp16 recent tokens (:mod:`pyramidkv.static_codes`).
+
 The host also counts steps, to refuse one past ``max_new_tokens`` with a ``ValueError``; a replayed graph
 runs no Python, so whoever replays it counts the replays.
 """
@@ -36,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from . import attention, static_attention
+from . import attention, static_attention, static_codes
 from .accounting import kv_geometry
 from .cache import CompressedCache
+from .codecs.rotated import RotatedBlockCodec
 from .compat import cache_kwargs
+from .kernels import check_kernel, use_fused
 
 
 def _check_count(name: str, value, low: int, high: int | None = None) -> None:
@@ -77,6 +82,7 @@ class StaticLayer(CacheLayerMixin):
         self.chunk = static_attention._chunk(width + max_new_tokens, batch * kv_heads)
         capacity = -(-(width + max_new_tokens) // self.chunk) * self.chunk
         self.device, self.dtype, self.width = keys.device, keys.dtype, width
+        self.batch, self.capacity = batch, capacity
         self.keys = keys.new_zeros(batch, kv_heads, capacity, head_dim)
         self.values = values.new_zeros(batch, kv_heads, capacity, head_dim)
         self.keys[:, :, :width] = keys
@@ -172,64 +178,82 @@ def _held(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return keys, values, visible
 
 
-def _source_layers(source, layers: int) -> list[tuple]:
-    """(keys, values, visible, seen) per layer of a prefilled eviction-only CompressedCache or DynamicCache."""
-    found = []
-    if isinstance(source, CompressedCache):
-        if source.codecs is not None:
-            raise ValueError(
-                f"source: a CompressedCache with codec {source.codecs.label()!r}; the static cache takes "
-                "eviction-only caches (codec=None)"
-            )
-        for layer in source.layers:
-            if not layer.compressed:
-                raise ValueError(
-                    f"source: layer {layer.layer_idx} holds no prefilled prompt; run the prompt through "
-                    "the model with this cache first"
-                )
-            found.append((*_held(layer), layer.seen))
-    elif isinstance(source, Cache):
+def _coded_layers(source: CompressedCache, max_new_tokens: int, kernel: str | None) -> list:
+    """Static copies of a prefilled CompressedCache's coded layers; ``kernel`` as CompressedCache takes it
+    (``None``: the source's choice)."""
+    codecs = source.codecs
+    if not all(isinstance(c, RotatedBlockCodec) for c in (codecs.keys, codecs.values)):
+        raise ValueError(
+            f"source: a CompressedCache with codec {codecs.label()!r}; the static cache reads "
+            "FibQuant or TurboQuant codes, or none"
+        )
+    kernel = source.kernel if kernel is None else kernel
+    fused_ok = check_kernel(kernel, codecs, source.head_dim)
+    return [
+        static_codes.coded_layer(
+            layer, source.residual, max_new_tokens, use_fused(kernel, fused_ok, layer.device)
+        )
+        for layer in source.layers
+    ]
+
+
+def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None) -> list:
+    """Static layers copied from a prefilled CompressedCache or DynamicCache (the class docstring)."""
+    if not isinstance(source, Cache):
+        raise TypeError(
+            f"source: got {type(source).__name__}; expected a prefilled CompressedCache or a prefilled "
+            "DynamicCache"
+        )
+    if len(source.layers) != layers:
+        raise ValueError(f"source: {len(source.layers)} layers; the model has {layers}")
+    if not isinstance(source, CompressedCache):
         for index, layer in enumerate(source.layers):
             if type(layer) is not DynamicLayer or not layer.get_seq_length():
                 raise ValueError(
                     f"source: layer {index} is an empty or non-dynamic {type(layer).__name__}; expected "
                     "a DynamicCache that has prefilled the prompt"
                 )
-            found.append((layer.keys, layer.values, None, layer.get_seq_length()))
-    else:
-        raise TypeError(
-            f"source: got {type(source).__name__}; expected a prefilled CompressedCache without a codec "
-            "or a prefilled DynamicCache"
-        )
-    if len(found) != layers:
-        raise ValueError(f"source: {len(found)} layers; the model has {layers}")
-    return found
+        return [
+            StaticLayer(i, layer.keys, layer.values, None, layer.get_seq_length(), max_new_tokens)
+            for i, layer in enumerate(source.layers)
+        ]
+    for layer in source.layers:
+        if not layer.compressed:
+            raise ValueError(
+                f"source: layer {layer.layer_idx} holds no prefilled prompt; run the prompt through "
+                "the model with this cache first"
+            )
+    if source.codecs is not None:
+        return _coded_layers(source, max_new_tokens, kernel)
+    return [
+        StaticLayer(i, *_held(layer), layer.seen, max_new_tokens)
+        for i, layer in enumerate(source.layers)
+    ]
 
 
 class StaticCompressedCache(Cache):
     """A static-shape copy of a prefilled cache with room for ``max_new_tokens``: for CUDA-graph decoding.
 
     ``StaticCompressedCache(model, source, max_new_tokens=64)`` — ``source`` is a prefilled
-    :class:`~pyramidkv.cache.CompressedCache` without a codec (the tokens its eviction policy kept) or a
+    :class:`~pyramidkv.cache.CompressedCache` (the tokens its eviction policy kept; with a FibQuant or
+    TurboQuant codec, as codes and an fp16 window: :mod:`pyramidkv.static_codes`, one token per step) or a
     prefilled transformers ``DynamicCache`` (every token: the full-cache baseline, decoded through the very
-    same code). ``source`` is only read. Pass the static cache to a forward call like any cache, or decode
-    with :class:`DecodeStep`, whose inputs and outputs stay at fixed addresses. A step past
-    ``max_new_tokens`` raises ``ValueError``; :meth:`rewind` goes back to an earlier step.
+    same code). ``source`` is only read. ``kernel`` (codes only: ``"auto"``, ``"torch"`` or ``"triton"``
+    as CompressedCache takes it; default the source's) chooses the attention over the codes. Pass the
+    static cache to a forward call like any cache, or decode with :class:`DecodeStep`, whose inputs and
+    outputs stay at fixed addresses. A step past ``max_new_tokens`` raises ``ValueError``; :meth:`rewind`
+    goes back to an earlier step (with codes: to the start).
     """
 
-    def __init__(self, model, source, max_new_tokens: int):
+    def __init__(self, model, source, max_new_tokens: int, kernel: str | None = None):
         _check_count("max_new_tokens", max_new_tokens, 1)
         layers, _, _ = kv_geometry(model.config)
-        found = _source_layers(source, layers)
+        # normal tensors (not inference tensors), so decoding may run under no_grad or inference_mode
+        with torch.inference_mode(False), torch.no_grad():
+            built = _source_layers(source, layers, max_new_tokens, kernel)
         attention.install(model)
         self._release = weakref.finalize(self, attention.release, weakref.ref(model))
         self.max_new_tokens = max_new_tokens
-        # normal tensors (not inference tensors), so decoding may run under no_grad or inference_mode
-        with torch.inference_mode(False), torch.no_grad():
-            built = [
-                StaticLayer(index, keys, values, visible, seen, max_new_tokens)
-                for index, (keys, values, visible, seen) in enumerate(found)
-            ]
         super().__init__(layers=built)
 
     @property
@@ -277,7 +301,7 @@ class DecodeStep:
 
     def __init__(self, model, cache: StaticCompressedCache):
         self.model, self.cache = model, cache
-        batch = cache.layers[0].keys.shape[0]
+        batch = cache.layers[0].batch
         with torch.inference_mode(False):  # a normal tensor: copied into under any grad mode
             self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=cache.layers[0].device)
 

@@ -1,0 +1,320 @@
+"""The static-shape cache over FibQuant/TurboQuant codes: a decode step with codes, fit for one CUDA graph.
+
+:mod:`pyramidkv.static_cache` holds eviction-only caches in static buffers. With a codec
+(:class:`~pyramidkv.cache.CompressedCache` ``codec="fibquant:2"``) a layer holds codes (arXiv 2605.11478,
+2504.19874) and an fp16 recent window that the dynamic cache flushes into codes as one block every
+``residual`` tokens (KIVI's residual, Liu et al. 2024): a step whose work depends on the step. Here:
+
+* a **store** of codes: key and value indices (batch, kv_heads, capacity, bytes) and norms, the source's
+  blocks packed per row (row (b, h) valid up to ``lengths[b, h]``, a device int32 tensor the decode kernels
+  read), then room for the tokens that will leave the window;
+* a **ring** of exactly ``residual`` fp16 slots, key and value stacked (2, batch, kv_heads, R, d): the most
+  recent tokens. At build it holds the source's window (w <= R tokens, slots [0, w)); the other slots are
+  masked until written.
+
+Every step does the same work: the token in ring slot ``(w + step) % R`` is encoded (:class:`Encoder`,
+the codec's own arithmetic without its host checks) and scattered into the store at each row's length,
+the length grows by one when that slot held a token (from step R - w on), then the new token overwrites the
+slot. So the fp16 window always holds the last min(R, w + step + 1) tokens exactly and every older token is
+a code; the dynamic cache instead flushes R tokens at once, so the two agree while w + steps <= R.
+
+Attention (one new token per step): on CUDA (or with ``kernel="triton"``) the query is rotated once, the
+decode kernel writes the store's split partials into a workspace allocated at the first step, the ring's
+partial is written by torch as one more split in the rotated value space, and one
+:func:`~pyramidkv.kernels.epilogue.decode_epilogue` launch with an empty window merges, rotates back and
+writes the model's layout. The epilogue sees every slot of its own window (it masks only causally among
+new tokens), so a ring whose first R - w slots are still empty cannot be that window; as a split its empty
+slots get weight 0. Elsewhere the torch reference decodes the store and attends with
+:func:`~pyramidkv.kernels.chunked_attention`. No step reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin
+
+from . import attention
+from .codecs import VectorCodes
+from .codecs.packing import packed_bytes
+from .codecs.rotated import RotatedBlockCodec
+from .kernels import chunked_attention
+from .kernels.epilogue import decode_epilogue
+from .kernels.fibquant_decode import (
+    LOG2E,
+    DecodeTuning,
+    launch_partials,
+    make_workspace,
+    plan_block,
+    rotate_query,
+)
+from .kernels.mma_decode import launch_mma_partials
+
+ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
+TUNING = DecodeTuning()
+
+
+class Encoder:
+    """``codec.encode`` of (..., d) vectors as a fixed sequence of tensor operations: (indices uint8 (...,
+    bytes), norms fp16 (...)). The same arithmetic in the same order (normalise, x Pi^T, nearest codeword by
+    ``addmm``/``argmin``, bit-packing in :mod:`pyramidkv.codecs.packing`'s layout), so the codes are equal;
+    without the codec's host-side checks, which a CUDA graph cannot run: a norm beyond fp16 is stored as inf."""
+
+    def __init__(self, codec: RotatedBlockCodec, device: torch.device, dtype: torch.dtype):
+        self.compute = torch.float64 if dtype == torch.float64 else torch.float32
+        self.rotation, self.codebook = codec.tensors(device, self.compute)
+        self.squared = (self.codebook * self.codebook).sum(-1)
+        self.d, self.k, self.blocks, self.bits = codec.d, codec.k, codec.blocks, codec.index_bits
+        self.nbytes = packed_bytes(self.blocks, self.bits)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, self.d).to(self.compute)
+        nu = torch.linalg.vector_norm(flat, dim=-1)
+        unit = flat / nu.clamp_min(torch.finfo(self.compute).tiny).unsqueeze(-1)
+        points = (unit @ self.rotation.T).reshape(-1, self.k)
+        scores = torch.addmm(self.squared, points, self.codebook.T, alpha=-2)
+        nearest = scores.argmin(-1).reshape(-1, self.blocks)
+        lead = x.shape[:-1]
+        packed = pack(nearest, self.bits)
+        return packed.reshape(*lead, self.nbytes), nu.to(torch.float16).reshape(lead)
+
+
+def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """(P, count) integer indices below 2^bits -> (P, bytes) uint8 in the layout of
+    :func:`pyramidkv.codecs.packing.pack_bits` (index j in stream bits [j bits, (j + 1) bits), least
+    significant first), by static-shape operations and without its range check (a host read)."""
+    if bits == 8:
+        return indices.to(torch.uint8)
+    nbytes = packed_bytes(indices.shape[-1], bits)
+    shifts = torch.arange(bits, device=indices.device)
+    stream = ((indices.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # (P, count * bits) bits
+    stream = F.pad(stream, (0, 8 * nbytes - stream.shape[-1]))
+    place = torch.arange(8, device=indices.device)
+    return (stream.view(-1, nbytes, 8) << place).sum(-1).to(torch.uint8)
+
+
+def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:
+    """A coded layer's blocks (:class:`~pyramidkv.coded.CodedBlocks` ``.blocks``) as one ragged block: row
+    (b, h) holds its valid codes first, in order (the ragged prompt, then the flushed windows), then
+    leftovers; and its (batch, kv_heads) lengths. Read once, when the static cache is built."""
+    if not blocks or not all(isinstance(b.keys, VectorCodes) for b in blocks):
+        raise ValueError("source: expected a layer holding FibQuant or TurboQuant codes")
+    valid = []
+    for block in blocks:
+        slots = torch.arange(block.tokens, device=block.keys.norms.device)
+        limit = block.tokens if block.lengths is None else block.lengths[..., None]
+        valid.append((slots < limit).expand(block.keys.shape))
+    valid = torch.cat(valid, dim=-1)
+    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
+    joined = []
+    for side in ("keys", "values"):
+        codes = [getattr(b, side) for b in blocks]
+        indices = torch.cat([c.indices for c in codes], dim=-2)
+        norms = torch.cat([c.norms for c in codes], dim=-1)
+        gather = order.unsqueeze(-1).expand(*order.shape, indices.shape[-1])
+        joined.append(
+            VectorCodes(codes[0].dtype, indices.gather(-2, gather), norms.gather(-1, order))
+        )
+    return joined[0], joined[1], valid.sum(-1).to(torch.int32)
+
+
+class StaticCodedLayer(CacheLayerMixin):
+    """One layer's store of codes and fp16 ring, updated by a fixed sequence of device operations (module doc)."""
+
+    is_compileable = False  # lets transformers skip its decode mask (eager); attend masks by itself
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        layer_idx: int,
+        codecs,
+        keys: VectorCodes,
+        values: VectorCodes,
+        lengths: torch.Tensor,
+        window_keys: torch.Tensor,
+        window_values: torch.Tensor,
+        residual: int,
+        seen: int,
+        max_new_tokens: int,
+        fused: bool,
+    ):
+        """``keys``/``values``: codes (batch, kv_heads, width) of which row (b, h) holds ``lengths[b, h]``
+        first; ``window_keys``/``window_values`` (batch, kv_heads, w, d): the fp16 tokens after them,
+        w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels."""
+        super().__init__()
+        batch, kv_heads, held, dim = window_keys.shape
+        if not residual >= 1 or held > residual:
+            raise ValueError(f"residual: got {residual!r}; expected an integer >= {max(1, held)}")
+        self.layer_idx, self.codecs, self.fused = layer_idx, codecs, fused
+        self.max_new_tokens, self.residual, self.held = max_new_tokens, residual, held
+        self.start = self.seen = seen
+        self.appended = 0  # host copy of the step counter, to refuse a step past max_new_tokens
+        self.device, self.dtype, self.batch = window_keys.device, window_keys.dtype, batch
+        widest = int(lengths.max())  # one host read per layer, at build
+        # tokens that will leave the ring; >= 1: steps before it is full write one slot past the rows
+        leaving = max(1, held + max_new_tokens - residual)
+        self.capacity = -(-(widest + leaving) // ALIGN) * ALIGN
+        self.store = [self._stored(codes, widest) for codes in (keys, values)]
+        self.lengths = lengths.to(self.device, torch.int32).clone()
+        self.built_lengths = self.lengths.clone()
+        self.window = torch.stack([window_keys, window_values]).clone()  # for rewind
+        self.ring = window_keys.new_zeros(2, batch, kv_heads, residual, dim)
+        self.ring[:, :, :, :held] = self.window
+        self.keys, self.values = self.ring[0], self.ring[1]
+        slots = torch.arange(residual, device=self.device)
+        self.order = torch.where(slots < held, -1, slots - held)  # new token of each slot, -1: held
+        self.slots = torch.arange(self.capacity, device=self.device)
+        self.step = torch.zeros((), dtype=torch.long, device=self.device)
+        self.visible = self.order < 0  # ring slots the queries being decoded see
+        self.same = codecs.keys == codecs.values  # one encode of keys and values stacked
+        self.encoders = [Encoder(c, self.device, self.dtype) for c in (codecs.keys, codecs.values)]
+        self.rotation = codecs.values.tensors(self.device, torch.float32)[0]
+        self.plans: dict[int, tuple] = {}  # query rows -> kernel, split, workspace
+        self.is_initialized = True
+
+    def _stored(self, codes: VectorCodes, widest: int) -> VectorCodes:
+        batch, kv_heads, _ = codes.shape
+        indices = codes.indices.new_zeros(batch, kv_heads, self.capacity, codes.indices.shape[-1])
+        norms = codes.norms.new_zeros(batch, kv_heads, self.capacity)
+        indices[:, :, :widest] = codes.indices[:, :, :widest]
+        norms[:, :, :widest] = codes.norms[:, :, :widest]
+        return VectorCodes(codes.dtype, indices.to(self.device), norms.to(self.device))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the buffers are allocated when the cache is built."""
+
+    def is_fresh(self) -> bool:
+        """Never: the prompt was prefilled (and compressed) in the source cache."""
+        return False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Encode the token leaving the ring into the store, put the new one in its slot (module doc)."""
+        q_len = key_states.shape[-2]
+        if q_len != 1:
+            raise ValueError(
+                f"key_states: got {q_len} tokens; a static cache with codes takes one per step "
+                "(feed longer inputs to the source cache before building it)"
+            )
+        if self.appended + q_len > self.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens: the cache was built for {self.max_new_tokens} new tokens and holds "
+                f"{self.appended}; {q_len} more do not fit (build it with a larger max_new_tokens)"
+            )
+        slot = (self.step + self.held).remainder(self.residual).view(1)
+        leaving = self.ring.index_select(3, slot)  # (2, batch, kv_heads, 1, d)
+        if self.same:
+            indices, norms = self.encoders[0](leaving)
+            codes = [(indices[0], norms[0]), (indices[1], norms[1])]
+        else:
+            codes = [encode(x) for encode, x in zip(self.encoders, leaving, strict=True)]
+        at = self.lengths.long().unsqueeze(-1)  # (batch, kv_heads, 1): each row's next free slot
+        for store, (indices, norms) in zip(self.store, codes, strict=True):
+            store.indices.scatter_(2, at.unsqueeze(-1).expand_as(indices), indices)
+            store.norms.scatter_(2, at, norms)
+        self.lengths.add_(self.step >= self.residual - self.held)  # the slot held a token
+        self.ring.index_copy_(3, slot, torch.stack([key_states, value_states]))
+        self.visible = self.order <= self.step
+        self.step.add_(1)
+        self.appended += 1
+        self.seen += 1
+        attention.announce(self)
+        return self.keys, self.values
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of (batch, q_heads, 1, d) queries over the store and the ring; (batch, 1, q_heads, d)."""
+        if self.fused:
+            return self._attend_fused(query, scaling)
+        codec_k, codec_v = self.codecs.keys, self.codecs.values
+        keys = codec_k.decode(self.store[0], self.dtype)
+        values = codec_v.decode(self.store[1], self.dtype)
+        coded = (self.slots < self.lengths.unsqueeze(-1)).unsqueeze(-2)
+        chunks = [(keys, values, coded), (self.keys, self.values, self.visible.view(1, 1, 1, -1))]
+        return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
+
+    def _plan(self, rows: int) -> tuple[bool, int, tuple]:
+        """Kernel and split of the store for ``rows`` query rows per KV head, and a workspace with one
+        more split for the ring: chosen and allocated once, at the first step (before any capture)."""
+        if rows not in self.plans:
+            batch, kv_heads = self.lengths.shape
+            shape = (batch, kv_heads, self.capacity)
+            use_mma, split = plan_block(
+                shape, self.codecs.keys, self.codecs.values, rows, TUNING, self.device
+            )
+            with torch.inference_mode(False):  # written in place under any grad mode
+                workspace = make_workspace(
+                    batch, kv_heads, rows, split + 1, self.ring.shape[-1], self.device
+                )
+            self.plans[rows] = (use_mma, split, workspace)
+        return self.plans[rows]
+
+    def _attend_fused(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        batch, q_heads, _, dim = query.shape
+        kv_heads = self.lengths.shape[1]
+        rows = q_heads // kv_heads
+        use_mma, split, workspace = self._plan(rows)
+        codec_k, codec_v = self.codecs.keys, self.codecs.values
+        q_rot = rotate_query(query, codec_k, scaling, kv_heads, TUNING.codebook_dtype)
+        codes = (q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split)
+        if use_mma:
+            launch_mma_partials(*codes, TUNING.mma_warps)
+        else:
+            launch_partials(*codes, TUNING)
+        # the ring as split ``split``: base-2 scores, masked slots weigh 0, values in rotated space
+        acc, row_max, row_sum = workspace
+        q = query.reshape(batch, kv_heads, rows, dim).float() * (scaling * LOG2E)
+        scores = (q @ self.keys.float().transpose(-1, -2)).masked_fill(~self.visible, -torch.inf)
+        top = scores.amax(-1, keepdim=True)  # finite: the new token's slot is visible
+        weights = torch.exp2(scores - top)
+        row_max[:, :, split] = top.squeeze(-1)
+        row_sum[:, :, split] = weights.sum(-1)
+        acc[:, :, split] = weights @ (self.values.float() @ self.rotation.T)
+        empty = self.ring[0, :, :, :0]
+        return decode_epilogue(workspace, self.rotation, query, empty, empty, scaling)
+
+    def rewind(self, appended: int) -> None:
+        """Back to the state of the build (``appended`` = 0): the tokens that left the ring since are codes
+        now, so no other step can be restored."""
+        if appended:
+            raise ValueError(
+                f"appended: got {appended}; a static cache with codes rewinds only to 0 (the tokens "
+                "that left its fp16 window are codes now)"
+            )
+        self.ring[:, :, :, : self.held] = self.window
+        self.lengths.copy_(self.built_lengths)
+        self.step.zero_()
+        self.visible = self.order < 0
+        self.appended, self.seen = 0, self.start
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.start + self.max_new_tokens
+
+    def nbytes(self) -> int:
+        tensors = [t for codes in self.store for t in (codes.indices, codes.norms)]
+        tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reset(self) -> None:
+        """Back to the state the cache was built in."""
+        self.rewind(0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError(
+            "StaticCompressedCache: rows cannot be reordered in place; reorder the source cache "
+            "(batch_select_indices) before building the static cache from it"
+        )
+
+
+def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> StaticCodedLayer:
+    """The static copy of a prefilled :class:`~pyramidkv.cache.CompressedLayer` holding codes."""
+    keys, values, lengths = compact(layer.coded.blocks)
+    return StaticCodedLayer(
+        layer.layer_idx, layer.coded.codecs, keys, values, lengths, layer.keys, layer.values,
+        residual, layer.seen, max_new_tokens, fused,
+    )  # fmt: skip
