@@ -67,3 +67,14 @@ def test_bad_input():
         unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, count=16)
     with pytest.raises(TypeError, match="packed"):
         unpack_bits(torch.zeros(6, dtype=torch.int32), 3, count=16)
+
+
+def test_unchecked_packing_skips_only_the_range_check():
+    """check=False (for CUDA graphs: no host read) packs valid indices as the checked call does, and lets
+    an out-of-range index through instead of reading the tensor to refuse it."""
+    indices = torch.randint(0, 64, (5, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pack_bits(indices, 6, check=False), pack_bits(indices, 6))
+    indices[0, 0] = 64
+    with pytest.raises(ValueError, match="indices must lie in"):
+        pack_bits(indices, 6)
+    assert pack_bits(indices, 6, check=False).shape == (5, packed_bytes(11, 6))

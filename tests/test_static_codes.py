@@ -20,15 +20,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pyramidkv.cache import CompressedCache
 from pyramidkv.codecs import FibQuant, TurboQuant
-from pyramidkv.codecs.packing import pack_bits
 from pyramidkv.coded import make_codecs
 from pyramidkv.compat import cache_kwargs
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
-from pyramidkv.static_codes import Encoder, StaticCodedLayer, pack
+from pyramidkv.static_codes import Encoder, StaticCodedLayer
 
 from .conftest import make_tiny
+from .test_static_cache import ROWS, _batch  # the same left-padded ragged batch
 
-ROWS = (60, 45, 52)  # real tokens per row, left-padded: ragged kept lengths
 RESIDUAL = 4
 STEPS = 9
 DEVICES = [
@@ -62,13 +61,6 @@ def test_the_encoder_writes_the_codecs_codes(codec, dtype):
     want = codec.encode(x)
     assert indices.dtype == torch.uint8 and torch.equal(indices, want.indices)
     assert torch.equal(norms, want.norms)
-
-
-@pytest.mark.parametrize("bits", range(1, 17))
-def test_packing_equals_pack_bits(bits):
-    indices = torch.randint(0, 1 << bits, (5, 11), generator=torch.Generator().manual_seed(bits))
-    indices[0] = (1 << bits) - 1  # every bit set
-    assert torch.equal(pack(indices, bits), pack_bits(indices, bits))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,17 +162,6 @@ def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, d
 
 # ---------------------------------------------------------------------------------------------------
 # a model decoding through the cache
-
-
-def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(ROWS)
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(ROWS), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(ROWS):
-        ids[i, width - n :] = torch.randint(3, 97, (n,), generator=generator)
-        mask[i, width - n :] = 1
-    return ids, mask
 
 
 def _source(model, policy: str, codec: str, before: int, **options) -> tuple[CompressedCache, list]:

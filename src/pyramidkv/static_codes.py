@@ -31,12 +31,11 @@ slots get weight 0. Elsewhere the torch reference decodes the store and attends 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
 from . import attention
 from .codecs import VectorCodes
-from .codecs.packing import packed_bytes
+from .codecs.packing import pack_bits, packed_bytes
 from .codecs.rotated import RotatedBlockCodec
 from .kernels import chunked_attention
 from .kernels.epilogue import decode_epilogue
@@ -56,41 +55,22 @@ TUNING = DecodeTuning()
 
 class Encoder:
     """``codec.encode`` of (..., d) vectors as a fixed sequence of tensor operations: (indices uint8 (...,
-    bytes), norms fp16 (...)). The same arithmetic in the same order (normalise, x Pi^T, nearest codeword by
-    ``addmm``/``argmin``, bit-packing in :mod:`pyramidkv.codecs.packing`'s layout), so the codes are equal;
-    without the codec's host-side checks, which a CUDA graph cannot run: a norm beyond fp16 is stored as inf."""
+    bytes), norms fp16 (...)). The codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then
+    :func:`~pyramidkv.codecs.packing.pack_bits`), so the codes are equal; without its host-side checks, which
+    a CUDA graph cannot run: a norm beyond fp16 is stored as inf."""
 
     def __init__(self, codec: RotatedBlockCodec, device: torch.device, dtype: torch.dtype):
+        self.codec = codec
         self.compute = torch.float64 if dtype == torch.float64 else torch.float32
         self.rotation, self.codebook = codec.tensors(device, self.compute)
-        self.squared = (self.codebook * self.codebook).sum(-1)
-        self.d, self.k, self.blocks, self.bits = codec.d, codec.k, codec.blocks, codec.index_bits
-        self.nbytes = packed_bytes(self.blocks, self.bits)
+        self.nbytes = packed_bytes(codec.blocks, codec.index_bits)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.reshape(-1, self.d).to(self.compute)
-        nu = torch.linalg.vector_norm(flat, dim=-1)
-        unit = flat / nu.clamp_min(torch.finfo(self.compute).tiny).unsqueeze(-1)
-        points = (unit @ self.rotation.T).reshape(-1, self.k)
-        scores = torch.addmm(self.squared, points, self.codebook.T, alpha=-2)
-        nearest = scores.argmin(-1).reshape(-1, self.blocks)
+        flat = x.reshape(-1, self.codec.d).to(self.compute)
+        nu, nearest = self.codec.quantize(flat, self.rotation, self.codebook)
+        packed = pack_bits(nearest, self.codec.index_bits, check=False)
         lead = x.shape[:-1]
-        packed = pack(nearest, self.bits)
         return packed.reshape(*lead, self.nbytes), nu.to(torch.float16).reshape(lead)
-
-
-def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
-    """(P, count) integer indices below 2^bits -> (P, bytes) uint8 in the layout of
-    :func:`pyramidkv.codecs.packing.pack_bits` (index j in stream bits [j bits, (j + 1) bits), least
-    significant first), by static-shape operations and without its range check (a host read)."""
-    if bits == 8:
-        return indices.to(torch.uint8)
-    nbytes = packed_bytes(indices.shape[-1], bits)
-    shifts = torch.arange(bits, device=indices.device)
-    stream = ((indices.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # (P, count * bits) bits
-    stream = F.pad(stream, (0, 8 * nbytes - stream.shape[-1]))
-    place = torch.arange(8, device=indices.device)
-    return (stream.view(-1, nbytes, 8) << place).sum(-1).to(torch.uint8)
 
 
 def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:

@@ -30,18 +30,21 @@ def _positions(count: int, bits: int, device: torch.device) -> tuple[torch.Tenso
     return start // 8, start % 8
 
 
-def pack_bits(indices: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
     """Pack integer ``indices[..., count]`` with values in ``[0, 2**bits)`` into ``uint8[..., packed_bytes]``.
 
     An index shifted by its bit offset spans at most 3 bytes (offset <= 7, bits <= 16); the spans of
     different indices never overlap, so adding each index's 3 byte contributions equals OR-ing its bits in.
+    ``check=False`` skips the range check, a read of the indices on the host: the static-shape operations
+    that remain can run inside a CUDA graph (:mod:`pyramidkv.static_codes`), whose indices come from an
+    ``argmin`` and are in range by construction.
     """
     _check_bits(bits)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     if indices.dim() == 0:
         raise ValueError("indices must have at least one dimension (the indices of one vector)")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 1 << bits):
+    if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 1 << bits):
         raise ValueError(
             f"indices must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
             f"got values in [{int(indices.min())}, {int(indices.max())}]"

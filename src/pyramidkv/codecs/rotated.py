@@ -110,23 +110,30 @@ class RotatedBlockCodec(Codec):
         # rows per chunk: bounds the score matrix of the nearest-codeword search, and all temporaries
         rows = max(1, score_budget(x.device) // (self.blocks * self.n))
         for start in range(0, flat.shape[0], rows):
-            chunk = flat[start : start + rows].to(compute)
-            nu = torch.linalg.vector_norm(chunk, dim=-1)
+            nu, nearest = self.quantize(flat[start : start + rows].to(compute), rotation, codebook)
             stored = nu.to(torch.float16)
             if bool(torch.isinf(stored).any()):
                 raise ValueError(
                     f"x has a vector of norm {float(nu.max()):.4g}, beyond the fp16 range ({FP16_MAX:g}) "
                     "its norm is stored in; scale the input down"
                 )
-            unit = chunk / nu.clamp_min(torch.finfo(compute).tiny).unsqueeze(-1)
-            points = (unit @ rotation.T).reshape(-1, self.k)
-            nearest = nearest_codeword(points, codebook).reshape(-1, self.blocks)
             indices[start : start + rows] = pack_bits(nearest, self.index_bits)
             norms[start : start + rows] = stored
         lead = x.shape[:-1]
         return VectorCodes(
             dtype=x.dtype, indices=indices.reshape(*lead, nbytes), norms=norms.reshape(lead)
         )
+
+    def quantize(
+        self, flat: torch.Tensor, rotation: torch.Tensor, codebook: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The arithmetic of :meth:`encode` on (P, d) rows in the compute dtype: their norms nu (P,) and the
+        nearest-codeword index of each block of the rotated unit vectors, (P, d/k) int64. No checks and no
+        host reads, so a CUDA graph can capture it (:mod:`pyramidkv.static_codes`)."""
+        nu = torch.linalg.vector_norm(flat, dim=-1)
+        unit = flat / nu.clamp_min(torch.finfo(flat.dtype).tiny).unsqueeze(-1)
+        points = (unit @ rotation.T).reshape(-1, self.k)
+        return nu, nearest_codeword(points, codebook).reshape(-1, self.blocks)
 
     def unpack(self, codes: VectorCodes) -> torch.Tensor:
         """Codebook indices ``int64[..., d/k]`` of the codes."""
