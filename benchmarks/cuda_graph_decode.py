@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import platform
 import shlex
@@ -50,10 +49,16 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from generate_throughput import (  # sibling script
+    corpus_rows,
+    next_token,
+    package_version,
+    parse_batches,
+    sync,
+)
 from pyramidkv.accounting import cache_nbytes, kv_geometry
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
 
 GRAPH_WARMUP = (
@@ -69,17 +74,6 @@ CONFIGS = {  # name -> (policy, codec) of the CompressedCache; full without code
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _next(model, cache, ids: torch.Tensor, **options) -> torch.Tensor:
-    """One forward with the cache; the greedy next token of every row, (batch, 1)."""
-    logits = model(input_ids=ids, **cache_kwargs(model, cache), **options).logits
-    return logits[:, -1].argmax(-1, keepdim=True)
-
-
 def decode(advance, first: torch.Tensor, warmup: int, steps: int) -> tuple[float, torch.Tensor]:
     """ms per step of ``steps`` calls of ``advance(token) -> next token`` after ``warmup`` untimed ones, and
     the (warmup + steps, batch) greedy tokens, recorded on the device so the host never waits for them."""
@@ -89,12 +83,12 @@ def decode(advance, first: torch.Tensor, warmup: int, steps: int) -> tuple[float
     for i in range(warmup):
         token = advance(token)
         tokens[i].copy_(token.view(-1))
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         token = advance(token)
         tokens[i].copy_(token.view(-1))
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / steps * 1e3, tokens.cpu()
 
 
@@ -137,7 +131,7 @@ def prefill(model, prompts: torch.Tensor, config: str, batch: int, args):
     """The source cache of ``batch`` rows (``--prefill-rows`` prefilled, then repeated) and its first tokens."""
     device, rows = model.device, min(batch, args.prefill_rows)
     source = build_source(model, config, args.budget, args.residual)
-    first = _next(model, source, prompts[:rows].to(device), logits_to_keep=1)
+    first = next_token(model, source, prompts[:rows].to(device), logits_to_keep=1)
     if batch > rows:
         index = torch.arange(batch, device=device) % rows
         source.batch_select_indices(index)
@@ -179,7 +173,7 @@ def measure(model, prompts: torch.Tensor, config: str, batch: int, args) -> dict
         static = StaticCompressedCache(model, source, max(warmup + steps, GRAPH_WARMUP + 1))
         # the SDPA backends generate_throughput.py gives every cache (no cuDNN planning per length)
         with decode_backends(device):
-            ms, dynamic = decode(partial(_next, model, source), first, warmup, steps)
+            ms, dynamic = decode(partial(next_token, model, source), first, warmup, steps)
         row["eager_dynamic_ms"] = ms
         if isinstance(source, CompressedCache):
             source.close()
@@ -310,13 +304,7 @@ def arguments(argv=None) -> argparse.Namespace:
     for name in ("prompt", "steps", "prefill_rows", "warmup", "residual"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; too small")
-    given = args.batches
-    try:
-        args.batches = sorted({int(b) for b in given.split(",")})
-    except ValueError:
-        args.batches = [0]
-    if args.batches[0] < 1:
-        parser.error(f"--batches: got {given!r}; expected comma-separated integers >= 1")
+    args.batches = parse_batches(parser, args.batches)
     args.configs = args.configs.split(",")
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
@@ -324,13 +312,6 @@ def arguments(argv=None) -> argparse.Namespace:
     if args.label is not None and not args.label.replace("-", "").replace("_", "").isalnum():
         parser.error(f"--label: got {args.label!r}; expected letters, digits, - and _")
     return args
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.import_module(package).__version__
-    except ImportError:
-        return None
 
 
 def main(argv=None) -> dict:
@@ -344,7 +325,6 @@ def main(argv=None) -> dict:
         )
         text = "random token ids"
     else:
-        from generate_throughput import corpus_rows  # sibling script: the same prose windows
         from pyramidkv.eval.corpus import source
         from pyramidkv.models import load
 
@@ -371,7 +351,7 @@ def main(argv=None) -> dict:
             "gpu": gpu,
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
-            **{p: _version(p) for p in ("torch", "transformers", "triton")},
+            **{p: package_version(p) for p in ("torch", "transformers", "triton")},
         },
         "model": {
             "name": name,

@@ -99,7 +99,8 @@ def corpus_rows(tokenizer, rows: int, length: int) -> torch.Tensor:
     return torch.stack([ids[i * stride : i * stride + length] for i in range(rows)])
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -125,14 +126,14 @@ def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows)
     try:
         with torch.inference_mode():
             ids = prompts[:rows].to(device)
-            _sync(device)
+            sync(device)
             _peak(device, reset=True)
             start = time.perf_counter()
             try:
-                token = _next(model, cache, ids, logits_to_keep=1)
+                token = next_token(model, cache, ids, logits_to_keep=1)
             except torch.cuda.OutOfMemoryError as exc:
                 raise PrefillOutOfMemory(str(exc).splitlines()[0]) from None
-            _sync(device)
+            sync(device)
             prefill_s = time.perf_counter() - start
             prefill_peak = _peak(device, reset=True)
             if batch > rows:
@@ -144,12 +145,12 @@ def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows)
             # per key length), so the full cache's baseline pays no per-shape cost either
             with decode_backends(device):
                 for _ in range(warmup):
-                    token = _next(model, cache, token)
-                _sync(device)
+                    token = next_token(model, cache, token)
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
-                    token = _next(model, cache, token)
-                _sync(device)
+                    token = next_token(model, cache, token)
+                sync(device)
                 decode_s = time.perf_counter() - start
         shared = cache.codebook_nbytes() if isinstance(cache, CompressedCache) else 0
         held = cache_nbytes(cache)
@@ -172,7 +173,7 @@ def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows)
     }
 
 
-def _next(model, cache, ids: torch.Tensor, **options) -> torch.Tensor:
+def next_token(model, cache, ids: torch.Tensor, **options) -> torch.Tensor:
     """One forward with the cache; the greedy next token of every row, (batch, 1)."""
     logits = model(input_ids=ids, **cache_kwargs(model, cache), **options).logits
     return logits[:, -1].argmax(-1, keepdim=True)
@@ -297,6 +298,17 @@ def print_tables(rows: list, fixed: list, labels: dict, title: str) -> None:
         _print_table(title, header, cells)
 
 
+def parse_batches(parser: argparse.ArgumentParser, given: str) -> list[int]:
+    """``--batches 1,8,32`` -> sorted distinct integers >= 1, or the parser's error naming the option."""
+    try:
+        batches = sorted({int(b) for b in given.split(",")})
+    except ValueError:
+        batches = [0]
+    if batches[0] < 1:
+        parser.error(f"--batches: got {given!r}; expected comma-separated integers >= 1")
+    return batches
+
+
 def arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -328,13 +340,7 @@ def arguments(argv=None) -> argparse.Namespace:
         args.kv_memory_bytes = None
     if args.kv_memory_bytes is None:
         parser.error(f"--kv-memory: got {args.kv_memory!r}; expected bytes (16GiB, 512MiB) or 0")
-    given = args.batches
-    try:
-        args.batches = sorted({int(b) for b in given.split(",")})
-    except ValueError:
-        args.batches = [0]
-    if args.batches[0] < 1:
-        parser.error(f"--batches: got {given!r}; expected comma-separated integers >= 1")
+    args.batches = parse_batches(parser, args.batches)
     unknown = set(args.configs.split(",")) - set(specs("", ""))
     if unknown:
         parser.error(
@@ -343,7 +349,8 @@ def arguments(argv=None) -> argparse.Namespace:
     return args
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """A package's version, or None when it is not installed."""
     try:
         return importlib.import_module(package).__version__
     except ImportError:
@@ -377,7 +384,7 @@ def main(argv=None) -> None:
             "gpu": gpu,
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
-            **{p: _version(p) for p in ("torch", "transformers", "triton")},
+            **{p: package_version(p) for p in ("torch", "transformers", "triton")},
         },
         "model": {
             "name": model.config.name_or_path or args.model or "embedded",

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 _PATH = Path(__file__).parents[1] / "benchmarks" / "cuda_graph_decode.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling generate_throughput.py
 _SPEC = importlib.util.spec_from_file_location("cuda_graph_decode_bench", _PATH)
 bench = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = bench
