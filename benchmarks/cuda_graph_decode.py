@@ -59,11 +59,9 @@ from generate_throughput import (  # sibling script
 from pyramidkv.accounting import cache_nbytes, kv_geometry
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
+from pyramidkv.graph_decode import WARMUP, capture
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
 
-GRAPH_WARMUP = (
-    2  # eager steps on a side stream before capture (allocator and library workspaces settle)
-)
 MODES = ("eager_dynamic", "eager_static", "graph")
 CODEC = "fibquant:2"
 CONFIGS = {  # name -> (policy, codec) of the CompressedCache; full without codes is a DynamicCache
@@ -90,27 +88,6 @@ def decode(advance, first: torch.Tensor, warmup: int, steps: int) -> tuple[float
         tokens[i].copy_(token.view(-1))
     sync(device)
     return (time.perf_counter() - start) / steps * 1e3, tokens.cpu()
-
-
-def capture(step: DecodeStep, cache: StaticCompressedCache, first: torch.Tensor):
-    """The step captured as a CUDA graph, and the (batch, 1) tensor its replays write the greedy token to.
-
-    Warm-up and capture move the cache's counters (the warm-up on the device, the capture on the host only);
-    the cache is rewound after each, so the first replay decodes from the state the cache was built in.
-    """
-    step.input_ids.copy_(first)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    cache.rewind(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, token = step()
-    cache.rewind(0)
-    return graph, token
 
 
 def build_source(model, config: str, budget: str, residual: int):
@@ -145,7 +122,7 @@ def graph_decode(step: DecodeStep, static, first: torch.Tensor, warmup: int, ste
     static.rewind(0)
     try:
         start = time.perf_counter()
-        graph, output = capture(step, static, first)
+        graph, _, output = capture(step, static, first)
         capture_s = time.perf_counter() - start
 
         def replay(token: torch.Tensor) -> torch.Tensor:
@@ -170,7 +147,7 @@ def measure(model, prompts: torch.Tensor, config: str, batch: int, args) -> dict
     with torch.inference_mode():
         source, first = prefill(model, prompts, config, batch, args)
         row["dynamic_bytes"] = cache_nbytes(source)
-        static = StaticCompressedCache(model, source, max(warmup + steps, GRAPH_WARMUP + 1))
+        static = StaticCompressedCache(model, source, max(warmup + steps, WARMUP + 1))
         # the SDPA backends generate_throughput.py gives every cache (no cuDNN planning per length)
         with decode_backends(device):
             ms, dynamic = decode(partial(next_token, model, source), first, warmup, steps)

@@ -66,6 +66,18 @@ def test_generate_streams_an_answer_from_stdin():
     assert "tok/s" in done.stderr and "KV cache" in done.stderr
 
 
+@pytest.mark.slow
+def test_generate_by_cuda_graph_replay_with_codes():
+    """--cuda-graph decodes over a static copy of a PyramidKV + FibQuant cache (on the CPU its captured
+    step runs eagerly): the embedded model still answers, and the stats name the static copy's bytes."""
+    done = run(
+        "generate", "What is the capital of France?", "--max-new-tokens", "12", "--policy",
+        "pyramidkv", "--budget", "64", "--codec", "fibquant:2", "--cuda-graph",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "KV cache" in done.stderr
+
+
 def test_codebook_show_prints_rate_and_beats_turboquant(tmp_path):
     done = subprocess.run(
         [

@@ -68,3 +68,43 @@ def test_max_new_tokens_must_be_positive(tiny_llama, bad):
 def test_empty_prompt_is_rejected():
     with pytest.raises(PyramidKVError, match="prompt"):
         prompt_ids(_CharTokenizer(), "   ")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [None, ("pyramidkv", "8", "none"), ("snapkv", "50%", "fibquant:2")],
+    ids=["full", "pyramidkv", "snapkv+fibquant"],
+)
+def test_graph_generation_gives_the_tokens_of_generate(tiny_model, spec):
+    """cuda_graph=True prefills, then decodes over a static copy of the cache (on the CPU the captured step runs
+    eagerly): the same greedy tokens as model.generate over the cache itself, for the full cache, an
+    evicting one and one holding codes (fewer new tokens than its 64-token window: no token is coded yet)."""
+    from pyramidkv.cache import CompressedCache
+    from pyramidkv.generation import generate
+
+    tiny_model.generation_config.eos_token_id = None
+    tok, prompt = _CharTokenizer(), "a prompt long enough that a budget of eight evicts most of it"
+
+    def cache():
+        if spec is None:
+            return None
+        policy, budget, codec = spec
+        return CompressedCache(tiny_model, policy, budget, codec=codec)
+
+    want = generate(tiny_model, tok, prompt, max_new_tokens=7, cache=cache())
+    got = generate(tiny_model, tok, prompt, max_new_tokens=7, cache=cache(), cuda_graph=True)
+    assert got.token_ids == want.token_ids and got.new_tokens == 7
+    assert got.kv_bytes > 0 and got.prompt_tokens == want.prompt_tokens
+
+
+def test_graph_generation_stops_on_a_stop_token_and_refuses_sampling(tiny_llama):
+    from pyramidkv.generation import generate
+
+    tok, prompt = _CharTokenizer(), "stop somewhere"
+    tiny_llama.generation_config.eos_token_id = None
+    free = generate(tiny_llama, tok, prompt, max_new_tokens=6).token_ids
+    tiny_llama.generation_config.eos_token_id = [free[2]]
+    stopped = generate(tiny_llama, tok, prompt, max_new_tokens=6, cuda_graph=True).token_ids
+    assert stopped == free[: free.index(free[2]) + 1]  # up to the first stop token, included
+    with pytest.raises(PyramidKVError, match="cuda_graph"):
+        generate(tiny_llama, tok, prompt, max_new_tokens=3, do_sample=True, cuda_graph=True)

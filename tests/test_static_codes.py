@@ -22,6 +22,7 @@ from pyramidkv.cache import CompressedCache
 from pyramidkv.codecs import FibQuant, TurboQuant
 from pyramidkv.coded import make_codecs
 from pyramidkv.compat import cache_kwargs
+from pyramidkv.graph_decode import capture
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
 from pyramidkv.static_codes import Encoder, StaticCodedLayer
 
@@ -367,18 +368,7 @@ def test_a_cuda_graph_replays_the_step_with_codes(codec):
             eager = _decode(model, static, token, STEPS)
             static.rewind(0)
             step = DecodeStep(model, static)
-            step.input_ids.copy_(token)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            static.rewind(0)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits, greedy = step()
-            static.rewind(0)
+            graph, logits, greedy = capture(step, static, token)
             replayed, fed = [], token
             for _ in range(STEPS):
                 step.input_ids.copy_(fed)

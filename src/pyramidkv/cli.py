@@ -106,8 +106,15 @@ def generate(
     ] = None,
     kernel: Annotated[
         str,
-        typer.Option(help="Attention over codes: auto (Triton kernels on CUDA), torch or triton."),
+        typer.Option(help="Attention over codes: auto (fused kernels on CUDA), torch or triton."),
     ] = "auto",
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph",
+            help="Decode greedily by replaying one captured CUDA graph step over a static cache.",
+        ),
+    ] = False,
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
     from .budgets import parse_budget, parse_memory
@@ -149,8 +156,9 @@ def generate(
         sys.stdout.flush()
 
     result = run(
-        lm, tokenizer, text, max_new_tokens=max_new_tokens, chat=chat, cache=cache, on_text=show
-    )
+        lm, tokenizer, text, max_new_tokens=max_new_tokens, chat=chat, cache=cache, on_text=show,
+        cuda_graph=cuda_graph,
+    )  # fmt: skip
     sys.stdout.write("\n")
     typer.echo(
         f"[prompt {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tok/s | "

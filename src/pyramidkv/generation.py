@@ -91,30 +91,41 @@ def generate(
     cache=None,
     do_sample: bool = False,
     on_text: Callable[[str], None] | None = None,
+    cuda_graph: bool = False,
 ) -> GenerationResult:
     """Generate an answer to ``prompt`` with ``model``, the past held in ``cache`` (a fresh DynamicCache if None).
 
     Greedy by default. The prefill time is the time to the first new token; decode tokens/s counts the tokens
     after it. ``kv_bytes`` is what the cache holds at the end, ``full_kv_bytes`` the uncompressed cache of the
     tokens it holds (the prompt and every new token but the last, which is never fed back) in the model's dtype.
+
+    ``cuda_graph``: after the prefill, decode greedily over a static copy of the cache, each step one replay
+    of a captured CUDA graph (:mod:`pyramidkv.graph_decode`; on a CPU the same steps run eagerly).
+    ``kv_bytes`` is then the static copy's, every preallocated slot counted. With codes, its fp16 window
+    is a ring of the last tokens and one token is coded per step (:mod:`pyramidkv.static_codes`).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise PyramidKVError(f"max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
+    if cuda_graph and do_sample:
+        raise PyramidKVError("cuda_graph: graph decoding is greedy; do_sample must be False")
     from transformers import DynamicCache
 
     ids = prompt_ids(tokenizer, prompt, chat).to(model.device)
     cache = cache if cache is not None else DynamicCache(config=model.config)
     streamer = _TimingStreamer(tokenizer, on_text)
     with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            streamer=streamer,
-            **cache_kwargs(model, cache),
-        )
-    new = out[0, ids.shape[1] :].tolist()
+        if cuda_graph:
+            new, kv_bytes = _graph_generate(model, ids, cache, max_new_tokens, streamer)
+        else:
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                streamer=streamer,
+                **cache_kwargs(model, cache),
+            )
+            new, kv_bytes = out[0, ids.shape[1] :].tolist(), cache_nbytes(cache)
     dtype = next(model.parameters()).dtype
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -122,9 +133,31 @@ def generate(
         new_tokens=len(new),
         prefill_s=streamer.t_first - streamer.t_prompt,
         decode_s=streamer.t_end - streamer.t_first,
-        kv_bytes=cache_nbytes(cache),
+        kv_bytes=kv_bytes,
         full_kv_bytes=full_cache_nbytes(
             model.config, ids.shape[1] + max(len(new) - 1, 0), 1, dtype
         ),
         token_ids=new,
     )
+
+
+def _graph_generate(model, ids, cache, max_new_tokens: int, streamer) -> tuple[list[int], int]:
+    """Prefill into ``cache``, then greedy steps by graph replay (:func:`pyramidkv.graph_decode.greedy_tokens`),
+    stopping on the generation config's stop ids as ``model.generate`` does: (new token ids, KV bytes)."""
+    from .graph_decode import greedy_tokens
+
+    stop = model.generation_config.eos_token_id
+    stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+    streamer.put(ids)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache))
+    first = logits.logits[:, -1].argmax(-1, keepdim=True)
+    streamer.put(first)
+    new, kv_bytes = [int(first[0, 0])], cache_nbytes(cache)
+    if max_new_tokens > 1 and new[0] not in stop:
+        decoded = greedy_tokens(
+            model, cache, first, max_new_tokens - 1, stop,
+            on_token=lambda token: streamer.put(torch.tensor([token])),
+        )  # fmt: skip
+        new, kv_bytes = new + decoded.tokens, decoded.cache_bytes
+    streamer.end()
+    return new, kv_bytes

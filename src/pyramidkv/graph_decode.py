@@ -1,0 +1,102 @@
+"""Greedy decoding by CUDA-graph replay over a static copy of a prefilled cache.
+
+A decode step of a small model is bound by the host: on the H200 the embedded model takes 27-29 ms per step
+eagerly at batch 1, with or without compression, and 3.5 ms (5.8 ms with FibQuant codes) when one captured
+step is replayed (``benchmarks/cuda_graph_decode.py``). :class:`~pyramidkv.static_cache.StaticCompressedCache`
+gives the step static shapes; this module captures it and runs the loop: replay, read the greedy token (one
+host sync per token, which the stop check needs anyway), feed it back. On a CPU the same loop calls the step
+eagerly, which is what the tests compare with ``model.generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .static_cache import DecodeStep, StaticCompressedCache
+
+WARMUP = (
+    2  # eager steps on a side stream before the capture: allocator and library workspaces settle
+)
+
+
+def capture(
+    step: DecodeStep, cache: StaticCompressedCache, first: torch.Tensor
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    """``step`` captured as a CUDA graph, and the tensors its replays write: the next-token logits (batch,
+    vocab) and the greedy tokens (batch, 1).
+
+    Warm-up and capture move the cache's counters (the warm-up on the device, the capture on the host only);
+    the cache is rewound after each, so the first replay decodes from the state the cache was built in.
+    ``first`` (batch, 1) is fed to the warm-up steps; nothing of it stays.
+    """
+    step.input_ids.copy_(first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    cache.rewind(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, token = step()
+    cache.rewind(0)
+    return graph, logits, token
+
+
+@dataclass(frozen=True)
+class GraphDecode:
+    """The tokens decoded, the static cache's bytes (every preallocated slot), and whether a graph ran."""
+
+    tokens: list[int]
+    cache_bytes: int
+    replayed: bool
+
+
+def greedy_tokens(
+    model,
+    source,
+    first: torch.Tensor,
+    steps: int,
+    stop_ids: Sequence[int] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> GraphDecode:
+    """Up to ``steps`` greedy tokens after ``first`` (1, 1), the token the prefill of ``source`` produced.
+
+    ``source``: the prefilled cache (a ``CompressedCache``, with or without codes, or a ``DynamicCache``); it
+    is read, not changed. On CUDA every step is one replay of a captured graph; elsewhere it runs eagerly.
+    Stops after a token in ``stop_ids`` (included); ``on_token`` sees every token as it comes.
+    """
+    if first.shape != (1, 1):
+        raise ValueError(
+            f"first: expected the one (1, 1) token of a batch of one, got {tuple(first.shape)}"
+        )
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    static = StaticCompressedCache(model, source, max_new_tokens=max(steps, WARMUP + 1))
+    step = DecodeStep(model, static)
+    replay = None
+    if step.input_ids.is_cuda:
+        graph, _, output = capture(step, static, first)
+        replay = (graph, output)
+    tokens: list[int] = []
+    token = first
+    with static:
+        for _ in range(steps):
+            step.input_ids.copy_(token)
+            if replay is not None:
+                replay[0].replay()
+                token = replay[1]
+            else:
+                _, token = step()
+            value = int(token[0, 0])  # the host sync of this step: the stop check needs the token
+            tokens.append(value)
+            if on_token is not None:
+                on_token(value)
+            if value in stop_ids:
+                break
+        cache_bytes = static.nbytes()
+    return GraphDecode(tokens, cache_bytes, replay is not None)
