@@ -129,24 +129,31 @@ def test_the_step_replays_with_the_host_state_of_capture_time():
     with torch.no_grad(), CompressedCache(model, "pyramidkv", "30%") as source:
         first = _prefill(model, source)
         with StaticCompressedCache(model, source, max_new_tokens=STEPS) as static:
-            step = DecodeStep(model, static)
-            token = first.argmax(-1, keepdim=True)
-            step.input_ids.copy_(token)
-            for _ in range(2):  # warm-up
-                step()
-            static.rewind(0)
-            frozen = [(layer.appended, layer.seen) for layer in static.layers]
-            step()  # the capture
-            static.rewind(0)
-            got = []
-            for _ in range(STEPS):
-                for layer, (appended, seen) in zip(static.layers, frozen, strict=True):
-                    layer.appended, layer.seen = appended, seen
-                step.input_ids.copy_(token)
-                logits, token = step()
-                got.append(logits)
+            got = replay_on_the_cpu(model, static, first.argmax(-1, keepdim=True), STEPS)
         want = _greedy(model, source, first)
-    torch.testing.assert_close(torch.stack(got), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def replay_on_the_cpu(model, static, token: torch.Tensor, steps: int) -> torch.Tensor:
+    """A CUDA graph's life on the CPU: two warm-up steps, rewind, one "capture" step, rewind; then ``steps``
+    greedy steps from ``token`` through the fixed input buffer, the host counters put back before each to
+    their capture-time values (a replay runs no Python). The (steps, batch, vocab) logits."""
+    step = DecodeStep(model, static)
+    step.input_ids.copy_(token)
+    for _ in range(2):  # warm-up
+        step()
+    static.rewind(0)
+    frozen = [(layer.appended, layer.seen) for layer in static.layers]
+    step()  # the capture
+    static.rewind(0)
+    got = []
+    for _ in range(steps):
+        for layer, (appended, seen) in zip(static.layers, frozen, strict=True):
+            layer.appended, layer.seen = appended, seen
+        step.input_ids.copy_(token)
+        logits, token = step()
+        got.append(logits)
+    return torch.stack(got)
 
 
 def _attend_reference(query, kept_keys, kept_values, visible, new_keys, new_values, scaling):

@@ -27,7 +27,7 @@ from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
 from pyramidkv.static_codes import Encoder, StaticCodedLayer
 
 from .conftest import make_tiny
-from .test_static_cache import ROWS, _batch  # the same left-padded ragged batch
+from .test_static_cache import ROWS, _batch, replay_on_the_cpu  # the same batch and replay
 
 RESIDUAL = 4
 STEPS = 9
@@ -309,23 +309,9 @@ def test_the_step_replays_with_the_host_state_of_capture_time():
         with StaticCompressedCache(model, source, max_new_tokens=STEPS) as static:
             want = _decode(model, static, token, STEPS)
             static.rewind(0)
-            step = DecodeStep(model, static)
-            step.input_ids.copy_(token)
-            for _ in range(2):  # warm-up
-                step()
-            static.rewind(0)
-            frozen = [(layer.appended, layer.seen) for layer in static.layers]
-            step()  # the capture
-            static.rewind(0)
-            got, fed = [], token
-            for _ in range(STEPS):
-                for layer, (appended, seen) in zip(static.layers, frozen, strict=True):
-                    layer.appended, layer.seen = appended, seen
-                step.input_ids.copy_(fed)
-                logits, fed = step()
-                got.append(logits)
+            got = replay_on_the_cpu(model, static, token, STEPS)
         source.close()
-    torch.testing.assert_close(torch.stack(got), want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_what_a_static_cache_with_codes_refuses():

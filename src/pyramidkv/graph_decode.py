@@ -78,18 +78,17 @@ def greedy_tokens(
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     static = StaticCompressedCache(model, source, max_new_tokens=max(steps, WARMUP + 1))
     step = DecodeStep(model, static)
-    replay = None
-    if step.input_ids.is_cuda:
-        graph, _, output = capture(step, static, first)
-        replay = (graph, output)
     tokens: list[int] = []
     token = first
-    with static:
+    with static:  # restores the model's attention however this ends, a failed capture included
+        graph = None
+        if step.input_ids.is_cuda:
+            graph, _, replayed = capture(step, static, first)
         for _ in range(steps):
             step.input_ids.copy_(token)
-            if replay is not None:
-                replay[0].replay()
-                token = replay[1]
+            if graph is not None:
+                graph.replay()
+                token = replayed
             else:
                 _, token = step()
             value = int(token[0, 0])  # the host sync of this step: the stop check needs the token
@@ -99,4 +98,4 @@ def greedy_tokens(
             if value in stop_ids:
                 break
         cache_bytes = static.nbytes()
-    return GraphDecode(tokens, cache_bytes, replay is not None)
+    return GraphDecode(tokens, cache_bytes, graph is not None)

@@ -37,7 +37,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from . import attention, static_attention, static_codes
 from .accounting import kv_geometry
@@ -45,6 +45,7 @@ from .cache import CompressedCache
 from .codecs.rotated import RotatedBlockCodec
 from .compat import cache_kwargs
 from .kernels import check_kernel, use_fused
+from .static_layer import StaticLayerBase
 
 
 def _check_count(name: str, value, low: int, high: int | None = None) -> None:
@@ -55,12 +56,8 @@ def _check_count(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name}: got {value!r}; expected an integer {accepted}")
 
 
-class StaticLayer(CacheLayerMixin):
+class StaticLayer(StaticLayerBase):
     """One layer's static buffers: kept tokens, then new tokens at a device-side position (module docstring)."""
-
-    is_compileable = False  # lets transformers skip its decode mask (eager); attend builds its own
-    is_sliding = False
-    is_croppable = False
 
     def __init__(
         self,
@@ -74,10 +71,7 @@ class StaticLayer(CacheLayerMixin):
         """``keys``/``values`` (batch, kv_heads, width, head_dim) held so far, ``visible`` (batch, kv_heads,
         width) bool which of their slots a row attends (``None``: all), ``seen`` tokens of the sequence so far
         (positions continue from it)."""
-        super().__init__()
-        self.layer_idx, self.max_new_tokens = layer_idx, max_new_tokens
-        self.start = self.seen = seen
-        self.appended = 0  # host copy of the step counter, to refuse a step past max_new_tokens
+        super().__init__(layer_idx, seen, max_new_tokens)
         batch, kv_heads, width, head_dim = keys.shape
         self.chunk = static_attention._chunk(width + max_new_tokens, batch * kv_heads)
         capacity = -(-(width + max_new_tokens) // self.chunk) * self.chunk
@@ -97,23 +91,11 @@ class StaticLayer(CacheLayerMixin):
             self.order = order.view(1, 1, 1, capacity)
         self.step = torch.zeros((), dtype=torch.long, device=self.device)
         self.mask: torch.Tensor | None = None  # visible slots of the queries being decoded
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to do: the buffers are allocated when the cache is built."""
-
-    def is_fresh(self) -> bool:
-        """Never: the prompt was prefilled (and compressed) in the source cache."""
-        return False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write ``q_len`` new tokens at slots ``width + step ...`` and compute their mask, on the device."""
         q_len = key_states.shape[-2]
-        if self.appended + q_len > self.max_new_tokens:
-            raise ValueError(
-                f"max_new_tokens: the cache was built for {self.max_new_tokens} new tokens and holds "
-                f"{self.appended}; {q_len} more do not fit (build it with a larger max_new_tokens)"
-            )
+        self._reserve(q_len)
         if q_len == 1:
             index, limit = (self.step + self.width).view(1), self.step
         else:
@@ -123,8 +105,6 @@ class StaticLayer(CacheLayerMixin):
         self.values.index_copy_(2, index, value_states)
         self.mask = self.order <= limit  # (1 or batch, 1 or kv_heads, q_len, capacity)
         self.step.add_(q_len)
-        self.appended += q_len
-        self.seen += q_len
         attention.announce(self)
         return self.keys, self.values
 
@@ -140,27 +120,8 @@ class StaticLayer(CacheLayerMixin):
         self.step.fill_(appended)
         self.appended, self.seen = appended, self.start + appended
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.start + self.max_new_tokens
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.order))
-
-    def reset(self) -> None:
-        """Back to the state the cache was built in (the prompt lives in the buffers, not in a prefill)."""
-        self.rewind(0)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError(
-            "StaticCompressedCache: rows cannot be reordered in place; reorder the source cache "
-            "(batch_select_indices) before building the static cache from it"
-        )
 
 
 def _held(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,7 +31,6 @@ slots get weight 0. Elsewhere the torch reference decodes the store and attends 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from . import attention
 from .codecs import VectorCodes
@@ -47,7 +46,7 @@ from .kernels.fibquant_decode import (
     plan_block,
     rotate_query,
 )
-from .kernels.mma_decode import launch_mma_partials
+from .static_layer import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
 TUNING = DecodeTuning()
@@ -98,12 +97,8 @@ def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:
     return joined[0], joined[1], valid.sum(-1).to(torch.int32)
 
 
-class StaticCodedLayer(CacheLayerMixin):
+class StaticCodedLayer(StaticLayerBase):
     """One layer's store of codes and fp16 ring, updated by a fixed sequence of device operations (module doc)."""
-
-    is_compileable = False  # lets transformers skip its decode mask (eager); attend masks by itself
-    is_sliding = False
-    is_croppable = False
 
     def __init__(
         self,
@@ -122,14 +117,11 @@ class StaticCodedLayer(CacheLayerMixin):
         """``keys``/``values``: codes (batch, kv_heads, width) of which row (b, h) holds ``lengths[b, h]``
         first; ``window_keys``/``window_values`` (batch, kv_heads, w, d): the fp16 tokens after them,
         w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels."""
-        super().__init__()
         batch, kv_heads, held, dim = window_keys.shape
         if not residual >= 1 or held > residual:
             raise ValueError(f"residual: got {residual!r}; expected an integer >= {max(1, held)}")
-        self.layer_idx, self.codecs, self.fused = layer_idx, codecs, fused
-        self.max_new_tokens, self.residual, self.held = max_new_tokens, residual, held
-        self.start = self.seen = seen
-        self.appended = 0  # host copy of the step counter, to refuse a step past max_new_tokens
+        super().__init__(layer_idx, seen, max_new_tokens)
+        self.codecs, self.fused, self.residual, self.held = codecs, fused, residual, held
         self.device, self.dtype, self.batch = window_keys.device, window_keys.dtype, batch
         widest = int(lengths.max())  # one host read per layer, at build
         # tokens that will leave the ring; >= 1: steps before it is full write one slot past the rows
@@ -151,7 +143,6 @@ class StaticCodedLayer(CacheLayerMixin):
         self.encoders = [Encoder(c, self.device, self.dtype) for c in (codecs.keys, codecs.values)]
         self.rotation = codecs.values.tensors(self.device, torch.float32)[0]
         self.plans: dict[int, tuple] = {}  # query rows -> kernel, split, workspace
-        self.is_initialized = True
 
     def _stored(self, codes: VectorCodes, widest: int) -> VectorCodes:
         batch, kv_heads, _ = codes.shape
@@ -161,13 +152,6 @@ class StaticCodedLayer(CacheLayerMixin):
         norms[:, :, :widest] = codes.norms[:, :, :widest]
         return VectorCodes(codes.dtype, indices.to(self.device), norms.to(self.device))
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to do: the buffers are allocated when the cache is built."""
-
-    def is_fresh(self) -> bool:
-        """Never: the prompt was prefilled (and compressed) in the source cache."""
-        return False
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Encode the token leaving the ring into the store, put the new one in its slot (module doc)."""
         q_len = key_states.shape[-2]
@@ -176,11 +160,7 @@ class StaticCodedLayer(CacheLayerMixin):
                 f"key_states: got {q_len} tokens; a static cache with codes takes one per step "
                 "(feed longer inputs to the source cache before building it)"
             )
-        if self.appended + q_len > self.max_new_tokens:
-            raise ValueError(
-                f"max_new_tokens: the cache was built for {self.max_new_tokens} new tokens and holds "
-                f"{self.appended}; {q_len} more do not fit (build it with a larger max_new_tokens)"
-            )
+        self._reserve(q_len)
         slot = (self.step + self.held).remainder(self.residual).view(1)
         leaving = self.ring.index_select(3, slot)  # (2, batch, kv_heads, 1, d)
         if self.same:
@@ -196,8 +176,6 @@ class StaticCodedLayer(CacheLayerMixin):
         self.ring.index_copy_(3, slot, torch.stack([key_states, value_states]))
         self.visible = self.order <= self.step
         self.step.add_(1)
-        self.appended += 1
-        self.seen += 1
         attention.announce(self)
         return self.keys, self.values
 
@@ -235,11 +213,9 @@ class StaticCodedLayer(CacheLayerMixin):
         use_mma, split, workspace = self._plan(rows)
         codec_k, codec_v = self.codecs.keys, self.codecs.values
         q_rot = rotate_query(query, codec_k, scaling, kv_heads, TUNING.codebook_dtype)
-        codes = (q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split)
-        if use_mma:
-            launch_mma_partials(*codes, TUNING.mma_warps)
-        else:
-            launch_partials(*codes, TUNING)
+        launch_partials(
+            q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, TUNING, use_mma
+        )
         # the ring as split ``split``: base-2 scores, masked slots weigh 0, values in rotated space
         acc, row_max, row_sum = workspace
         q = query.reshape(batch, kv_heads, rows, dim).float() * (scaling * LOG2E)
@@ -266,29 +242,10 @@ class StaticCodedLayer(CacheLayerMixin):
         self.visible = self.order < 0
         self.appended, self.seen = 0, self.start
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.start + self.max_new_tokens
-
     def nbytes(self) -> int:
         tensors = [t for codes in self.store for t in (codes.indices, codes.norms)]
         tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def reset(self) -> None:
-        """Back to the state the cache was built in."""
-        self.rewind(0)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError(
-            "StaticCompressedCache: rows cannot be reordered in place; reorder the source cache "
-            "(batch_select_indices) before building the static cache from it"
-        )
 
 
 def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> StaticCodedLayer:

@@ -122,14 +122,6 @@ class CudaKernel:
                 )
         self.device, self.shared = device, shared
 
-    def attribute(self, code: int) -> int:
-        """``cuFuncGetAttribute`` (e.g. 4: registers per thread, 3: local bytes per thread)."""
-        value = ctypes.c_int()
-        _cu(
-            _driver().cuFuncGetAttribute(ctypes.byref(value), code, self.func), "cuFuncGetAttribute"
-        )
-        return value.value
-
     def __call__(self, grid: tuple[int, int], threads: int, *args) -> None:
         """Launch on torch's current stream of the kernel's device; tensors pass as pointers, ints as int32."""
         values = [
