@@ -95,6 +95,8 @@ def test_graph_generation_gives_the_tokens_of_generate(tiny_model, spec):
     got = generate(tiny_model, tok, prompt, max_new_tokens=7, cache=cache(), cuda_graph=True)
     assert got.token_ids == want.token_ids and got.new_tokens == 7
     assert got.kv_bytes > 0 and got.prompt_tokens == want.prompt_tokens
+    # the static copy holds what the cache itself holds after model.generate: kept prompt + 6 fed back
+    assert got.held_tokens == want.held_tokens and (want.held_tokens is None) == (spec is None)
 
 
 def test_graph_generation_stops_on_a_stop_token_and_refuses_sampling(tiny_llama):

@@ -43,7 +43,7 @@ def rel_error(got, want) -> float:
     list(itertools.product((64, 128), ((4, 256), (2, 256), (2, 64)), (False, True), (True, False))),
 )
 def test_every_variant_compiles_for_sm90(dim, kn, rows2, shared):
-    variant = mma_decode.MmaVariant(dim, kn[0], rows2, 8, shared, kn[1])
+    variant = mma_decode.MmaVariant(dim, kn[0], rows2, 8, shared, kn[1], stages=3)
     cubin = mma_decode.compiled(variant, "sm_90")
     assert cubin[:4] == b"\x7fELF"
 
@@ -59,14 +59,16 @@ def test_which_codes_it_reads():
     assert not mma_decode.usable(codec(64, 4), codec(64, 4), 64, 4, torch.device("cpu"))
     with pytest.raises(ValueError, match="k must be 2 or 4"):
         mma_decode.MmaVariant(64, 8, False)
+    with pytest.raises(ValueError, match=r"stages must be in 2\.\.8"):
+        mma_decode.MmaVariant(64, 4, False, stages=1)
 
 
-def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None):
+def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None, **tuning):
     from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
 
     return fibquant_decode_attention(
         query, codes_k, codes_v, ck, cv, query.shape[-1] ** -0.5, lengths, split=split,
-        workspace=workspace, mma=mma,
+        workspace=workspace, mma=mma, **tuning,
     )  # fmt: skip
 
 
@@ -115,6 +117,24 @@ def test_matches_attention_over_decoded_codes(dim, k, n, q_heads, kv_heads, q_le
     assert rel_error(lse[seen], triton_lse[seen]) < 1e-3
     empty = (lengths == 0).repeat_interleave(q_heads // kv_heads, dim=1)
     assert bool((out[empty] == 0).all())
+
+
+@needs_gpu
+@pytest.mark.parametrize(("warps", "stages"), [(8, 3), (4, 4), (2, 8)])
+@pytest.mark.parametrize(("dim", "k", "n"), [(128, 4, 256), (128, 2, 64), (64, 2, 64)])
+def test_rings_of_every_depth(warps, stages, dim, k, n):
+    """Each warp's ring of index bytes wraps many times (one split: ~40 tiles per warp at 2 warps) and ends
+    in a partial tile, at 16-byte (d = 128) and 8-byte copies (d = 64, 3 bits: 24-byte rows)."""
+    ck = cv = codec(dim, k, n=n)
+    codes_k, codes_v, keys, values = _block(dim, ck, cv, 1, 2, 1285, seed=5)
+    lengths = torch.tensor([[1285, 1000]], device="cuda")
+    query = torch.randn(1, 8, 1, dim, device="cuda")
+    out, _ = _attend(
+        query, ck, cv, codes_k, codes_v, lengths, 1, True, mma_warps=warps, mma_stages=stages
+    )
+    visible = (torch.arange(1285, device="cuda") < lengths[..., None]).unsqueeze(-2)
+    want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
+    assert rel_error(out, want) < TOLERANCE
 
 
 @needs_gpu

@@ -167,7 +167,7 @@ def generate(
         err=True,
     )
     if cache is not None:
-        held = cache.kept_tokens().float().mean().item()
+        held = result.held_tokens
         typer.echo(
             f"[{policy} {'kv-memory ' + kv_memory if kv_memory else 'budget ' + budget}, codec "
             f"{cache.codecs.label() if cache.codecs else 'none'}: {held:.1f} tokens per layer and head on average, "

@@ -26,6 +26,9 @@ class GenerationResult:
     kv_bytes: int
     full_kv_bytes: int
     token_ids: list[int] = field(default_factory=list)
+    held_tokens: float | None = (
+        None  # mean tokens per layer and KV head at the end (compressed caches)
+    )
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -126,6 +129,8 @@ def generate(
                 **cache_kwargs(model, cache),
             )
             new, kv_bytes = out[0, ids.shape[1] :].tolist(), cache_nbytes(cache)
+    # graph decoding leaves ``cache`` as prefilled; its static copy also holds every new token but the last
+    held = _held_tokens(cache, len(new) - 1 if cuda_graph else 0)
     dtype = next(model.parameters()).dtype
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -138,7 +143,15 @@ def generate(
             model.config, ids.shape[1] + max(len(new) - 1, 0), 1, dtype
         ),
         token_ids=new,
+        held_tokens=held,
     )
+
+
+def _held_tokens(cache, extra: int) -> float | None:
+    """Mean tokens per layer and KV head ``cache`` holds plus ``extra``, where it counts them (CompressedCache)."""
+    if not hasattr(cache, "kept_tokens"):
+        return None
+    return float(cache.kept_tokens().float().mean()) + extra
 
 
 def _graph_generate(model, ids, cache, max_new_tokens: int, streamer) -> tuple[list[int], int]:

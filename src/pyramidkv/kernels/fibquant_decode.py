@@ -51,7 +51,8 @@ class DecodeTuning:
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
     and keeps 10 mantissa bits, as TF32 does); mma: read 8-bit FibQuant codes (2 and 4 bits per
     coordinate) with the CUDA kernel of :mod:`.mma_decode` instead, where it runs (sm_80 or later, NVRTC
-    found, float16 codebook), with ``mma_warps`` warps per block.
+    found, float16 codebook), with ``mma_warps`` warps per block and a ring of ``mma_stages`` tiles of index
+    bytes per warp (2 measured best or equal at every rate, NOTES.md v6).
     """
 
     block: int = 64
@@ -63,6 +64,7 @@ class DecodeTuning:
     codebook_dtype: torch.dtype = torch.float16
     mma: bool = True
     mma_warps: int = 8
+    mma_stages: int = 2
 
     def gather_mode(self, *books: torch.Tensor) -> int:
         """The kernel's GATHER for these (N, k) codebooks: 0 global memory, 1 shared flat, 2 shared packed
@@ -484,7 +486,7 @@ def launch_partials(
     if use_mma:
         mma_decode.launch_mma_partials(
             q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split,
-            tuning.mma_warps,
+            tuning.mma_warps, tuning.mma_stages,
         )  # fmt: skip
         return
     acc, row_max, row_sum = workspace

@@ -29,8 +29,8 @@ MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
 @dataclass(frozen=True)
 class MmaVariant:
     """The kernel's compile-time constants: head dim, codeword length k, whether 9-16 query rows share a KV
-    head, warps per block, whether keys and values share one codebook (one table in shared memory), and the
-    codebook's size N (2^index bits)."""
+    head, warps per block, whether keys and values share one codebook (one table in shared memory), the
+    codebook's size N (2^index bits) and the tiles of index bytes each warp's ring holds (cp.async)."""
 
     dim: int
     k: int
@@ -38,6 +38,7 @@ class MmaVariant:
     warps: int = 8
     shared_book: bool = True
     n: int = 256
+    stages: int = 2
 
     def __post_init__(self) -> None:
         if self.dim not in (64, 128):
@@ -48,19 +49,28 @@ class MmaVariant:
             raise ValueError(f"warps must be one of 1, 2, 4, 8, 16, got {self.warps}")
         if (self.k, self.n) not in CODES:
             raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
+        if not 2 <= self.stages <= 8:
+            raise ValueError(f"stages must be in 2..8, got {self.stages}")
+
+    @property
+    def index_bytes(self) -> int:
+        """Packed index bytes per token: D / k indices of log2(N) bits."""
+        return self.dim // self.k * (self.n.bit_length() - 1) // 8
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: one or two tables of N codewords x 32 words, or what the merge of the warps
-        at the end of a block needs (it reuses the tables), whichever is larger."""
+        """Dynamic shared memory: one or two tables of N codewords x 32 words and each warp's ring of
+        ``stages`` tiles of key and value index bytes, or what the merge of the warps at the end of a block
+        needs (it reuses them), whichever is larger."""
         tables = self.n * 32 * 4 * (1 if self.shared_book else 2)
-        return max(tables, (2 * self.warps * MAX_ROWS + MAX_ROWS * self.dim) * 4)
+        ring = self.warps * self.stages * 2 * TILE * self.index_bytes
+        return max(tables + ring, (2 * self.warps * MAX_ROWS + MAX_ROWS * self.dim) * 4)
 
     def source(self) -> str:
         """The CUDA source with this variant's constants defined."""
         defines = dict(
             D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS2=int(self.rows2), NW=self.warps,
-            SHARED_BOOK=int(self.shared_book),
+            SHARED_BOOK=int(self.shared_book), STAGES=self.stages,
         )  # fmt: skip
         head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
         return head + SOURCE.read_text()
@@ -145,6 +155,7 @@ def launch_mma_partials(
     offset: int,
     split: int,
     warps: int = 8,
+    stages: int = 2,
 ) -> None:
     """The CUDA kernel over one block of codes: its ``split`` partials at splits [offset, offset + split) of
     ``workspace``, as :func:`.fibquant_decode.launch_partials` writes them. ``q_rot`` (batch, kv_heads, rows,
@@ -157,7 +168,7 @@ def launch_mma_partials(
     if q_rot.dtype != torch.float16 or not q_rot.is_contiguous():
         raise ValueError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
     shared = same_codebook(codec_k, codec_v)
-    variant = MmaVariant(dim, codec_k.k, rows > 8, warps, shared, codec_k.n)
+    variant = MmaVariant(dim, codec_k.k, rows > 8, warps, shared, codec_k.n, stages)
     device = q_rot.device
     codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)
     s_kv = codes_k.shape[2]
