@@ -12,8 +12,9 @@
   recent tokens. At build it holds the source's window (w <= R tokens, slots [0, w)); the other slots are
   masked until written.
 
-Every step does the same work: the token in ring slot ``(w + step) % R`` is encoded (:class:`Encoder`,
-the codec's own arithmetic without its host checks) and scattered into the store at each row's length,
+Every step does the same work: the token in ring slot ``(w + step) % R`` is encoded (:class:`Encoder`:
+with the kernels, one launch of the fused encode kernel; else the codec's own arithmetic; neither with host
+checks) and scattered into the store at each row's length,
 the length grows by one when that slot held a token (from step R - w on), then the new token overwrites the
 slot. So the fp16 window always holds the last min(R, w + step + 1) tokens exactly and every older token is
 a code; the dynamic cache instead flushes R tokens at once, so the two agree while w + steps <= R.
@@ -46,6 +47,7 @@ from .kernels.fibquant_decode import (
     plan_block,
     rotate_query,
 )
+from .kernels.fibquant_encode import encode_buffers, encode_tables, launch_encode
 from .static_layer import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
@@ -54,22 +56,38 @@ TUNING = DecodeTuning()
 
 class Encoder:
     """``codec.encode`` of (..., d) vectors as a fixed sequence of tensor operations: (indices uint8 (...,
-    bytes), norms fp16 (...)). The codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then
-    :func:`~pyramidkv.codecs.packing.pack_bits`), so the codes are equal; without its host-side checks, which
-    a CUDA graph cannot run: a norm beyond fp16 is stored as inf."""
+    bytes), norms fp16 (...)). Without the codec's host-side checks, which a CUDA graph cannot run: a norm
+    beyond fp16 is stored as inf. ``fused``: one launch of the encode kernel
+    (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode`, the codes of ``codec.encode`` up to ties at a
+    cell border, as the dynamic cache's fused flushes) instead of the codec's own arithmetic
+    (:meth:`RotatedBlockCodec.quantize`, then :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations)."""
 
-    def __init__(self, codec: RotatedBlockCodec, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        codec: RotatedBlockCodec,
+        device: torch.device,
+        dtype: torch.dtype,
+        fused: bool = False,
+    ):
         self.codec = codec
         self.compute = torch.float64 if dtype == torch.float64 else torch.float32
         self.rotation, self.codebook = codec.tensors(device, self.compute)
         self.nbytes = packed_bytes(codec.blocks, codec.index_bits)
+        self.tables = encode_tables(codec, device) if fused else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.reshape(-1, self.codec.d).to(self.compute)
-        nu, nearest = self.codec.quantize(flat, self.rotation, self.codebook)
-        packed = pack_bits(nearest, self.codec.index_bits, check=False)
+        flat = x.reshape(-1, self.codec.d)
+        if self.tables is None:
+            nu, nearest = self.codec.quantize(flat.to(self.compute), self.rotation, self.codebook)
+            nu = nu.to(torch.float16)
+        else:
+            nearest, nu = encode_buffers(self.codec, flat.shape[0], x.device)
+            launch_encode(self.codec, flat.contiguous(), self.tables, nearest, nu)
+        packed = nearest
+        if self.tables is None or self.codec.index_bits != 8:
+            packed = pack_bits(nearest, self.codec.index_bits, check=False)
         lead = x.shape[:-1]
-        return packed.reshape(*lead, self.nbytes), nu.to(torch.float16).reshape(lead)
+        return packed.reshape(*lead, self.nbytes), nu.reshape(lead)
 
 
 def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:
@@ -140,7 +158,9 @@ class StaticCodedLayer(StaticLayerBase):
         self.step = torch.zeros((), dtype=torch.long, device=self.device)
         self.visible = self.order < 0  # ring slots the queries being decoded see
         self.same = codecs.keys == codecs.values  # one encode of keys and values stacked
-        self.encoders = [Encoder(c, self.device, self.dtype) for c in (codecs.keys, codecs.values)]
+        self.encoders = [
+            Encoder(c, self.device, self.dtype, fused) for c in (codecs.keys, codecs.values)
+        ]
         self.rotation = codecs.values.tensors(self.device, torch.float32)[0]
         self.plans: dict[int, tuple] = {}  # query rows -> kernel, split, workspace
 

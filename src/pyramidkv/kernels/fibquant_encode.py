@@ -62,6 +62,38 @@ if triton is not None:
         tl.store(norm_ptr + t_off, nu.to(tl.float16), mask=t_mask)
 
 
+def encode_tables(codec: RotatedBlockCodec, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What the encode kernel reads besides the vectors, in float32: Pi^T, the codebook and its squared
+    norms. A caller encoding every step (the static cache) builds them once."""
+    rotation, codebook = codec.tensors(device, torch.float32)
+    return rotation.T.contiguous(), codebook, (codebook * codebook).sum(-1)
+
+
+def launch_encode(
+    codec: RotatedBlockCodec,
+    flat: torch.Tensor,
+    tables: tuple[torch.Tensor, ...],
+    indices: torch.Tensor,
+    norms: torch.Tensor,
+) -> None:
+    """One launch of the encode kernel: ``flat`` (n, d) contiguous vectors into ``indices`` (n, blocks),
+    uint8 for 8-bit indices else int16, and ``norms`` (n,) float16. No checks and no host reads (a norm
+    beyond fp16 is stored as inf), so a CUDA graph can hold it; :func:`fused_encode` checks."""
+    if flat.shape[0]:
+        with launch_device(flat.device):
+            _encode_kernel[(triton.cdiv(flat.shape[0], BLOCK_T),)](
+                flat, *tables, indices, norms, flat.shape[0],
+                D=codec.d, K=codec.k, N=codec.n, BYTE_INDEX=codec.index_bits == 8, BLOCK=BLOCK_T,
+            )  # fmt: skip
+
+
+def encode_buffers(codec: RotatedBlockCodec, count: int, device: torch.device):
+    """Empty (indices, norms) for :func:`launch_encode` of ``count`` vectors."""
+    dtype = torch.uint8 if codec.index_bits == 8 else torch.int16
+    indices = torch.empty(count, codec.blocks, dtype=dtype, device=device)
+    return indices, torch.empty(count, dtype=torch.float16, device=device)
+
+
 def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor) -> VectorCodes:
     """Codes of ``x[..., d]`` equal to ``codec.encode(x)`` (up to ties at a cell border), from one kernel."""
     if triton is None:
@@ -69,27 +101,14 @@ def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor) -> VectorCodes:
     check_codec("codec", codec, codec.d)
     x = check_input(x, codec.d)
     flat = x.reshape(-1, codec.d).contiguous()
-    rotation, codebook = codec.tensors(x.device, torch.float32)
-    byte_index = codec.index_bits == 8
-    indices = torch.empty(
-        flat.shape[0],
-        codec.blocks,
-        dtype=torch.uint8 if byte_index else torch.int16,
-        device=x.device,
-    )
-    norms = torch.empty(flat.shape[0], dtype=torch.float16, device=x.device)
-    if flat.shape[0]:
-        with launch_device(x.device):
-            _encode_kernel[(triton.cdiv(flat.shape[0], BLOCK_T),)](
-                flat, rotation.T.contiguous(), codebook, (codebook * codebook).sum(-1), indices, norms,
-                flat.shape[0], D=codec.d, K=codec.k, N=codec.n, BYTE_INDEX=byte_index, BLOCK=BLOCK_T,
-            )  # fmt: skip
+    indices, norms = encode_buffers(codec, flat.shape[0], x.device)
+    launch_encode(codec, flat, encode_tables(codec, x.device), indices, norms)
     if bool(torch.isinf(norms).any()):
         raise ValueError(
             f"x has a vector whose norm is beyond the fp16 range ({FP16_MAX:g}) its norm is stored in; "
             "scale the input down"
         )
-    packed = indices if byte_index else pack_bits(indices, codec.index_bits)
+    packed = indices if codec.index_bits == 8 else pack_bits(indices, codec.index_bits)
     lead = x.shape[:-1]
     return VectorCodes(
         dtype=x.dtype, indices=packed.reshape(*lead, packed.shape[-1]), norms=norms.reshape(lead)
