@@ -174,6 +174,10 @@ def test_unsupported_codecs_and_arguments_raise():
         fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, block=8)
     with pytest.raises(ValueError, match="split"):
         fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, split=0)
+    with pytest.raises(ValueError, match=r"mma_stages must be in 2\.\.8, got 1"):
+        fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, mma_stages=1)
+    with pytest.raises(ValueError, match="mma_warps must be one of"):
+        fibquant_decode_attention(query, codes_k, codes_v, ck, cv, 1.0, mma_warps=3)
     with pytest.raises(ValueError, match="lengths"):
         fibquant_decode_attention(
             query, codes_k, codes_v, ck, cv, 1.0, torch.ones(2, 2, dtype=torch.long)
