@@ -26,9 +26,7 @@ class GenerationResult:
     kv_bytes: int
     full_kv_bytes: int
     token_ids: list[int] = field(default_factory=list)
-    held_tokens: float | None = (
-        None  # mean tokens per layer and KV head at the end (compressed caches)
-    )
+    held_tokens: float | None = None  # mean per layer and KV head at the end; None: uncounted
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -70,10 +70,13 @@ class Encoder:
         fused: bool = False,
     ):
         self.codec = codec
-        self.compute = torch.float64 if dtype == torch.float64 else torch.float32
-        self.rotation, self.codebook = codec.tensors(device, self.compute)
         self.nbytes = packed_bytes(codec.blocks, codec.index_bits)
+        self.compute = torch.float64 if dtype == torch.float64 else torch.float32
+        # what each path reads, built once: the kernel's float32 tables, or the codec's own in ``compute``
         self.tables = encode_tables(codec, device) if fused else None
+        self.rotation, self.codebook = (
+            (None, None) if fused else codec.tensors(device, self.compute)
+        )
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, self.codec.d)

@@ -82,10 +82,7 @@ class DecodeTuning:
             raise ValueError(f"waves must be >= 1, got {self.waves}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-        if self.mma_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"mma_warps must be one of 1, 2, 4, 8, 16, got {self.mma_warps}")
-        if not 2 <= self.mma_stages <= 8:
-            raise ValueError(f"mma_stages must be in 2..8, got {self.mma_stages}")
+        mma_decode.check_launch(self.mma_warps, self.mma_stages, ("mma_warps", "mma_stages"))
         if self.codebook_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(
                 f"codebook_dtype must be float16, bfloat16 or float32, got {self.codebook_dtype}"

@@ -24,6 +24,17 @@ KERNEL_NAME = "fibquant_mma_decode"
 TILE = 16  # tokens per warp iteration (the kernel's TILE)
 CODES = {(4, 256), (2, 256), (2, 64)}  # (k, N): FibQuant at 2, 4 and 3 bits per coordinate
 MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
+WARPS = (1, 2, 4, 8, 16)  # warps per block the launch bounds allow
+# tiles in a warp's ring of index bytes: one being read, at least one in flight
+STAGES = range(2, 9)
+
+
+def check_launch(warps: int, stages: int, names: tuple[str, str] = ("warps", "stages")) -> None:
+    """Raise naming ``names`` unless ``warps`` and ``stages`` are a launch the kernel takes."""
+    if warps not in WARPS:
+        raise ValueError(f"{names[0]} must be one of {', '.join(map(str, WARPS))}, got {warps}")
+    if stages not in STAGES:
+        raise ValueError(f"{names[1]} must be in {STAGES[0]}..{STAGES[-1]}, got {stages}")
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,9 @@ class MmaVariant:
             raise ValueError(f"dim must be 64 or 128, got {self.dim}")
         if self.k not in (2, 4):
             raise ValueError(f"k must be 2 or 4, got {self.k}")
-        if self.warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"warps must be one of 1, 2, 4, 8, 16, got {self.warps}")
         if (self.k, self.n) not in CODES:
             raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
-        if not 2 <= self.stages <= 8:
-            raise ValueError(f"stages must be in 2..8, got {self.stages}")
+        check_launch(self.warps, self.stages)
 
     @property
     def index_bytes(self) -> int:

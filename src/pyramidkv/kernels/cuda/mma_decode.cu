@@ -41,7 +41,7 @@ typedef unsigned char u8;
 #define KEY_BYTES (KEY_CODES * W / 8)   // their index bytes (whole: the lane starts on a byte)
 #define VAL_BYTES (VAL_CODES * W / 8)
 #define NBYTES (D / KC * W / 8)         // index bytes per token
-#define KEY_ALIGN (KEY_BYTES & -KEY_BYTES)  // the alignment of a lane's index bytes (row starts on 16)
+#define KEY_ALIGN (KEY_BYTES & -KEY_BYTES)  // the alignment of a lane's index bytes (slot rows start on 8)
 #define VAL_ALIGN (VAL_BYTES & -VAL_BYTES)
 #define TILE 16                         // tokens per warp iteration: two n-tiles of keys, one k-tile of values
 #define ARRAY_BYTES (TILE * NBYTES)     // one tile of key (or value) index bytes
@@ -80,32 +80,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
-}
-
-// NB index bytes at p, aligned to A bytes, as 32-bit words (little-endian): the widest loads A allows.
-template <int NB, int A>
-__device__ __forceinline__ void load_bytes(const u8* p, u32* w) {
-    if (NB == 16 && A >= 16) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else if (NB == 8 && A >= 8) {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-        w[0] = v.x; w[1] = v.y;
-    } else if (NB % 4 == 0 && A >= 4) {
-#pragma unroll
-        for (int i = 0; i < NB / 4; ++i) w[i] = __ldg(reinterpret_cast<const u32*>(p) + i);
-    } else {
-#pragma unroll
-        for (int i = 0; i < (NB + 3) / 4; ++i) w[i] = 0;
-        if (A >= 2 && NB % 2 == 0) {
-#pragma unroll
-            for (int i = 0; i < NB / 2; ++i)
-                w[i / 2] |= (u32)__ldg(reinterpret_cast<const u16*>(p) + i) << (16 * (i % 2));
-        } else {
-#pragma unroll
-            for (int i = 0; i < NB; ++i) w[i / 4] |= (u32)__ldg(p + i) << (8 * (i % 4));
-        }
-    }
 }
 
 // The NC codewords whose W-bit indices ``idx`` holds (index j at bits [j W, (j + 1) W)), as NC * WORDS 32-bit
@@ -210,8 +184,8 @@ __device__ __forceinline__ void copy_tile(u32 slot, const u8* krow, const u8* vr
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-// NB index bytes at shared address p, aligned to A bytes, as 32-bit words (little-endian). Volatile: they
-// must stay after the wait for the async copies.
+// NB index bytes at shared address p, aligned to A bytes, as 32-bit words (little-endian): the widest loads A
+// allows. Volatile: they must stay after the wait for the async copies.
 template <int NB, int A>
 __device__ __forceinline__ void lds_bytes(u32 p, u32* w) {
     if (NB == 16 && A >= 16) {
