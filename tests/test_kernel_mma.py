@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import types
 
 import pytest
 import torch
@@ -39,13 +40,69 @@ def rel_error(got, want) -> float:
 
 @pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc.so) not found: set PYRAMIDKV_NVRTC")
 @pytest.mark.parametrize(
-    ("dim", "kn", "rows2", "shared"),
-    list(itertools.product((64, 128), ((4, 256), (2, 256), (2, 64)), (False, True), (True, False))),
+    ("dim", "kn", "rows2", "shared", "row"),
+    list(
+        itertools.product(
+            (64, 128), ((4, 256), (2, 256), (2, 64)), (False, True), (True, False), (256, 128)
+        )
+    ),
 )
-def test_every_variant_compiles_for_sm90(dim, kn, rows2, shared):
-    variant = mma_decode.MmaVariant(dim, kn[0], rows2, 8, shared, kn[1], stages=3)
+def test_every_variant_compiles_for_sm90(dim, kn, rows2, shared, row):
+    variant = mma_decode.MmaVariant(dim, kn[0], rows2, 8, shared, kn[1], stages=3, row_bytes=row)
     cubin = mma_decode.compiled(variant, "sm_90")
     assert cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize(
+    ("per_sm", "dim", "k", "n", "rows", "want"),
+    [
+        (
+            228 * 1024,
+            128,
+            4,
+            256,
+            4,
+            (3, 256, 2),
+        ),  # H200, 2 bits: 64 KiB table + 3 slots, two blocks
+        (
+            228 * 1024,
+            128,
+            2,
+            256,
+            4,
+            (2, 256, 2),
+        ),  # 4 bits: 3 slots of 2 KiB per warp would leave one
+        (228 * 1024, 128, 2, 64, 4, (3, 256, 2)),  # 3 bits: a 16 KiB table
+        (228 * 1024, 128, 4, 256, 12, (3, 256, 1)),  # 9-16 rows: one block by registers anyway
+        (164 * 1024, 128, 4, 256, 4, (3, 128, 2)),  # A100: two blocks only with 128-byte rows
+        (
+            100 * 1024,
+            128,
+            2,
+            256,
+            4,
+            (2, 256, 1),
+        ),  # one block whatever the rows: the first that fits
+    ],
+)
+def test_the_variant_keeps_the_most_blocks_per_sm(monkeypatch, per_sm, dim, k, n, rows, want):
+    """``variant`` picks the first of (256-byte rows, 128) x (3 slots, 2) that fits as many blocks per SM as
+    the registers allow, from the device's shared memory (faked here: no GPU needed)."""
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=per_sm)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    device = torch.device(
+        "cuda", per_sm // 4096
+    )  # a device per size: the choice is cached per device
+    kernel = mma_decode.variant(codec(dim, k, n=n), codec(dim, k, n=n), rows, 8, None, device)
+    assert (kernel.stages, kernel.row_bytes, kernel.blocks_per_sm(device)) == want
+
+
+def test_a_launch_no_sm_holds_is_refused(monkeypatch):
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    book = codec(128, 2, n=256)  # 4 bits: 16 warps x 8 slots of 2 KiB are 264 KiB of rings
+    with pytest.raises(ValueError, match="mma_warps=16 with mma_stages=8 need more shared memory"):
+        mma_decode.variant(book, book, 4, 16, 8, torch.device("cuda", 99))
 
 
 def test_which_codes_it_reads():
@@ -102,7 +159,8 @@ def test_matches_attention_over_decoded_codes(dim, k, n, q_heads, kv_heads, q_le
     lengths = pattern.repeat(2 * kv_heads)[: 2 * kv_heads].reshape(2, kv_heads)
     query = torch.randn(2, q_heads, q_len, dim, device="cuda")
     rows = q_heads // kv_heads * q_len
-    splits = split or mma_decode.mma_split((2, kv_heads, slots), query.device, rows=rows)
+    kernel = mma_decode.variant(ck, cv, rows, 8, None, query.device)
+    splits = split or mma_decode.mma_split((2, kv_heads, slots), query.device, kernel)
     workspace = make_workspace(2, kv_heads, rows, splits, dim, "cuda")
     for part in workspace:
         part.fill_(float("nan"))  # every entry must be written, empty splits included
@@ -133,6 +191,25 @@ def test_rings_of_every_depth(warps, stages, dim, k, n):
         query, ck, cv, codes_k, codes_v, lengths, 1, True, mma_warps=warps, mma_stages=stages
     )
     visible = (torch.arange(1285, device="cuda") < lengths[..., None]).unsqueeze(-2)
+    want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
+    assert rel_error(out, want) < TOLERANCE
+
+
+@needs_gpu
+@pytest.mark.parametrize(("dim", "k", "n", "seeds"), [(128, 4, 256, (0, 0)), (128, 2, 64, (0, 0)),
+                                                      (64, 2, 256, (0, 0)), (128, 4, 256, (0, 7))])  # fmt: skip
+def test_tables_of_128_byte_rows(monkeypatch, dim, k, n, seeds):
+    """The leaner table (128-byte rows, a second table for a different value codebook) that SMs with less
+    shared memory than an H200's take, forced here."""
+    monkeypatch.setattr(mma_decode, "ROW_SIZES", (128,))
+    mma_decode._variant.cache_clear()
+    ck, cv = codec(dim, k, n=n, seed=seeds[0]), codec(dim, k, n=n, seed=seeds[1])
+    codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, 2, 333, seed=3)
+    lengths = torch.tensor([[333, 17], [1, 200]], device="cuda")
+    query = torch.randn(2, 8, 1, dim, device="cuda")
+    out, _ = _attend(query, ck, cv, codes_k, codes_v, lengths, None, True)
+    mma_decode._variant.cache_clear()
+    visible = (torch.arange(333, device="cuda") < lengths[..., None]).unsqueeze(-2)
     want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
     assert rel_error(out, want) < TOLERANCE
 

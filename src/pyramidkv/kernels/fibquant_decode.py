@@ -51,8 +51,8 @@ class DecodeTuning:
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
     and keeps 10 mantissa bits, as TF32 does); mma: read 8-bit FibQuant codes (2 and 4 bits per
     coordinate) with the CUDA kernel of :mod:`.mma_decode` instead, where it runs (sm_80 or later, NVRTC
-    found, float16 codebook), with ``mma_warps`` warps per block and a ring of ``mma_stages`` tiles of index
-    bytes per warp (2 measured best or equal at every rate, NOTES.md v6).
+    found, float16 codebook), with ``mma_warps`` warps per block and a ring of ``mma_stages`` tiles per warp
+    (None: 3 where that keeps two blocks per SM, else 2; :func:`.mma_decode.variant`).
     """
 
     block: int = 64
@@ -64,7 +64,7 @@ class DecodeTuning:
     codebook_dtype: torch.dtype = torch.float16
     mma: bool = True
     mma_warps: int = 8
-    mma_stages: int = 2
+    mma_stages: int | None = None
 
     def gather_mode(self, *books: torch.Tensor) -> int:
         """The kernel's GATHER for these (N, k) codebooks: 0 global memory, 1 shared flat, 2 shared packed
@@ -437,7 +437,10 @@ def plan_block(
         and mma_decode.usable(codec_k, codec_v, codec_k.d, rows, device)
     )
     if use_mma and split is None:
-        return True, mma_decode.mma_split(shape, device, tuning.mma_warps, rows)
+        kernel = mma_decode.variant(
+            codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device
+        )
+        return True, mma_decode.mma_split(shape, device, kernel)
     return use_mma, split_count(shape, tuning, device, split)
 
 

@@ -25,23 +25,30 @@ TILE = 16  # tokens per warp iteration (the kernel's TILE)
 CODES = {(4, 256), (2, 256), (2, 64)}  # (k, N): FibQuant at 2, 4 and 3 bits per coordinate
 MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
 WARPS = (1, 2, 4, 8, 16)  # warps per block the launch bounds allow
-# tiles in a warp's ring of index bytes: one being read, at least one in flight
+# tiles in a warp's ring: one being read, at least one in flight
 STAGES = range(2, 9)
+# bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
+ROW_SIZES = (256, 128)
+BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
 
 
-def check_launch(warps: int, stages: int, names: tuple[str, str] = ("warps", "stages")) -> None:
-    """Raise naming ``names`` unless ``warps`` and ``stages`` are a launch the kernel takes."""
+def check_launch(
+    warps: int, stages: int | None, names: tuple[str, str] = ("warps", "stages")
+) -> None:
+    """Raise naming ``names`` unless ``warps`` and ``stages`` (None: chosen per launch) are a launch the
+    kernel takes."""
     if warps not in WARPS:
         raise ValueError(f"{names[0]} must be one of {', '.join(map(str, WARPS))}, got {warps}")
-    if stages not in STAGES:
+    if stages is not None and stages not in STAGES:
         raise ValueError(f"{names[1]} must be in {STAGES[0]}..{STAGES[-1]}, got {stages}")
 
 
 @dataclass(frozen=True)
 class MmaVariant:
     """The kernel's compile-time constants: head dim, codeword length k, whether 9-16 query rows share a KV
-    head, warps per block, whether keys and values share one codebook (one table in shared memory), the
-    codebook's size N (2^index bits) and the tiles of index bytes each warp's ring holds (cp.async)."""
+    head, warps per block, whether keys and values share one codebook, the codebook's size N (2^index bits),
+    the tiles (index bytes and norms) each warp's ring holds (cp.async) and the bytes per codeword row of the
+    table (256: an 8-bit index is its row's address byte; 128: half the shared memory)."""
 
     dim: int
     k: int
@@ -49,7 +56,8 @@ class MmaVariant:
     warps: int = 8
     shared_book: bool = True
     n: int = 256
-    stages: int = 2
+    stages: int = 3
+    row_bytes: int = 256
 
     def __post_init__(self) -> None:
         if self.dim not in (64, 128):
@@ -59,6 +67,8 @@ class MmaVariant:
         if (self.k, self.n) not in CODES:
             raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
         check_launch(self.warps, self.stages)
+        if self.row_bytes not in ROW_SIZES:
+            raise ValueError(f"row_bytes must be one of {ROW_SIZES}, got {self.row_bytes}")
 
     @property
     def index_bytes(self) -> int:
@@ -67,18 +77,24 @@ class MmaVariant:
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: one or two tables of N codewords x 32 words and each warp's ring of
-        ``stages`` tiles of key and value index bytes, or what the merge of the warps at the end of a block
-        needs (it reuses them), whichever is larger."""
-        tables = self.n * 32 * 4 * (1 if self.shared_book else 2)
-        ring = self.warps * self.stages * 2 * TILE * self.index_bytes
-        return max(tables + ring, (2 * self.warps * MAX_ROWS + MAX_ROWS * self.dim) * 4)
+        """Dynamic shared memory: the table (N rows: the key codeword's lane copies, then the value codeword's
+        in 256-byte rows, or a second table of 128-byte rows) and each warp's ring of ``stages`` slots (a tile's
+        key and value index bytes and norms), or what the merge of the warps at the end of a block needs (it
+        reuses them), whichever is larger."""
+        slot = 2 * TILE * self.index_bytes + 4 * TILE
+        tables = 2 if self.row_bytes == 128 and not self.shared_book else 1
+        return max(tables * self.n * self.row_bytes + self.warps * self.stages * slot,
+                   (2 * self.warps * MAX_ROWS + MAX_ROWS * self.dim) * 4)  # fmt: skip
+
+    def blocks_per_sm(self, device: torch.device) -> int:
+        """Blocks of this variant one SM of ``device`` holds at once (:func:`_blocks_per_sm`)."""
+        return _blocks_per_sm(self, device)
 
     def source(self) -> str:
         """The CUDA source with this variant's constants defined."""
         defines = dict(
             D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS2=int(self.rows2), NW=self.warps,
-            SHARED_BOOK=int(self.shared_book), STAGES=self.stages,
+            SHARED_BOOK=int(self.shared_book), STAGES=self.stages, ROW_BYTES=self.row_bytes,
         )  # fmt: skip
         head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
         return head + SOURCE.read_text()
@@ -108,6 +124,49 @@ def usable(codec_k: object, codec_v: object, dim: int, rows: int, device: torch.
     return unsupported(codec_k, codec_v, dim, rows) is None and nvrtc_found()
 
 
+@functools.cache
+def _blocks_per_sm(kernel: MmaVariant, device: torch.device) -> int:
+    """Two blocks of 8 warps by registers (128 each, ``__launch_bounds__``; one block for 9-16 query rows), fewer
+    where the shared memory (each block's table, rings, one mbarrier per slot and what the driver reserves)
+    runs out first: 0 where not even one block fits."""
+    by_registers = 1 if kernel.rows2 else max(1, 16 // kernel.warps)
+    props = torch.cuda.get_device_properties(device)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
+    per_block = kernel.shared_bytes + 8 * kernel.warps * kernel.stages + BLOCK_RESERVED
+    return min(by_registers, per_sm // per_block)
+
+
+def variant(
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    rows: int,
+    warps: int,
+    stages: int | None,
+    device: torch.device,
+) -> MmaVariant:
+    """The kernel variant that reads these codes: the first of 256-byte table rows with a ring of 3 slots, then 2,
+    then 128-byte rows with 3 and 2 (``stages`` fixes the ring), that keeps as many blocks per SM as the
+    registers allow. Measured at the headline (NOTES.md, v8): 3 slots 4-12% faster than 2 at 2 and 3 bits, but
+    at 4 bits three would leave one block per SM (13% slower); 256-byte rows 11% faster than 128 at 3 bits,
+    within 3% at 2 and 4; an SM with less shared memory than the H200's (an A100's 164 KiB) takes 128."""
+    key = (codec_k.d, codec_k.k, rows > 8, warps, same_codebook(codec_k, codec_v), codec_k.n)
+    return _variant(key, stages, device)
+
+
+@functools.cache
+def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant:
+    """:func:`variant` for the constants ``key`` (dim, k, rows2, warps, shared_book, n), once per process."""
+    rings = (3, 2) if stages is None else (stages,)
+    options = [MmaVariant(*key, ring, row) for row in ROW_SIZES for ring in rings]
+    most = max(kernel.blocks_per_sm(device) for kernel in options)
+    if most == 0:
+        raise ValueError(
+            f"mma_warps={key[3]} with mma_stages={stages} need more shared memory than an SM of {device} has "
+            f"({options[-1].shared_bytes} bytes at least); take fewer warps or stages"
+        )
+    return next(kernel for kernel in options if kernel.blocks_per_sm(device) == most)
+
+
 def same_codebook(codec_k: RotatedBlockCodec, codec_v: RotatedBlockCodec) -> bool:
     """Whether keys and values use one codebook (same class, d, k, N and seed: FibQuant at one rate)."""
     key = ("d", "k", "n", "seed")
@@ -129,27 +188,28 @@ def _kernel(variant: MmaVariant, device: torch.device) -> CudaKernel:
     return CudaKernel(cubin, KERNEL_NAME, device, variant.shared_bytes)
 
 
-def mma_split(
-    shape: tuple[int, int, int], device: torch.device, warps: int = 8, rows: int = 1
-) -> int:
-    """Sequence ranges for codes of ``shape`` (batch, kv_heads, s): the most blocks that still run in one
-    wave, so no second wave runs a few blocks alone (measured at 32/8 x 128, batch 8, 128k, 2 bits: split 4,
-    0.415 ms, against 0.555 ms at split 5); at least one tile per warp in each block. A block of up to 8 query
-    rows is held to 128 registers (``__launch_bounds__``): 16 warps per SM; 9-16 rows take one block per SM."""
-    per_sm = 1 if rows > 8 else max(1, 16 // warps)
-    units = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-    most = max(1, math.ceil(shape[2] / (TILE * warps)))
+def mma_split(shape: tuple[int, int, int], device: torch.device, kernel: MmaVariant) -> int:
+    """Sequence ranges for codes of ``shape`` (batch, kv_heads, s) read by ``kernel``: the most blocks that
+    still run in one wave (:meth:`MmaVariant.blocks_per_sm` per SM), so no second wave runs a few blocks alone
+    (measured at 32/8 x 128, batch 8, 128k, 2 bits: split 4, 0.415 ms, against 0.555 ms at split 5); at least
+    one tile per warp in each block."""
+    units = torch.cuda.get_device_properties(device).multi_processor_count * kernel.blocks_per_sm(
+        device
+    )
+    most = max(1, math.ceil(shape[2] / (TILE * kernel.warps)))
     return max(1, min(most, units // (shape[0] * shape[1])))
 
 
 def _aligned(codes: VectorCodes) -> VectorCodes:
-    """Codes whose index rows the kernel can read with 16-byte loads, as they are or as a contiguous copy
-    (an odd view, e.g. a slice of a wider tensor)."""
+    """Codes whose index rows the kernel's async copies can read (rows of contiguous tokens starting on 16
+    bytes, on 8 for rows of 24-byte tokens: the kernel's CHUNK), as they are or as a fresh copy (an odd view,
+    e.g. a slice of a wider tensor)."""
     idx = codes.indices
-    ok = idx.stride(-1) == 1 and idx.stride(-2) == idx.shape[-1] and idx.data_ptr() % 16 == 0
-    if ok and all(s % 16 == 0 for s in idx.stride()[:2]):
+    chunk = 8 if idx.shape[-1] % 16 else 16
+    dense = idx.stride(-1) == 1 and idx.stride(-2) == idx.shape[-1]
+    if dense and all(a % chunk == 0 for a in (idx.data_ptr(), *idx.stride()[:2])):
         return codes
-    return replace(codes, indices=idx.contiguous())
+    return replace(codes, indices=idx.clone(memory_format=torch.contiguous_format))
 
 
 def launch_mma_partials(
@@ -163,11 +223,11 @@ def launch_mma_partials(
     offset: int,
     split: int,
     warps: int = 8,
-    stages: int = 2,
+    stages: int | None = None,
 ) -> None:
     """The CUDA kernel over one block of codes: its ``split`` partials at splits [offset, offset + split) of
     ``workspace``, as :func:`.fibquant_decode.launch_partials` writes them. ``q_rot`` (batch, kv_heads, rows,
-    d) float16 from :func:`.fibquant_decode.rotate_query`."""
+    d) float16 from :func:`.fibquant_decode.rotate_query`; ``stages`` None: :func:`variant` picks the ring."""
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
     reason = unsupported(codec_k, codec_v, dim, rows)
@@ -175,21 +235,20 @@ def launch_mma_partials(
         raise ValueError(f"the mma kernel cannot read these codes: {reason}")
     if q_rot.dtype != torch.float16 or not q_rot.is_contiguous():
         raise ValueError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
-    shared = same_codebook(codec_k, codec_v)
-    variant = MmaVariant(dim, codec_k.k, rows > 8, warps, shared, codec_k.n, stages)
     device = q_rot.device
+    kernel = variant(codec_k, codec_v, rows, warps, stages, device)
     codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)
     s_kv = codes_k.shape[2]
     chunk = math.ceil(math.ceil(s_kv / split) / TILE) * TILE
     book_k = codec_k.tensors(device, torch.float16)[1].contiguous().view(torch.int32)
     book_v = (
         book_k
-        if shared
+        if kernel.shared_book
         else codec_v.tensors(device, torch.float16)[1].contiguous().view(torch.int32)
     )
     lens = None if lengths is None else lengths.to(device=device, dtype=torch.int32).contiguous()
     ki, kn, vi, vn = codes_k.indices, codes_k.norms, codes_v.indices, codes_v.norms
-    _kernel(variant, device)(
+    _kernel(kernel, device)(
         (batch * kv_heads, split), 32 * warps,
         q_rot, ki, kn, vi, vn, book_k, book_v, lens, acc, row_max, row_sum,
         s_kv, chunk, kv_heads, offset, acc.shape[2], rows,
