@@ -105,6 +105,24 @@ def test_a_launch_no_sm_holds_is_refused(monkeypatch):
         mma_decode.variant(book, book, 4, 16, 8, torch.device("cuda", 99))
 
 
+def test_index_rows_the_async_copies_cannot_read_are_copied_once():
+    """Rows must start on the kernel's copy size (16 bytes; 8 for 24-byte tokens): a view that does not gets a
+    fresh, aligned copy (``contiguous`` would return the misaligned view itself); aligned codes, 24-byte
+    tokens at an odd length included, pass through untouched."""
+    codes = codec(128, 4).encode(torch.randn(2, 2, 33, 128))
+    assert mma_decode._aligned(codes) is codes
+    raw = torch.zeros(8 + codes.indices.numel(), dtype=torch.uint8)
+    shifted = raw[8:].view(codes.indices.shape)  # dense, 8 bytes off a 16-byte boundary
+    shifted.copy_(codes.indices)
+    fixed = mma_decode._aligned(dataclasses.replace(codes, indices=shifted))
+    assert shifted.data_ptr() % 16 == 8 and fixed.indices.data_ptr() % 16 == 0
+    assert torch.equal(fixed.indices, codes.indices)
+    odd = codec(64, 2, n=64).encode(
+        torch.randn(1, 2, 33, 64)
+    )  # 24-byte tokens, rows 8-byte aligned
+    assert odd.indices.shape[-1] == 24 and mma_decode._aligned(odd) is odd
+
+
 def test_which_codes_it_reads():
     assert mma_decode.unsupported(codec(128, 4), codec(128, 4), 128, 16) is None
     assert mma_decode.unsupported(codec(64, 2), codec(64, 2), 64, 1) is None
