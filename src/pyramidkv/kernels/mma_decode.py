@@ -193,9 +193,8 @@ def mma_split(shape: tuple[int, int, int], device: torch.device, kernel: MmaVari
     still run in one wave (:meth:`MmaVariant.blocks_per_sm` per SM), so no second wave runs a few blocks alone
     (measured at 32/8 x 128, batch 8, 128k, 2 bits: split 4, 0.415 ms, against 0.555 ms at split 5); at least
     one tile per warp in each block."""
-    units = torch.cuda.get_device_properties(device).multi_processor_count * kernel.blocks_per_sm(
-        device
-    )
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    units = sms * kernel.blocks_per_sm(device)
     most = max(1, math.ceil(shape[2] / (TILE * kernel.warps)))
     return max(1, min(most, units // (shape[0] * shape[1])))
 

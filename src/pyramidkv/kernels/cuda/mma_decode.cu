@@ -396,9 +396,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
             asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar0 + 8 * s), "r"(32) : "memory");
     }
     __syncwarp();
-    for (int s = 0; s < STAGES && s < n_mine; ++s)
-        fill_slot(ring + s * SLOT_BYTES, bar0 + 8 * s, lo + (warp + NW * s) * TILE, norms_too, krow, vrow, knrow, vnrow,
-                  lane);
+    // this warp's tile j (of n_mine) into ring slot s = j % STAGES
+    auto fill = [&](int j, int s) {
+        fill_slot(ring + s * SLOT_BYTES, bar0 + 8 * s, lo + (warp + NW * j) * TILE, norms_too, krow, vrow, knrow,
+                  vnrow, lane);
+    };
+    for (int s = 0; s < STAGES && s < n_mine; ++s) fill(s, s);
 
     // the table (while the first tiles are in flight): row n holds codeword n's key copies; the value copies of a
     // different value codebook follow in the row (256-byte rows) or in a second table (128-byte rows)
@@ -446,9 +449,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
         Norms norms;
         read_slot(cur, norms, slot, lane_key, lane_val, lane_norm, norms_too);
         __syncwarp();
-        if (i + STAGES < n_mine)
-            fill_slot(slot, bar0 + 8 * s, lo + (warp + NW * (i + STAGES)) * TILE, norms_too, krow, vrow, knrow, vnrow,
-                      lane);
+        if (i + STAGES < n_mine) fill(i + STAGES, s);  // the slot just read
         if (!norms_too) {
             const int base = lo + (warp + NW * i) * TILE;
             read_global(cur, norms, krow, vrow, knrow, vnrow, base, hi, g, t, false);
