@@ -56,38 +56,18 @@ def test_every_variant_compiles_for_sm90(dim, kn, rows2, shared, row):
 @pytest.mark.parametrize(
     ("per_sm", "dim", "k", "n", "rows", "want"),
     [
-        (
-            228 * 1024,
-            128,
-            4,
-            256,
-            4,
-            (3, 256, 2),
-        ),  # H200, 2 bits: 64 KiB table + 3 slots, two blocks
-        (
-            228 * 1024,
-            128,
-            2,
-            256,
-            4,
-            (2, 256, 2),
-        ),  # 4 bits: 3 slots of 2 KiB per warp would leave one
-        (228 * 1024, 128, 2, 64, 4, (3, 256, 2)),  # 3 bits: a 16 KiB table
-        (228 * 1024, 128, 4, 256, 12, (3, 256, 1)),  # 9-16 rows: one block by registers anyway
-        (164 * 1024, 128, 4, 256, 4, (3, 128, 2)),  # A100: two blocks only with 128-byte rows
-        (
-            100 * 1024,
-            128,
-            2,
-            256,
-            4,
-            (2, 256, 1),
-        ),  # one block whatever the rows: the first that fits
+        (228 * 1024, 128, 4, 256, 4, (2, 256, 2)),  # H200, 2 bits: 64 KiB table, 2 slots
+        (228 * 1024, 128, 2, 256, 4, (2, 256, 2)),  # 4 bits: slots of 2 KiB per warp
+        (228 * 1024, 128, 2, 64, 4, (2, 256, 2)),  # 3 bits: a 16 KiB table
+        (228 * 1024, 128, 4, 256, 12, (2, 256, 1)),  # 9-16 rows: one block by registers anyway
+        (164 * 1024, 128, 4, 256, 4, (2, 256, 2)),  # A100: two blocks of 82 KiB exactly
+        (150 * 1024, 128, 4, 256, 4, (2, 128, 2)),  # two blocks only with 128-byte rows
+        (100 * 1024, 128, 2, 256, 4, (2, 256, 1)),  # one block whatever the rows: the first
     ],
 )
 def test_the_variant_keeps_the_most_blocks_per_sm(monkeypatch, per_sm, dim, k, n, rows, want):
-    """``variant`` picks the first of (256-byte rows, 128) x (3 slots, 2) that fits as many blocks per SM as
-    the registers allow, from the device's shared memory (faked here: no GPU needed)."""
+    """``variant`` picks the first of 256-byte rows and 128 (default ring) that fits as many blocks per
+    SM as the registers allow, from the device's shared memory (faked here: no GPU needed)."""
     props = types.SimpleNamespace(shared_memory_per_multiprocessor=per_sm)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     device = torch.device(

@@ -52,7 +52,7 @@ class DecodeTuning:
     and keeps 10 mantissa bits, as TF32 does); mma: read 8-bit FibQuant codes (2 and 4 bits per
     coordinate) with the CUDA kernel of :mod:`.mma_decode` instead, where it runs (sm_80 or later, NVRTC
     found, float16 codebook), with ``mma_warps`` warps per block and a ring of ``mma_stages`` tiles per warp
-    (None: 3 where that keeps two blocks per SM, else 2; :func:`.mma_decode.variant`).
+    (None: :data:`.mma_decode.RING`).
     """
 
     block: int = 64

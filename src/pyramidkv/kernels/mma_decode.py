@@ -27,6 +27,9 @@ MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
 WARPS = (1, 2, 4, 8, 16)  # warps per block the launch bounds allow
 # tiles in a warp's ring: one being read, at least one in flight
 STAGES = range(2, 9)
+# the default ring: 2, 3 and 4 slots measured the same at 2 and 3 bits, 3 would cost a block per SM at 4 bits
+# (NOTES.md, v9)
+RING = 2
 # bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
 ROW_SIZES = (256, 128)
 BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
@@ -56,7 +59,7 @@ class MmaVariant:
     warps: int = 8
     shared_book: bool = True
     n: int = 256
-    stages: int = 3
+    stages: int = RING
     row_bytes: int = 256
 
     def __post_init__(self) -> None:
@@ -127,12 +130,12 @@ def usable(codec_k: object, codec_v: object, dim: int, rows: int, device: torch.
 @functools.cache
 def _blocks_per_sm(kernel: MmaVariant, device: torch.device) -> int:
     """Two blocks of 8 warps by registers (128 each, ``__launch_bounds__``; one block for 9-16 query rows), fewer
-    where the shared memory (each block's table, rings, one mbarrier per slot and what the driver reserves)
-    runs out first: 0 where not even one block fits."""
+    where the shared memory (each block's table and rings, and what the driver reserves) runs out first: 0
+    where not even one block fits."""
     by_registers = 1 if kernel.rows2 else max(1, 16 // kernel.warps)
     props = torch.cuda.get_device_properties(device)
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
-    per_block = kernel.shared_bytes + 8 * kernel.warps * kernel.stages + BLOCK_RESERVED
+    per_block = kernel.shared_bytes + BLOCK_RESERVED
     return min(by_registers, per_sm // per_block)
 
 
@@ -144,11 +147,10 @@ def variant(
     stages: int | None,
     device: torch.device,
 ) -> MmaVariant:
-    """The kernel variant that reads these codes: the first of 256-byte table rows with a ring of 3 slots, then 2,
-    then 128-byte rows with 3 and 2 (``stages`` fixes the ring), that keeps as many blocks per SM as the
-    registers allow. Measured at the headline (NOTES.md, v8): 3 slots 4-12% faster than 2 at 2 and 3 bits, but
-    at 4 bits three would leave one block per SM (13% slower); 256-byte rows 11% faster than 128 at 3 bits,
-    within 3% at 2 and 4; an SM with less shared memory than the H200's (an A100's 164 KiB) takes 128."""
+    """The kernel variant that reads these codes: 256-byte table rows, or 128-byte rows where those keep more
+    blocks per SM (an SM with less shared memory than the H200's), with a ring of ``stages`` slots (None:
+    ``RING``). Measured at the headline (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at
+    2 and 4."""
     key = (codec_k.d, codec_k.k, rows > 8, warps, same_codebook(codec_k, codec_v), codec_k.n)
     return _variant(key, stages, device)
 
@@ -156,8 +158,7 @@ def variant(
 @functools.cache
 def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant:
     """:func:`variant` for the constants ``key`` (dim, k, rows2, warps, shared_book, n), once per process."""
-    rings = (3, 2) if stages is None else (stages,)
-    options = [MmaVariant(*key, ring, row) for row in ROW_SIZES for ring in rings]
+    options = [MmaVariant(*key, RING if stages is None else stages, row) for row in ROW_SIZES]
     most = max(kernel.blocks_per_sm(device) for kernel in options)
     if most == 0:
         raise ValueError(

@@ -17,7 +17,7 @@
 // The codebook sits in shared memory in COPIES lane-private copies laid out so that the 32 lanes of a warp
 // always hit distinct banks, whatever indices they read (a random gather from one copy conflicts ~3-way).
 // Each warp streams its tiles (index bytes and norms, in token order) into a ring of shared memory with cp.async;
-// an mbarrier per slot says when a tile has landed (NOTES.md, v8).
+// each lane's copies of a tile form one cp.async group, so waiting for a tile is a group count (NOTES.md, v9).
 //
 // Compile-time constants (prepended as #defines by kernels/mma_decode.py): D head dim (64 or 128), KC
 // codeword length (2 or 4), W index bits (8: N = 256, 2 or 4 bits per coordinate; 6: N = 64, k = 2,
@@ -322,43 +322,56 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
     }
 }
 
-// Wait until the phase ``parity`` of the mbarrier at ``bar`` completes (try_wait lets sm_90 suspend the warp).
-__device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("{\n.reg .pred p;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT_%=;\n}\n"
-                 ::"r"(bar), "r"(parity) : "memory");
-#else
-    asm volatile("{\n.reg .pred p;\nWAIT_%=:\nmbarrier.test_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT_%=;\n}\n"
-                 ::"r"(bar), "r"(parity) : "memory");
-#endif
+// Close this lane's group of async copies (cp.async.wait_group waits for all but the newest few groups).
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+__device__ __forceinline__ void cp_async(u32 dst, const u8* src) {
+    if (CHUNK == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 }
 
-// Start copying ``bytes`` (a multiple of CHUNK, CHUNK-aligned at both ends) from global ``src`` to shared ``dst``,
-// CHUNK bytes per copy, the warp's lanes from lane ``first`` on (so the arrays of a tile share out the lanes).
-__device__ __forceinline__ void copy(u32 dst, const void* src, int bytes, int lane, int first) {
-    for (int c = ((lane - first) & 31) * CHUNK; c < bytes; c += 32 * CHUNK) {
-        const u8* from = reinterpret_cast<const u8*>(src) + c;
-        if (CHUNK == 16)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + c), "l"(from) : "memory");
-        else
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst + c), "l"(from) : "memory");
-    }
-}
+// One lane's share of filling the ring: CHUNK-byte copies from its chunks of the key and the value index bytes
+// (the arrays share out the lanes: values start where the key chunks end, modulo 32) and, on the lanes after
+// them, of the key and value norms. Its sources run through the warp's tiles in order, NW TILE tokens apart, so a
+// fill is a few copies and three pointer increments (v8 recomputed every source from the tile's token).
+struct Feed {
+    static constexpr int chunks = ARRAY_BYTES / CHUNK, norm_chunks = 2 * TILE / CHUNK;
+    const u8* k;  // this lane's first key chunk of the warp's next tile
+    const u8* v;
+    const u8* n;  // its norm chunk (key norms or value norms), if it has one
+    u32 k_at, v_at, n_at;  // where they land in a slot
+    bool has_k, has_v, has_n;  // the first chunk (a lane holds at most two of an array)
 
-// Start filling ring slot ``slot`` with the full tile at token ``tok``: key and value index bytes, and the norms
-// when ``norms_too``. Called by the whole warp once it has read the slot's previous tile; every lane then arrives
-// on the slot's barrier ``bar`` when its copies have landed.
-__device__ __forceinline__ void fill_slot(u32 slot, u32 bar, int tok, bool norms_too, const u8* krow, const u8* vrow,
-                                          const u16* knrow, const u16* vnrow, int lane) {
-    constexpr int chunks = ARRAY_BYTES / CHUNK;
-    copy(slot, krow + (long long)tok * NBYTES, ARRAY_BYTES, lane, 0);
-    copy(slot + ARRAY_BYTES, vrow + (long long)tok * NBYTES, ARRAY_BYTES, lane, chunks % 32);
-    if (norms_too) {
-        copy(slot + 2 * ARRAY_BYTES, knrow + tok, 2 * TILE, lane, (2 * chunks) % 32);
-        copy(slot + 2 * ARRAY_BYTES + 2 * TILE, vnrow + tok, 2 * TILE, lane, (2 * chunks + 2 * TILE / CHUNK) % 32);
+    __device__ __forceinline__ Feed(const u8* krow, const u8* vrow, const u16* knrow, const u16* vnrow, int tok,
+                                    int lane, bool norms_too) {
+        const int ck = lane, cv = (lane - chunks % 32) & 31, cn = (lane - (2 * chunks) % 32) & 31;
+        has_k = ck < chunks;
+        has_v = cv < chunks;
+        has_n = norms_too && cn < 2 * norm_chunks;
+        k = krow + (long long)tok * NBYTES + ck * CHUNK;
+        v = vrow + (long long)tok * NBYTES + cv * CHUNK;
+        n = reinterpret_cast<const u8*>((cn < norm_chunks ? knrow : vnrow) + tok) + (cn % norm_chunks) * CHUNK;
+        k_at = ck * CHUNK;
+        v_at = ARRAY_BYTES + cv * CHUNK;
+        n_at = 2 * ARRAY_BYTES + cn * CHUNK;
     }
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
+
+    // Start copying the next tile into the slot at ``slot``, then step to the tile after it.
+    __device__ __forceinline__ void fill(u32 slot) {
+#pragma unroll
+        for (int c = 0; c < (chunks + 31) / 32; ++c) {
+            const int step = 32 * CHUNK * c;
+            if (c == 0 ? has_k : k_at + step < ARRAY_BYTES) cp_async(slot + k_at + step, k + step);
+            if (c == 0 ? has_v : v_at + step < 2 * ARRAY_BYTES) cp_async(slot + v_at + step, v + step);
+        }
+        if (has_n) cp_async(slot + n_at, n);
+        k += NW * TILE * NBYTES;
+        v += NW * TILE * NBYTES;
+        n += NW * TILE * 2;
+    }
+};
 
 extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibquant_mma_decode(
     const u16* __restrict__ q,       // (BH, rows, D) f16: rotated, scaled by scaling * log2(e)
@@ -371,7 +384,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     int kidx_sb, int kidx_sh, int knorm_sb, int knorm_sh,
     int vidx_sb, int vidx_sh, int vnorm_sb, int vnorm_sh) {
     u32* smem = pk_smem;
-    __shared__ __align__(8) unsigned long long bars[NW * STAGES];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.x, b = bh / n_kv_heads, h = bh % n_kv_heads;
@@ -390,18 +402,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     const int n_mine = full_tiles > warp ? (full_tiles - warp + NW - 1) / NW : 0;
     const bool norms_too = ((reinterpret_cast<size_t>(knrow) | reinterpret_cast<size_t>(vnrow)) & (CHUNK - 1)) == 0;
     const u32 ring = smem_base() + TABLE_BYTES + warp * STAGES * SLOT_BYTES;
-    const u32 bar0 = (u32)__cvta_generic_to_shared(bars + warp * STAGES);
-    if (lane == 0) {
-        for (int s = 0; s < STAGES; ++s)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar0 + 8 * s), "r"(32) : "memory");
+    Feed feed(krow, vrow, knrow, vnrow, lo + warp * TILE, lane, norms_too);
+    for (int s = 0; s < STAGES; ++s) {
+        if (s < n_mine) feed.fill(ring + s * SLOT_BYTES);
+        commit();  // a group per slot, empty or not: the wait below counts groups
     }
-    __syncwarp();
-    // this warp's tile j (of n_mine) into ring slot s = j % STAGES
-    auto fill = [&](int j, int s) {
-        fill_slot(ring + s * SLOT_BYTES, bar0 + 8 * s, lo + (warp + NW * j) * TILE, norms_too, krow, vrow, knrow,
-                  vnrow, lane);
-    };
-    for (int s = 0; s < STAGES && s < n_mine; ++s) fill(s, s);
 
     // the table (while the first tiles are in flight): row n holds codeword n's key copies; the value copies of a
     // different value codebook follow in the row (256-byte rows) or in a second table (128-byte rows)
@@ -441,15 +446,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     __syncthreads();
 
     const u32 lane_key = g * NBYTES + t * KEY_BYTES, lane_val = 2 * t * NBYTES + g * VAL_BYTES, lane_norm = 4 * t;
+    u32 slot = ring;
     for (int i = 0; i < n_mine; ++i) {
-        const int s = i % STAGES;
-        const u32 slot = ring + s * SLOT_BYTES;
-        bar_wait(bar0 + 8 * s, (i / STAGES) & 1);
+        // this lane's copies of tile i have landed once at most the STAGES - 1 groups after its own are pending;
+        // the warp barrier then makes every lane's copies visible to all
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1) : "memory");
+        __syncwarp();
         Tile cur;
         Norms norms;
         read_slot(cur, norms, slot, lane_key, lane_val, lane_norm, norms_too);
         __syncwarp();
-        if (i + STAGES < n_mine) fill(i + STAGES, s);  // the slot just read
+        if (i + STAGES < n_mine) feed.fill(slot);  // the slot just read
+        commit();
+        slot += SLOT_BYTES;
+        if (slot == ring + STAGES * SLOT_BYTES) slot = ring;
         if (!norms_too) {
             const int base = lo + (warp + NW * i) * TILE;
             read_global(cur, norms, krow, vrow, knrow, vnrow, base, hi, g, t, false);
