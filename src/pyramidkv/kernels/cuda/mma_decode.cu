@@ -47,6 +47,7 @@ typedef unsigned char u8;
 #define ARRAY_BYTES (TILE * NBYTES)     // one tile of key (or value) index bytes
 #define SLOT_BYTES (2 * ARRAY_BYTES + 4 * TILE)  // a ring slot: key bytes, value bytes, key norms, value norms
 #define CHUNK (NBYTES % 16 ? 8 : 16)    // bytes per async copy: rows of 24 bytes (d = 64, 3 bits) start on 8 only
+#define TWO_CHAINS (KC == 2)          // score mma in two accumulator chains (see attend)
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define HALF_NEG_INF 0xfc00u            // a missing token's key norm: its score is -inf, its weight 0
 
@@ -231,13 +232,16 @@ __device__ __forceinline__ void read_global(Tile& tile, Norms& n, const u8* krow
     }
 }
 
-// One tile: S = Q K^T, the online softmax, O^T += V^T P^T.
+// One tile: S = Q K^T, the online softmax, O^T += V^T P^T. FULL: every token of the tile is visible (a ring
+// tile), so no key norm is the -inf mark of a missing token and the scores skip that check (-3% at 2 bits).
+template <bool FULL>
 __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, const u32 (&qa)[KSTEPS][4],
                                        float (&acc)[KSTEPS][1 + ROWS2][4], float (&m_run)[2], float (&l_run)[2],
                                        u32 k_off, u32 v_off, int t) {
     // S = Q K^T over two n-tiles of 8 tokens: mma B is key 8nt + g, one codeword load per k-step;
-    // c[nt] = rows g (0, 1), g + 8 (2, 3) x tokens 8nt + 2t (+ 1); even and odd k-steps in two accumulators,
-    // halving the chain of dependent mma
+    // c[nt] = rows g (0, 1), g + 8 (2, 3) x tokens 8nt + 2t (+ 1); at k = 2 (3 and 4 bits) even and odd k-steps in
+    // two accumulators, halving the chain of dependent mma; at k = 4 one chain measured 2.5% faster at 2 bits (the
+    // 8 registers and 8 adds it saves end the 2-bit kernel's spill) and two 2% faster at 3 and 4 bits (NOTES.md, v9)
     float c[2][4], c_odd[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -247,9 +251,10 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
         for (int e = 0; e < 4; ++e) c[nt][e] = c_odd[nt][e] = 0.f;
 #pragma unroll
         for (int s = 0; s < KSTEPS; ++s)
-            mma16816(s % 2 ? c_odd[nt] : c[nt], qa[s][0], qa[s][1], qa[s][2], qa[s][3], kw[2 * s], kw[2 * s + 1]);
+            mma16816(s % 2 && TWO_CHAINS ? c_odd[nt] : c[nt], qa[s][0], qa[s][1], qa[s][2], qa[s][3], kw[2 * s], kw[2 * s + 1]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) c[nt][e] += c_odd[nt][e];
+        for (int e = 0; e < 4; ++e)
+            if (TWO_CHAINS) c[nt][e] += c_odd[nt][e];
     }
     // Online softmax of rows g (r = 0) and g + 8 (r = 1) over the tile. The row maxima are reduced across the
     // row's 4 lanes (two shuffles) and O^T rescaled only in a tile where some score passes its row's running max,
@@ -262,8 +267,13 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
 #pragma unroll
         for (int r = 0; r <= ROWS2; ++r) {
             // -inf norms mark missing tokens: score -inf whatever the (finite) dot product
-            c[nt][2 * r] = kn0 == NEG_INF ? NEG_INF : c[nt][2 * r] * kn0;
-            c[nt][2 * r + 1] = kn1 == NEG_INF ? NEG_INF : c[nt][2 * r + 1] * kn1;
+            if (FULL) {
+                c[nt][2 * r] *= kn0;
+                c[nt][2 * r + 1] *= kn1;
+            } else {
+                c[nt][2 * r] = kn0 == NEG_INF ? NEG_INF : c[nt][2 * r] * kn0;
+                c[nt][2 * r + 1] = kn1 == NEG_INF ? NEG_INF : c[nt][2 * r + 1] * kn1;
+            }
             grew |= fmaxf(c[nt][2 * r], c[nt][2 * r + 1]) > m_run[r];
         }
     }
@@ -464,13 +474,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
             const int base = lo + (warp + NW * i) * TILE;
             read_global(cur, norms, krow, vrow, knrow, vnrow, base, hi, g, t, false);
         }
-        attend(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t);
+        attend<true>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t);
     }
     if (full_tiles * TILE < hi - lo && warp == full_tiles % NW) {
         Tile cur;
         Norms norms;
         read_global(cur, norms, krow, vrow, knrow, vnrow, lo + full_tiles * TILE, hi, g, t, true);
-        attend(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t);
+        attend<false>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t);
     }
 
     // merge the NW warps of the block through shared memory (the tables and rings are dead: reuse them)
