@@ -48,6 +48,7 @@ from .kernels.fibquant_decode import (
     rotate_query,
 )
 from .kernels.fibquant_encode import encode_buffers, encode_tables, launch_encode
+from .kernels.mma_decode import MmaVariant
 from .static_layer import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
@@ -213,31 +214,31 @@ class StaticCodedLayer(StaticLayerBase):
         chunks = [(keys, values, coded), (self.keys, self.values, self.visible.view(1, 1, 1, -1))]
         return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
 
-    def _plan(self, rows: int) -> tuple[bool, int, tuple]:
+    def _plan(self, rows: int) -> tuple[MmaVariant | None, int, tuple]:
         """Kernel and split of the store for ``rows`` query rows per KV head, and a workspace with one
         more split for the ring: chosen and allocated once, at the first step (before any capture)."""
         if rows not in self.plans:
             batch, kv_heads = self.lengths.shape
             shape = (batch, kv_heads, self.capacity)
-            use_mma, split = plan_block(
+            kernel, split = plan_block(
                 shape, self.codecs.keys, self.codecs.values, rows, TUNING, self.device
             )
             with torch.inference_mode(False):  # written in place under any grad mode
                 workspace = make_workspace(
                     batch, kv_heads, rows, split + 1, self.ring.shape[-1], self.device
                 )
-            self.plans[rows] = (use_mma, split, workspace)
+            self.plans[rows] = (kernel, split, workspace)
         return self.plans[rows]
 
     def _attend_fused(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         batch, q_heads, _, dim = query.shape
         kv_heads = self.lengths.shape[1]
         rows = q_heads // kv_heads
-        use_mma, split, workspace = self._plan(rows)
+        kernel, split, workspace = self._plan(rows)
         codec_k, codec_v = self.codecs.keys, self.codecs.values
         q_rot = rotate_query(query, codec_k, scaling, kv_heads, TUNING.codebook_dtype)
         launch_partials(
-            q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, TUNING, use_mma
+            q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, TUNING, kernel
         )
         # the ring as split ``split``: base-2 scores, masked slots weigh 0, values in rotated space
         acc, row_max, row_sum = workspace

@@ -104,10 +104,10 @@ def fused_attention(
     workspace = make_workspace(batch, kv_heads, rows, sum(s for _, s in plans), dim, query.device)
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
     offset = 0
-    for block, (use_mma, split) in zip(coded.blocks, plans, strict=True):
+    for block, (kernel, split) in zip(coded.blocks, plans, strict=True):
         launch_partials(
             q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace, offset,
-            split, tuning, use_mma,
+            split, tuning, kernel,
         )  # fmt: skip
         offset += split
     rotation = codec_v.tensors(query.device, torch.float32)[0]

@@ -383,7 +383,7 @@ def fibquant_decode_attention(
     check_codec("codec_v", codec_v, dim)
     kv_heads = codes_k.shape[1]
     rows = (q_heads // kv_heads) * q_len
-    use_mma, split = plan_block(codes_k.shape, codec_k, codec_v, rows, tuning, query.device, split)
+    kernel, split = plan_block(codes_k.shape, codec_k, codec_v, rows, tuning, query.device, split)
     if workspace is None:
         workspace = make_workspace(batch, kv_heads, rows, split, dim, query.device)
     acc, row_max, row_sum = workspace
@@ -393,7 +393,7 @@ def fibquant_decode_attention(
         )
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
     launch_partials(
-        q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning, use_mma
+        q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning, kernel
     )
     out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
     out = out_rot @ codec_v.tensors(query.device, torch.float32)[0]  # x_hat = unit Pi, once per row
@@ -428,20 +428,20 @@ def plan_block(
     tuning: DecodeTuning,
     device: torch.device,
     split: int | None = None,
-) -> tuple[bool, int]:
-    """Which kernel reads a block of codes of ``shape`` (batch, kv_heads, s) — True: the CUDA mma kernel
-    (:mod:`.mma_decode`), False: the Triton kernel — and its split (``split`` checked, or that kernel's default)."""
-    use_mma = (
+) -> tuple[mma_decode.MmaVariant | None, int]:
+    """Which kernel reads a block of codes of ``shape`` (batch, kv_heads, s) — the variant of the CUDA mma
+    kernel (:func:`.mma_decode.variant`), or None: the Triton kernel — and its split (``split`` checked, or
+    that kernel's default)."""
+    if not (
         tuning.mma
         and tuning.codebook_dtype == torch.float16
         and mma_decode.usable(codec_k, codec_v, codec_k.d, rows, device)
-    )
-    if use_mma and split is None:
-        kernel = mma_decode.variant(
-            codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device
-        )
-        return True, mma_decode.mma_split(shape, device, kernel)
-    return use_mma, split_count(shape, tuning, device, split)
+    ):
+        return None, split_count(shape, tuning, device, split)
+    kernel = mma_decode.variant(codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device)
+    if split is None:
+        return kernel, mma_decode.mma_split(shape, device, kernel)
+    return kernel, split_count(shape, tuning, device, split)
 
 
 def rotate_query(
@@ -482,16 +482,15 @@ def launch_partials(
     offset: int,
     split: int,
     tuning: DecodeTuning,
-    use_mma: bool = False,
+    kernel: mma_decode.MmaVariant | None = None,
 ) -> None:
     """Run a decode kernel over one block of codes, writing its ``split`` partials at splits [offset, offset +
     split) of ``workspace`` (several blocks share one workspace, merged by one epilogue): the Triton kernel,
-    or with ``use_mma`` (:func:`plan_block` says when) the CUDA kernel of :mod:`.mma_decode`."""
-    if use_mma:
+    or, given the CUDA kernel's variant ``kernel`` (from :func:`plan_block`), that kernel."""
+    if kernel is not None:
         mma_decode.launch_mma_partials(
-            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split,
-            tuning.mma_warps, tuning.mma_stages,
-        )  # fmt: skip
+            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split, kernel
+        )
         return
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape

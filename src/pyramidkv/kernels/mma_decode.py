@@ -222,12 +222,12 @@ def launch_mma_partials(
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     offset: int,
     split: int,
-    warps: int = 8,
-    stages: int | None = None,
+    kernel: MmaVariant,
 ) -> None:
     """The CUDA kernel over one block of codes: its ``split`` partials at splits [offset, offset + split) of
     ``workspace``, as :func:`.fibquant_decode.launch_partials` writes them. ``q_rot`` (batch, kv_heads, rows,
-    d) float16 from :func:`.fibquant_decode.rotate_query`; ``stages`` None: :func:`variant` picks the ring."""
+    d) float16 from :func:`.fibquant_decode.rotate_query`; ``kernel``: :func:`variant` for these codecs and rows
+    (:func:`.fibquant_decode.plan_block` chose it)."""
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
     reason = unsupported(codec_k, codec_v, dim, rows)
@@ -236,7 +236,6 @@ def launch_mma_partials(
     if q_rot.dtype != torch.float16 or not q_rot.is_contiguous():
         raise ValueError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
     device = q_rot.device
-    kernel = variant(codec_k, codec_v, rows, warps, stages, device)
     codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)
     s_kv = codes_k.shape[2]
     chunk = math.ceil(math.ceil(s_kv / split) / TILE) * TILE
@@ -249,7 +248,7 @@ def launch_mma_partials(
     lens = None if lengths is None else lengths.to(device=device, dtype=torch.int32).contiguous()
     ki, kn, vi, vn = codes_k.indices, codes_k.norms, codes_v.indices, codes_v.norms
     _kernel(kernel, device)(
-        (batch * kv_heads, split), 32 * warps,
+        (batch * kv_heads, split), 32 * kernel.warps,
         q_rot, ki, kn, vi, vn, book_k, book_v, lens, acc, row_max, row_sum,
         s_kv, chunk, kv_heads, offset, acc.shape[2], rows,
         ki.stride(0), ki.stride(1), kn.stride(0), kn.stride(1),

@@ -47,7 +47,7 @@ typedef unsigned char u8;
 #define ARRAY_BYTES (TILE * NBYTES)     // one tile of key (or value) index bytes
 #define SLOT_BYTES (2 * ARRAY_BYTES + 4 * TILE)  // a ring slot: key bytes, value bytes, key norms, value norms
 #define CHUNK (NBYTES % 16 ? 8 : 16)    // bytes per async copy: rows of 24 bytes (d = 64, 3 bits) start on 8 only
-#define TWO_CHAINS (KC == 2)          // score mma in two accumulator chains (see attend)
+#define TWO_CHAINS (KC == 2)            // score mma in two accumulator chains (see attend)
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define HALF_NEG_INF 0xfc00u            // a missing token's key norm: its score is -inf, its weight 0
 
