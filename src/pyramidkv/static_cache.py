@@ -118,7 +118,7 @@ class StaticLayer(StaticLayerBase):
     def rewind(self, appended: int) -> None:
         """Forget the new tokens after the first ``appended`` (their slots are masked, then overwritten)."""
         self.step.fill_(appended)
-        self.appended, self.seen = appended, self.start + appended
+        self._recount(appended)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.order))

@@ -264,7 +264,7 @@ class StaticCodedLayer(StaticLayerBase):
         self.lengths.copy_(self.built_lengths)
         self.step.zero_()
         self.visible = self.order < 0
-        self.appended, self.seen = 0, self.start
+        self._recount(0)
 
     def nbytes(self) -> int:
         tensors = [t for codes in self.store for t in (codes.indices, codes.norms)]

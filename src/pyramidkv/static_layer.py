@@ -40,6 +40,10 @@ class StaticLayerBase(CacheLayerMixin):
         self.appended += q_len
         self.seen += q_len
 
+    def _recount(self, appended: int) -> None:
+        """Count ``appended`` new tokens since the build again (a rewind)."""
+        self.appended, self.seen = appended, self.start + appended
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the buffers are allocated when the cache is built."""
 
