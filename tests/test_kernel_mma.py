@@ -40,15 +40,15 @@ def rel_error(got, want) -> float:
 
 @pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc.so) not found: set PYRAMIDKV_NVRTC")
 @pytest.mark.parametrize(
-    ("dim", "kn", "rows2", "shared", "row"),
+    ("dim", "kn", "rows", "shared", "row"),
     list(
         itertools.product(
-            (64, 128), ((4, 256), (2, 256), (2, 64)), (False, True), (True, False), (256, 128)
+            (64, 128), ((4, 256), (2, 256), (2, 64)), mma_decode.ROW_CAPS, (True, False), (256, 128)
         )
     ),
 )
-def test_every_variant_compiles_for_sm90(dim, kn, rows2, shared, row):
-    variant = mma_decode.MmaVariant(dim, kn[0], rows2, 8, shared, kn[1], stages=3, row_bytes=row)
+def test_every_variant_compiles_for_sm90(dim, kn, rows, shared, row):
+    variant = mma_decode.MmaVariant(dim, kn[0], rows, 8, shared, kn[1], stages=3, row_bytes=row)
     cubin = mma_decode.compiled(variant, "sm_90")
     assert cubin[:4] == b"\x7fELF"
 
@@ -75,6 +75,18 @@ def test_the_variant_keeps_the_most_blocks_per_sm(monkeypatch, per_sm, dim, k, n
     )  # a device per size: the choice is cached per device
     kernel = mma_decode.variant(codec(dim, k, n=n), codec(dim, k, n=n), rows, 8, None, device)
     assert (kernel.stages, kernel.row_bytes, kernel.blocks_per_sm(device)) == want
+
+
+def test_rows_pick_the_layout_that_holds_them(monkeypatch):
+    """Up to 4 rows per KV head take the paired value layout, 5-8 the plain one, 9-16 two n-tiles."""
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    book = codec(128, 4)
+    caps = [
+        mma_decode.variant(book, book, rows, 8, None, torch.device("cuda", 98)).rows
+        for rows in range(1, 17)
+    ]
+    assert caps == [4] * 4 + [8] * 4 + [16] * 8
 
 
 def test_a_launch_no_sm_holds_is_refused(monkeypatch):
@@ -113,9 +125,11 @@ def test_which_codes_it_reads():
     assert "16 query rows" in mma_decode.unsupported(codec(64, 4), codec(64, 4), 64, 17)
     assert not mma_decode.usable(codec(64, 4), codec(64, 4), 64, 4, torch.device("cpu"))
     with pytest.raises(ValueError, match="k must be 2 or 4"):
-        mma_decode.MmaVariant(64, 8, False)
+        mma_decode.MmaVariant(64, 8, 4)
+    with pytest.raises(ValueError, match=r"rows must be one of \(4, 8, 16\)"):
+        mma_decode.MmaVariant(64, 4, 5)
     with pytest.raises(ValueError, match=r"stages must be in 2\.\.8"):
-        mma_decode.MmaVariant(64, 4, False, stages=1)
+        mma_decode.MmaVariant(64, 4, 4, stages=1)
 
 
 def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None, **tuning):

@@ -24,6 +24,8 @@ KERNEL_NAME = "fibquant_mma_decode"
 TILE = 16  # tokens per warp iteration (the kernel's TILE)
 CODES = {(4, 256), (2, 256), (2, 64)}  # (k, N): FibQuant at 2, 4 and 3 bits per coordinate
 MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
+# the kernel's row layouts by the most rows they hold: 4 (values pair two coordinates per register), 8, 16
+ROW_CAPS = (4, 8, MAX_ROWS)
 WARPS = (1, 2, 4, 8, 16)  # warps per block the launch bounds allow
 # tiles in a warp's ring: one being read, at least one in flight
 STAGES = range(2, 9)
@@ -33,6 +35,23 @@ RING = 2
 # bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
 ROW_SIZES = (256, 128)
 BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
+# The ring slots' swizzle per (head dim, k, N, row cap): the slot row of tile tokens 0..7 (8..15 follow 8 rows on)
+# and the XOR applied to the index of a row's CHUNK-byte copy chunk, per token. Found by an offline search over row
+# permutations and chunk XORs linear in the token's bits, for the fewest shared-memory wavefronts of a warp's index
+# reads per tile (tests/test_ring_banks.py counts them): 12 -> 8 at 2 bits and 40 -> 16 at 4 bits (d = 128). Kept
+# where it measured faster on the H200 (NOTES.md, v10): 2 bits with up to 4 rows (0.226 -> 0.219 ms at the
+# headline; with 8 rows the second value offset costs ~12 instructions and it lost, 0.243 -> 0.250), 4 bits with up
+# to 4 or 8 rows (0.332 -> 0.283, 0.333 -> 0.308). Not at d = 64: 4 bits went 0.326 -> 0.341 ms (9/3 x 64, batch
+# 32) for 12 -> 8 wavefronts; none helps at 3 bits, or at 2 bits with d = 64 (6, the least there is).
+IDENTITY = tuple(range(8))
+# 2 bits: a token's row has its bit 0 flipped by its bit 2; 4 bits: by its bit 1, and the chunk's bit 1 by its bit 2
+_SWIZZLE_2BIT = ((0, 1, 2, 3, 5, 4, 7, 6), (0,) * 8)
+_SWIZZLE_4BIT = ((0, 1, 3, 2, 4, 5, 7, 6), (0, 0, 0, 0, 2, 2, 2, 2))
+RING_SWIZZLE: dict[tuple[int, int, int, int], tuple[tuple[int, ...], tuple[int, ...]]] = {
+    (128, 4, 256, 4): _SWIZZLE_2BIT,
+    (128, 2, 256, 4): _SWIZZLE_4BIT,
+    (128, 2, 256, 8): _SWIZZLE_4BIT,
+}
 
 
 def check_launch(
@@ -48,14 +67,15 @@ def check_launch(
 
 @dataclass(frozen=True)
 class MmaVariant:
-    """The kernel's compile-time constants: head dim, codeword length k, whether 9-16 query rows share a KV
-    head, warps per block, whether keys and values share one codebook, the codebook's size N (2^index bits),
-    the tiles (index bytes and norms) each warp's ring holds (cp.async) and the bytes per codeword row of the
+    """The kernel's compile-time constants: head dim, codeword length k, the most query rows per KV head it
+    holds (``ROW_CAPS``: up to 4 rows leave half of the value mma's columns to a second coordinate, NOTES.md v10;
+    9-16 take a second n-tile), warps per block, whether keys and values share one codebook, the codebook's size N
+    (2^index bits), the tiles (index bytes and norms) each warp's ring holds (cp.async) and the bytes per codeword row of the
     table (256: an 8-bit index is its row's address byte; 128: half the shared memory)."""
 
     dim: int
     k: int
-    rows2: bool
+    rows: int
     warps: int = 8
     shared_book: bool = True
     n: int = 256
@@ -69,6 +89,8 @@ class MmaVariant:
             raise ValueError(f"k must be 2 or 4, got {self.k}")
         if (self.k, self.n) not in CODES:
             raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
+        if self.rows not in ROW_CAPS:
+            raise ValueError(f"rows must be one of {ROW_CAPS}, got {self.rows}")
         check_launch(self.warps, self.stages)
         if self.row_bytes not in ROW_SIZES:
             raise ValueError(f"row_bytes must be one of {ROW_SIZES}, got {self.row_bytes}")
@@ -93,11 +115,19 @@ class MmaVariant:
         """Blocks of this variant one SM of ``device`` holds at once (:func:`_blocks_per_sm`)."""
         return _blocks_per_sm(self, device)
 
+    @property
+    def swizzle(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ring slots' row permutation and chunk XORs (``RING_SWIZZLE``; none where it has no entry)."""
+        return RING_SWIZZLE.get((self.dim, self.k, self.n, self.rows), (IDENTITY, (0,) * 8))
+
     def source(self) -> str:
         """The CUDA source with this variant's constants defined."""
+        perm, xor = self.swizzle
         defines = dict(
-            D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS2=int(self.rows2), NW=self.warps,
+            D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS_CAP=self.rows, NW=self.warps,
             SHARED_BOOK=int(self.shared_book), STAGES=self.stages, ROW_BYTES=self.row_bytes,
+            ROW_PERM=f"{sum(row << 3 * tok for tok, row in enumerate(perm)):#x}u",
+            CHUNK_XOR=f"{sum(x << 2 * tok for tok, x in enumerate(xor)):#x}u",
         )  # fmt: skip
         head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
         return head + SOURCE.read_text()
@@ -132,7 +162,7 @@ def _blocks_per_sm(kernel: MmaVariant, device: torch.device) -> int:
     """Two blocks of 8 warps by registers (128 each, ``__launch_bounds__``; one block for 9-16 query rows), fewer
     where the shared memory (each block's table and rings, and what the driver reserves) runs out first: 0
     where not even one block fits."""
-    by_registers = 1 if kernel.rows2 else max(1, 16 // kernel.warps)
+    by_registers = 1 if kernel.rows > 8 else max(1, 16 // kernel.warps)
     props = torch.cuda.get_device_properties(device)
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
     per_block = kernel.shared_bytes + BLOCK_RESERVED
@@ -151,13 +181,14 @@ def variant(
     blocks per SM (an SM with less shared memory than the H200's), with a ring of ``stages`` slots (None:
     ``RING``). Measured at the headline (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at
     2 and 4."""
-    key = (codec_k.d, codec_k.k, rows > 8, warps, same_codebook(codec_k, codec_v), codec_k.n)
+    cap = next(cap for cap in ROW_CAPS if rows <= cap)
+    key = (codec_k.d, codec_k.k, cap, warps, same_codebook(codec_k, codec_v), codec_k.n)
     return _variant(key, stages, device)
 
 
 @functools.cache
 def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant:
-    """:func:`variant` for the constants ``key`` (dim, k, rows2, warps, shared_book, n), once per process."""
+    """:func:`variant` for the constants ``key`` (dim, k, rows, warps, shared_book, n), once per process."""
     options = [MmaVariant(*key, RING if stages is None else stages, row) for row in ROW_SIZES]
     most = max(kernel.blocks_per_sm(device) for kernel in options)
     if most == 0:

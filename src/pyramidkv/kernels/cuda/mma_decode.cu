@@ -9,9 +9,10 @@
 // Why CUDA and not Triton: a Triton kernel gathers codewords into a blocked layout and the compiler then
 // moves the tile through shared memory into the layout mma.sync reads (~16 instructions per coordinate,
 // NOTES.md). Here every lane gathers exactly the halves its own mma fragment holds, so a codeword costs a
-// byte permute (its offset in the table), an add and one shared-memory load. Two facts make that possible:
+// byte permute (its offset in the table) and one shared-memory load. Two facts make that possible:
 //  * the fragment a lane holds pairs coordinates (2t, 2t+1, 2t+8, 2t+9) of one key (mma B operand of
-//    S = Q K^T) and coordinates (g, g+8) of two tokens for values (A operand of O^T = V^T P^T);
+//    S = Q K^T) and coordinates (g, g+8) of two tokens for values (A operand of O^T = V^T P^T), or, with at most
+//    4 query rows, two coordinates of one token per register, the pair its codeword stores (see attend);
 //  * the rotation is any orthogonal matrix, so the coordinates of a codeword may be mapped to fragment
 //    positions by any fixed permutation: the kernel reads the query and writes the output through it.
 // The codebook sits in shared memory in COPIES lane-private copies laid out so that the 32 lanes of a warp
@@ -21,9 +22,10 @@
 //
 // Compile-time constants (prepended as #defines by kernels/mma_decode.py): D head dim (64 or 128), KC
 // codeword length (2 or 4), W index bits (8: N = 256, 2 or 4 bits per coordinate; 6: N = 64, k = 2,
-// 3 bits), ROWS2 (1 when 9..16 query rows share the KV head, else 0), NW warps per block, SHARED_BOOK (1
-// when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a codeword's
-// row in the table: 256, or 128 where two blocks of 256-byte rows do not fit an SM's shared memory).
+// 3 bits), ROWS_CAP (the most query rows per KV head the variant holds: 4, 8 or 16), NW warps per block,
+// SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
+// codeword's row in the table: 256, or 128 where two blocks of 256-byte rows do not fit an SM's shared memory),
+// ROW_PERM and CHUNK_XOR (the ring slots' swizzle, see slot_byte).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -35,7 +37,10 @@ typedef unsigned char u8;
 // Table rows of 256 bytes hold the key codeword's copies in bytes 0..127 and the value codeword's in 128..255;
 // with 128-byte rows a second table follows for values when the codebooks differ.
 #define TABLE_BYTES (N_CODES * ROW_BYTES * (ROW_BYTES == 128 && !SHARED_BOOK ? 2 : 1))
-#define KSTEPS (D / 16)                 // k-steps of S = Q K^T, m-tiles of O^T
+#define ROWS2 (ROWS_CAP == 16)          // rows g + 8 of the scores are query rows too: two n-tiles of O^T
+#define PAIRED (ROWS_CAP == 4)          // a value register pairs two coordinates of one token (see attend)
+#define KSTEPS (D / 16)                 // k-steps of S = Q K^T
+#define VTILES (PAIRED ? D / 32 : D / 16)  // m-tiles of O^T: 32 coordinates each when PAIRED, else 16
 #define KEY_CODES (D / (4 * KC))        // codewords one lane reads per key
 #define VAL_CODES (D / (8 * KC))        // codewords one lane reads per value
 #define KEY_BYTES (KEY_CODES * W / 8)   // their index bytes (whole: the lane starts on a byte)
@@ -60,6 +65,12 @@ __device__ __forceinline__ u32 smem_base() {
     u32 r;
     asm("mov.u32 %0, pk_smem;" : "=r"(r));
     return r;
+}
+
+// x, as a value the compiler knows nothing of
+__device__ __forceinline__ u32 opaque(u32 x) {
+    asm volatile("mov.b32 %0, %0;" : "+r"(x));
+    return x;
 }
 
 __device__ __forceinline__ void mma16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -138,10 +149,15 @@ __device__ __forceinline__ void lds_bytes(u32 p, u32* w) {
         for (int i = 0; i < (NB + 3) / 4; ++i) w[i] = 0;
         if (A >= 2 && NB % 2 == 0) {
 #pragma unroll
-            for (int i = 0; i < NB / 2; ++i) {
-                u16 x;
-                asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(x) : "r"(p + 2 * i));
-                w[i / 2] |= (u32)x << (16 * (i % 2));
+            for (int i = 0; i < NB / 2; i += 2) {  // pairs of halves joined by one byte permute
+                u32 lo, hi;
+                asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(lo) : "r"(p + 2 * i));
+                if (i + 1 == NB / 2) {
+                    w[i / 2] = lo;
+                    break;
+                }
+                asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(hi) : "r"(p + 2 * i + 2));
+                w[i / 2] = __byte_perm(lo, hi, 0x5410);
             }
         } else {
 #pragma unroll
@@ -176,15 +192,26 @@ struct Norms {
 
 __device__ __forceinline__ int value_token(int j, int t) { return 2 * t + (j & 1) + 8 * (j >> 1); }
 
-// Read this lane's words of a tile from a ring slot at ``slot``; ``lane_key``, ``lane_val`` and ``lane_norm`` are
-// the lane's offsets into the slot.
-__device__ __forceinline__ void read_slot(Tile& tile, Norms& n, u32 slot, u32 lane_key, u32 lane_val, u32 lane_norm,
-                                          bool norms_too) {
+// Where index byte b of tile token tok sits in its array of a ring slot: the rows of tokens 0..7 (and 8..15, 8 rows
+// on) permuted by ROW_PERM (3 bits per token) and the CHUNK-byte chunks of a row XORed with CHUNK_XOR (2 bits per
+// token), so that the warp's index reads spread over the banks (mma_decode.RING_SWIZZLE, NOTES.md v10). A lane's
+// copies and reads each touch fixed places of a slot, so the swizzle costs no instruction in the loop.
+__device__ __forceinline__ u32 slot_byte(int tok, int b) {
+    if (ROW_PERM == 0xfac688u && CHUNK_XOR == 0) return tok * NBYTES + b;  // none: offsets the compiler can fold
+    const int row = ((ROW_PERM >> (3 * (tok & 7))) & 7) | (tok & 8);
+    const int chunk = (b / CHUNK) ^ ((CHUNK_XOR >> (2 * (tok & 7))) & 3);
+    return row * NBYTES + chunk * CHUNK + b % CHUNK;
+}
+
+// Read this lane's words of a tile from a ring slot at ``slot``; ``lane_key``, ``lane_val`` (even and odd value
+// tokens) and ``lane_norm`` are the lane's offsets into the slot.
+__device__ __forceinline__ void read_slot(Tile& tile, Norms& n, u32 slot, u32 lane_key, const u32 (&lane_val)[2],
+                                          u32 lane_norm, bool norms_too) {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) lds_bytes<KEY_BYTES, KEY_ALIGN>(slot + lane_key + 8 * nt * NBYTES, tile.kidx[nt]);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-        lds_bytes<VAL_BYTES, VAL_ALIGN>(slot + ARRAY_BYTES + lane_val + value_token(j, 0) * NBYTES, tile.vidx[j]);
+        lds_bytes<VAL_BYTES, VAL_ALIGN>(slot + ARRAY_BYTES + lane_val[j & 1] + 8 * (j >> 1) * NBYTES, tile.vidx[j]);
     if (norms_too) {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
@@ -236,8 +263,8 @@ __device__ __forceinline__ void read_global(Tile& tile, Norms& n, const u8* krow
 // tile), so no key norm is the -inf mark of a missing token and the scores skip that check (-3% at 2 bits).
 template <bool FULL>
 __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, const u32 (&qa)[KSTEPS][4],
-                                       float (&acc)[KSTEPS][1 + ROWS2][4], float (&m_run)[2], float (&l_run)[2],
-                                       u32 k_off, u32 v_off, int t) {
+                                       float (&acc)[VTILES][1 + ROWS2][4], float (&m_run)[2], float (&l_run)[2],
+                                       u32 k_off, u32 v_off, int t, u32 spread_lo, u32 spread_hi) {
     // S = Q K^T over two n-tiles of 8 tokens: mma B is key 8nt + g, one codeword load per k-step;
     // c[nt] = rows g (0, 1), g + 8 (2, 3) x tokens 8nt + 2t (+ 1); at k = 2 (3 and 4 bits) even and odd k-steps in
     // two accumulators, halving the chain of dependent mma; at k = 4 one chain measured 2.5% faster at 2 bits (the
@@ -295,7 +322,7 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
             const float a_even = __shfl_sync(0xffffffff, alpha[n], 8 * t);
             const float a_odd = __shfl_sync(0xffffffff, alpha[n], 8 * t + 4);
 #pragma unroll
-            for (int i = 0; i < KSTEPS; ++i) {
+            for (int i = 0; i < VTILES; ++i) {
                 acc[i][n][0] *= a_even;
                 acc[i][n][1] *= a_odd;
                 acc[i][n][2] *= a_even;
@@ -316,19 +343,36 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
         }
         l_run[r] += p_sum;
     }
-    // values 2t, 2t+1, 2t+8, 2t+9: A fragments of V^T pair two tokens per register (gathered after the softmax:
-    // before it, the 32 live words push the kernel past 128 registers and it spills)
+    // values 2t, 2t+1, 2t+8, 2t+9 (gathered after the softmax: before it, the live words push the kernel past 128
+    // registers and it spills)
     u32 vw[4][VAL_CODES * WORDS];
 #pragma unroll
     for (int j = 0; j < 4; ++j) gather<VAL_CODES>(v_off, cur.vidx[j], vw[j]);
+    if (PAIRED) {
+        // At most 4 query rows fill half of O^T's 8 columns, so the other half takes a second coordinate: column
+        // n < 4 is row n at coordinate c, column n + 4 row n at c', and a register of V^T's A fragment holds a
+        // token's (c, c') pair as its codeword stores it (no permute), k rows 2t and 2t + 1 both that token. P^T
+        // then routes each to its column: lane g < 4 puts its probability in the low half (k row 2t) and zero in
+        // the high one, lane g >= 4 (query rows 4..7 copy rows 0..3) the reverse. Even tokens 2t, 2t+8 form one
+        // mma, odd tokens the next: twice the mma of 32 coordinates each, the same count as the unpaired path's 16.
+        const u32 even[2] = {__byte_perm(pb[0][0], 0, spread_lo), __byte_perm(pb[0][1], 0, spread_lo)};
+        const u32 odd[2] = {__byte_perm(pb[0][0], 0, spread_hi), __byte_perm(pb[0][1], 0, spread_hi)};
 #pragma unroll
-    for (int i = 0; i < KSTEPS; ++i) {
-        const u32 a0 = __byte_perm(vw[0][i], vw[1][i], 0x5410);  // coord 16i + g, tokens 2t, 2t+1
-        const u32 a1 = __byte_perm(vw[0][i], vw[1][i], 0x7632);  // coord 16i + g + 8
-        const u32 a2 = __byte_perm(vw[2][i], vw[3][i], 0x5410);  // tokens 2t+8, 2t+9
-        const u32 a3 = __byte_perm(vw[2][i], vw[3][i], 0x7632);
+        for (int i = 0; i < VTILES; ++i) {
+            mma16816(acc[i][0], vw[0][2 * i], vw[0][2 * i + 1], vw[2][2 * i], vw[2][2 * i + 1], even[0], even[1]);
+            mma16816(acc[i][0], vw[1][2 * i], vw[1][2 * i + 1], vw[3][2 * i], vw[3][2 * i + 1], odd[0], odd[1]);
+        }
+    } else {
+        // A fragments of V^T pair two tokens per register: one byte permute per register
 #pragma unroll
-        for (int n = 0; n <= ROWS2; ++n) mma16816(acc[i][n], a0, a1, a2, a3, pb[n][0], pb[n][1]);
+        for (int i = 0; i < VTILES; ++i) {
+            const u32 a0 = __byte_perm(vw[0][i], vw[1][i], 0x5410);  // coord 16i + g, tokens 2t, 2t+1
+            const u32 a1 = __byte_perm(vw[0][i], vw[1][i], 0x7632);  // coord 16i + g + 8
+            const u32 a2 = __byte_perm(vw[2][i], vw[3][i], 0x5410);  // tokens 2t+8, 2t+9
+            const u32 a3 = __byte_perm(vw[2][i], vw[3][i], 0x7632);
+#pragma unroll
+            for (int n = 0; n <= ROWS2; ++n) mma16816(acc[i][n], a0, a1, a2, a3, pb[n][0], pb[n][1]);
+        }
     }
 }
 
@@ -346,6 +390,8 @@ __device__ __forceinline__ void cp_async(u32 dst, const u8* src) {
 // (the arrays share out the lanes: values start where the key chunks end, modulo 32) and, on the lanes after
 // them, of the key and value norms. Its sources run through the warp's tiles in order, NW TILE tokens apart, so a
 // fill is a few copies and three pointer increments (v8 recomputed every source from the tile's token).
+// A lane's second chunk of an array (64 chunks at 4 bits, 48 at 3) is 32 chunks on, which the swizzle leaves 32 chunks
+// on in the slot: its rows move by whole tokens (8 or 16), and the swizzle permutes rows 8..15 as 0..7.
 struct Feed {
     static constexpr int chunks = ARRAY_BYTES / CHUNK, norm_chunks = 2 * TILE / CHUNK;
     const u8* k;  // this lane's first key chunk of the warp's next tile
@@ -363,8 +409,8 @@ struct Feed {
         k = krow + (long long)tok * NBYTES + ck * CHUNK;
         v = vrow + (long long)tok * NBYTES + cv * CHUNK;
         n = reinterpret_cast<const u8*>((cn < norm_chunks ? knrow : vnrow) + tok) + (cn % norm_chunks) * CHUNK;
-        k_at = ck * CHUNK;
-        v_at = ARRAY_BYTES + cv * CHUNK;
+        k_at = slot_byte(ck * CHUNK / NBYTES, ck * CHUNK % NBYTES);
+        v_at = ARRAY_BYTES + slot_byte(cv * CHUNK / NBYTES, cv * CHUNK % NBYTES);
         n_at = 2 * ARRAY_BYTES + cn * CHUNK;
     }
 
@@ -426,19 +472,22 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
         smem[n * (ROW_BYTES / 4) + w] = __ldg(kbook + n * WORDS + w % WORDS);
         if (!SHARED_BOOK) smem[v_words + n * (ROW_BYTES / 4) + w] = __ldg(vbook + n * WORDS + w % WORDS);
     }
-    const u32 k_off = (lane % COPIES) * WORDS * 4;
-    const u32 v_off = k_off + (SHARED_BOOK ? 0 : v_words * 4);
+    // opaque to the compiler: knowing their bits, it masks them again in every 6-bit gather (a LOP3 per codeword)
+    const u32 k_off = opaque((lane % COPIES) * WORDS * 4);
+    const u32 v_off = opaque(k_off + (SHARED_BOOK ? 0 : v_words * 4));
 
     // Query fragments, mma A of S = Q K^T (m = query rows, k = coordinates): k-step s holds codec coordinates
     // 4 (t KSTEPS + s) + 0..3 of rows g and g + 8 at fragment columns (2t, 2t+1 | 2t+8, 2t+9): four
-    // consecutive halves, one 8-byte load. Rows past ``rows`` are zero.
+    // consecutive halves, one 8-byte load. Rows past ``rows`` are zero; when PAIRED, rows 4..7 copy rows 0..3 (the
+    // value mma needs each lane's probabilities of its row g mod 4) and rows 8..15 are zero.
+    const int row_g = PAIRED ? g & 3 : g;
     u32 qa[KSTEPS][4];
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) {
         const int col = 4 * (t * KSTEPS + s);
         uint2 v0 = make_uint2(0, 0), v1 = make_uint2(0, 0);
-        if (g < rows) v0 = *reinterpret_cast<const uint2*>(q + ((long long)bh * rows + g) * D + col);
-        if (g + 8 < rows)
+        if (row_g < rows) v0 = *reinterpret_cast<const uint2*>(q + ((long long)bh * rows + row_g) * D + col);
+        if (g + 8 < rows)  // never when PAIRED, but the compiler keeps the registers (constant zeros cost moves)
             v1 = *reinterpret_cast<const uint2*>(q + ((long long)bh * rows + g + 8) * D + col);
         qa[s][0] = v0.x; qa[s][1] = v1.x; qa[s][2] = v0.y; qa[s][3] = v1.y;
     }
@@ -446,16 +495,21 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     // Rows g and g + 8 (r = 0, 1): running max (base 2), the same in the 4 lanes of a row, and this lane's
     // share of the normaliser (its tokens 8nt + 2t, + 1 of every tile).
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
-    float acc[KSTEPS][1 + ROWS2][4];  // O^T: m-tile i (coords 16i + g | + 8) x rows (8n + 2t, + 1)
+    // O^T: m-tile i (coords 16i + g | + 8) x rows (8n + 2t, + 1); when PAIRED, (coords 32i + g | + 8) x (rows 2t, + 1
+    // at coordinate c for t < 2, rows 2t - 4, - 3 at c' for t >= 2)
+    float acc[VTILES][1 + ROWS2][4];
 #pragma unroll
-    for (int i = 0; i < KSTEPS; ++i)
+    for (int i = 0; i < VTILES; ++i)
 #pragma unroll
         for (int n = 0; n <= ROWS2; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][n][e] = 0.f;
     __syncthreads();
 
-    const u32 lane_key = g * NBYTES + t * KEY_BYTES, lane_val = 2 * t * NBYTES + g * VAL_BYTES, lane_norm = 4 * t;
+    // the byte permutes that put a value weight in the half of P^T's register its column takes (PAIRED)
+    const u32 spread_lo = g < 4 ? 0x4410 : 0x1044, spread_hi = g < 4 ? 0x4432 : 0x3244;
+    const u32 lane_key = slot_byte(g, t * KEY_BYTES), lane_norm = 4 * t;
+    const u32 lane_val[2] = {slot_byte(2 * t, g * VAL_BYTES), slot_byte(2 * t + 1, g * VAL_BYTES)};
     u32 slot = ring;
     for (int i = 0; i < n_mine; ++i) {
         // this lane's copies of tile i have landed once at most the STAGES - 1 groups after its own are pending;
@@ -474,13 +528,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
             const int base = lo + (warp + NW * i) * TILE;
             read_global(cur, norms, krow, vrow, knrow, vnrow, base, hi, g, t, false);
         }
-        attend<true>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t);
+        attend<true>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi);
     }
     if (full_tiles * TILE < hi - lo && warp == full_tiles % NW) {
         Tile cur;
         Norms norms;
         read_global(cur, norms, krow, vrow, knrow, vnrow, lo + full_tiles * TILE, hi, g, t, true);
-        attend<false>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t);
+        attend<false>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi);
     }
 
     // merge the NW warps of the block through shared memory (the tables and rings are dead: reuse them)
@@ -510,18 +564,22 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
             const float mine = s_max[warp * 16 + row];
             scale[n][e] = mine == NEG_INF ? 0.f : fast_exp2(mine - top);
         }
-    // O^T element (m-tile i, half hh, column e) is kernel coordinate 16i + 8hh + g = codec g D/8 + 2i + hh
+    // O^T element (m-tile i, half hh, column e) is kernel coordinate 16i + 8hh + g = codec g D/8 + 2i + hh; when
+    // PAIRED, row (2t + e) mod 4 at codec coordinate g D/8 + 4i + 2hh + (t >= 2): word 2i + hh of the lane's value
+    // codewords, its first half (c) or its second (c')
     for (int w = 0; w < NW; ++w) {  // one warp at a time: no atomics
         if (warp == w) {
 #pragma unroll
             for (int n = 0; n <= ROWS2; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float* out = s_acc + (8 * n + 2 * t + e) * D + g * (D / 8);
+                    const int row = PAIRED ? (2 * t + e) & 3 : 8 * n + 2 * t + e;
+                    float* out = s_acc + row * D + g * (D / 8) + (PAIRED ? t >> 1 : 0);
+                    const int step = PAIRED ? 4 : 2, half = PAIRED ? 2 : 1;
 #pragma unroll
-                    for (int i = 0; i < KSTEPS; ++i) {
-                        out[2 * i] += acc[i][n][e] * scale[n][e];
-                        out[2 * i + 1] += acc[i][n][2 + e] * scale[n][e];
+                    for (int i = 0; i < VTILES; ++i) {
+                        out[step * i] += acc[i][n][e] * scale[n][e];
+                        out[step * i + half] += acc[i][n][2 + e] * scale[n][e];
                     }
                 }
         }
