@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("triton", minversion="3.6", reason="triton is not installed")
 
 from pyramidkv.codecs.fibquant import choose_block
-from pyramidkv.kernels import epilogue
+from pyramidkv.kernels import epilogue, ring_commit
 from pyramidkv.kernels import offline_compile as oc
 from pyramidkv.kernels.fibquant_decode import DecodeTuning
 from pyramidkv.kernels.fibquant_encode import BLOCK_T
@@ -28,6 +28,7 @@ from pyramidkv.kernels.fibquant_encode import BLOCK_T
 DECODE = "pyramidkv.kernels.fibquant_decode:_decode_split_kernel"
 ENCODE = "pyramidkv.kernels.fibquant_encode:_encode_kernel"
 EPILOGUE = "pyramidkv.kernels.epilogue:_epilogue_kernel"
+COMMIT = "pyramidkv.kernels.ring_commit:_commit_kernel"
 SHAPES = (
     (128, 4),
     (64, 3),
@@ -64,10 +65,10 @@ ENCODE_CASES = {
     for name, k, n in _codecs(d)
     for x in FLOAT_BYTES
 }
-EPILOGUE_CASES = {
-    f"d{d}-group{group}-q{q_len}-{ft}": (d, group, q_len, ft)
+EPILOGUE_CASES = {  # masked: a static cache's ring as the window (one new token)
+    f"d{d}-group{group}-q{q_len}-{ft}{'-masked' * masked}": (d, group, q_len, ft, masked)
     for d, group in SHAPES
-    for q_len in (1, 2)
+    for q_len, masked in ((1, False), (2, False), (1, True))
     for ft in FLOAT_BYTES
 }
 
@@ -82,12 +83,42 @@ def _encode_args(d: int, k: int, n: int, x_type: str) -> dict[str, object]:
     )  # fmt: skip
 
 
-def _epilogue_args(d: int, group: int, q_len: int, float_type: str) -> dict[str, object]:
+COMMIT_CASES = {  # (key, value) index bytes per token, head dim, model float type
+    "d64-fib2-bf16": (16, 16, 64, "bf16"),
+    "d128-fib3-fib2-fp16": (48, 32, 128, "fp16"),
+}
+
+
+def _commit_args(nbk: int, nbv: int, d: int, float_type: str) -> dict[str, object]:
+    """As ``ring_commit.commit`` launches it: index bytes, fp16 norms, int32 lengths, the new token and the
+    ring in the model's float type, int64 step, order and slot, the mask as bytes."""
+    named = {
+        **dict.fromkeys(("kidx_ptr", "vidx_ptr", "sk_idx_ptr", "sv_idx_ptr", "vis_ptr"), "*u8"),
+        **dict.fromkeys(("knorm_ptr", "vnorm_ptr", "sk_norm_ptr", "sv_norm_ptr"), "*fp16"),
+        **dict.fromkeys(("key_ptr", "value_ptr", "ring_ptr"), f"*{float_type}:16"),
+        **dict.fromkeys(("step_ptr", "order_ptr", "slot_ptr"), "*i64"),
+        "len_ptr": "*i32",
+        "NBK": nbk,
+        "NBV": nbv,
+        "NB_BLOCK": 1 << (max(nbk, nbv) - 1).bit_length(),
+        "D": d,
+        "D_BLOCK": d,
+        "R_BLOCK": 64,
+    }
+    return {name: named.get(name, "i32") for name in ring_commit._commit_kernel.arg_names}
+
+
+def _epilogue_args(
+    d: int, group: int, q_len: int, float_type: str, masked: bool
+) -> dict[str, object]:
     """As ``decode_epilogue`` launches it: float32 partials and rotation, query, window and output in the
-    model's float type, the softmax scale a float, every other argument (sizes, strides) a 32-bit integer."""
+    model's float type, the window's mask bytes, the softmax scale a float, every other argument (sizes,
+    strides) a 32-bit integer."""
     named = {
         **dict.fromkeys(("acc_ptr", "max_ptr", "sum_ptr", "rot_ptr"), "*fp32:16"),
         **dict.fromkeys(("q_ptr", "wk_ptr", "wv_ptr", "out_ptr"), f"*{float_type}:16"),
+        "vis_ptr": "*u8" if masked else f"*{float_type}:16",
+        "MASKED": masked,
         "scale2": "fp32",
         "ROWS": group * q_len,
         "ROWS_BLOCK": max(16, 1 << (group * q_len - 1).bit_length()),
@@ -110,6 +141,7 @@ def ttir() -> dict[str, tuple[str | None, str | None]]:
     jobs = {f"decode-{key}": (DECODE, oc.decode_args(c)) for key, c in DECODE_CASES.items()}
     jobs |= {f"encode-{key}": (ENCODE, _encode_args(*c)) for key, c in ENCODE_CASES.items()}
     jobs |= {f"epilogue-{key}": (EPILOGUE, _epilogue_args(*c)) for key, c in EPILOGUE_CASES.items()}
+    jobs |= {f"commit-{key}": (COMMIT, _commit_args(*c)) for key, c in COMMIT_CASES.items()}
     args = oc.decode_args(oc.DecodeConfig())
     jobs["bad-missing"] = (DECODE, {n: v for n, v in args.items() if n != "s_kv"})
     jobs["bad-unknown"] = (DECODE, {**args, "extra": 1})
@@ -157,6 +189,12 @@ def test_encode_variant_compiles(ttir, key):
     text = _compiled(ttir, f"encode-{key}")
     # the rotation in exact fp32, so the indices are the torch encoder's
     assert _ieee_dots(text)
+
+
+@pytest.mark.parametrize("key", COMMIT_CASES)
+def test_commit_variant_compiles(ttir, key):
+    text = _compiled(ttir, f"commit-{key}")
+    assert "tt.store" in text
 
 
 @pytest.mark.parametrize("key", EPILOGUE_CASES)

@@ -163,6 +163,29 @@ def test_fused_attention_over_blocks_and_window_equals_the_concatenation(
     )
 
 
+@pytest.mark.parametrize("width", [5, 40])
+def test_the_epilogue_attends_only_the_window_slots_its_mask_shows(width):
+    """A static cache's ring fills in ring order: the window's mask (one per slot, every row alike) hides
+    the empty slots; with no split the output is attention over the shown slots alone."""
+    from pyramidkv.kernels.epilogue import decode_epilogue
+
+    torch.manual_seed(width)
+    query = torch.randn(2, 6, 1, 16, device=DEVICE).to(torch.float16)
+    win_k, win_v = (torch.randn(2, 2, width, 16, device=DEVICE).to(torch.float16) for _ in range(2))
+    shown = torch.rand(width, device=DEVICE) < 0.6
+    shown[width // 2] = True  # the new token's slot
+    shown[0] = False
+    rotation = torch.eye(16, device=DEVICE)
+    workspace = make_workspace(2, 2, 3, 0, 16, DEVICE)
+    out = decode_epilogue(workspace, rotation, query, win_k, win_v, 0.25, shown)
+    want = chunked_attention(query, [(win_k, win_v, shown.view(1, 1, 1, -1))], 0.25)
+    assert rel_error(out.transpose(1, 2), want) < 2e-3  # rounded to fp16
+    with pytest.raises(
+        ValueError, match=rf"window_visible: expected a bool tensor of shape \({width},\)"
+    ):
+        decode_epilogue(workspace, rotation, query, win_k, win_v, 0.25, shown.int())
+
+
 def test_unsupported_codecs_and_arguments_raise():
     ck, cv, codes_k, codes_v, _, _ = make_block(16, 4, 4, batch=1, slots=4)
     query = torch.randn(1, 6, 1, 16, device=DEVICE)

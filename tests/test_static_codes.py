@@ -150,7 +150,7 @@ def test_layer_attention_equals_a_float64_reference(codec, held, device):
     "codec,held", [("fibquant:2", 0), ("turboquant:2", 3), ("fibquant:3/2", 2)]
 )
 def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, device):
-    """The decode kernel (Triton's interpreter on a CPU), the ring as one more split, the epilogue: the
+    """The decode kernel (Triton's interpreter on a CPU), the ring as the epilogue's masked window: the
     codebook and the rotated query enter the kernel's products in float16, hence the tolerance."""
     pytest.importorskip("triton")
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -159,6 +159,54 @@ def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, d
         )
     for got, want in _drive_layer(codec, held, device, fused=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("codec,held", [("fibquant:2", 0), ("fibquant:3/2", 3)])
+def test_the_commit_kernel_writes_what_the_torch_commit_writes(codec, held, device):
+    """kernels/ring_commit.py against ``StaticCodedLayer._commit``, step by step, on every tensor of the
+    layer's state: the store (index bytes and norms at each row's length), the lengths, the ring, the mask
+    and the next slot; through ring wraps, rows of no codes and different key and value codes."""
+    pytest.importorskip("triton")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(
+            "the kernel runs on CPU tensors in Triton's interpreter only (TRITON_INTERPRET=1)"
+        )
+    from pyramidkv.kernels.ring_commit import commit
+
+    name, _, bits = codec.partition(":")
+    key_bits, _, value_bits = bits.partition("/")
+    codecs = make_codecs(
+        name, 16, key_bits=float(key_bits), value_bits=float(value_bits or key_bits)
+    )
+    generator = torch.Generator().manual_seed(held)
+    prompt = [torch.randn(2, 3, 10, 16, generator=generator) for _ in range(2)]
+    lengths = torch.tensor([[10, 0, 4], [7, 2, 10]], device=device)
+    window = [torch.randn(2, 3, held, 16, generator=generator).to(device) for _ in range(2)]
+
+    def build() -> StaticCodedLayer:
+        codes = [c.encode(x) for c, x in zip((codecs.keys, codecs.values), prompt, strict=True)]
+        codes = [type(c)(c.dtype, c.indices.to(device), c.norms.to(device)) for c in codes]
+        return StaticCodedLayer(0, codecs, *codes, lengths, *window, RESIDUAL, 10, STEPS, False)
+
+    torch_layer, kernel_layer = build(), build()
+    for _ in range(STEPS):
+        key, value = (torch.randn(2, 3, 1, 16, generator=generator).to(device) for _ in range(2))
+        leaving = torch_layer.ring.index_select(3, torch_layer.slot)
+        codes = [encode(x) for encode, x in zip(torch_layer.encoders, leaving, strict=True)]
+        torch_layer._commit(codes, key, value)
+        k = kernel_layer
+        commit(
+            codes, k.store, k.lengths, key, value, k.ring, k.step, k.order, k.visible, k.slot, held
+        )
+        for layer in (torch_layer, kernel_layer):
+            layer.step.add_(1)
+        for side in range(2):
+            assert torch.equal(torch_layer.store[side].indices, kernel_layer.store[side].indices)
+            assert torch.equal(torch_layer.store[side].norms, kernel_layer.store[side].norms)
+        for name in ("lengths", "ring", "visible", "slot"):
+            assert torch.equal(getattr(torch_layer, name), getattr(kernel_layer, name)), name
+    assert int(torch_layer.lengths.sum()) == int(lengths.sum()) + 6 * (STEPS - (RESIDUAL - held))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,12 +20,10 @@ slot. So the fp16 window always holds the last min(R, w + step + 1) tokens exact
 a code; the dynamic cache instead flushes R tokens at once, so the two agree while w + steps <= R.
 
 Attention (one new token per step): on CUDA (or with ``kernel="triton"``) the query is rotated once, the
-decode kernel writes the store's split partials into a workspace allocated at the first step, the ring's
-partial is written by torch as one more split in the rotated value space, and one
-:func:`~pyramidkv.kernels.epilogue.decode_epilogue` launch with an empty window merges, rotates back and
-writes the model's layout. The epilogue sees every slot of its own window (it masks only causally among
-new tokens), so a ring whose first R - w slots are still empty cannot be that window; as a split its empty
-slots get weight 0. Elsewhere the torch reference decodes the store and attends with
+decode kernel writes the store's split partials into a workspace allocated at the first step, and one
+:func:`~pyramidkv.kernels.epilogue.decode_epilogue` launch attends over the ring as its window (with the
+mask of the slots that hold a token: they fill in ring order), merges, rotates back and writes the
+model's layout. Elsewhere the torch reference decodes the store and attends with
 :func:`~pyramidkv.kernels.chunked_attention`. No step reads a device value on the host.
 """
 
@@ -40,7 +38,6 @@ from .codecs.rotated import RotatedBlockCodec
 from .kernels import chunked_attention
 from .kernels.epilogue import decode_epilogue
 from .kernels.fibquant_decode import (
-    LOG2E,
     DecodeTuning,
     launch_partials,
     make_workspace,
@@ -49,6 +46,7 @@ from .kernels.fibquant_decode import (
 )
 from .kernels.fibquant_encode import encode_buffers, encode_tables, launch_encode
 from .kernels.mma_decode import MmaVariant
+from .kernels.ring_commit import commit
 from .static_layer import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
@@ -160,7 +158,8 @@ class StaticCodedLayer(StaticLayerBase):
         self.order = torch.where(slots < held, -1, slots - held)  # new token of each slot, -1: held
         self.slots = torch.arange(self.capacity, device=self.device)
         self.step = torch.zeros((), dtype=torch.long, device=self.device)
-        self.visible = self.order < 0  # ring slots the queries being decoded see
+        self.slot = torch.full((1,), held % residual, dtype=torch.long, device=self.device)
+        self.visible = self.order < 0  # ring slots the queries being decoded see (updated in place)
         self.same = codecs.keys == codecs.values  # one encode of keys and values stacked
         self.encoders = [
             Encoder(c, self.device, self.dtype, fused) for c in (codecs.keys, codecs.values)
@@ -185,23 +184,36 @@ class StaticCodedLayer(StaticLayerBase):
                 "(feed longer inputs to the source cache before building it)"
             )
         self._reserve(q_len)
-        slot = (self.step + self.held).remainder(self.residual).view(1)
-        leaving = self.ring.index_select(3, slot)  # (2, batch, kv_heads, 1, d)
+        leaving = self.ring.index_select(3, self.slot)  # (2, batch, kv_heads, 1, d)
         if self.same:
             indices, norms = self.encoders[0](leaving)
             codes = [(indices[0], norms[0]), (indices[1], norms[1])]
         else:
             codes = [encode(x) for encode, x in zip(self.encoders, leaving, strict=True)]
+        if (
+            self.fused
+        ):  # one launch (kernels/ring_commit.py) for what _commit does in ~12 operations
+            commit(
+                codes, self.store, self.lengths, key_states, value_states, self.ring, self.step,
+                self.order, self.visible, self.slot, self.held,
+            )  # fmt: skip
+        else:
+            self._commit(codes, key_states, value_states)
+        self.step.add_(1)
+        attention.announce(self)
+        return self.keys, self.values
+
+    def _commit(self, codes, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The leaving token's codes into the store at each row's length, the length grown once the ring is
+        full, the new token into its slot, the mask and the next slot: in torch, the kernel's reference."""
         at = self.lengths.long().unsqueeze(-1)  # (batch, kv_heads, 1): each row's next free slot
         for store, (indices, norms) in zip(self.store, codes, strict=True):
             store.indices.scatter_(2, at.unsqueeze(-1).expand_as(indices), indices)
             store.norms.scatter_(2, at, norms)
         self.lengths.add_(self.step >= self.residual - self.held)  # the slot held a token
-        self.ring.index_copy_(3, slot, torch.stack([key_states, value_states]))
-        self.visible = self.order <= self.step
-        self.step.add_(1)
-        attention.announce(self)
-        return self.keys, self.values
+        self.ring.index_copy_(3, self.slot, torch.stack([key_states, value_states]))
+        torch.le(self.order, self.step, out=self.visible)
+        self.slot.copy_((self.step + 1 + self.held).remainder(self.residual))
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of (batch, q_heads, 1, d) queries over the store and the ring; (batch, 1, q_heads, d)."""
@@ -215,8 +227,8 @@ class StaticCodedLayer(StaticLayerBase):
         return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
 
     def _plan(self, rows: int) -> tuple[MmaVariant | None, int, tuple]:
-        """Kernel and split of the store for ``rows`` query rows per KV head, and a workspace with one
-        more split for the ring: chosen and allocated once, at the first step (before any capture)."""
+        """Kernel and split of the store for ``rows`` query rows per KV head, and its workspace: chosen and
+        allocated once, at the first step (before any capture)."""
         if rows not in self.plans:
             batch, kv_heads = self.lengths.shape
             shape = (batch, kv_heads, self.capacity)
@@ -225,32 +237,23 @@ class StaticCodedLayer(StaticLayerBase):
             )
             with torch.inference_mode(False):  # written in place under any grad mode
                 workspace = make_workspace(
-                    batch, kv_heads, rows, split + 1, self.ring.shape[-1], self.device
+                    batch, kv_heads, rows, split, self.ring.shape[-1], self.device
                 )
             self.plans[rows] = (kernel, split, workspace)
         return self.plans[rows]
 
     def _attend_fused(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        batch, q_heads, _, dim = query.shape
         kv_heads = self.lengths.shape[1]
-        rows = q_heads // kv_heads
+        rows = query.shape[1] // kv_heads
         kernel, split, workspace = self._plan(rows)
         codec_k, codec_v = self.codecs.keys, self.codecs.values
         q_rot = rotate_query(query, codec_k, scaling, kv_heads, TUNING.codebook_dtype)
         launch_partials(
             q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, TUNING, kernel
         )
-        # the ring as split ``split``: base-2 scores, masked slots weigh 0, values in rotated space
-        acc, row_max, row_sum = workspace
-        q = query.reshape(batch, kv_heads, rows, dim).float() * (scaling * LOG2E)
-        scores = (q @ self.keys.float().transpose(-1, -2)).masked_fill(~self.visible, -torch.inf)
-        top = scores.amax(-1, keepdim=True)  # finite: the new token's slot is visible
-        weights = torch.exp2(scores - top)
-        row_max[:, :, split] = top.squeeze(-1)
-        row_sum[:, :, split] = weights.sum(-1)
-        acc[:, :, split] = weights @ (self.values.float() @ self.rotation.T)
-        empty = self.ring[0, :, :, :0]
-        return decode_epilogue(workspace, self.rotation, query, empty, empty, scaling)
+        return decode_epilogue(
+            workspace, self.rotation, query, self.keys, self.values, scaling, self.visible
+        )
 
     def rewind(self, appended: int) -> None:
         """Back to the state of the build (``appended`` = 0): the tokens that left the ring since are codes
@@ -263,12 +266,14 @@ class StaticCodedLayer(StaticLayerBase):
         self.ring[:, :, :, : self.held] = self.window
         self.lengths.copy_(self.built_lengths)
         self.step.zero_()
-        self.visible = self.order < 0
+        self.slot.fill_(self.held % self.residual)
+        torch.lt(self.order, 0, out=self.visible)
         self._recount(0)
 
     def nbytes(self) -> int:
         tensors = [t for codes in self.store for t in (codes.indices, codes.norms)]
-        tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order]
+        tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order, self.slot]
+        tensors += [self.visible, self.step]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

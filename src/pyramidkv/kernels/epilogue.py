@@ -10,7 +10,9 @@ and step. Here one program per (sequence, KV head):
 1. reads the running maxima (base 2) of all splits of all blocks, as the decode kernel wrote them into one
    workspace;
 2. attends over the window with online softmax (flash-decoding's log-sum-exp algebra, Dao et al. 2023),
-   causal among the new tokens: window slot j is visible to new token i when j <= width - q_len + i;
+   causal among the new tokens: window slot j is visible to new token i when j <= width - q_len + i, and,
+   given a mask of the window's slots (a static cache's ring, whose slots fill in ring order), when the mask
+   says so;
 3. merges the splits' unnormalised outputs, which live in the rotated space of FibQuant/TurboQuant
    (arXiv 2605.11478, 2504.19874), and rotates them back (x Pi_v) in column blocks of ``DC`` so the
    (d, d) rotation never sits whole in registers (the previous merge kernel did, and spilled 1,658
@@ -38,11 +40,11 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_kernel(
-        acc_ptr, max_ptr, sum_ptr, rot_ptr, q_ptr, wk_ptr, wv_ptr, out_ptr,
+        acc_ptr, max_ptr, sum_ptr, rot_ptr, q_ptr, wk_ptr, wv_ptr, vis_ptr, out_ptr,
         n_split, width, scale2, n_kv_heads,
         q_sb, q_sh, q_st, wk_sb, wk_sh, wk_st, wv_sb, wv_sh, wv_st, o_sb, o_st, o_sh, rot_s0, rot_s1,
         ROWS: tl.constexpr, ROWS_BLOCK: tl.constexpr, Q_LEN: tl.constexpr, GROUP: tl.constexpr,
-        D: tl.constexpr, DC: tl.constexpr, WB: tl.constexpr,
+        D: tl.constexpr, DC: tl.constexpr, WB: tl.constexpr, MASKED: tl.constexpr,
     ):  # fmt: skip
         """Output rows (g, i) -> query head h GROUP + g, new token i, of one (batch, KV head)."""
         pid = tl.program_id(0)
@@ -79,6 +81,8 @@ if triton is not None:
             ).to(tl.float32)  # fmt: skip
             scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
             visible = j_mask[None, :] & (j[None, :] <= width - Q_LEN + token[:, None])
+            if MASKED:
+                visible = visible & (tl.load(vis_ptr + j, mask=j_mask, other=0) != 0)[None, :]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_w, tl.max(scores, axis=1))
             safe_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -133,6 +137,7 @@ def decode_epilogue(
     window_keys: torch.Tensor,
     window_values: torch.Tensor,
     scaling: float,
+    window_visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (batch, q_len, q_heads, d) in the query's dtype, from the split partials and the window.
 
@@ -140,7 +145,8 @@ def decode_epilogue(
     every split of every coded block (rows = (q_heads / kv_heads) q_len, row g q_len + i for query head
     h G + g and new token i); ``rotation``: Pi_v (d, d) float32, any strides (the codecs keep a transposed
     view), by which rotated-space outputs are multiplied back; ``query`` (b, q_heads, q_len, d) unrotated; ``window_keys`` / ``window_values`` (b,
-    kv_heads, width, d): the fp16 recent window, whose last q_len slots are the new tokens (width >= 0).
+    kv_heads, width, d): the fp16 recent window, whose last q_len slots are the new tokens (width >= 0);
+    ``window_visible`` (width,) bool: which of its slots hold a token (None: all), for every row alike.
     """
     if triton is None:
         raise RuntimeError("decode_epilogue needs triton; use kernels.chunked_attention instead")
@@ -154,16 +160,26 @@ def decode_epilogue(
         )
     if window_keys.stride(-1) != 1 or window_values.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("query and window must be contiguous in their last (head) dimension")
+    width = window_keys.shape[2]
+    if window_visible is not None and (
+        window_visible.dtype != torch.bool or tuple(window_visible.shape) != (width,)
+    ):
+        raise ValueError(
+            f"window_visible: expected a bool tensor of shape ({width},), got "
+            f"{window_visible.dtype} {tuple(window_visible.shape)}"
+        )
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)
+    masked = window_visible is not None
+    visible = window_visible.view(torch.uint8) if masked else out  # unread when not masked
     with launch_device(query.device):
         _epilogue_kernel[(batch * kv_heads,)](
-            acc, row_max, row_sum, rotation, query, window_keys, window_values, out,
-            split, window_keys.shape[2], scaling * LOG2E, kv_heads,
+            acc, row_max, row_sum, rotation, query, window_keys, window_values, visible, out,
+            split, width, scaling * LOG2E, kv_heads,
             query.stride(0), query.stride(1), query.stride(2),
             window_keys.stride(0), window_keys.stride(1), window_keys.stride(2),
             window_values.stride(0), window_values.stride(1), window_values.stride(2),
             out.stride(0), out.stride(1), out.stride(2), rotation.stride(0), rotation.stride(1),
             ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), Q_LEN=q_len,
-            GROUP=q_heads // kv_heads, D=dim, DC=min(COLUMN_BLOCK, dim), WB=WINDOW_BLOCK,
+            GROUP=q_heads // kv_heads, D=dim, DC=min(COLUMN_BLOCK, dim), WB=WINDOW_BLOCK, MASKED=masked,
         )  # fmt: skip
     return out

@@ -1,0 +1,157 @@
+"""What one CUDA-graph replay of a decode step is made of: kernels per step and their device time, per cache.
+
+A decode step of the embedded model is bound by its launches, not its bytes (benchmarks/README.md): under a
+CUDA graph the host is gone, but every small kernel still costs the GPU a few microseconds. For each cache
+(as benchmarks/cuda_graph_decode.py builds it: prefill, static copy, :class:`DecodeStep` captured with
+:func:`pyramidkv.graph_decode.capture`) this replays the graph ``--replays`` times under the CUDA profiler and
+reports the kernels per replay, their summed device time and the costliest kernels.
+
+    PYTHONPATH=src python benchmarks/graph_step_profile.py     # GPU: full and pyramidkv 10% + fibquant:2
+    python benchmarks/graph_step_profile.py --smoke            # CPU: tiny random llama, eager step, aten ops
+
+With ``--smoke`` (no CUDA) the step runs eagerly and the CPU profiler's aten operations stand in for kernels.
+Writes ``benchmarks/results/graph_step_profile.json`` (``--smoke``: the temp folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shlex
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from cuda_graph_decode import CONFIGS, prefill, tiny_model  # sibling script
+from generate_throughput import corpus_rows
+from pyramidkv.graph_decode import WARMUP, capture
+from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
+
+
+def profile_step(model, prompts: torch.Tensor, config: str, args) -> dict:
+    """Kernels (CUDA: device kernels of graph replays; CPU: aten operations of eager steps) per step."""
+    cuda = model.device.type == "cuda"
+    with torch.inference_mode():
+        source, first = prefill(model, prompts, config, args.batch, args)
+        static = StaticCompressedCache(model, source, WARMUP + args.replays + 4)
+        del source
+        step = DecodeStep(model, static)
+        if cuda:
+            graph, _, _ = capture(step, static, first)
+            run = graph.replay
+        else:
+            step.input_ids.copy_(first)
+            run = step
+        for _ in range(2):
+            run()
+        activity = (
+            torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        )
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(args.replays):
+                run()
+            if cuda:
+                torch.cuda.synchronize(model.device)
+        static.close()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    count, micros = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type == kind and (cuda or event.name.startswith("aten::")):
+            count[event.name] += 1
+            micros[event.name] += event.device_time_total if cuda else event.self_cpu_time_total
+    top = [
+        dict(name=name, per_step=count[name] / args.replays, us_each=us / count[name])
+        for name, us in micros.most_common(args.top)
+    ]
+    return dict(
+        config=config,
+        batch=args.batch,
+        kernels_per_step=sum(count.values()) / args.replays,
+        kernel_ms_per_step=sum(micros.values()) / args.replays / 1e3,
+        top=top,
+    )
+
+
+def arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model", default=None, help="default: $PYRAMIDKV_MODEL, else the embedded model")
+    add(
+        "--configs",
+        default="full,pyramidkv+fibquant",
+        help=f"comma-separated, of {', '.join(CONFIGS)}",
+    )
+    add("--batch", type=int, default=1)
+    add("--prompt", type=int, default=8000, help="prompt tokens per row")
+    add("--budget", default="10%", help="pyramidkv's average budget per layer")
+    add("--residual", type=int, default=64, help="fp16 window of the caches with codes, tokens")
+    add("--replays", type=int, default=5, help="profiled steps")
+    add("--top", type=int, default=12, help="costliest kernels reported")
+    add("--out", default=None, help="folder; default benchmarks/results (smoke: the temp folder)")
+    add("--smoke", action="store_true", help="CPU check: tiny random llama, prompt 64, eager steps")
+    args = parser.parse_args(argv)
+    args.configs = args.configs.split(",")
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; expected some of {', '.join(CONFIGS)}")
+    for name in ("batch", "prompt", "replays", "residual"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: got {getattr(args, name)}; expected at least 1")
+    args.prefill_rows = 1
+    if args.smoke:
+        args.prompt = 64
+    return args
+
+
+def main(argv=None) -> dict:
+    args = arguments(argv)
+    if args.smoke:
+        model = tiny_model()
+        prompts = torch.randint(3, model.config.vocab_size, (1, args.prompt))
+        name = "tiny random llama"
+    else:
+        from pyramidkv.models import load
+
+        model, tokenizer = load(args.model)
+        prompts = corpus_rows(tokenizer, 1, args.prompt)
+        name = model.config.name_or_path or args.model or "embedded"
+    device = model.device
+    record = {
+        "question": "kernels per decode step (CUDA-graph replay) and their device time, per cache",
+        "date": date.today().isoformat(),
+        "command": shlex.join(
+            ["python", "benchmarks/graph_step_profile.py", *(argv or sys.argv[1:])]
+        ),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": name,
+        "prompt": args.prompt,
+        "rows": [],
+    }
+    for config in args.configs:
+        row = profile_step(model, prompts, config, args)
+        record["rows"].append(row)
+        unit = "kernels" if device.type == "cuda" else "aten ops"
+        print(
+            f"{config} batch {args.batch}: {row['kernels_per_step']:.0f} {unit} per step, "
+            f"{row['kernel_ms_per_step']:.3f} ms"
+        )
+        for kernel in row["top"]:
+            print(
+                f"  {kernel['per_step']:6.0f} x {kernel['us_each']:8.2f} us  {kernel['name'][:90]}"
+            )
+    default = tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results"
+    folder = Path(args.out or default)
+    out = folder / f"graph_step_profile{'_smoke' if args.smoke else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
