@@ -27,6 +27,7 @@ from pyramidkv.kernels.fibquant_encode import BLOCK_T
 
 DECODE = "pyramidkv.kernels.fibquant_decode:_decode_split_kernel"
 ENCODE = "pyramidkv.kernels.fibquant_encode:_encode_kernel"
+ENCODE_ONE = "pyramidkv.kernels.fibquant_encode:_encode_one_kernel"
 EPILOGUE = "pyramidkv.kernels.epilogue:_epilogue_kernel"
 COMMIT = "pyramidkv.kernels.ring_commit:_commit_kernel"
 SHAPES = (
@@ -73,14 +74,18 @@ EPILOGUE_CASES = {  # masked: a static cache's ring as the window (one new token
 }
 
 
-def _encode_args(d: int, k: int, n: int, x_type: str) -> dict[str, object]:
-    """As ``fused_encode`` launches it: 8-bit indices stored as bytes, others as int16 before packing."""
+def _encode_args(d: int, k: int, n: int, x_type: str, one: bool = False) -> dict[str, object]:
+    """As ``fused_encode`` launches it: 8-bit indices stored as bytes, others as int16 before packing;
+    ``one``: the kernel of one vector per program (``few=True``), which takes no count and no tile."""
     byte_index = (n - 1).bit_length() == 8
-    return dict(
+    args = dict(
         x_ptr=f"*{x_type}:16", rot_t_ptr="*fp32:16", cb_ptr="*fp32:16", cb_sq_ptr="*fp32:16",
         idx_ptr="*u8:16" if byte_index else "*i16:16", norm_ptr="*fp16:16", count="i32",
         D=d, K=k, N=n, BYTE_INDEX=byte_index, BLOCK=BLOCK_T,
     )  # fmt: skip
+    if one:
+        del args["count"], args["BLOCK"]
+    return args
 
 
 COMMIT_CASES = {  # (key, value) index bytes per token, head dim, model float type
@@ -140,6 +145,10 @@ def ttir() -> dict[str, tuple[str | None, str | None]]:
     """(TTIR, error) of every case, and of three malformed argument sets, from one isolated process."""
     jobs = {f"decode-{key}": (DECODE, oc.decode_args(c)) for key, c in DECODE_CASES.items()}
     jobs |= {f"encode-{key}": (ENCODE, _encode_args(*c)) for key, c in ENCODE_CASES.items()}
+    jobs |= {
+        f"encode-one-{key}": (ENCODE_ONE, _encode_args(*c, one=True))
+        for key, c in ENCODE_CASES.items()
+    }
     jobs |= {f"epilogue-{key}": (EPILOGUE, _epilogue_args(*c)) for key, c in EPILOGUE_CASES.items()}
     jobs |= {f"commit-{key}": (COMMIT, _commit_args(*c)) for key, c in COMMIT_CASES.items()}
     args = oc.decode_args(oc.DecodeConfig())
@@ -189,6 +198,14 @@ def test_encode_variant_compiles(ttir, key):
     text = _compiled(ttir, f"encode-{key}")
     # the rotation in exact fp32, so the indices are the torch encoder's
     assert _ieee_dots(text)
+
+
+@pytest.mark.parametrize("key", ENCODE_CASES)
+def test_encode_of_one_vector_per_program_compiles(ttir, key):
+    text = _compiled(ttir, f"encode-one-{key}")
+    assert (
+        "tt.dot" not in text
+    )  # the rotation as float32 products and sums, no tensor-core rounding
 
 
 @pytest.mark.parametrize("key", COMMIT_CASES)

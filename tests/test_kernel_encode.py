@@ -28,11 +28,12 @@ DEVICE = kernel_device()
     ids=["fib2bit", "fib3bit", "turboquant3"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_encode_matches_torch_encoder(make, dtype):
+@pytest.mark.parametrize("few", [False, True], ids=["tiles", "one-per-program"])
+def test_fused_encode_matches_torch_encoder(make, dtype, few):
     codec = make()
     torch.manual_seed(0)
     x = (torch.randn(3, 2, 29, codec.d, device=DEVICE) * 4).to(dtype)  # 174 vectors: a partial tile
-    want, got = codec.encode(x), fused_encode(codec, x)
+    want, got = codec.encode(x), fused_encode(codec, x, few)
     assert got.indices.shape == want.indices.shape and got.indices.dtype == torch.uint8
     assert got.norms.dtype == torch.float16
     torch.testing.assert_close(got.norms, want.norms, rtol=1e-3, atol=0)

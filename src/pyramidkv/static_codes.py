@@ -56,9 +56,9 @@ TUNING = DecodeTuning()
 class Encoder:
     """``codec.encode`` of (..., d) vectors as a fixed sequence of tensor operations: (indices uint8 (...,
     bytes), norms fp16 (...)). Without the codec's host-side checks, which a CUDA graph cannot run: a norm
-    beyond fp16 is stored as inf. ``fused``: one launch of the encode kernel
-    (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode`, the codes of ``codec.encode`` up to ties at a
-    cell border, as the dynamic cache's fused flushes) instead of the codec's own arithmetic
+    beyond fp16 is stored as inf. ``fused``: one launch of the encode kernel for a few vectors
+    (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x batch x
+    KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the codec's own arithmetic
     (:meth:`RotatedBlockCodec.quantize`, then :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations)."""
 
     def __init__(
@@ -84,7 +84,7 @@ class Encoder:
             nu = nu.to(torch.float16)
         else:
             nearest, nu = encode_buffers(self.codec, flat.shape[0], x.device)
-            launch_encode(self.codec, flat.contiguous(), self.tables, nearest, nu)
+            launch_encode(self.codec, flat.contiguous(), self.tables, nearest, nu, few=True)
         packed = nearest
         if self.tables is None or self.codec.index_bits != 8:
             packed = pack_bits(nearest, self.codec.index_bits, check=False)

@@ -61,6 +61,39 @@ if triton is not None:
             tl.store(out, best_idx.to(tl.int16), mask=t_mask[:, None])
         tl.store(norm_ptr + t_off, nu.to(tl.float16), mask=t_mask)
 
+    @triton.jit
+    def _encode_one_kernel(
+        x_ptr, rot_t_ptr, cb_ptr, cb_sq_ptr, idx_ptr, norm_ptr,
+        D: tl.constexpr, K: tl.constexpr, N: tl.constexpr, BYTE_INDEX: tl.constexpr,
+    ):  # fmt: skip
+        """One vector per program, scored against every codeword at once (an (N, D/K) tile): for a decode
+        step's few vectors, where _encode_kernel is one program whose N-step scan is its whole time."""
+        row = tl.program_id(0).to(tl.int64)
+        d_off = tl.arange(0, D)
+        x = tl.load(x_ptr + row * D + d_off).to(tl.float32)
+        nu = tl.sqrt(tl.sum(x * x, axis=0))
+        rot_t = tl.load(rot_t_ptr + d_off[:, None] * D + d_off[None, :])
+        unit = tl.sum(x[:, None] * rot_t, axis=0) / tl.maximum(nu, 1e-30)
+        blocks = tl.reshape(unit, (D // K, K))
+        entry = tl.arange(0, K)
+        n_off = tl.arange(0, N)
+        dot = tl.zeros([N, D // K], tl.float32)
+        for k in tl.static_range(K):
+            u_k = tl.sum(
+                tl.where(entry[None, :] == k, blocks, 0.0), axis=1
+            )  # coordinate k of every block
+            dot += tl.load(cb_ptr + n_off * K + k)[:, None] * u_k[None, :]
+        score = 2.0 * dot - tl.load(cb_sq_ptr + n_off)[:, None]
+        best_idx = tl.argmax(
+            score, axis=0, tie_break_left=True
+        )  # the first of equal codewords, as argmin
+        out = idx_ptr + row * (D // K) + tl.arange(0, D // K)
+        if BYTE_INDEX:
+            tl.store(out, best_idx.to(tl.uint8))
+        else:
+            tl.store(out, best_idx.to(tl.int16))
+        tl.store(norm_ptr + row, nu.to(tl.float16))
+
 
 def encode_tables(codec: RotatedBlockCodec, device: torch.device) -> tuple[torch.Tensor, ...]:
     """What the encode kernel reads besides the vectors, in float32: Pi^T, the codebook and its squared
@@ -75,16 +108,24 @@ def launch_encode(
     tables: tuple[torch.Tensor, ...],
     indices: torch.Tensor,
     norms: torch.Tensor,
+    few: bool = False,
 ) -> None:
     """One launch of the encode kernel: ``flat`` (n, d) contiguous vectors into ``indices`` (n, blocks),
-    uint8 for 8-bit indices else int16, and ``norms`` (n,) float16. No checks and no host reads (a norm
-    beyond fp16 is stored as inf), so a CUDA graph can hold it; :func:`fused_encode` checks."""
-    if flat.shape[0]:
-        with launch_device(flat.device):
-            _encode_kernel[(triton.cdiv(flat.shape[0], BLOCK_T),)](
-                flat, *tables, indices, norms, flat.shape[0],
-                D=codec.d, K=codec.k, N=codec.n, BYTE_INDEX=codec.index_bits == 8, BLOCK=BLOCK_T,
-            )  # fmt: skip
+    uint8 for 8-bit indices else int16, and ``norms`` (n,) float16. ``few``: one program per vector scoring
+    every codeword at once (a decode step's handful of vectors; for many, the tiles of 16 vectors scanning
+    the codewords one by one move less). No checks and no host reads (a norm beyond fp16 is stored as inf),
+    so a CUDA graph can hold it; :func:`fused_encode` checks."""
+    count = flat.shape[0]
+    if not count:
+        return
+    constants = dict(D=codec.d, K=codec.k, N=codec.n, BYTE_INDEX=codec.index_bits == 8)
+    with launch_device(flat.device):
+        if few:
+            _encode_one_kernel[(count,)](flat, *tables, indices, norms, **constants, num_warps=8)
+        else:
+            _encode_kernel[(triton.cdiv(count, BLOCK_T),)](
+                flat, *tables, indices, norms, count, **constants, BLOCK=BLOCK_T
+            )
 
 
 def encode_buffers(codec: RotatedBlockCodec, count: int, device: torch.device):
@@ -94,15 +135,16 @@ def encode_buffers(codec: RotatedBlockCodec, count: int, device: torch.device):
     return indices, torch.empty(count, dtype=torch.float16, device=device)
 
 
-def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor) -> VectorCodes:
-    """Codes of ``x[..., d]`` equal to ``codec.encode(x)`` (up to ties at a cell border), from one kernel."""
+def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor, few: bool = False) -> VectorCodes:
+    """Codes of ``x[..., d]`` equal to ``codec.encode(x)`` (up to ties at a cell border), from one kernel
+    (``few``: :func:`launch_encode`'s kernel for a handful of vectors)."""
     if triton is None:
         raise RuntimeError("fused_encode needs triton; use codec.encode instead")
     check_codec("codec", codec, codec.d)
     x = check_input(x, codec.d)
     flat = x.reshape(-1, codec.d).contiguous()
     indices, norms = encode_buffers(codec, flat.shape[0], x.device)
-    launch_encode(codec, flat, encode_tables(codec, x.device), indices, norms)
+    launch_encode(codec, flat, encode_tables(codec, x.device), indices, norms, few)
     if bool(torch.isinf(norms).any()):
         raise ValueError(
             f"x has a vector whose norm is beyond the fp16 range ({FP16_MAX:g}) its norm is stored in; "
