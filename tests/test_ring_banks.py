@@ -128,7 +128,8 @@ def test_the_counts_the_notes_give():
     ("dim", "k", "n"), [(128, 4, 256), (128, 2, 256), (128, 2, 64), (64, 4, 256)]
 )
 def test_the_source_defines_the_variants_swizzle(dim, k, n, rows):
-    """``ROW_PERM`` and ``CHUNK_XOR`` pack the table's entry (3 and 2 bits per token), identity elsewhere."""
+    """``ROW_PERM`` and ``CHUNK_XOR`` pack the table's entry (3 and 2 bits per token), identity elsewhere;
+    ``SWIZZLED`` says which (the kernel's plain offsets where it is 0)."""
     variant = mma_decode.MmaVariant(dim, k, rows, n=n)
     source = variant.source()
     perm, xor = mma_decode.RING_SWIZZLE.get((dim, k, n, rows), (mma_decode.IDENTITY, (0,) * 8))
@@ -136,3 +137,5 @@ def test_the_source_defines_the_variants_swizzle(dim, k, n, rows):
     row_perm, chunk_xor = defined(source, "ROW_PERM"), defined(source, "CHUNK_XOR")
     assert tuple((row_perm >> 3 * tok) & 7 for tok in range(8)) == perm
     assert tuple((chunk_xor >> 2 * tok) & 3 for tok in range(8)) == xor
+    swizzled = int(re.search(r"#define SWIZZLED (\d)\n", source).group(1))
+    assert swizzled == ((perm, xor) != (mma_decode.IDENTITY, (0,) * 8))

@@ -126,6 +126,7 @@ class MmaVariant:
         defines = dict(
             D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS_CAP=self.rows, NW=self.warps,
             SHARED_BOOK=int(self.shared_book), STAGES=self.stages, ROW_BYTES=self.row_bytes,
+            SWIZZLED=int((perm, xor) != (IDENTITY, (0,) * 8)),
             ROW_PERM=f"{sum(row << 3 * tok for tok, row in enumerate(perm)):#x}u",
             CHUNK_XOR=f"{sum(x << 2 * tok for tok, x in enumerate(xor)):#x}u",
         )  # fmt: skip

@@ -25,7 +25,7 @@
 // 3 bits), ROWS_CAP (the most query rows per KV head the variant holds: 4, 8 or 16), NW warps per block,
 // SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
 // codeword's row in the table: 256, or 128 where two blocks of 256-byte rows do not fit an SM's shared memory),
-// ROW_PERM and CHUNK_XOR (the ring slots' swizzle, see slot_byte).
+// SWIZZLED, ROW_PERM and CHUNK_XOR (whether the ring slots are swizzled, and how: see slot_byte).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -197,7 +197,7 @@ __device__ __forceinline__ int value_token(int j, int t) { return 2 * t + (j & 1
 // token), so that the warp's index reads spread over the banks (mma_decode.RING_SWIZZLE, NOTES.md v10). A lane's
 // copies and reads each touch fixed places of a slot, so the swizzle costs no instruction in the loop.
 __device__ __forceinline__ u32 slot_byte(int tok, int b) {
-    if (ROW_PERM == 0xfac688u && CHUNK_XOR == 0) return tok * NBYTES + b;  // none: offsets the compiler can fold
+    if (!SWIZZLED) return tok * NBYTES + b;  // offsets the compiler can fold
     const int row = ((ROW_PERM >> (3 * (tok & 7))) & 7) | (tok & 8);
     const int chunk = (b / CHUNK) ^ ((CHUNK_XOR >> (2 * (tok & 7))) & 3);
     return row * NBYTES + chunk * CHUNK + b % CHUNK;
