@@ -186,6 +186,34 @@ def test_the_epilogue_attends_only_the_window_slots_its_mask_shows(width):
         decode_epilogue(workspace, rotation, query, win_k, win_v, 0.25, shown.int())
 
 
+@pytest.mark.parametrize("splits", [3, 20])
+def test_the_epilogue_merges_every_split(splits):
+    """The log-sum-exp merge of random partials (base-2 maxima, sums, rotated outputs), rotated back, against
+    the same merge written in float64 torch; a row one split alone saw."""
+    from pyramidkv.kernels.epilogue import decode_epilogue
+
+    torch.manual_seed(splits)
+    acc, row_max, row_sum = make_workspace(2, 2, 3, splits, 16, DEVICE)
+    acc.copy_(torch.randn_like(acc))
+    row_max.copy_(torch.randn_like(row_max) * 4)
+    row_max[0, 1, 1:] = float("-inf")  # a row that only one split saw
+    row_sum.copy_(torch.rand_like(row_sum) + 0.5)
+    rotation = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0].float().to(DEVICE)
+    query = torch.randn(2, 6, 1, 16, device=DEVICE)
+    window = torch.zeros(2, 2, 0, 16, device=DEVICE)
+    out = decode_epilogue((acc, row_max, row_sum), rotation, query, window, window, 0.25)
+    weight = torch.exp2(
+        row_max.double() - row_max.double().amax(2, keepdim=True)
+    )  # (b, kv, split, rows)
+    merged = (weight[..., None] * acc.double()).sum(2) / (weight * row_sum.double()).sum(2)[
+        ..., None
+    ]
+    want = (
+        (merged @ rotation.double()).reshape(2, 6, 1, 16).transpose(1, 2)
+    )  # row g of head h -> h G + g
+    assert (out.double() - want).abs().max() < 1e-4
+
+
 def test_unsupported_codecs_and_arguments_raise():
     ck, cv, codes_k, codes_v, _, _ = make_block(16, 4, 4, batch=1, slots=4)
     query = torch.randn(1, 6, 1, 16, device=DEVICE)
