@@ -110,17 +110,17 @@ def test_the_swizzle_takes_the_fewest_wavefronts_the_reads_allow(key):
         16 * nbytes > 32 * chunk
     ):  # a lane copies two chunks of an array; the Feed puts the second 32 chunks on
         assert (32 * chunk) % (8 * nbytes) == 0
-    identity = read_wavefronts(dim, k, n, mma_decode.IDENTITY, (0,) * 8)
+    identity = read_wavefronts(dim, k, n, *mma_decode.NO_SWIZZLE)
     assert read_wavefronts(dim, k, n, perm, xor) == least_wavefronts(dim, k, n) < identity
 
 
 def test_the_counts_the_notes_give():
     """12 -> 8 wavefronts per tile at 2 bits and 40 -> 16 at 4 bits (d = 128); 30 at 3 bits, unswizzled."""
-    assert read_wavefronts(128, 4, 256, mma_decode.IDENTITY, (0,) * 8) == 12
+    assert read_wavefronts(128, 4, 256, *mma_decode.NO_SWIZZLE) == 12
     assert read_wavefronts(128, 4, 256, *mma_decode.RING_SWIZZLE[(128, 4, 256, 4)]) == 8
-    assert read_wavefronts(128, 2, 256, mma_decode.IDENTITY, (0,) * 8) == 40
+    assert read_wavefronts(128, 2, 256, *mma_decode.NO_SWIZZLE) == 40
     assert read_wavefronts(128, 2, 256, *mma_decode.RING_SWIZZLE[(128, 2, 256, 4)]) == 16
-    assert read_wavefronts(128, 2, 64, mma_decode.IDENTITY, (0,) * 8) == 30
+    assert read_wavefronts(128, 2, 64, *mma_decode.NO_SWIZZLE) == 30
 
 
 @pytest.mark.parametrize("rows", mma_decode.ROW_CAPS)
@@ -132,10 +132,10 @@ def test_the_source_defines_the_variants_swizzle(dim, k, n, rows):
     ``SWIZZLED`` says which (the kernel's plain offsets where it is 0)."""
     variant = mma_decode.MmaVariant(dim, k, rows, n=n)
     source = variant.source()
-    perm, xor = mma_decode.RING_SWIZZLE.get((dim, k, n, rows), (mma_decode.IDENTITY, (0,) * 8))
+    perm, xor = mma_decode.RING_SWIZZLE.get((dim, k, n, rows), mma_decode.NO_SWIZZLE)
     assert variant.swizzle == (perm, xor)
     row_perm, chunk_xor = defined(source, "ROW_PERM"), defined(source, "CHUNK_XOR")
     assert tuple((row_perm >> 3 * tok) & 7 for tok in range(8)) == perm
     assert tuple((chunk_xor >> 2 * tok) & 3 for tok in range(8)) == xor
     swizzled = int(re.search(r"#define SWIZZLED (\d)\n", source).group(1))
-    assert swizzled == ((perm, xor) != (mma_decode.IDENTITY, (0,) * 8))
+    assert swizzled == ((perm, xor) != mma_decode.NO_SWIZZLE)

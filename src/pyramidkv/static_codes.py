@@ -57,9 +57,10 @@ class Encoder:
     """``codec.encode`` of (..., d) vectors as a fixed sequence of tensor operations: (indices uint8 (...,
     bytes), norms fp16 (...)). Without the codec's host-side checks, which a CUDA graph cannot run: a norm
     beyond fp16 is stored as inf. ``fused``: one launch of the encode kernel for a few vectors
-    (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x batch x
-    KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the codec's own arithmetic
-    (:meth:`RotatedBlockCodec.quantize`, then :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations)."""
+    (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x
+    batch x KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the
+    codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then
+    :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations)."""
 
     def __init__(
         self,
@@ -190,9 +191,8 @@ class StaticCodedLayer(StaticLayerBase):
             codes = [(indices[0], norms[0]), (indices[1], norms[1])]
         else:
             codes = [encode(x) for encode, x in zip(self.encoders, leaving, strict=True)]
-        if (
-            self.fused
-        ):  # one launch (kernels/ring_commit.py) for what _commit does in ~12 operations
+        # one launch (kernels/ring_commit.py) for what _commit does in ~12 operations
+        if self.fused:
             commit(
                 codes, self.store, self.lengths, key_states, value_states, self.ring, self.step,
                 self.order, self.visible, self.slot, self.held,

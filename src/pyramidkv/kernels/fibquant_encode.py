@@ -79,14 +79,12 @@ if triton is not None:
         n_off = tl.arange(0, N)
         dot = tl.zeros([N, D // K], tl.float32)
         for k in tl.static_range(K):
-            u_k = tl.sum(
-                tl.where(entry[None, :] == k, blocks, 0.0), axis=1
-            )  # coordinate k of every block
+            # coordinate k of every block
+            u_k = tl.sum(tl.where(entry[None, :] == k, blocks, 0.0), axis=1)
             dot += tl.load(cb_ptr + n_off * K + k)[:, None] * u_k[None, :]
         score = 2.0 * dot - tl.load(cb_sq_ptr + n_off)[:, None]
-        best_idx = tl.argmax(
-            score, axis=0, tie_break_left=True
-        )  # the first of equal codewords, as argmin
+        # the first of equal codewords, as argmin
+        best_idx = tl.argmax(score, axis=0, tie_break_left=True)
         out = idx_ptr + row * (D // K) + tl.arange(0, D // K)
         if BYTE_INDEX:
             tl.store(out, best_idx.to(tl.uint8))

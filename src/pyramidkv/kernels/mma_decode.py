@@ -43,9 +43,9 @@ BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_8
 # headline; with 8 rows the second value offset costs ~12 instructions and it lost, 0.243 -> 0.250), 4 bits with up
 # to 4 or 8 rows (0.332 -> 0.283, 0.333 -> 0.308). Not at d = 64: 4 bits went 0.326 -> 0.341 ms (9/3 x 64, batch
 # 32) for 12 -> 8 wavefronts; none helps at 3 bits, or at 2 bits with d = 64 (6, the least there is).
-IDENTITY = tuple(range(8))
+NO_SWIZZLE = (tuple(range(8)), (0,) * 8)  # rows in token order, chunks in place
 # 2 bits: a token's row has its bit 0 flipped by its bit 2; 4 bits: by its bit 1, and the chunk's bit 1 by its bit 2
-_SWIZZLE_2BIT = ((0, 1, 2, 3, 5, 4, 7, 6), (0,) * 8)
+_SWIZZLE_2BIT = ((0, 1, 2, 3, 5, 4, 7, 6), NO_SWIZZLE[1])
 _SWIZZLE_4BIT = ((0, 1, 3, 2, 4, 5, 7, 6), (0, 0, 0, 0, 2, 2, 2, 2))
 RING_SWIZZLE: dict[tuple[int, int, int, int], tuple[tuple[int, ...], tuple[int, ...]]] = {
     (128, 4, 256, 4): _SWIZZLE_2BIT,
@@ -67,11 +67,12 @@ def check_launch(
 
 @dataclass(frozen=True)
 class MmaVariant:
-    """The kernel's compile-time constants: head dim, codeword length k, the most query rows per KV head it
-    holds (``ROW_CAPS``: up to 4 rows leave half of the value mma's columns to a second coordinate, NOTES.md v10;
-    9-16 take a second n-tile), warps per block, whether keys and values share one codebook, the codebook's size N
-    (2^index bits), the tiles (index bytes and norms) each warp's ring holds (cp.async) and the bytes per codeword row of the
-    table (256: an 8-bit index is its row's address byte; 128: half the shared memory)."""
+    """The kernel's compile-time constants: head dim, codeword length k, the most query rows per KV head
+    it holds (``ROW_CAPS``: up to 4 rows leave half of the value mma's columns to a second coordinate,
+    NOTES.md v10; 9-16 take a second n-tile), warps per block, whether keys and values share one
+    codebook, the codebook's size N (2^index bits), the tiles (index bytes and norms) each warp's ring
+    holds (cp.async) and the bytes per codeword row of the table (256: an 8-bit index is its row's
+    address byte; 128: half the shared memory)."""
 
     dim: int
     k: int
@@ -118,7 +119,7 @@ class MmaVariant:
     @property
     def swizzle(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The ring slots' row permutation and chunk XORs (``RING_SWIZZLE``; none where it has no entry)."""
-        return RING_SWIZZLE.get((self.dim, self.k, self.n, self.rows), (IDENTITY, (0,) * 8))
+        return RING_SWIZZLE.get((self.dim, self.k, self.n, self.rows), NO_SWIZZLE)
 
     def source(self) -> str:
         """The CUDA source with this variant's constants defined."""
@@ -126,7 +127,7 @@ class MmaVariant:
         defines = dict(
             D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS_CAP=self.rows, NW=self.warps,
             SHARED_BOOK=int(self.shared_book), STAGES=self.stages, ROW_BYTES=self.row_bytes,
-            SWIZZLED=int((perm, xor) != (IDENTITY, (0,) * 8)),
+            SWIZZLED=int((perm, xor) != NO_SWIZZLE),
             ROW_PERM=f"{sum(row << 3 * tok for tok, row in enumerate(perm)):#x}u",
             CHUNK_XOR=f"{sum(x << 2 * tok for tok, x in enumerate(xor)):#x}u",
         )  # fmt: skip
