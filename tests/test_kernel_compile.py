@@ -170,10 +170,16 @@ def _dot_operands(text: str) -> list[str]:
     return re.findall(r"tt\.dot .*?: tensor<[0-9x]+x(\w+)> \* tensor<[0-9x]+x(\w+)>", text)
 
 
-def _ieee_dots(text: str) -> bool:
-    """Every tt.dot in exact fp32 (the printer omits the default precision, ieee)."""
+def _dot_precisions(text: str) -> list[str]:
+    """The input precision of every tt.dot (the printer omits the default, ieee: exact fp32)."""
     dots = [line for line in text.splitlines() if "tt.dot " in line]
-    return bool(dots) and not any(re.search(r"inputPrecision = (?!ieee)", d) for d in dots)
+    return [(re.findall(r"inputPrecision = (\w+)", d) or ["ieee"])[0] for d in dots]
+
+
+def _ieee_dots(text: str) -> bool:
+    """Every tt.dot in exact fp32."""
+    precisions = _dot_precisions(text)
+    return bool(precisions) and set(precisions) == {"ieee"}
 
 
 @pytest.mark.parametrize("key", DECODE_CASES)
@@ -217,8 +223,10 @@ def test_commit_variant_compiles(ttir, key):
 @pytest.mark.parametrize("key", EPILOGUE_CASES)
 def test_epilogue_variant_compiles(ttir, key):
     text = _compiled(ttir, f"epilogue-{key}")
-    # window scores, window values, rotation back: all three in exact fp32
-    assert _dot_operands(text) == [("f32", "f32")] * 3 and _ieee_dots(text)
+    # window scores, window values, rotation back: all three float32-accurate on the tensor cores (three
+    # TF32 products each), not fp32 FFMA: 12.5 -> 8.9 us per call at batch 1 on the H200 (NOTES.md)
+    assert _dot_operands(text) == [("f32", "f32")] * 3
+    assert _dot_precisions(text) == ["tf32x3"] * 3
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
