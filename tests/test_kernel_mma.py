@@ -77,6 +77,36 @@ def test_the_variant_keeps_the_most_blocks_per_sm(monkeypatch, per_sm, dim, k, n
     assert (kernel.stages, kernel.row_bytes, kernel.blocks_per_sm(device)) == want
 
 
+# (batch, kv heads, tokens, head dim) -> the splits that bracketed the least kernel + epilogue device time on
+# the H200 at batch 1, 2 bits (us, split: 9/3 x 64 at 8k 4: 24.4, 8: 23.8; 32k 8: 32.8, 16: 31.8; 128k 16: 48.9,
+# 32: 46.2; 32/8 x 128 at 8k 4: 37.0, 8: 40.4; 32k 8: 51.7, 16: 58.7; 128k 16: 85.4, 32: 110.4; the one-wave
+# split, 33-88, took 53-117 us); and the headline, batch 8, where one wave allows only 4
+SPLIT_CASES = [
+    ((1, 3, 8192, 64), (4, 8)),
+    ((1, 3, 32768, 64), (8, 16)),
+    ((1, 3, 131072, 64), (16, 32)),
+    ((1, 8, 8192, 128), (4, 8)),
+    ((1, 8, 32768, 128), (8, 16)),
+    ((1, 8, 131072, 128), (16, 32)),
+    ((8, 8, 131072, 128), (4, 4)),
+]
+
+
+@pytest.mark.parametrize(("case", "band"), SPLIT_CASES)
+def test_the_default_split_is_where_kernel_and_epilogue_measured_least(monkeypatch, case, band):
+    """At small batches the one-wave split is far past the point where the epilogue's merge of the splits
+    costs more than the kernel saves; the default lies between the measured best splits (faked H200)."""
+    props = types.SimpleNamespace(
+        shared_memory_per_multiprocessor=228 * 1024, multi_processor_count=132
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    batch, kv_heads, tokens, dim = case
+    book = codec(dim, 4)
+    kernel = mma_decode.variant(book, book, 4, 8, None, torch.device("cuda", 97))
+    split = mma_decode.mma_split((batch, kv_heads, tokens), torch.device("cuda", 97), kernel)
+    assert band[0] <= split <= band[1]
+
+
 def test_rows_pick_the_layout_that_holds_them(monkeypatch):
     """Up to 4 rows per KV head take the paired value layout, 5-8 the plain one, 9-16 two n-tiles."""
     props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024)

@@ -35,6 +35,8 @@ RING = 2
 # bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
 ROW_SIZES = (256, 128)
 BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
+# tokens per head-dim coordinate a block reads while the epilogue merges one split (:func:`merge_split_cap`)
+MERGE_TOKENS_PER_DIM = 3.6
 # The ring slots' swizzle per (head dim, k, N, row cap): the slot row of tile tokens 0..7 (8..15 follow 8 rows on)
 # and the XOR applied to the index of a row's CHUNK-byte copy chunk, per token. Found by an offline search over row
 # permutations and chunk XORs linear in the token's bits, for the fewest shared-memory wavefronts of a warp's index
@@ -226,11 +228,33 @@ def mma_split(shape: tuple[int, int, int], device: torch.device, kernel: MmaVari
     """Sequence ranges for codes of ``shape`` (batch, kv_heads, s) read by ``kernel``: the most blocks that
     still run in one wave (:meth:`MmaVariant.blocks_per_sm` per SM), so no second wave runs a few blocks alone
     (measured at 32/8 x 128, batch 8, 128k, 2 bits: split 4, 0.415 ms, against 0.555 ms at split 5); at least
-    one tile per warp in each block."""
+    one tile per warp in each block. Where :func:`merge_split_cap` is less (small batches: past it the
+    epilogue's merge of the splits costs more than the kernel saves), that, and no more blocks than SMs: at
+    32/8 x 128, batch 1, 128k, 17 splits (136 blocks, four SMs running two) took 57.5 us of kernel time
+    against 40.1 at 16."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     units = sms * kernel.blocks_per_sm(device)
-    most = max(1, math.ceil(shape[2] / (TILE * kernel.warps)))
-    return max(1, min(most, units // (shape[0] * shape[1])))
+    heads = shape[0] * shape[1]
+    split = max(1, min(math.ceil(shape[2] / (TILE * kernel.warps)), units // heads))
+    cap = merge_split_cap(shape[2], kernel.dim)
+    if cap < split:
+        return max(1, min(cap, sms // heads))
+    return split
+
+
+def merge_split_cap(tokens: int, dim: int) -> int:
+    """The split of ``tokens`` codes per (sequence, KV head) that minimises the decode kernel plus the epilogue
+    where the kernel's blocks all run at once (small batches).
+
+    A block reads a (sequence, KV head)'s tokens at ~TOKEN_NS each, so the kernel takes ~TOKEN_NS tokens /
+    split; the epilogue (:mod:`.epilogue`) merges the splits one after another at ~MERGE_NS per split. The
+    sum is least at split sqrt(tokens TOKEN_NS / MERGE_NS). Measured on the H200 at batch 1, 2 bits (kernel +
+    epilogue device time): TOKEN_NS ~2.8 ns at d = 64 and 3.7 at d = 128, MERGE_NS ~0.6 and 1.8 us, i.e.
+    MERGE_NS / TOKEN_NS ~3.6 d tokens (``MERGE_TOKENS_PER_DIM``). With the one-wave split (33-88 there)
+    kernel + epilogue took 1.4-2.2x as long: 54.2 against 24.9 us for 9/3 x 64 at 8k tokens, 69.3 against
+    47.9 us for 32/8 x 128 at 32k (NOTES.md).
+    """
+    return max(1, math.ceil(math.sqrt(tokens / (MERGE_TOKENS_PER_DIM * dim))))
 
 
 def _aligned(codes: VectorCodes) -> VectorCodes:
