@@ -6,7 +6,10 @@ download. Tests marked ``slow`` load the embedded SmolLM2 model (converted once,
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +66,17 @@ def smollm2():
     from pyramidkv.models import load
 
     return load(device="cpu")
+
+
+def load_benchmark(script: str):
+    """``benchmarks/<script>.py`` imported as the module ``<script>_bench``, with ``benchmarks/`` on the path
+    (the scripts import their siblings) and the module registered in ``sys.modules`` (a script's dataclasses
+    look their module up there)."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{script}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"{script}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

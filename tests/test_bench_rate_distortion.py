@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "rate_distortion_model.py"
-_SPEC = importlib.util.spec_from_file_location("rate_distortion_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench  # dataclasses look their module up there
-_SPEC.loader.exec_module(bench)
+from .conftest import load_benchmark
+
+bench = load_benchmark("rate_distortion_model")
 
 
 def _brute_attention(queries, keys, values, scaling):

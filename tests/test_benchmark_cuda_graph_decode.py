@@ -7,19 +7,13 @@ clear-cut logits, so any difference is a bug), the JSON written and complete, ba
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "cuda_graph_decode.py"
-sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling generate_throughput.py
-_SPEC = importlib.util.spec_from_file_location("cuda_graph_decode_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+from .conftest import load_benchmark
+
+bench = load_benchmark("cuda_graph_decode")
 
 
 def test_smoke_run_writes_every_row(tmp_path):

@@ -7,13 +7,11 @@ against a fake kernel whose fastest variant is wrong.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +21,9 @@ if not torch.cuda.is_available():
 
 from pyramidkv.codecs import FibQuant, TurboQuant
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "decode_attention.py"
-sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling gpu_measure.py
-_SPEC = importlib.util.spec_from_file_location("decode_attention_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench  # dataclasses look their module up there
-_SPEC.loader.exec_module(bench)
+from .conftest import load_benchmark
+
+bench = load_benchmark("decode_attention")
 
 
 def test_parsers():

@@ -8,18 +8,13 @@ and the epilogue once each per layer.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "decode_host_ops.py"
-_SPEC = importlib.util.spec_from_file_location("decode_host_ops_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+from .conftest import load_benchmark
+
+bench = load_benchmark("decode_host_ops")
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,14 @@ must refuse with a clear message instead of printing numbers; on a GPU it profil
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "decode_kernel_time.py"
-sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling decode_attention.py
-_SPEC = importlib.util.spec_from_file_location("decode_kernel_time_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+from .conftest import load_benchmark
+
+bench = load_benchmark("decode_kernel_time")
 
 
 @pytest.mark.skipif(

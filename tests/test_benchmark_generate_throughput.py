@@ -7,9 +7,6 @@ sweeps, across flushes of the recent window into new coded blocks.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,13 +17,9 @@ from pyramidkv.accounting import cache_nbytes
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
 
-from .conftest import make_tiny
+from .conftest import load_benchmark, make_tiny
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "generate_throughput.py"
-_SPEC = importlib.util.spec_from_file_location("generate_throughput_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench  # dataclasses look their module up there
-_SPEC.loader.exec_module(bench)
+bench = load_benchmark("generate_throughput")
 
 CACHES = {
     "full": lambda m: DynamicCache(config=m.config),

@@ -6,19 +6,13 @@ written as returned, bad options refused. (Graph replays and device kernels need
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "graph_step_profile.py"
-sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling scripts
-_SPEC = importlib.util.spec_from_file_location("graph_step_profile_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+from .conftest import load_benchmark
+
+bench = load_benchmark("graph_step_profile")
 
 
 def test_smoke_run_profiles_every_cache(tmp_path, monkeypatch):

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from .conftest import load_benchmark
+
 pytest.importorskip("triton", minversion="3.6", reason="triton is not installed")
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "kernel_sass.py"
-_SPEC = importlib.util.spec_from_file_location("kernel_sass_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+bench = load_benchmark("kernel_sass")
 
 
 def test_grid_uses_the_codecs_blocks():
