@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from pyramidkv.attention import installed
+from pyramidkv.attention import decode_backends, installed
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
 from pyramidkv.errors import UnsupportedModelError
@@ -184,6 +184,29 @@ def test_no_lasting_side_effect(tiny_llama):
     del cache
     gc.collect()
     assert tiny_llama.config._attn_implementation == "sdpa"
+
+
+def test_decode_backends_turn_cudnn_off_for_cuda_only_and_only_when_it_is_on():
+    """cuDNN's SDPA plans per key length, so decode over ragged layers turns it off (flags only: no GPU
+    needed); where it is already off (the caller wrapped its whole decode) the context does nothing and
+    leaves the caller's other choices, here flash attention off, as they are."""
+    cuda = torch.device("cuda")
+    flags = torch.backends.cuda
+    before = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled())
+    try:
+        flags.enable_cudnn_sdp(True)
+        with decode_backends(cuda):
+            assert not flags.cudnn_sdp_enabled() and flags.flash_sdp_enabled()
+        assert flags.cudnn_sdp_enabled()
+        with decode_backends(torch.device("cpu")):
+            assert flags.cudnn_sdp_enabled()
+        flags.enable_cudnn_sdp(False)
+        flags.enable_flash_sdp(False)
+        with decode_backends(cuda):
+            assert not flags.flash_sdp_enabled() and not flags.cudnn_sdp_enabled()
+    finally:
+        flags.enable_cudnn_sdp(before[0])
+        flags.enable_flash_sdp(before[1])
 
 
 def test_two_caches_on_one_model_restore_once_both_are_gone(tiny_llama):

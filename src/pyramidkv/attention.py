@@ -101,8 +101,12 @@ def decode_backends(device: torch.device) -> contextlib.AbstractContextManager:
     decode step asks for a new key length in every layer. cuDNN's attention builds an execution graph per
     shape (hundreds of milliseconds: sgl-project/sglang#4650, ml-explore/mlx#2743); on the H200 a PyramidKV
     decode step took 0.8-2.4 s against 0.08 s for the full cache, whose layers share one length.
+
+    Entered in every layer of every eager step, so nothing is entered where cuDNN's attention is already
+    off (a caller that wraps its whole decode in this context, as the benchmarks do): entering and leaving
+    took ~1.5 ms of host time per step of the embedded model on the H200's host (benchmarks/README.md).
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
         return contextlib.nullcontext()
     return sdpa_kernel(
         [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

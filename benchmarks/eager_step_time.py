@@ -1,0 +1,148 @@
+"""What does an eager PyramidKV decode step cost over the full cache's, and what does the SDPA backend context
+cost? ms per greedy step at batch 1, full cache against PyramidKV, each with the whole decode inside
+:func:`~pyramidkv.attention.decode_backends` (as the other benchmarks decode) and without it (as a plain
+``model.generate`` does, where PyramidKV's attention enters the context in every layer).
+
+    PYTHONPATH=src python benchmarks/eager_step_time.py --random   # GPU: SmolLM2-shaped random weights
+    PYTHONPATH=src python benchmarks/eager_step_time.py            # GPU: the embedded model
+    python benchmarks/eager_step_time.py --smoke                   # CPU: tiny random llama, no timing claims
+
+At batch 1 an eager step of the embedded model is host work: ~1,250 kernels whose launches take longer than
+they run, and the host's speed drifted by up to 2x between runs on the H200's machine. So the four rows are
+timed in ``--rounds`` alternating rounds (each a prefill, ``--warmup`` and ``--steps`` timed steps) and the
+median round is reported with every round. ``--random`` builds SmolLM2-135M's shape (30 layers, GQA 9/3 x 64)
+with random weights, which times the same launches with no model file: a step's time does not depend on the
+weights. Writes ``benchmarks/results/eager_step_time.json`` (``--smoke``: the temp folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from cuda_graph_decode import tiny_model  # sibling scripts
+from generate_throughput import corpus_rows, next_token, sync
+from pyramidkv.attention import decode_backends
+from pyramidkv.cache import CompressedCache
+
+CACHES = ("full", "pyramidkv")
+
+
+def smollm2_shaped() -> LlamaForCausalLM:
+    """SmolLM2-135M-Instruct's architecture with random weights, bf16 on the GPU."""
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(torch.bfloat16).to("cuda").eval()
+
+
+def time_steps(model, prompt: torch.Tensor, cache_name: str, wrapped: bool, args) -> float:
+    """ms per step of ``args.steps`` greedy steps after a prefill and ``args.warmup`` steps."""
+    device = model.device
+    if cache_name == "full":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = CompressedCache(model, "pyramidkv", args.budget)
+    try:
+        with torch.inference_mode():
+            token = next_token(model, cache, prompt.to(device), logits_to_keep=1)
+            with decode_backends(device) if wrapped else contextlib.nullcontext():
+                for _ in range(args.warmup):
+                    token = next_token(model, cache, token)
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    token = next_token(model, cache, token)
+                sync(device)
+        return (time.perf_counter() - start) / args.steps * 1e3
+    finally:
+        if isinstance(cache, CompressedCache):
+            cache.close()
+
+
+def arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model", default=None, help="default: $PYRAMIDKV_MODEL, else the embedded model")
+    add("--random", action="store_true", help="SmolLM2-shaped random weights (GPU), no model file")
+    add("--prompt", type=int, default=8000, help="prompt tokens")
+    add("--budget", default="10%", help="pyramidkv's average budget per layer")
+    add("--steps", type=int, default=30, help="timed decode steps per round")
+    add("--warmup", type=int, default=5, help="untimed decode steps before them")
+    add("--rounds", type=int, default=4, help="alternating rounds over the four rows")
+    add("--out", default=None, help="folder; default benchmarks/results (smoke: the temp folder)")
+    add("--smoke", action="store_true", help="CPU check: tiny random llama, prompt 64, 2 rounds")
+    args = parser.parse_args(argv)
+    for name in ("prompt", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: got {getattr(args, name)}; expected at least 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup: got {args.warmup}; expected at least 0")
+    if args.random and not torch.cuda.is_available():
+        parser.error("--random: needs a CUDA device (use --smoke on a CPU)")
+    if args.smoke:
+        args.prompt, args.steps, args.warmup, args.rounds = 64, 3, 1, 2
+    return args
+
+
+def main(argv=None) -> dict:
+    args = arguments(argv)
+    if args.smoke or args.random:
+        model = tiny_model() if args.smoke else smollm2_shaped()
+        prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt))
+        name = "tiny random llama" if args.smoke else "SmolLM2-135M-shaped, random weights"
+    else:
+        from pyramidkv.models import load
+
+        model, tokenizer = load(args.model)
+        prompt = corpus_rows(tokenizer, 1, args.prompt)
+        name = model.config.name_or_path or args.model or "embedded"
+    device = model.device
+    rows = [
+        dict(cache=cache, wrapped=wrapped, rounds_ms=[])
+        for cache in CACHES
+        for wrapped in (True, False)
+    ]
+    for _ in range(args.rounds):
+        for row in rows:
+            row["rounds_ms"].append(time_steps(model, prompt, row["cache"], row["wrapped"], args))
+    for row in rows:
+        row["ms_per_step"] = statistics.median(row["rounds_ms"])
+        context = "whole decode in decode_backends" if row["wrapped"] else "no outer context"
+        rounds = ", ".join(f"{ms:.2f}" for ms in row["rounds_ms"])
+        print(f"{row['cache']:>9}, {context:<31}: {row['ms_per_step']:7.2f} ms/step ({rounds})")
+    record = {
+        "question": "eager decode step at batch 1: full cache vs pyramidkv, with and without the decode "
+        "wrapped in decode_backends",
+        "date": date.today().isoformat(),
+        "command": shlex.join(["python", "benchmarks/eager_step_time.py", *(argv or sys.argv[1:])]),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": name,
+        "prompt": args.prompt,
+        "budget": args.budget,
+        "steps": args.steps,
+        "rows": rows,
+    }
+    default = tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results"
+    out = Path(args.out or default) / f"eager_step_time{'_smoke' if args.smoke else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
