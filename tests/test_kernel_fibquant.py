@@ -214,6 +214,30 @@ def test_the_epilogue_merges_every_split(splits):
     assert (out.double() - want).abs().max() < 1e-4
 
 
+def test_rows_no_split_saw_take_the_window_alone_however_low_its_scores():
+    """The splits are weighed against their own maximum and rescaled once to the common one; a row no split
+    saw (every maximum -inf) must get weight 0 from them, not exp2(0 - max) = inf times 0 when the window's
+    scores are far below zero (here -230 in base 2)."""
+    from pyramidkv.kernels.epilogue import decode_epilogue
+
+    torch.manual_seed(11)
+    acc, row_max, row_sum = make_workspace(1, 2, 3, 4, 16, DEVICE)
+    acc.copy_(torch.randn_like(acc))
+    row_max.copy_(torch.randn_like(row_max))
+    row_max[0, 0] = float("-inf")  # KV head 0: no split saw any of its rows
+    row_sum.copy_(torch.rand_like(row_sum) + 0.5)
+    query = torch.ones(1, 6, 1, 16, device=DEVICE)
+    # q . k = -640: -231 in base 2 at scale 0.25
+    win_k = torch.full((1, 2, 5, 16), -40.0, device=DEVICE)
+    win_v = torch.randn(1, 2, 5, 16, device=DEVICE)
+    rotation = torch.eye(16, device=DEVICE)
+    out = decode_epilogue((acc, row_max, row_sum), rotation, query, win_k, win_v, 0.25)
+    assert torch.isfinite(out).all()
+    # equal scores: the mean of the window's values, for the three query heads of KV head 0
+    want = win_v[0, 0].mean(0).expand(3, 16)
+    assert (out[0, 0, :3] - want).abs().max() < 1e-5
+
+
 def test_unsupported_codecs_and_arguments_raise():
     ck, cv, codes_k, codes_v, _, _ = make_block(16, 4, 4, batch=1, slots=4)
     query = torch.randn(1, 6, 1, 16, device=DEVICE)

@@ -107,18 +107,27 @@ if triton is not None:
             top_all == float("-inf"), 0.0, top_all
         )  # rows nothing saw: every weight is 0
         w_window = tl.exp2(m_w - safe)
-        total = l_w * w_window
+        # Each split weighed against the splits' own maximum, whose tensors have the loads' layout: against
+        # ``safe`` (the window's dot layout) every split's partial went through shared memory with two
+        # barriers (offline SASS); one rescale by exp2(top - safe) after the loops. Rows no split saw: 0.
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        # top <= safe where a split saw the row; the minimum keeps exp2 finite where none did
+        shift = tl.where(top == float("-inf"), 0.0, tl.exp2(tl.minimum(top_safe - safe, 0.0)))
+        total_splits = tl.zeros([ROWS_BLOCK], tl.float32)
         for s in range(n_split):
             row = (pid * n_split + s) * ROWS + r_off
-            weight = tl.exp2(tl.load(max_ptr + row, mask=r_mask, other=float("-inf")) - safe)
-            total += weight * tl.load(sum_ptr + row, mask=r_mask, other=0.0)
+            weight = tl.exp2(tl.load(max_ptr + row, mask=r_mask, other=float("-inf")) - top_safe)
+            total_splits += weight * tl.load(sum_ptr + row, mask=r_mask, other=0.0)
+        total = l_w * w_window + total_splits * shift
         out = acc_w * w_window[:, None]
         c_off = tl.arange(0, DC)
         for c in range(0, D, DC):
             part = tl.zeros([ROWS_BLOCK, DC], tl.float32)
             for s in range(n_split):
                 row = (pid * n_split + s) * ROWS + r_off
-                weight = tl.exp2(tl.load(max_ptr + row, mask=r_mask, other=float("-inf")) - safe)
+                weight = tl.exp2(
+                    tl.load(max_ptr + row, mask=r_mask, other=float("-inf")) - top_safe
+                )
                 block = tl.load(
                     acc_ptr + row[:, None] * D + (c + c_off)[None, :],
                     mask=r_mask[:, None],
@@ -126,7 +135,7 @@ if triton is not None:
                 )
                 part += weight[:, None] * block
             rot = tl.load(rot_ptr + (c + c_off)[:, None] * rot_s0 + d_off[None, :] * rot_s1)
-            out += tl.dot(part, rot, input_precision="tf32x3")
+            out += tl.dot(part * shift[:, None], rot, input_precision="tf32x3")
 
         # 4. normalise; (batch, q_len, q_heads, d) in the output's dtype
         seen = total > 0
