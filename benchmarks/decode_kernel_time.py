@@ -94,22 +94,27 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['all_kernels_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms", flush=True)  # fmt: skip
             del codes
             torch.cuda.empty_cache()
+    return write_record(
+        "device time per kernel of one decode-attention call (no host time), vs SDPA",
+        "decode_kernel_time.py", argv, rows, args.out,
+    )  # fmt: skip
+
+
+def write_record(question: str, script: str, argv: list[str] | None, rows: list, out: str) -> dict:
+    """The profiler benchmarks' JSON record (question, date, GPU, torch, the command that made it, rows),
+    written to ``out``."""
     record = {
-        "question": "device time per kernel of one decode-attention call (no host time), vs SDPA",
+        "question": question,
         "date": datetime.date.today().isoformat(),
         "machine": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "command": shlex.join(
-            [
-                "python",
-                "benchmarks/decode_kernel_time.py",
-                *(sys.argv[1:] if argv is None else argv),
-            ]
+            ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
         ),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -66,11 +66,19 @@ ENCODE_CASES = {
     for name, k, n in _codecs(d)
     for x in FLOAT_BYTES
 }
-EPILOGUE_CASES = {  # masked: a static cache's ring as the window (one new token)
-    f"d{d}-group{group}-q{q_len}-{ft}{'-masked' * masked}": (d, group, q_len, ft, masked)
+EPILOGUE_CASES = {  # masked: a static cache's ring as the window (one new token); row dots: many splits
+    f"d{d}-group{group}-q{q_len}-{ft}{'-masked' * masked}{'-rowdots' * dots}": (
+        d,
+        group,
+        q_len,
+        ft,
+        masked,
+        dots,
+    )
     for d, group in SHAPES
     for q_len, masked in ((1, False), (2, False), (1, True))
     for ft in FLOAT_BYTES
+    for dots in (False, True)
 }
 
 
@@ -114,7 +122,7 @@ def _commit_args(nbk: int, nbv: int, d: int, float_type: str) -> dict[str, objec
 
 
 def _epilogue_args(
-    d: int, group: int, q_len: int, float_type: str, masked: bool
+    d: int, group: int, q_len: int, float_type: str, masked: bool, row_dots: bool
 ) -> dict[str, object]:
     """As ``decode_epilogue`` launches it: float32 partials and rotation, query, window and output in the
     model's float type, the window's mask bytes, the softmax scale a float, every other argument (sizes,
@@ -132,6 +140,8 @@ def _epilogue_args(
         "D": d,
         "DC": min(epilogue.COLUMN_BLOCK, d),
         "WB": epilogue.WINDOW_BLOCK,
+        "SB": epilogue.SPLIT_BLOCK if row_dots else 1,
+        "ROW_DOTS": row_dots,
     }
     names = epilogue._epilogue_kernel.arg_names
     assert set(named) <= set(names), (
@@ -223,10 +233,32 @@ def test_commit_variant_compiles(ttir, key):
 @pytest.mark.parametrize("key", EPILOGUE_CASES)
 def test_epilogue_variant_compiles(ttir, key):
     text = _compiled(ttir, f"epilogue-{key}")
-    # window scores, window values, rotation back: all three float32-accurate on the tensor cores (three
-    # TF32 products each), not fp32 FFMA: 12.5 -> 8.9 us per call at batch 1 on the H200 (NOTES.md)
-    assert _dot_operands(text) == [("f32", "f32")] * 3
-    assert _dot_precisions(text) == ["tf32x3"] * 3
+    d, group, q_len, _, _, row_dots = EPILOGUE_CASES[key]
+    rows = group * q_len
+    # window scores, window values, rotation back (and, merging many splits, one dot per row): all
+    # float32-accurate on the tensor cores (three TF32 products each), not fp32 FFMA: 12.5 -> 8.9 us per call
+    # at batch 1 on the H200 (NOTES.md)
+    dots = 3 + rows * row_dots
+    assert _dot_operands(text) == [("f32", "f32")] * dots
+    assert _dot_precisions(text) == ["tf32x3"] * dots
+    # many splits load SPLIT_BLOCK at a time (maxima, sums, each row's output columns): 34.0 -> 17.5 us for
+    # 64 splits at batch 1 (d = 64, NOTES.md); a few load one per loop trip
+    sb, dc, rb = epilogue.SPLIT_BLOCK, min(epilogue.COLUMN_BLOCK, d), max(16, rows)
+    loads = re.findall(
+        r"%(m|weight|total_splits|block|rot)_\d+ = tt\.load .*?: tensor<([0-9x]+)x!tt", text
+    )
+    if row_dots:  # maxima (for the top, then the weights), sums; each row's columns; the rotation
+        want = [("m", f"{sb}x{rb}"), ("weight", f"{sb}x{rb}"), ("total_splits", f"{sb}x{rb}")]
+        want += [("block", f"{sb}x{dc}")] * rows + [("rot", f"{dc}x{d}")]
+    else:  # the maxima of one split per trip (for the top), then per split: maxima, sums; maxima, columns
+        want = [
+            ("m", f"1x{rb}"),
+            ("weight", f"{rb}"),
+            ("total_splits", f"{rb}"),
+            ("weight", f"{rb}"),
+        ]
+        want += [("block", f"{rb}x{dc}"), ("rot", f"{dc}x{d}")]
+    assert sorted(loads) == sorted(want)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])

@@ -214,14 +214,17 @@ def test_the_epilogue_merges_every_split(splits):
     assert (out.double() - want).abs().max() < 1e-4
 
 
-def test_rows_no_split_saw_take_the_window_alone_however_low_its_scores():
+@pytest.mark.parametrize(
+    "splits", [4, 12]
+)  # one split per loop trip; tiles of splits and a dot per row
+def test_rows_no_split_saw_take_the_window_alone_however_low_its_scores(splits):
     """The splits are weighed against their own maximum and rescaled once to the common one; a row no split
     saw (every maximum -inf) must get weight 0 from them, not exp2(0 - max) = inf times 0 when the window's
     scores are far below zero (here -230 in base 2)."""
     from pyramidkv.kernels.epilogue import decode_epilogue
 
     torch.manual_seed(11)
-    acc, row_max, row_sum = make_workspace(1, 2, 3, 4, 16, DEVICE)
+    acc, row_max, row_sum = make_workspace(1, 2, 3, splits, 16, DEVICE)
     acc.copy_(torch.randn_like(acc))
     row_max.copy_(torch.randn_like(row_max))
     row_max[0, 0] = float("-inf")  # KV head 0: no split saw any of its rows

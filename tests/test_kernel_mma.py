@@ -77,17 +77,19 @@ def test_the_variant_keeps_the_most_blocks_per_sm(monkeypatch, per_sm, dim, k, n
     assert (kernel.stages, kernel.row_bytes, kernel.blocks_per_sm(device)) == want
 
 
-# (batch, kv heads, tokens, head dim) -> the splits that bracketed the least kernel + epilogue device time on
-# the H200 at batch 1, 2 bits (us, split: 9/3 x 64 at 8k 4: 24.4, 8: 23.8; 32k 8: 32.8, 16: 31.8; 128k 16: 48.9,
-# 32: 46.2; 32/8 x 128 at 8k 4: 37.0, 8: 40.4; 32k 8: 51.7, 16: 58.7; 128k 16: 85.4, 32: 110.4; the one-wave
-# split, 33-88, took 53-117 us); and the headline, batch 8, where one wave allows only 4
+# (batch, kv heads, tokens, head dim) -> the splits within 5% of the least kernel + epilogue device time (all
+# kernels of the layer path) on the H200 at batch 1, 2 bits (benchmarks/results/decode_split_time.json, us by
+# split: 9/3 x 64 at 8k 12: 20.8, 16: 20.1, 24: 22.1; 32k 16: 24.8, 24: 25.3, 32: 24.2, 40: 26.6; 128k
+# 24: 37.0, 32: 33.4, 40: 33.6, 44: 32.9, 48: 35.8 (past one block per SM); 32/8 x 128 at 8k 12: 29.9,
+# 16: 29.2, 24: 35.9; 32k 12: 37.5, 16: 35.1; 128k 16: 60.3, 24: 69.9; the one-wave split, 33-88, took
+# 33-66 us); and the headline, batch 8, where one wave allows only 4
 SPLIT_CASES = [
-    ((1, 3, 8192, 64), (4, 8)),
-    ((1, 3, 32768, 64), (8, 16)),
-    ((1, 3, 131072, 64), (16, 32)),
-    ((1, 8, 8192, 128), (4, 8)),
-    ((1, 8, 32768, 128), (8, 16)),
-    ((1, 8, 131072, 128), (16, 32)),
+    ((1, 3, 8192, 64), (12, 16)),
+    ((1, 3, 32768, 64), (16, 32)),
+    ((1, 3, 131072, 64), (32, 44)),
+    ((1, 8, 8192, 128), (12, 16)),
+    ((1, 8, 32768, 128), (16, 16)),
+    ((1, 8, 131072, 128), (16, 16)),
     ((8, 8, 131072, 128), (4, 4)),
 ]
 
@@ -105,6 +107,33 @@ def test_the_default_split_is_where_kernel_and_epilogue_measured_least(monkeypat
     kernel = mma_decode.variant(book, book, 4, 8, None, torch.device("cuda", 97))
     split = mma_decode.mma_split((batch, kv_heads, tokens), torch.device("cuda", 97), kernel)
     assert band[0] <= split <= band[1]
+
+
+# (batch, kv heads, tokens, head dim) -> warps per block of the default, and the device times behind it (H200,
+# 2 bits, kernel ms, 8 warps against the pick): the headline keeps 8 (256 of 264 slots); 9/3 x 64 at batch 32
+# (96 rows) 0.280 -> 0.251 with 4 (480 of 528 slots against 192 of 264), batch 48 0.543 -> 0.405; 9/3 x 64 at
+# batch 16 (48 rows) fills 240 of 264 with 8 warps and 528 of 528 with 4, 0.120 against 0.121 ms
+FILL_CASES = [
+    ((8, 8, 131072, 128), 8),
+    ((32, 3, 131072, 64), 4),
+    ((48, 3, 131072, 64), 4),
+    ((1, 8, 131072, 128), 8),
+    ((128, 3, 8192, 64), 8),
+]
+
+
+@pytest.mark.parametrize(("case", "warps"), FILL_CASES)
+def test_the_default_block_fills_the_most_slots(monkeypatch, case, warps):
+    """Without ``mma_warps`` the launch takes 8 or 4 warps per block, whichever leaves fewer of the SMs' block
+    slots empty in its last wave (faked H200); the split is that variant's own."""
+    props = types.SimpleNamespace(
+        shared_memory_per_multiprocessor=228 * 1024, multi_processor_count=132
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    batch, kv_heads, tokens, dim = case
+    device, book = torch.device("cuda", 96), codec(dim, 4)
+    kernel = mma_decode.filling_variant((batch, kv_heads, tokens), book, book, 3, None, device)
+    assert kernel.warps == warps
 
 
 def test_rows_pick_the_layout_that_holds_them(monkeypatch):

@@ -51,8 +51,9 @@ class DecodeTuning:
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
     and keeps 10 mantissa bits, as TF32 does); mma: read 8-bit FibQuant codes (2 and 4 bits per
     coordinate) with the CUDA kernel of :mod:`.mma_decode` instead, where it runs (sm_80 or later, NVRTC
-    found, float16 codebook), with ``mma_warps`` warps per block and a ring of ``mma_stages`` tiles per warp
-    (None: :data:`.mma_decode.RING`).
+    found, float16 codebook), with ``mma_warps`` warps per block (None: 8 or 4, whichever fills more of the
+    SMs' block slots, :func:`.mma_decode.filling_variant`) and a ring of ``mma_stages`` tiles per warp (None:
+    :data:`.mma_decode.RING`).
     """
 
     block: int = 64
@@ -63,7 +64,7 @@ class DecodeTuning:
     row_gather: bool = False
     codebook_dtype: torch.dtype = torch.float16
     mma: bool = True
-    mma_warps: int = 8
+    mma_warps: int | None = None
     mma_stages: int | None = None
 
     def gather_mode(self, *books: torch.Tensor) -> int:
@@ -438,7 +439,14 @@ def plan_block(
         and mma_decode.usable(codec_k, codec_v, codec_k.d, rows, device)
     ):
         return None, split_count(shape, tuning, device, split)
-    kernel = mma_decode.variant(codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device)
+    if tuning.mma_warps is None:
+        kernel = mma_decode.filling_variant(
+            shape, codec_k, codec_v, rows, tuning.mma_stages, device
+        )
+    else:
+        kernel = mma_decode.variant(
+            codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device
+        )
     if split is None:
         return kernel, mma_decode.mma_split(shape, device, kernel)
     return kernel, split_count(shape, tuning, device, split)

@@ -27,6 +27,8 @@ MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
 # the kernel's row layouts by the most rows they hold: 4 (values pair two coordinates per register), 8, 16
 ROW_CAPS = (4, 8, MAX_ROWS)
 WARPS = (1, 2, 4, 8, 16)  # warps per block the launch bounds allow
+# warps per block the default chooses from (:func:`filling_variant`), preferred first
+FILL_WARPS = (8, 4)
 # tiles in a warp's ring: one being read, at least one in flight
 STAGES = range(2, 9)
 # the default ring: 2, 3 and 4 slots measured the same at 2 and 3 bits, 3 would cost a block per SM at 4 bits
@@ -35,8 +37,8 @@ RING = 2
 # bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
 ROW_SIZES = (256, 128)
 BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
-# tokens per head-dim coordinate a block reads while the epilogue merges one split (:func:`merge_split_cap`)
-MERGE_TOKENS_PER_DIM = 3.6
+# tokens per head-dim coordinate a block reads while the epilogue merges one tile of splits (:func:`merge_split_cap`)
+MERGE_TOKENS_PER_DIM = 14
 # The ring slots' swizzle per (head dim, k, N, row cap): the slot row of tile tokens 0..7 (8..15 follow 8 rows on)
 # and the XOR applied to the index of a row's CHUNK-byte copy chunk, per token. Found by an offline search over row
 # permutations and chunk XORs linear in the token's bits, for the fewest shared-memory wavefronts of a warp's index
@@ -57,11 +59,11 @@ RING_SWIZZLE: dict[tuple[int, int, int, int], tuple[tuple[int, ...], tuple[int, 
 
 
 def check_launch(
-    warps: int, stages: int | None, names: tuple[str, str] = ("warps", "stages")
+    warps: int | None, stages: int | None, names: tuple[str, str] = ("warps", "stages")
 ) -> None:
     """Raise naming ``names`` unless ``warps`` and ``stages`` (None: chosen per launch) are a launch the
     kernel takes."""
-    if warps not in WARPS:
+    if warps is not None and warps not in WARPS:
         raise ValueError(f"{names[0]} must be one of {', '.join(map(str, WARPS))}, got {warps}")
     if stages is not None and stages not in STAGES:
         raise ValueError(f"{names[1]} must be in {STAGES[0]}..{STAGES[-1]}, got {stages}")
@@ -190,6 +192,31 @@ def variant(
     return _variant(key, stages, device)
 
 
+def filling_variant(
+    shape: tuple[int, int, int],
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    rows: int,
+    stages: int | None,
+    device: torch.device,
+) -> MmaVariant:
+    """The :func:`variant` of ``FILL_WARPS`` warps per block whose default split (:func:`mma_split`) of codes of
+    ``shape`` (batch, kv_heads, s) fills the largest share of the SMs' block slots in its last wave; the first of
+    ``FILL_WARPS`` on a tie. Blocks of 8 warps leave slots empty where the (sequence, KV head) rows do not divide
+    them: 9/3 x 64 at batch 32 (96 rows) runs 192 blocks on 264 slots (73%); 4-warp blocks run 384 on 396 or 512
+    on 528, and took 0.251 against 0.281 ms at 128k tokens (H200, 2 bits, NOTES.md)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    best, best_fill = None, -1.0
+    for warps in FILL_WARPS:
+        kernel = variant(codec_k, codec_v, rows, warps, stages, device)
+        units = sms * kernel.blocks_per_sm(device)
+        blocks = mma_split(shape, device, kernel) * shape[0] * shape[1]
+        fill = blocks / (math.ceil(blocks / units) * units) if units else 0.0
+        if fill > best_fill:
+            best, best_fill = kernel, fill
+    return best
+
+
 @functools.cache
 def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant:
     """:func:`variant` for the constants ``key`` (dim, k, rows, warps, shared_book, n), once per process."""
@@ -231,30 +258,43 @@ def mma_split(shape: tuple[int, int, int], device: torch.device, kernel: MmaVari
     one tile per warp in each block. Where :func:`merge_split_cap` is less (small batches: past it the
     epilogue's merge of the splits costs more than the kernel saves), that, and no more blocks than SMs: at
     32/8 x 128, batch 1, 128k, 17 splits (136 blocks, four SMs running two) took 57.5 us of kernel time
-    against 40.1 at 16."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    units = sms * kernel.blocks_per_sm(device)
-    heads = shape[0] * shape[1]
-    split = max(1, min(math.ceil(shape[2] / (TILE * kernel.warps)), units // heads))
+    against 40.1 at 16, and 24 splits 44.5 against 39.7 (``benchmarks/decode_split_time.py``)."""
+    split = one_wave_split(shape, device, kernel)
     cap = merge_split_cap(shape[2], kernel.dim)
     if cap < split:
-        return max(1, min(cap, sms // heads))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(cap, sms // (shape[0] * shape[1])))
     return split
+
+
+def one_wave_split(shape: tuple[int, int, int], device: torch.device, kernel: MmaVariant) -> int:
+    """The most sequence ranges of codes of ``shape`` (batch, kv_heads, s) whose blocks ``kernel`` runs in one
+    wave on ``device``, with at least one tile per warp in each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    units = sms * kernel.blocks_per_sm(device)
+    return max(1, min(math.ceil(shape[2] / (TILE * kernel.warps)), units // (shape[0] * shape[1])))
 
 
 def merge_split_cap(tokens: int, dim: int) -> int:
     """The split of ``tokens`` codes per (sequence, KV head) that minimises the decode kernel plus the epilogue
     where the kernel's blocks all run at once (small batches).
 
-    A block reads a (sequence, KV head)'s tokens at ~TOKEN_NS each, so the kernel takes ~TOKEN_NS tokens /
-    split; the epilogue (:mod:`.epilogue`) merges the splits one after another at ~MERGE_NS per split. The
-    sum is least at split sqrt(tokens TOKEN_NS / MERGE_NS). Measured on the H200 at batch 1, 2 bits (kernel +
-    epilogue device time): TOKEN_NS ~2.8 ns at d = 64 and 3.7 at d = 128, MERGE_NS ~0.6 and 1.8 us, i.e.
-    MERGE_NS / TOKEN_NS ~3.6 d tokens (``MERGE_TOKENS_PER_DIM``). With the one-wave split (33-88 there)
-    kernel + epilogue took 1.4-2.2x as long: 54.2 against 24.9 us for 9/3 x 64 at 8k tokens, 69.3 against
-    47.9 us for 32/8 x 128 at 32k (NOTES.md).
+    The epilogue (:mod:`.epilogue`) merges the splits ``SPLIT_BLOCK`` (16) at a time, at about the same cost
+    for 2 splits as for 16 (H200, batch 1: ~6.7 us per call at d = 64, ~11 us at d = 128) and ~2.4 / ~5 us for
+    each further tile. A block reads its tokens at ~TOKEN_NS each, so the kernel takes ~TOKEN_NS tokens /
+    split: a k-th tile pays while the kernel time it saves, tokens TOKEN_NS (1 / (16 (k - 1)) - 1 / (16 k)),
+    is more than a tile's merge, i.e. while (k - 1) k < tokens / (16 M d), where M d tokens take a block as
+    long as a tile's merge (``MERGE_TOKENS_PER_DIM``). M = 14 fits the sweep of
+    ``benchmarks/decode_split_time.py`` (9/3 x 64 at batch 1: least at 16, 32, 32 splits for 8k, 32k, 128k
+    tokens: 20.1, 24.4, 33.4 us of all kernels; it is ~10 by the per-token and per-tile costs alone, but the
+    kernel's time per block does not fall as 1 / split: each block also fills its 64 KiB codebook table).
     """
-    return max(1, math.ceil(math.sqrt(tokens / (MERGE_TOKENS_PER_DIM * dim))))
+    from .epilogue import SPLIT_BLOCK
+
+    tiles = 1
+    while tiles * (tiles + 1) < tokens / (SPLIT_BLOCK * MERGE_TOKENS_PER_DIM * dim):
+        tiles += 1
+    return SPLIT_BLOCK * tiles
 
 
 def _aligned(codes: VectorCodes) -> VectorCodes:
