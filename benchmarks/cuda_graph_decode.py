@@ -3,6 +3,7 @@ eager through the dynamic caches, eager through a static-shape cache, and one ca
 
     PYTHONPATH=src python benchmarks/cuda_graph_decode.py      # GPU: 8k prompts, batch 1,8,32,128, full and pyramidkv 10%
     PYTHONPATH=src python benchmarks/cuda_graph_decode.py --configs fibquant,pyramidkv+fibquant --label codes
+    PYTHONPATH=src python benchmarks/cuda_graph_decode.py --random --batches 1  # GPU: SmolLM2's shape, random weights
     python benchmarks/cuda_graph_decode.py --smoke             # CPU: tiny random llama, no graph, no timing claims
 
 On the H200 a decode step of the embedded model took ~18 ms with the full cache and 26-30 ms with PyramidKV
@@ -254,6 +255,18 @@ def tiny_model():
     return model
 
 
+def smollm2_shaped():
+    """SmolLM2-135M-Instruct's architecture with random weights, bf16 on the GPU: a decode step's launches and
+    their times do not depend on the weights, so GPU timings need no model file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(torch.bfloat16).to("cuda").eval()
+
+
 def arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -273,6 +286,7 @@ def arguments(argv=None) -> argparse.Namespace:
         "--label", default=None, help="suffix of the JSON file's name: cuda_graph_decode_LABEL.json"
     )
     add("--smoke", action="store_true", help="CPU check: tiny random llama, prompt 128, batch 1,2")
+    add("--random", action="store_true", help="SmolLM2-shaped random weights (GPU), no model file")
     if parser.parse_known_args(argv)[
         0
     ].smoke:  # smoke sizes replace the defaults, not given options
@@ -281,6 +295,8 @@ def arguments(argv=None) -> argparse.Namespace:
     for name in ("prompt", "steps", "prefill_rows", "warmup", "residual"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; too small")
+    if args.random and not torch.cuda.is_available():
+        parser.error("--random: needs a CUDA device (use --smoke on a CPU)")
     args.batches = parse_batches(parser, args.batches)
     args.configs = args.configs.split(",")
     unknown = sorted(set(args.configs) - set(CONFIGS))
@@ -293,8 +309,9 @@ def arguments(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = arguments(argv)
-    if args.smoke:
-        model, name = tiny_model(), "tiny random llama"
+    if args.smoke or args.random:
+        model = tiny_model() if args.smoke else smollm2_shaped()
+        name = "tiny random llama" if args.smoke else "SmolLM2-135M-shaped, random weights"
         generator = torch.Generator().manual_seed(0)
         rows = min(args.prefill_rows, args.batches[-1])
         prompts = torch.randint(

@@ -29,23 +29,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
-from cuda_graph_decode import tiny_model  # sibling scripts
+from cuda_graph_decode import smollm2_shaped, tiny_model  # sibling scripts
 from generate_throughput import corpus_rows, next_token, sync
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
 
 CACHES = ("full", "pyramidkv")
-
-
-def smollm2_shaped() -> LlamaForCausalLM:
-    """SmolLM2-135M-Instruct's architecture with random weights, bf16 on the GPU."""
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(torch.bfloat16).to("cuda").eval()
 
 
 def time_steps(model, prompt: torch.Tensor, cache_name: str, wrapped: bool, args) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from .conftest import load_benchmark
 
@@ -75,3 +76,13 @@ def test_smoke_run_of_the_caches_with_codes(tmp_path, monkeypatch):
 def test_bad_options(option, value):
     with pytest.raises(SystemExit):
         bench.arguments(["--smoke", option, value])
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_random_weights_need_a_gpu(capsys):
+    """``--random`` builds SmolLM2's shape on the GPU; on a CPU it is refused with the reason, not run."""
+    with pytest.raises(SystemExit):
+        bench.arguments(["--random"])
+    assert "--random: needs a CUDA device" in capsys.readouterr().err
