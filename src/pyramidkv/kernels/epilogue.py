@@ -25,9 +25,9 @@ and step. Here one program per (sequence, KV head):
 4. adds the window's output, divides by the common normaliser, and stores (batch, q_len, q_heads, d) in
    the query's dtype: what transformers' attention functions return.
 
-Its dots (window scores, window values, rotation back, the per-row merges) split each float32 operand into TF32 parts
-and sum three tensor-core products (``tf32x3``): float32-level accuracy without the FFMA loops of exact
-fp32 dots, which made up 818 of its 2,376 SASS instructions (d = 64). On the H200 a call took 8.9 against
+Its dots (window scores, window values, rotation back, the per-row merges) split each float32 operand into
+TF32 parts and sum three tensor-core products (``tf32x3``): float32-level accuracy without the FFMA loops of
+exact fp32 dots, which made up 818 of its 2,376 SASS instructions (d = 64). On the H200 a call took 8.9 against
 12.5 us at batch 1 (d = 64, 7 splits) and 13.6 against 26.2 us at batch 8 (d = 128, 4 splits): NOTES.md.
 """
 
@@ -155,7 +155,7 @@ if triton is not None:
                     rot = tl.load(rot_ptr + (c + c_off)[:, None] * rot_s0 + d_off[None, :] * rot_s1)
                     out += tl.dot(part * shift[:, None], rot, input_precision="tf32x3")
         else:
-            # a few splits: one per loop trip, each output column block summed over all of them, then rotated
+            # one split or none (ROW_DOTS_FROM): the loop, per output column block, then rotated back
             for s in range(n_split):
                 row = (pid * n_split + s) * ROWS + r_off
                 weight = tl.exp2(
