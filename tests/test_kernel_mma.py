@@ -325,3 +325,26 @@ def test_the_layer_path_reads_blocks_with_the_mma_kernel():
     out = fused_attention(query, coded, win_k, win_v, 0.125)
     want = chunked_attention(query, [*chunks, (win_k, win_v, None)], 0.125)
     assert rel_error(out.transpose(1, 2), want) < 1.5e-2  # + the bf16 output rounding
+
+
+def test_the_launcher_refuses_codes_and_queries_it_cannot_read():
+    """``launch_mma_partials`` checks what it is given before anything reaches the GPU: TurboQuant codes
+    (k = 1) name the codec and the (k, N) the kernel reads; a float32 query names the dtype it needs."""
+    from pyramidkv.codecs import TurboQuant
+    from pyramidkv.kernels.fibquant_decode import make_workspace
+
+    fib, turbo = codec(64, 4), TurboQuant(64, bits=2)
+    codes = fib.encode(torch.randn(1, 1, 16, 64))
+    workspace = make_workspace(1, 1, 2, 1, 64, "cpu")
+    kernel = mma_decode.MmaVariant(64, 4, 4)
+    q_rot = torch.zeros(1, 1, 2, 64, dtype=torch.float16)
+    with pytest.raises(
+        ValueError, match=r"cannot read these codes: key codec: reads codebooks with \(k, N\)"
+    ):
+        mma_decode.launch_mma_partials(
+            q_rot, codes, codes, turbo, fib, None, workspace, 0, 1, kernel
+        )
+    with pytest.raises(ValueError, match=r"q_rot must be contiguous float16, got torch\.float32"):
+        mma_decode.launch_mma_partials(
+            q_rot.float(), codes, codes, fib, fib, None, workspace, 0, 1, kernel
+        )
