@@ -255,6 +255,17 @@ def tiny_model():
     return model
 
 
+def result_path(stem: str, args: argparse.Namespace, label: str | None = None) -> Path:
+    """Where a step benchmark writes its JSON: ``--out`` (a folder), else benchmarks/results, or the temp
+    folder for ``--smoke``; ``stem`` with ``_label`` and ``_smoke`` appended. The folder is created."""
+    folder = Path(
+        args.out or (tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results")
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(f"_{part}" for part in (label, "smoke" if args.smoke else None) if part)
+    return folder / f"{stem}{suffix}.json"
+
+
 def smollm2_shaped():
     """SmolLM2-135M-Instruct's architecture with random weights, bf16 on the GPU: a decode step's launches and
     their times do not depend on the weights, so GPU timings need no model file."""
@@ -358,12 +369,7 @@ def main(argv=None) -> dict:
         "graph": "torch.cuda.CUDAGraph per (cache, batch)" if device.type == "cuda" else None,
         "complete": False,
     }
-    out = Path(
-        args.out or (tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results")
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(f"_{part}" for part in (args.label, "smoke" if args.smoke else None) if part)
-    path = out / f"cuda_graph_decode{suffix}.json"
+    path = result_path("cuda_graph_decode", args, args.label)
 
     def save(rows: list[dict]) -> None:
         record["rows"] = rows

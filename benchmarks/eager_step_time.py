@@ -23,15 +23,13 @@ import json
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from cuda_graph_decode import smollm2_shaped, tiny_model  # sibling scripts
+from cuda_graph_decode import result_path, smollm2_shaped, tiny_model  # sibling scripts
 from generate_throughput import corpus_rows, next_token, sync
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
@@ -127,9 +125,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "rows": rows,
     }
-    default = tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results"
-    out = Path(args.out or default) / f"eager_step_time{'_smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("eager_step_time", args)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return record

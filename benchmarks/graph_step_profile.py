@@ -20,13 +20,11 @@ import collections
 import json
 import shlex
 import sys
-import tempfile
 from datetime import date
-from pathlib import Path
 
 import torch
 
-from cuda_graph_decode import CONFIGS, prefill, tiny_model  # sibling script
+from cuda_graph_decode import CONFIGS, prefill, result_path, tiny_model  # sibling script
 from generate_throughput import corpus_rows
 from pyramidkv.graph_decode import WARMUP, capture
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
@@ -144,10 +142,7 @@ def main(argv=None) -> dict:
             print(
                 f"  {kernel['per_step']:6.0f} x {kernel['us_each']:8.2f} us  {kernel['name'][:90]}"
             )
-    default = tempfile.gettempdir() if args.smoke else Path(__file__).parent / "results"
-    folder = Path(args.out or default)
-    out = folder / f"graph_step_profile{'_smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("graph_step_profile", args)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return record
