@@ -132,7 +132,9 @@ def test_the_default_block_fills_the_most_slots(monkeypatch, case, warps):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     batch, kv_heads, tokens, dim = case
     device, book = torch.device("cuda", 96), codec(dim, 4)
-    kernel = mma_decode.filling_variant((batch, kv_heads, tokens), book, book, 3, None, device)
+    kernel, _ = mma_decode.filling_variant(
+        (batch, kv_heads, tokens), book, book, 3, None, None, device
+    )
     assert kernel.warps == warps
 
 

@@ -439,17 +439,10 @@ def plan_block(
         and mma_decode.usable(codec_k, codec_v, codec_k.d, rows, device)
     ):
         return None, split_count(shape, tuning, device, split)
-    if tuning.mma_warps is None:
-        kernel = mma_decode.filling_variant(
-            shape, codec_k, codec_v, rows, tuning.mma_stages, device
-        )
-    else:
-        kernel = mma_decode.variant(
-            codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device
-        )
-    if split is None:
-        return kernel, mma_decode.mma_split(shape, device, kernel)
-    return kernel, split_count(shape, tuning, device, split)
+    kernel, default = mma_decode.filling_variant(
+        shape, codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device
+    )
+    return kernel, default if split is None else split_count(shape, tuning, device, split)
 
 
 def rotate_query(

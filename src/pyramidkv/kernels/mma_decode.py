@@ -197,23 +197,26 @@ def filling_variant(
     codec_k: RotatedBlockCodec,
     codec_v: RotatedBlockCodec,
     rows: int,
+    warps: int | None,
     stages: int | None,
     device: torch.device,
-) -> MmaVariant:
-    """The :func:`variant` of ``FILL_WARPS`` warps per block whose default split (:func:`mma_split`) of codes of
-    ``shape`` (batch, kv_heads, s) fills the largest share of the SMs' block slots in its last wave; the first of
-    ``FILL_WARPS`` on a tie. Blocks of 8 warps leave slots empty where the (sequence, KV head) rows do not divide
-    them: 9/3 x 64 at batch 32 (96 rows) runs 192 blocks on 264 slots (73%); 4-warp blocks run 384 on 396 or 512
-    on 528, and took 0.251 against 0.281 ms at 128k tokens (H200, 2 bits, NOTES.md)."""
+) -> tuple[MmaVariant, int]:
+    """The :func:`variant` that reads codes of ``shape`` (batch, kv_heads, s) and its default split
+    (:func:`mma_split`): with ``warps`` per block, or (None) of ``FILL_WARPS`` warps the one whose split fills
+    the largest share of the SMs' block slots in its last wave, the first on a tie. Blocks of 8 warps leave slots
+    empty where the (sequence, KV head) rows do not divide them: 9/3 x 64 at batch 32 (96 rows) runs 192 blocks
+    on 264 slots (73%); 4-warp blocks run 384 on 396 or 512 on 528, and took 0.251 against 0.281 ms at 128k
+    tokens (H200, 2 bits, NOTES.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best, best_fill = None, -1.0
-    for warps in FILL_WARPS:
-        kernel = variant(codec_k, codec_v, rows, warps, stages, device)
+    for w in FILL_WARPS if warps is None else (warps,):
+        kernel = variant(codec_k, codec_v, rows, w, stages, device)
+        split = mma_split(shape, device, kernel)
         units = sms * kernel.blocks_per_sm(device)
-        blocks = mma_split(shape, device, kernel) * shape[0] * shape[1]
+        blocks = split * shape[0] * shape[1]
         fill = blocks / (math.ceil(blocks / units) * units) if units else 0.0
         if fill > best_fill:
-            best, best_fill = kernel, fill
+            best, best_fill = (kernel, split), fill
     return best
 
 
