@@ -232,8 +232,8 @@ def test_matches_attention_over_decoded_codes(dim, k, n, q_heads, kv_heads, q_le
     lengths = pattern.repeat(2 * kv_heads)[: 2 * kv_heads].reshape(2, kv_heads)
     query = torch.randn(2, q_heads, q_len, dim, device="cuda")
     rows = q_heads // kv_heads * q_len
-    kernel = mma_decode.variant(ck, cv, rows, 8, None, query.device)
-    splits = split or mma_decode.mma_split((2, kv_heads, slots), query.device, kernel)
+    shape = (2, kv_heads, slots)
+    splits = split or mma_decode.filling_variant(shape, ck, cv, rows, None, None, query.device)[1]
     workspace = make_workspace(2, kv_heads, rows, splits, dim, "cuda")
     for part in workspace:
         part.fill_(float("nan"))  # every entry must be written, empty splits included
