@@ -180,7 +180,9 @@ def test_kernel_report_reads_compiled_kernels_from_triton_caches(monkeypatch):
     report = []
     bench.report_new_kernels(report, "case A")
     bench.report_new_kernels(report, "case B")  # nothing new: reported once, under its first case
-    assert [{k: v for k, v in entry.items() if k != "_id"} for entry in report] == [
+    # on a GPU the process may hold kernels other tests compiled: the fake one is reported once, as it is
+    mine = [entry for entry in report if entry["kernel"] == "decode_kernel"]
+    assert [{k: v for k, v in entry.items() if k != "_id"} for entry in mine] == [
         {"kernel": "decode_kernel", "first_used_by": "case A", "n_regs": 40, "n_spills": 0,
          "shared": 8192, "num_warps": 4, "num_stages": 2}
     ]  # fmt: skip
