@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -50,10 +49,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+import machine  # sibling script
 from generate_throughput import (  # sibling script
     corpus_rows,
     next_token,
-    package_version,
     parse_batches,
     sync,
 )
@@ -344,20 +343,13 @@ def main(argv=None) -> dict:
             f"the model's {positions} positions"
         )
     layers, kv_heads, head_dim = kv_geometry(model.config)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     record = {
         "question": "ms per decode step: eager dynamic caches, eager static cache, CUDA-graph replay",
         "date": date.today().isoformat(),
         "command": shlex.join(
             ["python", "benchmarks/cuda_graph_decode.py", *(argv or sys.argv[1:])]
         ),
-        "machine": {
-            "device": str(device),
-            "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            **{p: package_version(p) for p in ("torch", "transformers", "triton")},
-        },
+        "machine": machine.describe(device),
         "model": {
             "name": name,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -379,7 +371,10 @@ def main(argv=None) -> dict:
     record["complete"] = True
     save(rows)
     dtype = record["model"]["dtype"]
-    print_table(rows, f"{gpu or 'CPU'}, {name}, {dtype}, prompt {args.prompt}, {args.steps} steps")
+    print_table(
+        rows,
+        f"{record['machine']['gpu'] or 'CPU'}, {name}, {dtype}, prompt {args.prompt}, {args.steps} steps",
+    )
     print(f"wrote {path}")
     failed = [
         f"{r['config']} batch {r['batch']}: {r.get('graph_error', 'tokens differ from eager static')}"

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import machine  # sibling script
 from gpu_measure import Timer, copy_bandwidth, report_new_kernels
 from pyramidkv.codecs import FibQuant, RotatedBlockCodec, TurboQuant, VectorCodes
 from pyramidkv.codecs.packing import pack_bits, packed_bytes
@@ -375,12 +376,12 @@ def main(argv: list[str] | None = None) -> dict:
         kernel, timer, tune_at, tune_bits, parse_grid(opts["tune"]), tune_all=args.tune_all
     )
     bench.copy_gbps = copy_bandwidth(timer)
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     warning = " -- SMOKE, tiny sizes" + (
         ", Triton interpreter: timings meaningless" * (device.type == "cpu")
     )
     print(
-        f"decode attention on {machine}{warning * args.smoke}; copy {bench.copy_gbps:.0f} GB/s (2 x bytes / time)"
+        f"decode attention on {gpu}{warning * args.smoke}; copy {bench.copy_gbps:.0f} GB/s (2 x bytes / time)"
     )
     print(" | ".join(COLUMNS))
     rows, threads = [], torch.get_num_threads()
@@ -394,13 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows += bench.shape_rows(shape, batch, context, codecs, bits)
     finally:
         torch.set_num_threads(threads)
-    triton = sys.modules.get("triton")
     record = {
         "question": "decode attention on codes vs torch SDPA over bf16: time, bytes read, floor",
         "date": datetime.date.today().isoformat(),
-        "machine": machine,
-        "torch": torch.__version__,
-        "triton": getattr(triton, "__version__", None),
+        "machine": machine.describe(device),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "command": shlex.join(
             ["python", "benchmarks/decode_attention.py", *(sys.argv[1:] if argv is None else argv)]

@@ -19,7 +19,6 @@ import argparse
 import collections
 import contextlib
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
+import machine  # sibling script
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "question": "torch operations and kernel launches per decode step, per cache",
         "date": date.today().isoformat(),
         "command": shlex.join(["python", "benchmarks/decode_host_ops.py", *(argv or sys.argv[1:])]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": machine.describe("cpu"),
         "model": name,
         "layers": model.config.num_hidden_layers,
         "prompt_tokens": tokens,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import machine  # sibling script
 from decode_attention import make_codec, parse_heads, parse_sizes, random_codes
 from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
 
@@ -101,13 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_record(question: str, script: str, argv: list[str] | None, rows: list, out: str) -> dict:
-    """The profiler benchmarks' JSON record (question, date, GPU, torch, the command that made it, rows),
+    """The profiler benchmarks' JSON record (question, date, machine, the command that made it, rows),
     written to ``out``."""
     record = {
         "question": question,
         "date": datetime.date.today().isoformat(),
-        "machine": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        "machine": machine.describe(torch.device("cuda", torch.cuda.current_device())),
         "command": shlex.join(
             ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
         ),

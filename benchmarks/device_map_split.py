@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -36,6 +35,7 @@ from accelerate import dispatch_model
 from rich.console import Console
 from rich.table import Table
 
+import machine  # sibling script
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
 
@@ -206,12 +206,7 @@ def main() -> None:
         "question": "does a model split over devices give the single-device output, at what speed and memory",
         "date": date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]),
-        "machine": {
-            "gpu": torch.cuda.get_device_name(gpu) if gpu else None,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine.describe(fast),
         "model": "tiny random llama (smoke)" if args.smoke else "embedded SmolLM2-135M-Instruct",
         "dtype": args.dtype,
         "prompt_tokens": ids.shape[1],

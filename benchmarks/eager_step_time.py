@@ -29,6 +29,7 @@ from datetime import date
 import torch
 from transformers import DynamicCache
 
+import machine  # sibling script
 from cuda_graph_decode import result_path, smollm2_shaped, tiny_model  # sibling scripts
 from generate_throughput import corpus_rows, next_token, sync
 from pyramidkv.attention import decode_backends
@@ -117,8 +118,7 @@ def main(argv=None) -> dict:
         "wrapped in decode_backends",
         "date": date.today().isoformat(),
         "command": shlex.join(["python", "benchmarks/eager_step_time.py", *(argv or sys.argv[1:])]),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        "machine": machine.describe(device),
         "model": name,
         "prompt": args.prompt,
         "budget": args.budget,

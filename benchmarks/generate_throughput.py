@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+import machine  # sibling script
 from pyramidkv.accounting import cache_nbytes, kv_geometry
 from pyramidkv.attention import decode_backends
 from pyramidkv.budgets import parse_memory
@@ -349,14 +348,6 @@ def arguments(argv=None) -> argparse.Namespace:
     return args
 
 
-def package_version(package: str) -> str | None:
-    """A package's version, or None when it is not installed."""
-    try:
-        return importlib.import_module(package).__version__
-    except ImportError:
-        return None
-
-
 def main(argv=None) -> None:
     args = arguments(argv)
     model, tokenizer = load(args.model, device="cpu" if args.smoke else None)
@@ -373,19 +364,12 @@ def main(argv=None) -> None:
         model, prompts[:, :16], specs("", "")["full"], 1, {**settings, "prefill_rows": 1}
     )
     settings["prefill_rows"] = args.prefill_rows
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     layers, kv_heads, head_dim = kv_geometry(model.config)
     record = {
         "question": "decode tokens/s, ms/step and peak memory per cache and batch; batch at fixed KV memory",
         "date": date.today().isoformat(),
         "command": shlex.join(["python", sys.argv[0], *sys.argv[1:]]),
-        "machine": {
-            "device": str(device),
-            "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            **{p: package_version(p) for p in ("torch", "transformers", "triton")},
-        },
+        "machine": machine.describe(device),
         "model": {
             "name": model.config.name_or_path or args.model or "embedded",
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -409,7 +393,7 @@ def main(argv=None) -> None:
     rows, fixed = sweep(model, prompts, chosen, args.batches, settings, args.kv_memory_bytes, save)
     record["complete"] = True
     save(rows, fixed)
-    title = f"{gpu or 'CPU'}, {record['model']['dtype']}, prompt {args.prompt}, {args.steps} steps"
+    title = f"{record['machine']['gpu'] or 'CPU'}, {record['model']['dtype']}, prompt {args.prompt}, {args.steps} steps"
     print_tables(rows, fixed, {s.key: s.label for s in chosen}, title)
     print(
         f"\nstep floor (16-token prompt, batch 1): {floor.get('ms_per_step', float('nan')):.1f} ms"

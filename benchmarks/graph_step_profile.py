@@ -24,6 +24,7 @@ from datetime import date
 
 import torch
 
+import machine  # sibling script
 from cuda_graph_decode import CONFIGS, prefill, result_path, tiny_model  # sibling script
 from generate_throughput import corpus_rows
 from pyramidkv.graph_decode import WARMUP, capture
@@ -124,8 +125,7 @@ def main(argv=None) -> dict:
         "command": shlex.join(
             ["python", "benchmarks/graph_step_profile.py", *(argv or sys.argv[1:])]
         ),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        "machine": machine.describe(device),
         "model": name,
         "prompt": args.prompt,
         "rows": [],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
+import machine  # sibling script
 from pyramidkv.accounting import cache_nbytes
 from pyramidkv.cache import CompressedCache
 from pyramidkv.compat import cache_kwargs
@@ -85,22 +85,16 @@ def main() -> None:
     for row in rows:
         base = next(r for r in rows if r["length"] == row["length"] and r["policy"] == "full")
         row["overhead_vs_full"] = row["prefill_s_median"] / base["prefill_s_median"] - 1
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     record = {
         "question": "prefill time and cache bytes with and without compression",
         "date": date.today().isoformat(),
-        "machine": {
-            "device": device,
-            "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine.describe(device),
         "dtype": str(next(model.parameters()).dtype),
         "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    gpu = record["machine"]["gpu"]
     path = out / f"prefill_overhead_{'cuda' if gpu else 'cpu'}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     table = Table(title=f"prefill on {gpu or 'CPU'} ({record['dtype']}), budget {args.budget}")

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import date
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
+import machine  # sibling script
 from pyramidkv.eval.corpus import source
 from pyramidkv.eval.perplexity import PerplexityTask, measure, summarize
 from pyramidkv.eval.runner import Config
@@ -123,7 +122,6 @@ def main() -> None:
     wall = time.perf_counter() - start
     rows = summarize(records)
     by_codec = {r["codec"]: r for r in rows}
-    gpu = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None
     record = {
         "question": "perplexity with the past in a quantized cache (issue 6), beside the FibQuant claims",
         "date": date.today().isoformat(),
@@ -131,13 +129,7 @@ def main() -> None:
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
         "model": args.model or "embedded SmolLM2-135M-Instruct",
         "corpus": source(),
-        "machine": {
-            "device": str(model.device),
-            "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine.describe(model.device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "settings": {
             "policy": "full",
@@ -155,6 +147,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    gpu = record["machine"]["gpu"]
     path = out / f"quantized_perplexity_{'cuda' if gpu else 'cpu'}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     title = (

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+import machine  # sibling script
 from pyramidkv.codecs import KIVI, Codec, FibQuant, TurboQuant
 from pyramidkv.codecs.cli_support import TURBOQUANT_BOUND, source_distortion, turboquant_distortion
 from rate_distortion_model import plot_frontier, print_model_tables, run_model
@@ -195,9 +195,7 @@ def main() -> None:
     result["meta"] = {
         "part": args.part,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "machine": machine.describe("cpu"),
         **result.get("meta", {}),
     }
     out = args.out or RESULTS / f"rate_distortion_{args.part}.json"

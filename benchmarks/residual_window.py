@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 from datetime import date
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+import machine  # sibling script
 from pyramidkv.eval import corpus
 from pyramidkv.eval.perplexity import PerplexityTask, kl_divergence, teacher_force
 from pyramidkv.models import load
@@ -73,11 +73,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "command": "python benchmarks/residual_window.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-        "machine": {
-            "device": device,
-            "cpu": platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine.describe(device),
         "corpus": corpus.source(),
         "codec": args.codec,
         "rows": rows,

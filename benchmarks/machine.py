@@ -1,0 +1,36 @@
+"""What a benchmark ran on, in the one form every results JSON records under "machine".
+
+benchmarks/README.md asks each result for its command, machine and date; the scripts had grown five shapes of
+the machine (a GPU name, a dict with or without versions, a string of the platform), so two results could not be
+compared on it without reading the script that wrote each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+PACKAGES = ("torch", "transformers", "triton")
+
+
+def package_version(package: str) -> str | None:
+    """A package's version, or None when it is not installed."""
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return None
+
+
+def describe(device: torch.device | str | None = None) -> dict:
+    """The device a benchmark ran on (None: the CPU), its GPU's name (None on a CPU), the host's CPU and torch's
+    threads, and the versions of torch, transformers and triton (None where one is not installed)."""
+    device = torch.device("cpu" if device is None else device)
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        **{package: package_version(package) for package in PACKAGES},
+    }
