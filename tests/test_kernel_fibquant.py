@@ -241,6 +241,32 @@ def test_rows_no_split_saw_take_the_window_alone_however_low_its_scores(splits):
     assert (out[0, 0, :3] - want).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="Triton's interpreter specializes nothing: GPU only")
+def test_the_epilogue_compiles_once_while_the_window_and_the_splits_grow():
+    """A decode step's window width changes every step and its splits with every flush. Triton specializes an
+    integer argument equal to 1 or divisible by 16, so each of those would compile another epilogue (~0.7 s in
+    the middle of a generation) unless the kernel leaves them unspecialized (epilogue.RUN_LENGTHS)."""
+    from pyramidkv.kernels.epilogue import _epilogue_kernel, decode_epilogue
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for caches in _epilogue_kernel.device_caches.values())
+
+    torch.manual_seed(3)
+    rotation = torch.eye(16, device=DEVICE)
+    query = torch.randn(1, 6, 1, 16, device=DEVICE)
+    counts = []
+    for splits in (2, 16, 17):
+        workspace = make_workspace(1, 2, 3, splits, 16, DEVICE)
+        for part in workspace:
+            part.copy_(torch.rand_like(part) + 0.5)
+        for width in (3, 1, 2, 16, 33):
+            window = torch.randn(1, 2, width, 16, device=DEVICE)
+            out = decode_epilogue(workspace, rotation, query, window, window, 0.25)
+            assert torch.isfinite(out).all()
+            counts.append(compiled())
+    assert counts[1:] == counts[:1] * (len(counts) - 1)
+
+
 def test_unsupported_codecs_and_arguments_raise():
     ck, cv, codes_k, codes_v, _, _ = make_block(16, 4, 4, batch=1, slots=4)
     query = torch.randn(1, 6, 1, 16, device=DEVICE)

@@ -48,10 +48,16 @@ COLUMN_BLOCK = 32  # output columns per rotation tile
 # splits per load of the partials where more than ROW_DOTS_FROM are merged (step 3)
 SPLIT_BLOCK = 16
 ROW_DOTS_FROM = 1
+# Integer arguments that change from one decode step to the next (here the splits, with every flush of the window,
+# and the window's width; the decode and encode kernels' lengths and counts likewise). Triton would compile a kernel
+# for each of their specializations (equal to 1, divisible by 16): ~0.7 s each, in the middle of a generation (an
+# eager dynamic cache compiled the epilogue 6 times in its first 80 steps, H200). As loop bounds and masks their
+# specialization buys nothing.
+RUN_LENGTHS = ("n_split", "width")
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUN_LENGTHS)
     def _epilogue_kernel(
         acc_ptr, max_ptr, sum_ptr, rot_ptr, q_ptr, wk_ptr, wv_ptr, vis_ptr, out_ptr,
         n_split, width, scale2, n_kv_heads,

@@ -92,6 +92,8 @@ class DecodeTuning:
 
 TUNING_FIELDS = tuple(f.name for f in fields(DecodeTuning))
 _WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# lengths that change with every flush of the window: not specialized (see epilogue.RUN_LENGTHS)
+RUN_LENGTHS = ("s_kv", "chunk", "split_offset", "split_total")
 
 
 def _word_dtype(book: torch.Tensor) -> torch.dtype | None:
@@ -166,7 +168,7 @@ if triton is not None:
         """The whole codebook, flat (entries, or packed codewords for GATHER 2), padded to a power of two."""
         return tl.load(cb_ptr + tl.arange(0, NK), mask=tl.arange(0, NK) < NK_REAL)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUN_LENGTHS)
     def _decode_split_kernel(
         q_ptr, kidx_ptr, knorm_ptr, vidx_ptr, vnorm_ptr, kcb_ptr, vcb_ptr, len_ptr,
         acc_ptr, max_ptr, sum_ptr,

@@ -25,10 +25,13 @@ except ImportError:  # a CPU environment without triton; codecs encode in torch 
     triton = None
 
 BLOCK_T = 16  # vectors per program (tl.dot needs >= 16 rows)
+RUN_LENGTHS = (
+    "count",
+)  # vectors per call, prefill or flush: not specialized (see epilogue.RUN_LENGTHS)
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=RUN_LENGTHS)
     def _encode_kernel(
         x_ptr, rot_t_ptr, cb_ptr, cb_sq_ptr, idx_ptr, norm_ptr, count,
         D: tl.constexpr, K: tl.constexpr, N: tl.constexpr, BYTE_INDEX: tl.constexpr,
