@@ -277,6 +277,26 @@ def smollm2_shaped():
     return LlamaForCausalLM(config).to(torch.bfloat16).to("cuda").eval()
 
 
+def step_model(args: argparse.Namespace, rows: int):
+    """The model a step benchmark runs, ``rows`` prompts of ``args.prompt`` tokens for it, the model's name and
+    the prompts' source: the tiny random llama (``--smoke``) or SmolLM2's shape with random weights (``--random``,
+    where a script has it) on random token ids, else ``--model`` (default: the embedded model) on prose."""
+    if args.smoke or getattr(args, "random", False):
+        model = tiny_model() if args.smoke else smollm2_shaped()
+        name = "tiny random llama" if args.smoke else "SmolLM2-135M-shaped, random weights"
+        generator = torch.Generator().manual_seed(0)
+        prompts = torch.randint(
+            3, model.config.vocab_size, (rows, args.prompt), generator=generator
+        )
+        return model, prompts, name, "random token ids"
+    from pyramidkv.eval.corpus import source
+    from pyramidkv.models import load
+
+    model, tokenizer = load(args.model)
+    name = model.config.name_or_path or args.model or "embedded"
+    return model, corpus_rows(tokenizer, rows, args.prompt), name, source()
+
+
 def arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -319,23 +339,7 @@ def arguments(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = arguments(argv)
-    if args.smoke or args.random:
-        model = tiny_model() if args.smoke else smollm2_shaped()
-        name = "tiny random llama" if args.smoke else "SmolLM2-135M-shaped, random weights"
-        generator = torch.Generator().manual_seed(0)
-        rows = min(args.prefill_rows, args.batches[-1])
-        prompts = torch.randint(
-            3, model.config.vocab_size, (rows, args.prompt), generator=generator
-        )
-        text = "random token ids"
-    else:
-        from pyramidkv.eval.corpus import source
-        from pyramidkv.models import load
-
-        model, tokenizer = load(args.model)
-        name = model.config.name_or_path or args.model or "embedded"
-        prompts = corpus_rows(tokenizer, min(args.prefill_rows, args.batches[-1]), args.prompt)
-        text = source()
+    model, prompts, name, text = step_model(args, min(args.prefill_rows, args.batches[-1]))
     device, positions = model.device, model.config.max_position_embeddings
     if args.prompt + args.warmup + args.steps > positions:
         raise SystemExit(

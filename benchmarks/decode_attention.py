@@ -376,12 +376,12 @@ def main(argv: list[str] | None = None) -> dict:
         kernel, timer, tune_at, tune_bits, parse_grid(opts["tune"]), tune_all=args.tune_all
     )
     bench.copy_gbps = copy_bandwidth(timer)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    described = machine.describe(device)
     warning = " -- SMOKE, tiny sizes" + (
         ", Triton interpreter: timings meaningless" * (device.type == "cpu")
     )
     print(
-        f"decode attention on {gpu}{warning * args.smoke}; copy {bench.copy_gbps:.0f} GB/s (2 x bytes / time)"
+        f"decode attention on {described['gpu'] or 'cpu'}{warning * args.smoke}; copy {bench.copy_gbps:.0f} GB/s (2 x bytes / time)"
     )
     print(" | ".join(COLUMNS))
     rows, threads = [], torch.get_num_threads()
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "question": "decode attention on codes vs torch SDPA over bf16: time, bytes read, floor",
         "date": datetime.date.today().isoformat(),
-        "machine": machine.describe(device),
+        "machine": described,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "command": shlex.join(
             ["python", "benchmarks/decode_attention.py", *(sys.argv[1:] if argv is None else argv)]

@@ -30,8 +30,8 @@ import torch
 from transformers import DynamicCache
 
 import machine  # sibling script
-from cuda_graph_decode import result_path, smollm2_shaped, tiny_model  # sibling scripts
-from generate_throughput import corpus_rows, next_token, sync
+from cuda_graph_decode import result_path, step_model  # sibling scripts
+from generate_throughput import next_token, sync
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
 
@@ -89,16 +89,7 @@ def arguments(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = arguments(argv)
-    if args.smoke or args.random:
-        model = tiny_model() if args.smoke else smollm2_shaped()
-        prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt))
-        name = "tiny random llama" if args.smoke else "SmolLM2-135M-shaped, random weights"
-    else:
-        from pyramidkv.models import load
-
-        model, tokenizer = load(args.model)
-        prompt = corpus_rows(tokenizer, 1, args.prompt)
-        name = model.config.name_or_path or args.model or "embedded"
+    model, prompt, name, _ = step_model(args, 1)
     device = model.device
     rows = [
         dict(cache=cache, wrapped=wrapped, rounds_ms=[])

@@ -25,8 +25,7 @@ from datetime import date
 import torch
 
 import machine  # sibling script
-from cuda_graph_decode import CONFIGS, prefill, result_path, tiny_model  # sibling script
-from generate_throughput import corpus_rows
+from cuda_graph_decode import CONFIGS, prefill, result_path, step_model  # sibling script
 from pyramidkv.graph_decode import WARMUP, capture
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
 
@@ -108,16 +107,7 @@ def arguments(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = arguments(argv)
-    if args.smoke:
-        model = tiny_model()
-        prompts = torch.randint(3, model.config.vocab_size, (1, args.prompt))
-        name = "tiny random llama"
-    else:
-        from pyramidkv.models import load
-
-        model, tokenizer = load(args.model)
-        prompts = corpus_rows(tokenizer, 1, args.prompt)
-        name = model.config.name_or_path or args.model or "embedded"
+    model, prompts, name, _ = step_model(args, 1)
     device = model.device
     record = {
         "question": "kernels per decode step (CUDA-graph replay) and their device time, per cache",
