@@ -16,10 +16,12 @@ bench = load_benchmark("decode_kernel_time")
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
 )
-def test_refuses_without_a_gpu(tmp_path):
+@pytest.mark.parametrize("script", ["decode_kernel_time", "decode_split_time"])
+def test_refuses_without_a_gpu(tmp_path, script):
+    """Both profiler benchmarks refuse without CUDA, and write nothing."""
     out = tmp_path / "times.json"
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        bench.main(["--out", str(out)])
+        load_benchmark(script).main(["--out", str(out)])
     assert not out.exists()
 
 
