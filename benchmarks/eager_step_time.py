@@ -1,14 +1,16 @@
-"""What does an eager PyramidKV decode step cost over the full cache's, and what does the SDPA backend context
-cost? ms per greedy step at batch 1, full cache against PyramidKV, each with the whole decode inside
-:func:`~pyramidkv.attention.decode_backends` (as the other benchmarks decode) and without it (as a plain
-``model.generate`` does, where PyramidKV's attention enters the context in every layer).
+"""What does an eager decode step over a compressed cache cost over the full cache's, and what does the SDPA
+backend context cost? ms per greedy step at batch 1, the full cache against PyramidKV (and, with ``--caches``,
+FibQuant codes read by the fused kernels: ``fibquant``, ``pyramidkv+fibquant``), each with the whole decode
+inside :func:`~pyramidkv.attention.decode_backends` (as the other benchmarks decode) and without it (as a plain
+``model.generate`` does, where PyramidKV's attention enters the context in every layer); ``--contexts``
+picks either.
 
     PYTHONPATH=src python benchmarks/eager_step_time.py --random   # GPU: SmolLM2-shaped random weights
     PYTHONPATH=src python benchmarks/eager_step_time.py            # GPU: the embedded model
     python benchmarks/eager_step_time.py --smoke                   # CPU: tiny random llama, no timing claims
 
 At batch 1 an eager step of the embedded model is host work: ~1,250 kernels whose launches take longer than
-they run, and the host's speed drifted by up to 2x between runs on the H200's machine. So the four rows are
+they run, and the host's speed drifted by up to 2x between runs on the H200's machine. So the rows are
 timed in ``--rounds`` alternating rounds (each a prefill, ``--warmup`` and ``--steps`` timed steps) and the
 median round is reported with every round. ``--random`` builds SmolLM2-135M's shape (30 layers, GQA 9/3 x 64)
 with random weights, which times the same launches with no model file: a step's time does not depend on the
@@ -27,24 +29,20 @@ import time
 from datetime import date
 
 import torch
-from transformers import DynamicCache
 
 import machine  # sibling script
-from cuda_graph_decode import result_path, step_model  # sibling scripts
+from cuda_graph_decode import CONFIGS, build_source, result_path, step_model  # sibling scripts
 from generate_throughput import next_token, sync
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
 
-CACHES = ("full", "pyramidkv")
+CONTEXTS = {"wrapped": True, "plain": False}
 
 
 def time_steps(model, prompt: torch.Tensor, cache_name: str, wrapped: bool, args) -> float:
     """ms per step of ``args.steps`` greedy steps after a prefill and ``args.warmup`` steps."""
     device = model.device
-    if cache_name == "full":
-        cache = DynamicCache(config=model.config)
-    else:
-        cache = CompressedCache(model, "pyramidkv", args.budget)
+    cache = build_source(model, cache_name, args.budget, args.residual)
     try:
         with torch.inference_mode():
             token = next_token(model, cache, prompt.to(device), logits_to_keep=1)
@@ -68,10 +66,17 @@ def arguments(argv=None) -> argparse.Namespace:
     add("--model", default=None, help="default: $PYRAMIDKV_MODEL, else the embedded model")
     add("--random", action="store_true", help="SmolLM2-shaped random weights (GPU), no model file")
     add("--prompt", type=int, default=8000, help="prompt tokens")
+    add("--caches", default="full,pyramidkv", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    add(
+        "--contexts",
+        default="wrapped,plain",
+        help="decode inside decode_backends (wrapped), or not",
+    )
     add("--budget", default="10%", help="pyramidkv's average budget per layer")
+    add("--residual", type=int, default=64, help="fp16 recent window of the caches with codes")
     add("--steps", type=int, default=30, help="timed decode steps per round")
     add("--warmup", type=int, default=5, help="untimed decode steps before them")
-    add("--rounds", type=int, default=4, help="alternating rounds over the four rows")
+    add("--rounds", type=int, default=4, help="alternating rounds over the rows")
     add("--out", default=None, help="folder; default benchmarks/results (smoke: the temp folder)")
     add("--smoke", action="store_true", help="CPU check: tiny random llama, prompt 64, 2 rounds")
     args = parser.parse_args(argv)
@@ -80,6 +85,13 @@ def arguments(argv=None) -> argparse.Namespace:
             parser.error(f"--{name}: got {getattr(args, name)}; expected at least 1")
     if args.warmup < 0:
         parser.error(f"--warmup: got {args.warmup}; expected at least 0")
+    for name, known in (("caches", CONFIGS), ("contexts", CONTEXTS)):
+        picked = getattr(args, name).split(",")
+        if not picked or any(p not in known for p in picked):
+            parser.error(
+                f"--{name}: got {getattr(args, name)!r}; expected some of {', '.join(known)}"
+            )
+        setattr(args, name, picked)
     if args.random and not torch.cuda.is_available():
         parser.error("--random: needs a CUDA device (use --smoke on a CPU)")
     if args.smoke:
@@ -92,9 +104,9 @@ def main(argv=None) -> dict:
     model, prompt, name, _ = step_model(args, 1)
     device = model.device
     rows = [
-        dict(cache=cache, wrapped=wrapped, rounds_ms=[])
-        for cache in CACHES
-        for wrapped in (True, False)
+        dict(cache=cache, wrapped=CONTEXTS[context], rounds_ms=[])
+        for cache in args.caches
+        for context in args.contexts
     ]
     for _ in range(args.rounds):
         for row in rows:
@@ -103,16 +115,17 @@ def main(argv=None) -> dict:
         row["ms_per_step"] = statistics.median(row["rounds_ms"])
         context = "whole decode in decode_backends" if row["wrapped"] else "no outer context"
         rounds = ", ".join(f"{ms:.2f}" for ms in row["rounds_ms"])
-        print(f"{row['cache']:>9}, {context:<31}: {row['ms_per_step']:7.2f} ms/step ({rounds})")
+        print(f"{row['cache']:>18}, {context:<31}: {row['ms_per_step']:7.2f} ms/step ({rounds})")
     record = {
-        "question": "eager decode step at batch 1: full cache vs pyramidkv, with and without the decode "
-        "wrapped in decode_backends",
+        "question": "eager decode step at batch 1: the full cache vs compressed caches, with and without the "
+        "decode wrapped in decode_backends",
         "date": date.today().isoformat(),
         "command": shlex.join(["python", "benchmarks/eager_step_time.py", *(argv or sys.argv[1:])]),
         "machine": machine.describe(device),
         "model": name,
         "prompt": args.prompt,
         "budget": args.budget,
+        "residual": args.residual,
         "steps": args.steps,
         "rows": rows,
     }

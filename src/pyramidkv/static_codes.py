@@ -38,7 +38,7 @@ from .codecs.rotated import RotatedBlockCodec
 from .kernels import chunked_attention
 from .kernels.epilogue import decode_epilogue
 from .kernels.fibquant_decode import (
-    DecodeTuning,
+    DEFAULT_TUNING,
     launch_partials,
     make_workspace,
     plan_block,
@@ -50,7 +50,6 @@ from .kernels.ring_commit import commit
 from .static_layer import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
-TUNING = DecodeTuning()
 
 
 class Encoder:
@@ -233,7 +232,7 @@ class StaticCodedLayer(StaticLayerBase):
             batch, kv_heads = self.lengths.shape
             shape = (batch, kv_heads, self.capacity)
             kernel, split = plan_block(
-                shape, self.codecs.keys, self.codecs.values, rows, TUNING, self.device
+                shape, self.codecs.keys, self.codecs.values, rows, DEFAULT_TUNING, self.device
             )
             with torch.inference_mode(False):  # written in place under any grad mode
                 workspace = make_workspace(
@@ -247,10 +246,11 @@ class StaticCodedLayer(StaticLayerBase):
         rows = query.shape[1] // kv_heads
         kernel, split, workspace = self._plan(rows)
         codec_k, codec_v = self.codecs.keys, self.codecs.values
-        q_rot = rotate_query(query, codec_k, scaling, kv_heads, TUNING.codebook_dtype)
+        q_rot = rotate_query(query, codec_k, scaling, kv_heads, DEFAULT_TUNING.codebook_dtype)
         launch_partials(
-            q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, TUNING, kernel
-        )
+            q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, DEFAULT_TUNING,
+            kernel,
+        )  # fmt: skip
         return decode_epilogue(
             workspace, self.rotation, query, self.keys, self.values, scaling, self.visible
         )

@@ -8,11 +8,13 @@ also checks the source on a CPU-only machine that has the library (``PYRAMIDKV_N
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
 import os
 import site
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -101,6 +103,20 @@ def _cu(status: int, what: str) -> None:
 
 
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_END, _BUFFER_POINTER, _BUFFER_SIZE = 0, 1, 2  # CU_LAUNCH_PARAM_END, _BUFFER_POINTER, _BUFFER_SIZE
+
+
+def pack_arguments(args: Sequence) -> bytes:
+    """Kernel parameters as one buffer in C's layout (each at its natural alignment: ``struct``'s native mode):
+    tensors as their data pointers, None as a null pointer, ints as int32.
+
+    One ``struct.pack`` instead of three ctypes objects per argument: the 25-argument decode kernel is launched
+    once or twice in every layer of an eager decode step, so its host time adds up (benchmarks/README.md).
+    """
+    layout = "@" + "".join("i" if isinstance(a, int) else "P" for a in args)
+    return struct.pack(
+        layout, *[a if isinstance(a, int) else 0 if a is None else a.data_ptr() for a in args]
+    )
 
 
 class CudaKernel:
@@ -120,25 +136,26 @@ class CudaKernel:
                     _driver().cuFuncSetAttribute(self.func, _MAX_DYNAMIC_SHARED, shared),
                     "cuFuncSetAttribute",
                 )
-        self.device, self.shared = device, shared
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device, self.shared = torch.device("cuda", index), shared
 
     def __call__(self, grid: tuple[int, int], threads: int, *args) -> None:
-        """Launch on torch's current stream of the kernel's device; tensors pass as pointers, ints as int32."""
-        values = [
-            ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
-            else ctypes.c_void_p(None) if a is None
-            else ctypes.c_int32(a)
-            for a in args
-        ]  # fmt: skip
-        pointers = (ctypes.c_void_p * len(values))(
-            *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
-        )
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        with torch.cuda.device(self.device):
+        """Launch on torch's current stream of the kernel's device, the arguments packed by
+        :func:`pack_arguments` and passed through ``cuLaunchKernel``'s ``extra`` array."""
+        packed = pack_arguments(args)
+        size = ctypes.c_size_t(len(packed))
+        extra = (ctypes.c_void_p * 5)(
+            _BUFFER_POINTER, ctypes.cast(packed, ctypes.c_void_p), _BUFFER_SIZE,
+            ctypes.addressof(size), _END,
+        )  # fmt: skip
+        # the raw handle of torch's current stream (as Triton's launcher reads it), without a Stream object
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+        same = torch.cuda.current_device() == self.device.index
+        with contextlib.nullcontext() if same else torch.cuda.device(self.device):
             _cu(
                 _driver().cuLaunchKernel(
                     self.func, grid[0], grid[1], 1, threads, 1, 1, self.shared,
-                    ctypes.c_void_p(stream), pointers, None,
+                    ctypes.c_void_p(stream), None, extra,
                 ),
                 "cuLaunchKernel",
             )  # fmt: skip

@@ -85,7 +85,7 @@ def fused_attention(
     """
     from .epilogue import decode_epilogue
     from .fibquant_decode import (
-        DecodeTuning,
+        DEFAULT_TUNING,
         launch_partials,
         make_workspace,
         plan_block,
@@ -93,7 +93,7 @@ def fused_attention(
     )
 
     codec_k, codec_v = coded.codecs.keys, coded.codecs.values
-    tuning = DecodeTuning()
+    tuning = DEFAULT_TUNING
     batch, q_heads, q_len, dim = query.shape
     kv_heads = recent_keys.shape[1]
     rows = (q_heads // kv_heads) * q_len

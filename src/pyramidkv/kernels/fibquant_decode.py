@@ -91,6 +91,7 @@ class DecodeTuning:
 
 
 TUNING_FIELDS = tuple(f.name for f in fields(DecodeTuning))
+DEFAULT_TUNING = DecodeTuning()
 _WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 # lengths that change with every flush of the window: not specialized (see epilogue.RUN_LENGTHS)
 RUN_LENGTHS = ("s_kv", "chunk", "split_offset", "split_total")
@@ -379,7 +380,7 @@ def fibquant_decode_attention(
     unknown = set(overrides) - set(TUNING_FIELDS)
     if unknown:
         raise TypeError(f"unknown tuning options {sorted(unknown)}; known: {TUNING_FIELDS}")
-    tuning = replace(tuning or DecodeTuning(), **overrides)
+    tuning = replace(tuning or DEFAULT_TUNING, **overrides)
     _check_shapes(query, codes_k, codes_v, lengths)
     batch, q_heads, q_len, dim = query.shape
     check_codec("codec_k", codec_k, dim)
@@ -434,7 +435,32 @@ def plan_block(
 ) -> tuple[mma_decode.MmaVariant | None, int]:
     """Which kernel reads a block of codes of ``shape`` (batch, kv_heads, s) — the variant of the CUDA mma
     kernel (:func:`.mma_decode.variant`), or None: the Triton kernel — and its split (``split`` checked, or
-    that kernel's default)."""
+    that kernel's default).
+
+    Remembered per (shape, codecs, rows, tuning, device, split): an eager decode step plans every coded block
+    of every layer, and the plan depends on nothing else (the device's properties are fixed in a process).
+    """
+    key = (tuple(shape), _codec_key(codec_k), _codec_key(codec_v), rows, tuning, device, split)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(shape, codec_k, codec_v, rows, tuning, device, split)
+        if len(_PLANS) > PLANS_KEPT:
+            del _PLANS[next(iter(_PLANS))]  # the oldest: dicts keep insertion order
+    return plan
+
+
+# plan_block's memory, bounded: a long generation adds a block shape at every flush of the window
+PLANS_KEPT = 4096
+_PLANS: dict[tuple, tuple[mma_decode.MmaVariant | None, int]] = {}
+
+
+def _codec_key(codec: RotatedBlockCodec) -> tuple:
+    """What a plan reads of a codec (:func:`.mma_decode.unsupported`, :func:`.mma_decode.same_codebook`)."""
+    return (type(codec), codec.d, codec.k, codec.n, codec.seed)
+
+
+def _plan(shape, codec_k, codec_v, rows, tuning, device, split):
+    """:func:`plan_block`, not remembered."""
     if not (
         tuning.mma
         and tuning.codebook_dtype == torch.float16
@@ -458,8 +484,10 @@ def rotate_query(
     log2(e) folded in (the kernel's scores are base 2); row g q_len + i is query head h G + g, token i."""
     batch, q_heads, q_len, dim = query.shape
     rotation = codec_k.tensors(query.device, torch.float32)[0]
-    q_rot = (query.float() @ rotation.T) * (scaling * LOG2E)
-    return q_rot.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim).to(dtype).contiguous()
+    flat = query.to(torch.float32, memory_format=torch.contiguous_format).view(-1, dim)
+    # one launch, the scale folded in (beta = 0: the first argument is ignored)
+    q_rot = torch.addmm(flat, flat, rotation.T, beta=0, alpha=scaling * LOG2E)
+    return q_rot.to(dtype).view(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
 
 
 def side_constexprs(side: str, k: int, bits: int, dim: int, book: torch.Tensor) -> dict[str, int]:
