@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -443,15 +444,18 @@ def plan_block(
     key = (tuple(shape), _codec_key(codec_k), _codec_key(codec_v), rows, tuning, device, split)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(shape, codec_k, codec_v, rows, tuning, device, split)
-        if len(_PLANS) > PLANS_KEPT:
-            del _PLANS[next(iter(_PLANS))]  # the oldest: dicts keep insertion order
+        plan = _plan(shape, codec_k, codec_v, rows, tuning, device, split)
+        with _PLANS_LOCK:  # generations in several threads may plan at once
+            _PLANS[key] = plan
+            while len(_PLANS) > PLANS_KEPT:
+                del _PLANS[next(iter(_PLANS))]  # the oldest: dicts keep insertion order
     return plan
 
 
 # plan_block's memory, bounded: a long generation adds a block shape at every flush of the window
 PLANS_KEPT = 4096
 _PLANS: dict[tuple, tuple[mma_decode.MmaVariant | None, int]] = {}
+_PLANS_LOCK = threading.Lock()
 
 
 def _codec_key(codec: RotatedBlockCodec) -> tuple:
