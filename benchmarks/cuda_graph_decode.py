@@ -37,12 +37,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
-import sys
 import tempfile
 import time
 import traceback
-from datetime import date
 from functools import partial
 from pathlib import Path
 
@@ -265,6 +262,12 @@ def result_path(stem: str, args: argparse.Namespace, label: str | None = None) -
     return folder / f"{stem}{suffix}.json"
 
 
+def save_result(record: dict, path: Path) -> None:
+    """Write a step benchmark's JSON record to ``path`` (from :func:`result_path`) and say where."""
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def smollm2_shaped():
     """SmolLM2-135M-Instruct's architecture with random weights, bf16 on the GPU: a decode step's launches and
     their times do not depend on the weights, so GPU timings need no model file."""
@@ -347,13 +350,9 @@ def main(argv=None) -> dict:
             f"the model's {positions} positions"
         )
     layers, kv_heads, head_dim = kv_geometry(model.config)
+    question = "ms per decode step: eager dynamic caches, eager static cache, CUDA-graph replay"
     record = {
-        "question": "ms per decode step: eager dynamic caches, eager static cache, CUDA-graph replay",
-        "date": date.today().isoformat(),
-        "command": shlex.join(
-            ["python", "benchmarks/cuda_graph_decode.py", *(argv or sys.argv[1:])]
-        ),
-        "machine": machine.describe(device),
+        **machine.header(question, "cuda_graph_decode.py", argv, device),
         "model": {
             "name": name,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -19,11 +19,8 @@ import argparse
 import collections
 import contextlib
 import json
-import shlex
-import sys
 import tempfile
 from collections.abc import Iterator
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -158,11 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, tokens))
     rows = measure(model, ids)
+    question = "torch operations and kernel launches per decode step, per cache"
     record = {
-        "question": "torch operations and kernel launches per decode step, per cache",
-        "date": date.today().isoformat(),
-        "command": shlex.join(["python", "benchmarks/decode_host_ops.py", *(argv or sys.argv[1:])]),
-        "machine": machine.describe("cpu"),
+        **machine.header(question, "decode_host_ops.py", argv, "cpu"),
         "model": name,
         "layers": model.config.num_hidden_layers,
         "prompt_tokens": tokens,

@@ -18,13 +18,9 @@ blocks (the ragged prompt, the generated codes) as in a long generation. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import statistics
-import sys
 import time
-from datetime import date
 
 import torch
 
@@ -33,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import machine  # sibling script
-from cuda_graph_decode import build_source, result_path, step_model  # sibling scripts
+from cuda_graph_decode import build_source, result_path, save_result, step_model  # sibling scripts
 from generate_throughput import next_token, sync
 
 CACHES = ("fibquant", "pyramidkv+fibquant")
@@ -136,13 +132,9 @@ def main(argv=None) -> dict:
             f"{row['cache']:>18}: {row['call_us']:8.1f} us per call ({row['blocks']} blocks), "
             f"x.add_ {row['add_us']:6.1f} us, ratio {row['call_over_add']:5.1f}"
         )
+    question = "host (enqueue) time of one layer's fused attention over codes, against one torch op"
     record = {
-        "question": "host (enqueue) time of one layer's fused attention over codes, against one torch op",
-        "date": date.today().isoformat(),
-        "command": shlex.join(
-            ["python", "benchmarks/decode_host_time.py", *(argv or sys.argv[1:])]
-        ),
-        "machine": machine.describe(model.device),
+        **machine.header(question, "decode_host_time.py", argv, model.device),
         "model": name,
         "prompt": args.prompt,
         "warmup_steps": args.warmup,
@@ -150,9 +142,7 @@ def main(argv=None) -> dict:
         "calls_per_timing": args.calls,
         "rows": rows,
     }
-    out = result_path("decode_host_time", args, args.label)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_result(record, result_path("decode_host_time", args, args.label))
     return record
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -104,15 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
 def write_record(question: str, script: str, argv: list[str] | None, rows: list, out: str) -> dict:
     """The profiler benchmarks' JSON record (question, date, machine, the command that made it, rows),
     written to ``out``."""
-    record = {
-        "question": question,
-        "date": datetime.date.today().isoformat(),
-        "machine": machine.describe(torch.device("cuda", torch.cuda.current_device())),
-        "command": shlex.join(
-            ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "rows": rows,
-    }
+    device = torch.device("cuda", torch.cuda.current_device())
+    record = {**machine.header(question, script, argv, device), "rows": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(record, indent=2) + "\n")
     return record

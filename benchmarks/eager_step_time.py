@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shlex
 import statistics
-import sys
 import time
-from datetime import date
 
 import torch
 
 import machine  # sibling script
-from cuda_graph_decode import CONFIGS, build_source, result_path, step_model  # sibling scripts
+from cuda_graph_decode import (  # sibling scripts
+    CONFIGS,
+    build_source,
+    result_path,
+    save_result,
+    step_model,
+)
 from generate_throughput import next_token, sync
 from pyramidkv.attention import decode_backends
 from pyramidkv.cache import CompressedCache
@@ -116,12 +118,12 @@ def main(argv=None) -> dict:
         context = "whole decode in decode_backends" if row["wrapped"] else "no outer context"
         rounds = ", ".join(f"{ms:.2f}" for ms in row["rounds_ms"])
         print(f"{row['cache']:>18}, {context:<31}: {row['ms_per_step']:7.2f} ms/step ({rounds})")
+    question = (
+        "eager decode step at batch 1: the full cache vs compressed caches, with and without the decode "
+        "wrapped in decode_backends"
+    )
     record = {
-        "question": "eager decode step at batch 1: the full cache vs compressed caches, with and without the "
-        "decode wrapped in decode_backends",
-        "date": date.today().isoformat(),
-        "command": shlex.join(["python", "benchmarks/eager_step_time.py", *(argv or sys.argv[1:])]),
-        "machine": machine.describe(device),
+        **machine.header(question, "eager_step_time.py", argv, device),
         "model": name,
         "prompt": args.prompt,
         "budget": args.budget,
@@ -129,9 +131,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "rows": rows,
     }
-    out = result_path("eager_step_time", args)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_result(record, result_path("eager_step_time", args))
     return record
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import shlex
-import sys
-from datetime import date
 
 import torch
 
 import machine  # sibling script
-from cuda_graph_decode import CONFIGS, prefill, result_path, step_model  # sibling script
+from cuda_graph_decode import (  # sibling script
+    CONFIGS,
+    prefill,
+    result_path,
+    save_result,
+    step_model,
+)
 from pyramidkv.graph_decode import WARMUP, capture
 from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
 
@@ -109,13 +111,9 @@ def main(argv=None) -> dict:
     args = arguments(argv)
     model, prompts, name, _ = step_model(args, 1)
     device = model.device
+    question = "kernels per decode step (CUDA-graph replay) and their device time, per cache"
     record = {
-        "question": "kernels per decode step (CUDA-graph replay) and their device time, per cache",
-        "date": date.today().isoformat(),
-        "command": shlex.join(
-            ["python", "benchmarks/graph_step_profile.py", *(argv or sys.argv[1:])]
-        ),
-        "machine": machine.describe(device),
+        **machine.header(question, "graph_step_profile.py", argv, device),
         "model": name,
         "prompt": args.prompt,
         "rows": [],
@@ -132,9 +130,7 @@ def main(argv=None) -> dict:
             print(
                 f"  {kernel['per_step']:6.0f} x {kernel['us_each']:8.2f} us  {kernel['name'][:90]}"
             )
-    out = result_path("graph_step_profile", args)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_result(record, result_path("graph_step_profile", args))
     return record
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import platform
+import shlex
+import sys
+from datetime import date
 
 import torch
 
@@ -33,4 +36,19 @@ def describe(device: torch.device | str | None = None) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         **{package: package_version(package) for package in PACKAGES},
+    }
+
+
+def header(
+    question: str, script: str, argv: list[str] | None, device: torch.device | str | None
+) -> dict:
+    """The fields every results JSON opens with: the question it answers, the date, the command that made it
+    (``script`` with ``argv``, or the process's own arguments when None) and :func:`describe` of ``device``."""
+    return {
+        "question": question,
+        "date": date.today().isoformat(),
+        "command": shlex.join(
+            ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": describe(device),
     }

@@ -19,3 +19,14 @@ def test_describes_the_cpu_with_the_installed_versions():
 
 def test_a_missing_package_has_no_version():
     assert machine.package_version("pyramidkv_no_such_package") is None
+
+
+def test_the_header_names_the_command_given_or_the_process_own(monkeypatch):
+    given = machine.header("q?", "some_bench.py", ["--batch", "1 2"], "cpu")
+    assert list(given) == ["question", "date", "command", "machine"]
+    assert given["question"] == "q?" and given["machine"] == machine.describe("cpu")
+    assert given["command"] == "python benchmarks/some_bench.py --batch '1 2'"
+    monkeypatch.setattr(machine.sys, "argv", ["some_bench.py", "--smoke"])
+    assert machine.header("q?", "some_bench.py", None, None)["command"] == (
+        "python benchmarks/some_bench.py --smoke"
+    )
