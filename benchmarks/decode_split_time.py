@@ -22,7 +22,7 @@ from decode_kernel_time import profile, write_record
 from pyramidkv.kernels import mma_decode
 from pyramidkv.kernels.epilogue import decode_epilogue
 from pyramidkv.kernels.fibquant_decode import (
-    DecodeTuning,
+    DEFAULT_TUNING,
     launch_partials,
     make_workspace,
     plan_block,
@@ -38,7 +38,7 @@ def time_splits(
 ) -> list[dict]:
     """Rows of one case: kernel, epilogue and all device microseconds per call, by split."""
     q_heads, kv_heads, dim = heads
-    device, tuning = torch.device("cuda"), DecodeTuning()
+    device, tuning = torch.device("cuda"), DEFAULT_TUNING
     gen = torch.Generator(device=device).manual_seed(0)
     codec = make_codec("fibquant", dim, args.bits)
     codes_k, codes_v = (random_codes(codec, (batch, kv_heads, context), gen) for _ in "kv")

@@ -25,9 +25,8 @@ except ImportError:  # a CPU environment without triton; codecs encode in torch 
     triton = None
 
 BLOCK_T = 16  # vectors per program (tl.dot needs >= 16 rows)
-RUN_LENGTHS = (
-    "count",
-)  # vectors per call, prefill or flush: not specialized (see epilogue.RUN_LENGTHS)
+# vectors per call, prefill or flush: not specialized (see epilogue.RUN_LENGTHS)
+RUN_LENGTHS = ("count",)
 
 if triton is not None:
 
