@@ -66,6 +66,7 @@ CONFIGS = {  # name -> (policy, codec) of the CompressedCache; full without code
     "pyramidkv": ("pyramidkv", None),
     "fibquant": ("full", CODEC),
     "pyramidkv+fibquant": ("pyramidkv", CODEC),
+    "turboquant": ("full", "turboquant:2"),  # TurboQuant's scalar codes, at FibQuant's rate
 }
 
 

@@ -7,12 +7,14 @@ reports, per kernel name, the mean device time per call, next to SDPA over the s
 headline size (570 MB of codes at 2 bits) the L2 (60 MB) holds nothing across calls.
 
     python benchmarks/decode_kernel_time.py --heads 32/8x128 --batch 8 --context 128k --bits 2,3,4
+    python benchmarks/decode_kernel_time.py --codec turboquant --triton   # TurboQuant on the Triton kernel
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 from pathlib import Path
 
@@ -48,6 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", default="8")
     parser.add_argument("--context", default="128k")
     parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument(
+        "--codec", default="fibquant", help="fibquant and/or turboquant, comma-separated"
+    )
+    parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="the Triton kernel, not the CUDA mma kernel where it reads the codes",
+    )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS / "decode_kernel_time_cuda.json"))
     args = parser.parse_args(argv)
@@ -69,25 +79,25 @@ def main(argv: list[str] | None = None) -> dict:
             args.reps,
         )
         del kv
-        for bits in parse_sizes(args.bits, "bits"):
-            codec = make_codec("fibquant", dim, bits)
+        for name, bits in itertools.product(args.codec.split(","), parse_sizes(args.bits, "bits")):
+            codec = make_codec(name, dim, bits)
             codes = [random_codes(codec, (batch, kv_heads, context), gen) for _ in "kv"]
             kernels = profile(
                 lambda q=query, c=codec, codes=codes, scale=dim**-0.5: fibquant_decode_attention(
-                    q, *codes, c, c, scale
+                    q, *codes, c, c, scale, mma=not args.triton
                 ),
                 args.reps,
             )
             main_name = max(kernels, key=kernels.get)
             row = dict(heads=f"{q_heads}/{kv_heads}", dim=dim, batch=batch, context=context,
-                       bits=bits, k=codec.k, n=codec.n, sdpa_ms=sum(sdpa.values()),
+                       codec=name, bits=bits, k=codec.k, n=codec.n, sdpa_ms=sum(sdpa.values()),
                        decode_kernel=main_name, decode_kernel_ms=kernels[main_name],
                        all_kernels_ms=sum(kernels.values()), kernels=kernels)  # fmt: skip
             row["bytes_read"] = 2 * codes[0].norms.numel() * (codes[0].indices.shape[-1] + 2)
             row["kernel_gbps"] = row["bytes_read"] / row["decode_kernel_ms"] / 1e6
             row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["all_kernels_ms"]
             rows.append(row)
-            print(f"{row['heads']}x{dim} b{batch} {context} {bits}-bit: {main_name} "
+            print(f"{row['heads']}x{dim} b{batch} {context} {name} {bits}-bit: {main_name} "
                   f"{row['decode_kernel_ms']:.3f} ms ({row['kernel_gbps']:.0f} GB/s), all kernels "
                   f"{row['all_kernels_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms", flush=True)  # fmt: skip
             del codes

@@ -1,6 +1,6 @@
 """What does an eager decode step over a compressed cache cost over the full cache's, and what does the SDPA
 backend context cost? ms per greedy step at batch 1, the full cache against PyramidKV (and, with ``--caches``,
-FibQuant codes read by the fused kernels: ``fibquant``, ``pyramidkv+fibquant``), each with the whole decode
+codes read by the fused kernels: ``fibquant``, ``pyramidkv+fibquant``, ``turboquant``), each with the whole decode
 inside :func:`~pyramidkv.attention.decode_backends` (as the other benchmarks decode) and without it (as a plain
 ``model.generate`` does, where PyramidKV's attention enters the context in every layer); ``--contexts``
 picks either.

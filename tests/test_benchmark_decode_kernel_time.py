@@ -26,11 +26,15 @@ def test_refuses_without_a_gpu(tmp_path, script):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_profiles_a_small_case(tmp_path):
+@pytest.mark.parametrize("triton", [False, True])
+def test_profiles_a_small_case(tmp_path, triton):
     out = tmp_path / "times.json"
-    record = bench.main(
-        ["--heads", "4/2x64", "--batch", "1", "--context", "300", "--bits", "2", "--out", str(out)]
-    )
-    row = record["rows"][0]
-    assert row["decode_kernel_ms"] > 0 and row["all_kernels_ms"] >= row["decode_kernel_ms"]
+    args = ["--heads", "4/2x64", "--batch", "1", "--context", "300", "--bits", "2"]
+    args += ["--codec", "fibquant,turboquant", "--out", str(out)] + ["--triton"] * triton
+    record = bench.main(args)
+    assert [row["codec"] for row in record["rows"]] == ["fibquant", "turboquant"]
+    for row in record["rows"]:
+        assert row["decode_kernel_ms"] > 0 and row["all_kernels_ms"] >= row["decode_kernel_ms"]
+        # the CUDA kernel is the one of mma_decode.KERNEL_NAME; the Triton kernel has its own name
+        assert ("fibquant_mma_decode" in row["decode_kernel"]) != triton
     assert json.loads(out.read_text())["rows"][0]["bits"] == 2

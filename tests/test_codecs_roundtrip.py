@@ -221,3 +221,42 @@ def test_random_inputs_never_crash_or_nan(data, config, lead, dtype):
     bound = math.sqrt(d // k) * float(codec.codebook.norm(dim=-1).max())
     norms = torch.linalg.vector_norm(x.double(), dim=-1)
     assert (torch.linalg.vector_norm(x_hat.double(), dim=-1) <= norms * bound * 1.01 + 1e-3).all()
+
+
+@pytest.mark.parametrize(
+    ("codec", "group"),
+    [
+        (TurboQuant(64, 2), 4),
+        (TurboQuant(64, 3), 2),
+        (TurboQuant(32, 4), 2),
+        (FibQuant(32, k=2, n=16), 2),
+    ],
+    ids=["turbo2-by4", "turbo3-by2", "turbo4-by2", "fib-k2-n16-by2"],
+)
+def test_grouped_codebook_reads_the_packed_stream_group_indices_at_once(codec, group):
+    """Decoding through the product table, the packed bytes read ``group * index_bits`` bits per index, gives
+    the codec's own decode (float64): the bit stream's order is the table's."""
+    from pyramidkv.codecs.packing import unpack_bits
+
+    torch.manual_seed(group)
+    codes = codec.encode(torch.randn(5, 7, codec.d, dtype=torch.float64))
+    table = codec.grouped_codebook(group, "cpu", torch.float64)
+    assert table.shape == (codec.n**group, group * codec.k)
+    joined = unpack_bits(codes.indices, group * codec.index_bits, codec.blocks // group)
+    rotation = codec.tensors("cpu", torch.float64)[0]
+    unit = table[joined].reshape(5, 7, codec.d)
+    got = (unit @ rotation) * codes.norms.double().unsqueeze(-1)
+    torch.testing.assert_close(got, codec.decode(codes, torch.float64), rtol=0, atol=1e-12)
+    assert codec.grouped_codebook(group, "cpu", torch.float64) is table  # cached
+    assert torch.equal(
+        codec.grouped_codebook(1, "cpu", torch.float64), codec.tensors("cpu", torch.float64)[1]
+    )
+
+
+def test_grouped_codebook_refuses_what_no_index_stream_holds():
+    with pytest.raises(ValueError, match="group must be a positive integer, got 0"):
+        TurboQuant(16, 2).grouped_codebook(0, "cpu")
+    with pytest.raises(
+        ValueError, match=r"group: indices of N = 48 codewords \(not a power of two\)"
+    ):
+        FibQuant(16, k=2, n=48).grouped_codebook(2, "cpu")

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from pyramidkv.codecs import FibQuant
+from pyramidkv.codecs import FibQuant, TurboQuant
 from pyramidkv.kernels import mma_decode
 from pyramidkv.kernels.cuda_module import nvrtc_found
 from pyramidkv.kernels.reference import chunked_attention
@@ -185,12 +185,52 @@ def test_which_codes_it_reads():
     assert "head dim" in mma_decode.unsupported(codec(32, 4), codec(32, 4), 32, 4)
     assert "16 query rows" in mma_decode.unsupported(codec(64, 4), codec(64, 4), 64, 17)
     assert not mma_decode.usable(codec(64, 4), codec(64, 4), 64, 4, torch.device("cpu"))
+    # TurboQuant's scalar codes, grouped: keys and values must group into the same (k, N)
+    assert mma_decode.unsupported(TurboQuant(64, 3), TurboQuant(64, 3), 64, 4) is None
+    assert mma_decode.unsupported(TurboQuant(64, 4), codec(64, 2), 64, 4) is None
+    assert "share k and N" in mma_decode.unsupported(TurboQuant(64, 2), TurboQuant(64, 4), 64, 4)
+    assert "TurboQuant at 2, 3 and 4 bits" in mma_decode.unsupported(
+        TurboQuant(64, 1), TurboQuant(64, 1), 64, 4
+    )
     with pytest.raises(ValueError, match="k must be 2 or 4"):
         mma_decode.MmaVariant(64, 8, 4)
     with pytest.raises(ValueError, match=r"rows must be one of \(4, 8, 16\)"):
         mma_decode.MmaVariant(64, 4, 5)
     with pytest.raises(ValueError, match=r"stages must be in 2\.\.8"):
         mma_decode.MmaVariant(64, 4, 4, stages=1)
+
+
+@pytest.mark.parametrize(
+    ("make", "want"),
+    [
+        (lambda: codec(64, 4), (4, 256, 1)),
+        (lambda: FibQuant(64, k=2, n=64), (2, 64, 1)),
+        (lambda: TurboQuant(64, 2), (4, 256, 4)),  # four 2-bit indices: one byte
+        (lambda: TurboQuant(64, 3), (2, 64, 2)),  # two 3-bit indices: 6 bits
+        (lambda: TurboQuant(64, 4), (2, 256, 2)),
+        (lambda: FibQuant(64, k=2, n=16), (4, 256, 2)),  # two 4-bit indices of 2 coordinates
+        (lambda: TurboQuant(64, 1), None),  # 8 coordinates per byte: no k = 8 table
+        (lambda: TurboQuant(64, 5), None),
+        (lambda: FibQuant(64, k=2, n=48), None),  # indices that do not fill their bits
+        (lambda: FibQuant(64, k=4, n=64), None),
+    ],
+)
+def test_the_codewords_it_gathers(make, want):
+    assert mma_decode.gathered(make()) == want
+
+
+def test_turboquant_codes_run_the_fibquant_variant_of_their_rate(monkeypatch):
+    """Grouped TurboQuant codes compile nothing new: the variant of FibQuant's (k, N) at the same rate."""
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    device = torch.device("cuda", 99)
+    for bits, (k, n) in {2: (4, 256), 3: (2, 64), 4: (2, 256)}.items():
+        turbo, fib = TurboQuant(128, bits), FibQuant(128, k=k, n=n)
+        assert mma_decode.variant(turbo, turbo, 4, 8, None, device) == mma_decode.variant(
+            fib, fib, 4, 8, None, device
+        )
+        table = mma_decode.table(turbo, torch.device("cpu"))
+        assert table.dtype == torch.int32 and table.shape == (n, k // 2)
 
 
 def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None, **tuning):
@@ -212,26 +252,32 @@ def _block(dim, ck, cv, batch, kv_heads, slots, seed):
 
 @needs_gpu
 @pytest.mark.parametrize(
-    ("dim", "k", "n"),
-    [(128, 4, 256), (128, 2, 256), (64, 4, 256), (64, 2, 256), (128, 2, 64), (64, 2, 64)],
-    ids=["128-2bit", "128-4bit", "64-2bit", "64-4bit", "128-3bit", "64-3bit"],
-)
+    ("dim", "make"),
+    [
+        *[(dim, functools.partial(codec, dim, k, n=n)) for dim, k, n in (
+            (128, 4, 256), (128, 2, 256), (64, 4, 256), (64, 2, 256), (128, 2, 64), (64, 2, 64))],
+        # TurboQuant: 4, 2 and 2 scalar indices read as one (product tables)
+        *[(dim, functools.partial(TurboQuant, dim, bits)) for dim, bits in ((128, 2), (64, 3), (128, 4))],
+    ],
+    ids=["128-2bit", "128-4bit", "64-2bit", "64-4bit", "128-3bit", "64-3bit", "128-tq2", "64-tq3", "128-tq4"],
+)  # fmt: skip
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "q_len", "split"),
     [(4, 2, 1, 1), (8, 2, 1, 3), (6, 2, 3, None), (32, 8, 2, 2), (9, 3, 5, 4)],
     ids=["rows2", "rows4", "rows9", "rows8", "rows15"],
 )
-def test_matches_attention_over_decoded_codes(dim, k, n, q_heads, kv_heads, q_len, split):
+def test_matches_attention_over_decoded_codes(dim, make, q_heads, kv_heads, q_len, split):
     from pyramidkv.kernels.fibquant_decode import make_workspace
 
-    ck = cv = codec(dim, k, n=n)
+    ck = cv = make()
     slots = 203
-    codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, kv_heads, slots, seed=dim + k)
+    codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, kv_heads, slots, seed=dim + ck.n)
     # per row: empty, one token, under a tile, one tile, odd, everything
     pattern = torch.tensor([0, 1, 5, 16, 17, 203, 130, 64], device="cuda")
     lengths = pattern.repeat(2 * kv_heads)[: 2 * kv_heads].reshape(2, kv_heads)
     query = torch.randn(2, q_heads, q_len, dim, device="cuda")
     rows = q_heads // kv_heads * q_len
+    assert mma_decode.usable(ck, cv, dim, rows, query.device)  # not the Triton kernel's answer
     shape = (2, kv_heads, slots)
     splits = split or mma_decode.filling_variant(shape, ck, cv, rows, None, None, query.device)[1]
     workspace = make_workspace(2, kv_heads, rows, splits, dim, "cuda")
@@ -301,13 +347,15 @@ def test_separate_codebooks_and_codes_that_are_views():
 
 
 @needs_gpu
-def test_the_layer_path_reads_blocks_with_the_mma_kernel():
+@pytest.mark.parametrize("spec", ["fibquant:2", "turboquant:3"])
+def test_the_layer_path_reads_blocks_with_the_mma_kernel(spec):
     """fused_attention (one workspace for every block, one epilogue) with the mma kernel at head dim 64."""
     from pyramidkv.coded import CodedBlocks, make_codecs
     from pyramidkv.kernels.dispatch import fused_attention
 
     torch.manual_seed(2)
-    codecs = make_codecs("fibquant:2", 64)
+    codecs = make_codecs(spec, 64)
+    assert mma_decode.usable(codecs.keys, codecs.values, 64, 3, torch.device("cuda"))
     coded = CodedBlocks(codecs)
     chunks = []
     for slots, lengths in ((90, torch.tensor([[0, 9, 90]], device="cuda")), (64, None)):
@@ -330,12 +378,12 @@ def test_the_layer_path_reads_blocks_with_the_mma_kernel():
 
 
 def test_the_launcher_refuses_codes_and_queries_it_cannot_read():
-    """``launch_mma_partials`` checks what it is given before anything reaches the GPU: TurboQuant codes
-    (k = 1) name the codec and the (k, N) the kernel reads; a float32 query names the dtype it needs."""
-    from pyramidkv.codecs import TurboQuant
+    """``launch_mma_partials`` checks what it is given before anything reaches the GPU: 1-bit TurboQuant
+    codes (8 coordinates per byte) name the codec and the (k, N) the kernel reads; a float32 query names the
+    dtype it needs."""
     from pyramidkv.kernels.fibquant_decode import make_workspace
 
-    fib, turbo = codec(64, 4), TurboQuant(64, bits=2)
+    fib, turbo = codec(64, 4), TurboQuant(64, bits=1)
     codes = fib.encode(torch.randn(1, 1, 16, 64))
     workspace = make_workspace(1, 1, 2, 1, 64, "cpu")
     kernel = mma_decode.MmaVariant(64, 4, 4)

@@ -58,6 +58,7 @@ class RotatedBlockCodec(Codec):
         self._on_device: dict[
             tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
         ] = {}
+        self._grouped: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def blocks(self) -> int:
@@ -92,6 +93,32 @@ class RotatedBlockCodec(Codec):
         if key not in self._on_device:
             self._on_device[key] = (self._rotation64.to(*key), self._codebook64.to(*key))
         return self._on_device[key]
+
+    def grouped_codebook(
+        self, group: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The codebook of ``group`` consecutive blocks read as one, ``(N^group, group k)``: entry p holds the
+        codewords ``(p >> j index_bits) & (N - 1)``, j = 0 .. group - 1, side by side (a product quantizer's
+        table, Jegou et al. 2011). Cached per group, device and dtype.
+
+        The packed indices of a vector are one little-endian bit stream (:mod:`.packing`), so where N is
+        2^index_bits the indices of blocks m group .. (m + 1) group - 1 are exactly the bits of one index of
+        group index_bits bits into this table. That is how the CUDA decode kernel, which gathers codewords of
+        2 or 4 coordinates by 6- or 8-bit indices, reads TurboQuant's scalar codes: at 2 bits four coordinates
+        per byte, at 4 bits two per byte, at 3 bits two per 6 bits (:mod:`pyramidkv.kernels.mma_decode`)."""
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"group must be a positive integer, got {group!r}")
+        if group > 1 and self.n != 1 << self.index_bits:
+            raise ValueError(
+                f"group: indices of N = {self.n} codewords (not a power of two) cannot be read {group} at once"
+            )
+        key = (group, torch.device(device), dtype)
+        if key not in self._grouped:
+            book = self.tensors(device, dtype)[1]
+            entry = torch.arange(self.n**group, device=book.device)
+            parts = [book[(entry >> j * self.index_bits) & (self.n - 1)] for j in range(group)]
+            self._grouped[key] = torch.cat(parts, dim=1)
+        return self._grouped[key]
 
     def bits_per_coordinate(self, include_norm: bool = True) -> float:
         """Stored bits per coordinate: packed index bytes per vector (+ the fp16 norm) over d."""

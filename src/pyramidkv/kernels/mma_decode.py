@@ -1,7 +1,9 @@
-"""Launcher of the CUDA decode kernel on FibQuant codes at 2, 3 and 4 bits (``cuda/mma_decode.cu``).
+"""Launcher of the CUDA decode kernel on FibQuant and TurboQuant codes at 2, 3 and 4 bits (``cuda/mma_decode.cu``).
 
 FibQuant at 2 bits (k = 4) and 4 bits (k = 2) per coordinate stores one byte per codeword (N = 256, arXiv
-2605.11478), at 3 bits 6 bits per pair of coordinates (k = 2, N = 64). For those codes the CUDA kernel gathers codewords straight into ``mma.sync`` fragments from
+2605.11478), at 3 bits 6 bits per pair of coordinates (k = 2, N = 64). TurboQuant's scalar codes at the same
+rates are read as those: 4, 2 or 2 coordinates' indices at once, one index into their product table
+(:func:`gathered`). For those codes the CUDA kernel gathers codewords straight into ``mma.sync`` fragments from
 lane-private copies of the codebook in shared memory, where the Triton kernel of :mod:`.fibquant_decode`
 spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the same split partials
 into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits` take either.
@@ -139,15 +141,47 @@ class MmaVariant:
         return head + SOURCE.read_text()
 
 
+def gathered(codec: object) -> tuple[int, int, int] | None:
+    """(k, N, group) of the codewords the kernel gathers for ``codec``'s codes, or None where it cannot read
+    them: the codec's own (k, N) where that is in ``CODES`` (FibQuant at 2, 3 and 4 bits, group 1), else
+    ``group`` consecutive indices read as one index into their product table
+    (:meth:`~pyramidkv.codecs.rotated.RotatedBlockCodec.grouped_codebook`) where that gives a (k, N) in
+    ``CODES``: TurboQuant's scalar codes at 2 bits (4 coordinates per byte), 4 bits (2 per byte) and 3 bits
+    (2 per 6 bits), so they run at FibQuant's speed instead of the Triton kernel's."""
+    if not isinstance(codec, RotatedBlockCodec):
+        return None
+    if (codec.k, codec.n) in CODES:
+        return codec.k, codec.n, 1
+    if codec.n != 1 << codec.index_bits:
+        return None
+    for k, n in sorted(CODES):
+        group = k // codec.k
+        if k % codec.k == 0 and codec.n**group == n:
+            return k, n, group
+    return None
+
+
+def table(codec: RotatedBlockCodec, device: torch.device) -> torch.Tensor:
+    """The codewords the kernel gathers for ``codec``'s codes (:func:`gathered`), float16, as int32 words."""
+    return codec.grouped_codebook(gathered(codec)[2], device, torch.float16).view(torch.int32)
+
+
 def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | None:
-    """Why the kernel cannot read these codes, or None: it reads FibQuant codes of one index byte per
-    codeword (N = 256, k = 4 or 2: 2 and 4 bits per coordinate) or 6-bit indices (N = 64, k = 2: 3 bits),
-    the same (k, N) for keys and values, at head dims 64 and 128, for at most 16 query rows per KV head."""
+    """Why the kernel cannot read these codes, or None: it reads codes of one index byte per codeword of
+    k = 4 or 2 coordinates (N = 256: 2 and 4 bits per coordinate) or 6-bit indices of k = 2 (N = 64: 3 bits),
+    FibQuant's or TurboQuant's grouped into them (:func:`gathered`), the same (k, N) for keys and values, at
+    head dims 64 and 128, for at most 16 query rows per KV head."""
+    views = []
     for name, codec in (("key codec", codec_k), ("value codec", codec_v)):
-        if not isinstance(codec, RotatedBlockCodec) or (codec.k, codec.n) not in CODES:
-            return f"{name}: reads codebooks with (k, N) in {sorted(CODES)}"
-    if (codec_k.k, codec_k.n) != (codec_v.k, codec_v.n):
-        return f"keys and values must share k and N; got {(codec_k.k, codec_k.n)} and {(codec_v.k, codec_v.n)}"
+        view = gathered(codec)
+        if view is None:
+            return (
+                f"{name}: reads codebooks with (k, N) in {sorted(CODES)}, or scalar codes whose "
+                "indices group into one (TurboQuant at 2, 3 and 4 bits)"
+            )
+        views.append(view[:2])
+    if views[0] != views[1]:
+        return f"keys and values must share k and N; got {views[0]} and {views[1]}"
     if dim not in (64, 128) or codec_k.d != dim or codec_v.d != dim:
         return f"head dim must be 64 or 128, got {dim}"
     if rows > MAX_ROWS:
@@ -188,7 +222,8 @@ def variant(
     ``RING``). Measured at the headline (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at
     2 and 4."""
     cap = next(cap for cap in ROW_CAPS if rows <= cap)
-    key = (codec_k.d, codec_k.k, cap, warps, same_codebook(codec_k, codec_v), codec_k.n)
+    k, n, _ = gathered(codec_k)
+    key = (codec_k.d, k, cap, warps, same_codebook(codec_k, codec_v), n)
     return _variant(key, stages, device)
 
 
@@ -234,7 +269,7 @@ def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant
 
 
 def same_codebook(codec_k: RotatedBlockCodec, codec_v: RotatedBlockCodec) -> bool:
-    """Whether keys and values use one codebook (same class, d, k, N and seed: FibQuant at one rate)."""
+    """Whether keys and values use one codebook (same class, d, k, N and seed: one codec at one rate)."""
     key = ("d", "k", "n", "seed")
     return type(codec_k) is type(codec_v) and all(
         getattr(codec_k, a) == getattr(codec_v, a) for a in key
@@ -339,12 +374,8 @@ def launch_mma_partials(
     codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)
     s_kv = codes_k.shape[2]
     chunk = math.ceil(math.ceil(s_kv / split) / TILE) * TILE
-    book_k = codec_k.tensors(device, torch.float16)[1].contiguous().view(torch.int32)
-    book_v = (
-        book_k
-        if kernel.shared_book
-        else codec_v.tensors(device, torch.float16)[1].contiguous().view(torch.int32)
-    )
+    book_k = table(codec_k, device)
+    book_v = book_k if kernel.shared_book else table(codec_v, device)
     lens = None if lengths is None else lengths.to(device=device, dtype=torch.int32).contiguous()
     ki, kn, vi, vn = codes_k.indices, codes_k.norms, codes_v.indices, codes_v.norms
     _kernel(kernel, device)(
