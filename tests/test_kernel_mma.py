@@ -1,4 +1,4 @@
-"""The CUDA mma decode kernel on 8-bit FibQuant codes against attention over the decoded codes.
+"""The CUDA mma decode kernel on FibQuant and grouped TurboQuant codes against attention over the decoded codes.
 
 The reference decodes keys and values to x_hat (``codec.decode``) and runs the plain chunked softmax in
 float32, so an error in a fragment permutation, the lane-private tables, the tail masking or the merge of
