@@ -29,7 +29,9 @@ def test_round_trip_every_width(bits):
     assert torch.equal(unpack_bits(packed, bits, count), indices)
 
 
-@pytest.mark.parametrize("bits", [1, 3, 5, 8, 11, 16])
+@pytest.mark.parametrize(
+    "bits", range(1, 17)
+)  # groups of whole bytes (1-8, 10, 12, 14, 16), spans (the rest)
 def test_layout_matches_reference(bits):
     generator = torch.Generator().manual_seed(100 + bits)
     values = torch.randint(0, 1 << bits, (13,), generator=generator)
@@ -78,3 +80,26 @@ def test_unchecked_packing_skips_only_the_range_check():
     with pytest.raises(ValueError, match="indices must lie in"):
         pack_bits(indices, 6)
     assert pack_bits(indices, 6, check=False).shape == (5, packed_bytes(11, 6))
+
+
+VIEWS = {"view", "_unsafe_view", "unsqueeze", "alias", "slice", "reshape", "expand", "squeeze"}
+
+
+@pytest.mark.parametrize(("bits", "most"), [(2, 4), (4, 4), (3, 7), (6, 7)])
+def test_packing_in_a_graph_step_takes_a_few_operations(bits, most):
+    """A decode step over static codes packs two codes per layer inside the captured graph, so TurboQuant's 2,
+    3 and 4-bit indices and FibQuant's 6-bit ones must not cost the ~20 operations of per-index byte spans."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += func.overloadpacket.__name__ not in VIEWS  # launches a kernel on a GPU
+            return func(*args, **(kwargs or {}))
+
+    indices = torch.randint(0, 1 << bits, (6, 64))
+    with Count():
+        packed = pack_bits(indices, bits, check=False)
+    assert Count.ops <= most
+    assert torch.equal(unpack_bits(packed, bits, 64), indices)

@@ -59,7 +59,8 @@ class Encoder:
     (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x
     batch x KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the
     codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then
-    :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations)."""
+    :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations). Indices other than bytes (TurboQuant, FibQuant
+    at 3 bits) are packed after the kernel too, in 4 operations (2 and 4 bits) or 7 (3 and 6 bits)."""
 
     def __init__(
         self,

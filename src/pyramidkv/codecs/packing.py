@@ -8,6 +8,8 @@ sit at a fixed address: ``packed_bytes(count, bits)`` bytes per vector, random a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MAX_BITS = 16
@@ -33,11 +35,10 @@ def _positions(count: int, bits: int, device: torch.device) -> tuple[torch.Tenso
 def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
     """Pack integer ``indices[..., count]`` with values in ``[0, 2**bits)`` into ``uint8[..., packed_bytes]``.
 
-    An index shifted by its bit offset spans at most 3 bytes (offset <= 7, bits <= 16); the spans of
-    different indices never overlap, so adding each index's 3 byte contributions equals OR-ing its bits in.
     ``check=False`` skips the range check, a read of the indices on the host: the static-shape operations
     that remain can run inside a CUDA graph (:mod:`pyramidkv.static_codes`), whose indices come from an
-    ``argmin`` and are in range by construction.
+    ``argmin`` and are in range by construction; there a decode step packs two codes per layer, so the
+    number of operations counts (:func:`_pack_groups`: 3 for 2-bit indices, 6 for 6-bit ones).
     """
     _check_bits(bits)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -50,13 +51,51 @@ def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Ten
             f"got values in [{int(indices.min())}, {int(indices.max())}]"
         )
     *lead, count = indices.shape
+    flat = indices.reshape(-1, count)
+    packed = (
+        _pack_groups(flat, bits) if _group(bits) * bits <= GROUP_BITS else _pack_spans(flat, bits)
+    )
+    return packed.reshape(*lead, packed_bytes(count, bits))
+
+
+# widest group of whole bytes that _pack_groups sums in an int64 (lcm(bits, 8) bits: 1-8, 10, 12, 14, 16)
+GROUP_BITS = 56
+
+
+def _group(bits: int) -> int:
+    """Indices per group of whole bytes: lcm(bits, 8) / bits."""
+    return 8 // math.gcd(bits, 8)
+
+
+def _pack_groups(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """(P, count) indices -> (P, bytes): each group of g = lcm(bits, 8) / bits indices is the integer
+    sum_j i_j 2^(j bits) of g bits / 8 whole bytes, split into them; a few operations for every width whose
+    group fits an int64. (The shifts are made per call: a tensor kept from a call inside a CUDA graph's
+    capture would belong to that graph's memory.)"""
+    group = _group(bits)
+    count, nbytes, device = flat.shape[1], packed_bytes(flat.shape[1], bits), flat.device
+    padded = torch.nn.functional.pad(flat, (0, -count % group)) if count % group else flat
+    grouped = padded.long().reshape(flat.shape[0], padded.shape[1] // group, group)
+    value = (grouped << torch.arange(0, group * bits, bits, device=device)).sum(-1)
+    if group * bits == 8:  # one byte per group
+        return value.to(torch.uint8)
+    split = (value.unsqueeze(-1) >> torch.arange(0, group * bits, 8, device=device)) & 0xFF
+    per_group = group * bits // 8
+    return split.reshape(flat.shape[0], value.shape[1] * per_group)[:, :nbytes].to(torch.uint8)
+
+
+def _pack_spans(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """(P, count) indices -> (P, bytes) for any width: an index shifted by its bit offset spans at most 3
+    bytes (offset <= 7, bits <= 16); the spans of different indices never overlap, so adding each index's 3
+    byte contributions equals OR-ing its bits in."""
+    count = flat.shape[1]
     nbytes = packed_bytes(count, bits)
-    first, offset = _positions(count, bits, indices.device)
-    shifted = indices.reshape(-1, count).int() << offset.int()
-    out = torch.zeros(shifted.shape[0], nbytes + 2, dtype=torch.int32, device=indices.device)
+    first, offset = _positions(count, bits, flat.device)
+    shifted = flat.int() << offset.int()
+    out = torch.zeros(flat.shape[0], nbytes + 2, dtype=torch.int32, device=flat.device)
     for byte in range(3):
         out.index_add_(1, first + byte, (shifted >> (8 * byte)) & 0xFF)
-    return out[:, :nbytes].to(torch.uint8).reshape(*lead, nbytes)
+    return out[:, :nbytes].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
