@@ -8,6 +8,7 @@ headline size (570 MB of codes at 2 bits) the L2 (60 MB) holds nothing across ca
 
     python benchmarks/decode_kernel_time.py --heads 32/8x128 --batch 8 --context 128k --bits 2,3,4
     python benchmarks/decode_kernel_time.py --codec turboquant --triton   # TurboQuant on the Triton kernel
+    python benchmarks/decode_kernel_time.py --bits 1.5,2.5,3.5            # FibQuant's fractional rates
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ from decode_attention import make_codec, parse_heads, parse_sizes, random_codes
 from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def parse_rates(text: str) -> list[float]:
+    """``"2,1.5,3"`` -> [2, 1.5, 3]: bits per coordinate (FibQuant takes fractional rates, TurboQuant whole ones)."""
+    try:
+        rates = [float(item) for item in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or any(rate <= 0 for rate in rates):
+        raise SystemExit(f"--bits: got {text!r}; expected positive rates such as 2,3 or 1.5")
+    return [int(rate) if rate.is_integer() else rate for rate in rates]
 
 
 def profile(call, reps: int) -> dict[str, float]:
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.reps,
         )
         del kv
-        for name, bits in itertools.product(args.codec.split(","), parse_sizes(args.bits, "bits")):
+        for name, bits in itertools.product(args.codec.split(","), parse_rates(args.bits)):
             codec = make_codec(name, dim, bits)
             codes = [random_codes(codec, (batch, kv_heads, context), gen) for _ in "kv"]
             kernels = profile(

@@ -41,11 +41,13 @@ def rel_error(got, want) -> float:
 @pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc.so) not found: set PYRAMIDKV_NVRTC")
 @pytest.mark.parametrize(
     ("dim", "kn", "rows", "shared", "row"),
-    list(
-        itertools.product(
-            (64, 128), ((4, 256), (2, 256), (2, 64)), mma_decode.ROW_CAPS, (True, False), (256, 128)
+    [
+        case
+        for case in itertools.product(
+            (64, 128), sorted(mma_decode.CODES), mma_decode.ROW_CAPS, (True, False), (256, 128)
         )
-    ),
+        if mma_decode.whole_bytes(case[0], *case[1])
+    ],
 )
 def test_every_variant_compiles_for_sm90(dim, kn, rows, shared, row):
     variant = mma_decode.MmaVariant(dim, kn[0], rows, 8, shared, kn[1], stages=3, row_bytes=row)
@@ -179,7 +181,16 @@ def test_index_rows_the_async_copies_cannot_read_are_copied_once():
 def test_which_codes_it_reads():
     assert mma_decode.unsupported(codec(128, 4), codec(128, 4), 128, 16) is None
     assert mma_decode.unsupported(codec(64, 2), codec(64, 2), 64, 1) is None
-    assert "(k, N) in" in mma_decode.unsupported(FibQuant(64, k=4, n=64), codec(64, 2), 64, 4)
+    assert "(k, N) in" in mma_decode.unsupported(FibQuant(64, k=4, n=32), codec(64, 2), 64, 4)
+    # 1.5 bits (k = 4, 6-bit indices): a lane's value indices are 12 bits at head dim 64, 24 at 128
+    assert "not whole bytes" in mma_decode.unsupported(
+        FibQuant(64, k=4, n=64), FibQuant(64, k=4, n=64), 64, 4
+    )
+    assert (
+        mma_decode.unsupported(FibQuant(128, k=4, n=64), FibQuant(128, k=4, n=64), 128, 4) is None
+    )
+    with pytest.raises(ValueError, match="not whole bytes"):
+        mma_decode.MmaVariant(64, 2, 4, n=32)
     assert mma_decode.unsupported(FibQuant(64, k=2, n=64), FibQuant(64, k=2, n=64), 64, 4) is None
     assert "share k and N" in mma_decode.unsupported(codec(64, 4), codec(64, 2), 64, 4)
     assert "head dim" in mma_decode.unsupported(codec(32, 4), codec(32, 4), 32, 4)
@@ -212,7 +223,12 @@ def test_which_codes_it_reads():
         (lambda: TurboQuant(64, 1), None),  # 8 coordinates per byte: no k = 8 table
         (lambda: TurboQuant(64, 5), None),
         (lambda: FibQuant(64, k=2, n=48), None),  # indices that do not fill their bits
-        (lambda: FibQuant(64, k=4, n=64), None),
+        (
+            lambda: FibQuant(64, k=4, n=64),
+            (4, 64, 1),
+        ),  # 1.5 bits (read at head dim 128: whole_bytes)
+        (lambda: FibQuant(64, k=2, n=8), (4, 64, 2)),  # two 3-bit indices of 2 coordinates
+        (lambda: FibQuant(64, k=4, n=32), None),  # 5-bit indices of 4 coordinates: no such table
     ],
 )
 def test_the_codewords_it_gathers(make, want):
@@ -255,11 +271,13 @@ def _block(dim, ck, cv, batch, kv_heads, slots, seed):
     ("dim", "make"),
     [
         *[(dim, functools.partial(codec, dim, k, n=n)) for dim, k, n in (
-            (128, 4, 256), (128, 2, 256), (64, 4, 256), (64, 2, 256), (128, 2, 64), (64, 2, 64))],
+            (128, 4, 256), (128, 2, 256), (64, 4, 256), (64, 2, 256), (128, 2, 64), (64, 2, 64),
+            (128, 4, 64), (128, 2, 32), (128, 2, 128))],  # 1.5, 2.5 and 3.5 bits: 6-, 5- and 7-bit indices
         # TurboQuant: 4, 2 and 2 scalar indices read as one (product tables)
         *[(dim, functools.partial(TurboQuant, dim, bits)) for dim, bits in ((128, 2), (64, 3), (128, 4))],
     ],
-    ids=["128-2bit", "128-4bit", "64-2bit", "64-4bit", "128-3bit", "64-3bit", "128-tq2", "64-tq3", "128-tq4"],
+    ids=["128-2bit", "128-4bit", "64-2bit", "64-4bit", "128-3bit", "64-3bit", "128-1.5bit", "128-2.5bit",
+         "128-3.5bit", "128-tq2", "64-tq3", "128-tq4"],
 )  # fmt: skip
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "q_len", "split"),
@@ -298,7 +316,9 @@ def test_matches_attention_over_decoded_codes(dim, make, q_heads, kv_heads, q_le
 
 @needs_gpu
 @pytest.mark.parametrize(("warps", "stages"), [(8, 3), (4, 4), (2, 8)])
-@pytest.mark.parametrize(("dim", "k", "n"), [(128, 4, 256), (128, 2, 64), (64, 2, 64)])
+@pytest.mark.parametrize(
+    ("dim", "k", "n"), [(128, 4, 256), (128, 2, 64), (64, 2, 64), (128, 2, 32)]
+)
 def test_rings_of_every_depth(warps, stages, dim, k, n):
     """Each warp's ring of index bytes wraps many times (one split: ~40 tiles per warp at 2 warps) and ends
     in a partial tile, at 16-byte (d = 128) and 8-byte copies (d = 64, 3 bits: 24-byte rows)."""

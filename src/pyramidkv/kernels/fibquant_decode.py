@@ -50,9 +50,10 @@ class DecodeTuning:
     whole codewords as one packed integer word each (k x 16 bits <= 64), one index and one gather per block
     of k coordinates instead of k (off until timed on a GPU); codebook_dtype: the dtype the
     codebook, the rotated query and the probabilities enter ``tl.dot`` in (fp16 halves the gathered bytes
-    and keeps 10 mantissa bits, as TF32 does); mma: read FibQuant and TurboQuant codes at 2, 3 and 4
-    bits per coordinate with the CUDA kernel of :mod:`.mma_decode` instead, where it runs (sm_80 or later, NVRTC
-    found, float16 codebook), with ``mma_warps`` warps per block (None: 8 or 4, whichever fills more of the
+    and keeps 10 mantissa bits, as TF32 does); mma: read the codes :func:`.mma_decode.unsupported` accepts
+    (FibQuant at 1.5 to 4 bits, TurboQuant at 2 to 4) with the CUDA kernel of :mod:`.mma_decode` instead,
+    where it runs (sm_80 or later, NVRTC found, float16 codebook), with ``mma_warps`` warps per block (None:
+    8 or 4, whichever fills more of the
     SMs' block slots, :func:`.mma_decode.filling_variant`) and a ring of ``mma_stages`` tiles per warp (None:
     :data:`.mma_decode.RING`).
     """

@@ -1,12 +1,15 @@
-"""Launcher of the CUDA decode kernel on FibQuant and TurboQuant codes at 2, 3 and 4 bits (``cuda/mma_decode.cu``).
+"""Launcher of the CUDA decode kernel on FibQuant codes at 1.5 to 4 bits and TurboQuant's at 2, 3 and 4
+(``cuda/mma_decode.cu``).
 
 FibQuant at 2 bits (k = 4) and 4 bits (k = 2) per coordinate stores one byte per codeword (N = 256, arXiv
-2605.11478), at 3 bits 6 bits per pair of coordinates (k = 2, N = 64). TurboQuant's scalar codes at the same
-rates are read as those: 4, 2 or 2 coordinates' indices at once, one index into their product table
-(:func:`gathered`). For those codes the CUDA kernel gathers codewords straight into ``mma.sync`` fragments from
-lane-private copies of the codebook in shared memory, where the Triton kernel of :mod:`.fibquant_decode`
-spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the same split partials
-into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits` take either.
+2605.11478), at 3 bits 6 bits per pair of coordinates (k = 2, N = 64); its fractional rates 1.5, 2.5 and 3.5
+take 6, 5 and 7 bits per codeword of 4, 2 and 2 coordinates (head dim 128: :func:`whole_bytes`). TurboQuant's
+scalar codes at 2, 3 and 4 bits are read as FibQuant's: 4, 2 or 2 coordinates' indices at once, one index into
+their product table (:func:`gathered`). For those codes the CUDA kernel gathers codewords straight into
+``mma.sync`` fragments from lane-private copies of the codebook in shared memory, where the Triton kernel of
+:mod:`.fibquant_decode` spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the
+same split partials into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits`
+take either.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from .cuda_module import CudaKernel, compile_cubin, nvrtc_found
 SOURCE = Path(__file__).with_name("cuda") / "mma_decode.cu"
 KERNEL_NAME = "fibquant_mma_decode"
 TILE = 16  # tokens per warp iteration (the kernel's TILE)
-CODES = {(4, 256), (2, 256), (2, 64)}  # (k, N): FibQuant at 2, 4 and 3 bits per coordinate
+# (k, N) of the codewords it gathers: FibQuant at 2, 4 and 3 bits per coordinate (8- and 6-bit indices), and at
+# 1.5, 2.5 and 3.5 (6-, 5- and 7-bit indices), where a lane's index bits are whole bytes (:func:`whole_bytes`)
+CODES = {(4, 256), (2, 256), (2, 64), (4, 64), (2, 32), (2, 128)}
 MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
 # the kernel's row layouts by the most rows they hold: 4 (values pair two coordinates per register), 8, 16
 ROW_CAPS = (4, 8, MAX_ROWS)
@@ -58,6 +63,14 @@ RING_SWIZZLE: dict[tuple[int, int, int, int], tuple[tuple[int, ...], tuple[int, 
     (128, 2, 256, 4): _SWIZZLE_4BIT,
     (128, 2, 256, 8): _SWIZZLE_4BIT,
 }
+
+
+def whole_bytes(dim: int, k: int, n: int) -> bool:
+    """Whether a lane's share of one key's indices (D / 4k of them) and of one value's (D / 8k) fill whole bytes:
+    each lane reads its own from a byte boundary of the token's packed indices. 8-bit indices always do; 5-, 6- and
+    7-bit ones at head dim 128, and 6-bit ones of k = 2 at 64."""
+    bits = n.bit_length() - 1
+    return all(dim // (lanes * k) * bits % 8 == 0 for lanes in (4, 8))
 
 
 def check_launch(
@@ -96,6 +109,10 @@ class MmaVariant:
             raise ValueError(f"k must be 2 or 4, got {self.k}")
         if (self.k, self.n) not in CODES:
             raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
+        if not whole_bytes(self.dim, self.k, self.n):
+            raise ValueError(
+                f"(k, n) = {(self.k, self.n)} at dim {self.dim}: a lane's index bits are not whole bytes"
+            )
         if self.rows not in ROW_CAPS:
             raise ValueError(f"rows must be one of {ROW_CAPS}, got {self.rows}")
         check_launch(self.warps, self.stages)
@@ -143,7 +160,7 @@ class MmaVariant:
 
 def gathered(codec: object) -> tuple[int, int, int] | None:
     """(k, N, group) of the codewords the kernel gathers for ``codec``'s codes, or None where it cannot read
-    them: the codec's own (k, N) where that is in ``CODES`` (FibQuant at 2, 3 and 4 bits, group 1), else
+    them: the codec's own (k, N) where that is in ``CODES`` (FibQuant at 1.5 to 4 bits, group 1), else
     ``group`` consecutive indices read as one index into their product table
     (:meth:`~pyramidkv.codecs.rotated.RotatedBlockCodec.grouped_codebook`) where that gives a (k, N) in
     ``CODES``: TurboQuant's scalar codes at 2 bits (4 coordinates per byte), 4 bits (2 per byte) and 3 bits
@@ -167,10 +184,10 @@ def table(codec: RotatedBlockCodec, device: torch.device) -> torch.Tensor:
 
 
 def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | None:
-    """Why the kernel cannot read these codes, or None: it reads codes of one index byte per codeword of
-    k = 4 or 2 coordinates (N = 256: 2 and 4 bits per coordinate) or 6-bit indices of k = 2 (N = 64: 3 bits),
-    FibQuant's or TurboQuant's grouped into them (:func:`gathered`), the same (k, N) for keys and values, at
-    head dims 64 and 128, for at most 16 query rows per KV head."""
+    """Why the kernel cannot read these codes, or None: it reads codes of a (k, N) in ``CODES`` (codewords of
+    k = 4 or 2 coordinates, indices of 5 to 8 bits), FibQuant's or TurboQuant's grouped into one
+    (:func:`gathered`), the same (k, N) for keys and values, at head dims 64 and 128 where a lane's index bits
+    are whole bytes (:func:`whole_bytes`), for at most 16 query rows per KV head."""
     views = []
     for name, codec in (("key codec", codec_k), ("value codec", codec_v)):
         view = gathered(codec)
@@ -184,6 +201,8 @@ def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | 
         return f"keys and values must share k and N; got {views[0]} and {views[1]}"
     if dim not in (64, 128) or codec_k.d != dim or codec_v.d != dim:
         return f"head dim must be 64 or 128, got {dim}"
+    if not whole_bytes(dim, *views[0]):
+        return f"(k, N) = {views[0]} at head dim {dim}: a lane's index bits are not whole bytes (use head dim 128)"
     if rows > MAX_ROWS:
         return f"at most {MAX_ROWS} query rows per KV head (G x q_len), got {rows}"
     return None

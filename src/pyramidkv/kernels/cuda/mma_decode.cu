@@ -21,9 +21,9 @@
 // each lane's copies of a tile form one cp.async group, so waiting for a tile is a group count (NOTES.md, v9).
 //
 // Compile-time constants (prepended as #defines by kernels/mma_decode.py): D head dim (64 or 128), KC
-// codeword length (2 or 4), W index bits (8: N = 256, 2 or 4 bits per coordinate; 6: N = 64, k = 2,
-// 3 bits), ROWS_CAP (the most query rows per KV head the variant holds: 4, 8 or 16), NW warps per block,
-// SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
+// codeword length (2 or 4), W index bits (8: N = 256, 2 or 4 bits per coordinate; 6: N = 64, 3 bits at k = 2,
+// 1.5 at k = 4; 5 and 7: 2.5 and 3.5 bits at k = 2), ROWS_CAP (the most query rows per KV head the variant
+// holds: 4, 8 or 16), NW warps per block, SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
 // codeword's row in the table: 256, or 128 where two blocks of 256-byte rows do not fit an SM's shared memory),
 // SWIZZLED, ROW_PERM and CHUNK_XOR (whether the ring slots are swizzled, and how: see slot_byte).
 
@@ -31,7 +31,7 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#define N_CODES (1 << W)                // codewords; W-bit indices, W = 6 or 8
+#define N_CODES (1 << W)                // codewords; W-bit indices, W = 5 to 8
 #define WORDS (KC / 2)                  // 32-bit words per codeword
 #define COPIES (32 / WORDS)             // lane-private copies: one bank per lane and word
 // Table rows of 256 bytes hold the key codeword's copies in bytes 0..127 and the value codeword's in 128..255;
