@@ -386,20 +386,22 @@ def test_what_a_static_cache_with_codes_refuses():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-@pytest.mark.parametrize("codec", ["fibquant:2", "turboquant:2"])
-def test_a_cuda_graph_replays_the_step_with_codes(codec):
-    """On a GPU: head dim 64 (FibQuant's and TurboQuant's 2-bit codes go through the mma kernel), float16,
-    residual 4 so tokens leave the window during the replays. The replayed graph's logits equal eager
-    decoding's through the same cache; eager decoding through the kernels agrees with the torch reference
-    path."""
+@pytest.mark.parametrize(
+    ("codec", "head_dim"), [("fibquant:2", 64), ("turboquant:2", 64), ("fibquant:2.5", 128)]
+)
+def test_a_cuda_graph_replays_the_step_with_codes(codec, head_dim):
+    """On a GPU, codes the mma kernel reads (FibQuant's and TurboQuant's 2-bit at head dim 64, FibQuant's 5-bit
+    indices at 128, packed in the graph), float16, residual 4 so tokens leave the window during the replays. The
+    replayed graph's logits equal eager decoding's through the same cache; eager decoding through the kernels
+    agrees with the torch reference path."""
     from pyramidkv.kernels import mma_decode
 
-    model = make_tiny("llama", head_dim=64).to("cuda", torch.float16)
+    model = make_tiny("llama", head_dim=head_dim).to("cuda", torch.float16)
     ids, mask = (t.cuda() for t in _batch())
     with torch.no_grad():
         source = CompressedCache(model, "pyramidkv", "30%", codec=codec, residual=RESIDUAL)
         codecs = source.layers[0].coded.codecs
-        assert mma_decode.usable(codecs.keys, codecs.values, 64, 2, torch.device("cuda"))
+        assert mma_decode.usable(codecs.keys, codecs.values, head_dim, 2, torch.device("cuda"))
         first = model(ids, attention_mask=mask, **cache_kwargs(model, source)).logits[:, -1]
         token = first.argmax(-1, keepdim=True)
         with StaticCompressedCache(model, source, max_new_tokens=STEPS + 3) as static:
