@@ -38,7 +38,7 @@ def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Ten
     ``check=False`` skips the range check, a read of the indices on the host: the static-shape operations
     that remain can run inside a CUDA graph (:mod:`pyramidkv.static_codes`), whose indices come from an
     ``argmin`` and are in range by construction; there a decode step packs two codes per layer, so the
-    number of operations counts (:func:`_pack_groups`: 3 for 2-bit indices, 6 for 6-bit ones).
+    number of operations counts (:func:`_pack_groups`: 4 for 2- and 4-bit indices, 7 for 3- and 6-bit ones).
     """
     _check_bits(bits)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:

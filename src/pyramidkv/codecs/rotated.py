@@ -104,7 +104,7 @@ class RotatedBlockCodec(Codec):
         The packed indices of a vector are one little-endian bit stream (:mod:`.packing`), so where N is
         2^index_bits the indices of blocks m group .. (m + 1) group - 1 are exactly the bits of one index of
         group index_bits bits into this table. That is how the CUDA decode kernel, which gathers codewords of
-        2 or 4 coordinates by 6- or 8-bit indices, reads TurboQuant's scalar codes: at 2 bits four coordinates
+        2 or 4 coordinates by 5- to 8-bit indices, reads TurboQuant's scalar codes: at 2 bits four coordinates
         per byte, at 4 bits two per byte, at 3 bits two per 6 bits (:mod:`pyramidkv.kernels.mma_decode`)."""
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"group must be a positive integer, got {group!r}")
