@@ -230,23 +230,34 @@ def test_random_inputs_never_crash_or_nan(data, config, lead, dtype):
         (TurboQuant(64, 3), 2),
         (TurboQuant(32, 4), 2),
         (FibQuant(32, k=2, n=16), 2),
+        (FibQuant(32, k=4, n=256), 1),
+        (TurboQuant(32, 1), 8),
     ],
-    ids=["turbo2-by4", "turbo3-by2", "turbo4-by2", "fib-k2-n16-by2"],
+    ids=["turbo2-by4", "turbo3-by2", "turbo4-by2", "fib-k2-n16-by2", "fib-bytes", "turbo1-by8"],
 )
 def test_grouped_codebook_reads_the_packed_stream_group_indices_at_once(codec, group):
     """Decoding through the product table, the packed bytes read ``group * index_bits`` bits per index, gives
-    the codec's own decode (float64): the bit stream's order is the table's."""
+    the decode of one codeword per index (float64): the bit stream's order is the table's. So do the codec's
+    ``decode`` and ``decode_rotated``, which read whole-byte indices through that table."""
     from pyramidkv.codecs.packing import unpack_bits
 
     torch.manual_seed(group)
     codes = codec.encode(torch.randn(5, 7, codec.d, dtype=torch.float64))
     table = codec.grouped_codebook(group, "cpu", torch.float64)
     assert table.shape == (codec.n**group, group * codec.k)
+    rotation, codebook = codec.tensors("cpu", torch.float64)
+    norms = codes.norms.double().unsqueeze(-1)
+    # the obvious decode: one index at a time (unpack_bits is held to a bit-by-bit packer elsewhere)
+    single = unpack_bits(codes.indices, codec.index_bits, codec.blocks)
+    rotated = codebook[single].reshape(5, 7, codec.d) * norms
     joined = unpack_bits(codes.indices, group * codec.index_bits, codec.blocks // group)
-    rotation = codec.tensors("cpu", torch.float64)[0]
-    unit = table[joined].reshape(5, 7, codec.d)
-    got = (unit @ rotation) * codes.norms.double().unsqueeze(-1)
-    torch.testing.assert_close(got, codec.decode(codes, torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        table[joined].reshape(5, 7, codec.d) * norms, rotated, rtol=0, atol=0
+    )
+    torch.testing.assert_close(codec.decode_rotated(codes, torch.float64), rotated, rtol=0, atol=0)
+    torch.testing.assert_close(
+        codec.decode(codes, torch.float64), rotated @ rotation, rtol=0, atol=1e-12
+    )
     assert codec.grouped_codebook(group, "cpu", torch.float64) is table  # cached
     assert torch.equal(
         codec.grouped_codebook(1, "cpu", torch.float64), codec.tensors("cpu", torch.float64)[1]

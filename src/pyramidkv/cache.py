@@ -23,9 +23,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import attention
 from .accounting import kv_geometry
 from .budgets import Budget, MemoryBudget, parse_budget, parse_memory
+from .codecs import RotatedBlockCodec
 from .coded import CodecPair, CodedBlocks, make_codecs
 from .errors import PyramidKVError, UnsupportedModelError
 from .kernels import check_kernel, chunked_attention, fused_attention, use_fused
+from .kernels.rotated_space import rotated_attention
 from .policies import Policy, get_policy, select
 
 
@@ -112,16 +114,22 @@ class CompressedLayer(CacheLayerMixin):
     def attend_codes(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of (batch, q_heads, q_len, dim) queries over coded blocks, then the fp16 recent window.
 
-        The fused kernel reads the codes directly (on CUDA with ``kernel="auto"``, or when forced); the torch
-        reference decodes one block at a time.
+        The fused kernel reads the codes directly (on CUDA with ``kernel="auto"``, or when forced); elsewhere
+        FibQuant and TurboQuant codes are attended in torch in their rotated space (:mod:`.kernels.rotated_space`),
+        and KIVI's decoded one block at a time.
         Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
         """
         if self._fused(query.device):
             return fused_attention(query, self.coded, self.keys, self.values, scaling)
         q_len, recent = query.shape[-2], self.keys.shape[-2]
         causal = _causal(recent, q_len, query.device)[None, None]
-        chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
-        return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
+        codecs = self.coded.codecs
+        if all(isinstance(c, RotatedBlockCodec) for c in (codecs.keys, codecs.values)):
+            out = rotated_attention(query, self.coded, self.keys, self.values, causal, scaling)
+        else:
+            chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
+            out = chunked_attention(query, chunks, scaling)
+        return out.transpose(1, 2).contiguous()
 
     def attention_inputs(self, q_len: int, q_heads: int, as_float: bool):
         """Keys, values (kept then recent) and a mask for ``q_len`` new queries; ``None`` when nothing is masked.

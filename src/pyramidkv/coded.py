@@ -116,6 +116,13 @@ class _Block:
         torch.Tensor | None
     )  # (batch, kv_heads) for the ragged prompt block, else every slot is valid
 
+    def visible(self, device: torch.device) -> torch.Tensor | None:
+        """(batch, kv_heads, 1, tokens) bool, which slots of a ragged block hold a token; None when all do."""
+        if self.lengths is None:
+            return None
+        slots = torch.arange(self.tokens, device=device)
+        return (slots < self.lengths[..., None]).unsqueeze(-2)
+
 
 def _join(first: Codes, then: Codes) -> Codes | None:
     """``first`` followed by ``then`` along the token axis, for codes stored per token (FibQuant, TurboQuant);
@@ -206,11 +213,7 @@ class CodedBlocks:
         for block in self.blocks:
             keys = self.codecs.keys.decode(block.keys, dtype)
             values = self.codecs.values.decode(block.values, dtype)
-            visible = None
-            if block.lengths is not None:
-                slots = torch.arange(block.tokens, device=keys.device)
-                visible = (slots < block.lengths[..., None]).unsqueeze(-2)
-            yield keys, values, visible
+            yield keys, values, block.visible(keys.device)
 
     def nbytes(self) -> int:
         """Bytes of the codes. A ragged block's ``lengths`` is the layer's own tensor, counted by the layer."""

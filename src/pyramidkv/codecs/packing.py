@@ -109,7 +109,29 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"packed must end in a dimension of {nbytes} bytes for count={count}, bits={bits}, "
             f"got shape {tuple(packed.shape)}"
         )
-    first, offset = _positions(count, bits, packed.device)
-    padded = torch.nn.functional.pad(packed.reshape(-1, nbytes), (0, 2)).int()
-    window = padded[:, first] | (padded[:, first + 1] << 8) | (padded[:, first + 2] << 16)
-    return ((window >> offset) & ((1 << bits) - 1)).long().reshape(*packed.shape[:-1], count)
+    flat = packed.reshape(-1, nbytes)
+    if _group(bits) * bits <= GROUP_BITS:
+        indices = _unpack_groups(flat, bits, count)
+    else:
+        first, offset = _positions(count, bits, packed.device)
+        padded = torch.nn.functional.pad(flat, (0, 2)).int()
+        window = padded[:, first] | (padded[:, first + 1] << 8) | (padded[:, first + 2] << 16)
+        indices = ((window >> offset) & ((1 << bits) - 1)).long()
+    return indices.reshape(*packed.shape[:-1], count)
+
+
+def _unpack_groups(flat: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """(P, bytes) -> (P, count) indices, :func:`_pack_groups` backwards: each group of lcm(bits, 8) / 8 bytes is
+    one integer, whose g = lcm(bits, 8) / bits fields of ``bits`` bits are the indices."""
+    group = _group(bits)
+    per_group, device, mask = group * bits // 8, flat.device, (1 << bits) - 1
+    if per_group == 1:  # whole indices per byte (1, 2, 4, 8 bits)
+        value = flat.long()
+    else:
+        padded = torch.nn.functional.pad(flat, (0, -flat.shape[1] % per_group))
+        grouped = padded.long().reshape(flat.shape[0], padded.shape[1] // per_group, per_group)
+        value = (grouped << torch.arange(0, 8 * per_group, 8, device=device)).sum(-1)
+    if group == 1:  # one index per group
+        return value[:, :count]
+    fields = (value.unsqueeze(-1) >> torch.arange(0, group * bits, bits, device=device)) & mask
+    return fields.reshape(flat.shape[0], value.shape[1] * group)[:, :count]

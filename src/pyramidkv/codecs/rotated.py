@@ -172,6 +172,28 @@ class RotatedBlockCodec(Codec):
         """``x_hat[..., d]`` = nu * (concatenated codewords) @ Pi, in ``dtype`` (default: the encoded dtype)."""
         dtype = codes.dtype if dtype is None else dtype
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        rotation, codebook = self.tensors(codes.indices.device, compute)
-        unit = codebook[self.unpack(codes)].reshape(*codes.shape, self.d)
+        rotation = self.tensors(codes.indices.device, compute)[0]
+        unit = self._codewords(codes, compute)
         return ((unit @ rotation) * codes.norms.to(compute).unsqueeze(-1)).to(dtype)
+
+    def decode_rotated(
+        self, codes: VectorCodes, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """``x_hat Pi^T = nu * (concatenated codewords)``, ``[..., d]`` in ``dtype``: the decoded vectors in the
+        rotated space, without the d x d product per vector that :meth:`decode` spends rotating them back.
+        Attention needs no more: Pi is orthogonal, so ``q . x_hat = (q Pi^T) . (x_hat Pi^T)`` and a weighted
+        sum of values rotates back once (:mod:`pyramidkv.kernels.rotated_space`)."""
+        unit = self._codewords(codes, dtype)
+        return unit * codes.norms.to(dtype).unsqueeze(-1)
+
+    def _codewords(self, codes: VectorCodes, dtype: torch.dtype) -> torch.Tensor:
+        """The concatenated codewords of ``codes``, ``[..., d]`` in ``dtype``. Where whole bytes hold whole
+        indices (1, 2, 4 or 8 bits, N filling them), each byte is one index into :meth:`grouped_codebook`: a
+        single gather, no unpacking; otherwise the indices are unpacked first."""
+        device = codes.indices.device
+        if 8 % self.index_bits or self.n != 1 << self.index_bits:
+            codebook = self.tensors(device, dtype)[1]
+            return codebook[self.unpack(codes)].reshape(*codes.shape, self.d)
+        table = self.grouped_codebook(8 // self.index_bits, device, dtype)
+        words = table[codes.indices.long()]  # (..., bytes, coordinates per byte)
+        return words.reshape(*codes.shape, words.shape[-2] * words.shape[-1])[..., : self.d]
