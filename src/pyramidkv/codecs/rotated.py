@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .base import FP16_MAX, Codec, Codes, check_input
 from .lloyd import nearest_codeword, score_budget
@@ -191,9 +192,10 @@ class RotatedBlockCodec(Codec):
         indices (1, 2, 4 or 8 bits, N filling them), each byte is one index into :meth:`grouped_codebook`: a
         single gather, no unpacking; otherwise the indices are unpacked first."""
         device = codes.indices.device
+        # embedding() is index_select: ~3x faster than advanced indexing for these rows on a CPU
         if 8 % self.index_bits or self.n != 1 << self.index_bits:
             codebook = self.tensors(device, dtype)[1]
-            return codebook[self.unpack(codes)].reshape(*codes.shape, self.d)
+            return F.embedding(self.unpack(codes), codebook).reshape(*codes.shape, self.d)
         table = self.grouped_codebook(8 // self.index_bits, device, dtype)
-        words = table[codes.indices.long()]  # (..., bytes, coordinates per byte)
+        words = F.embedding(codes.indices.int(), table)  # (..., bytes, coordinates per byte)
         return words.reshape(*codes.shape, words.shape[-2] * words.shape[-1])[..., : self.d]
