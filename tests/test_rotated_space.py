@@ -34,7 +34,8 @@ def test_matches_attention_over_decoded_codes(codecs, q_len):
     window_k, window_v = torch.randn(2, 2, 5, 32) * 2, torch.randn(2, 2, 5, 32)
     causal = (torch.arange(5)[None, :] <= 5 - q_len + torch.arange(q_len)[:, None])[None, None]
     query = torch.randn(2, 6, q_len, 32, dtype=torch.float64)
-    got = rotated_attention(query, coded, window_k, window_v, causal, 0.3)
+    blocks = [(block.keys, block.values, block.visible(query.device)) for block in coded.blocks]
+    got = rotated_attention(query, codecs, blocks, window_k, window_v, causal, 0.3)
     decoded = [*coded.chunks(q_len, torch.float64), (window_k.double(), window_v.double(), causal)]
     want = chunked_attention(query, decoded, 0.3)
     assert got.dtype == torch.float64

@@ -125,7 +125,8 @@ class CompressedLayer(CacheLayerMixin):
         causal = _causal(recent, q_len, query.device)[None, None]
         codecs = self.coded.codecs
         if all(isinstance(c, RotatedBlockCodec) for c in (codecs.keys, codecs.values)):
-            out = rotated_attention(query, self.coded, self.keys, self.values, causal, scaling)
+            blocks = [(b.keys, b.values, b.visible(query.device)) for b in self.coded.blocks]
+            out = rotated_attention(query, codecs, blocks, self.keys, self.values, causal, scaling)
         else:
             chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
             out = chunked_attention(query, chunks, scaling)

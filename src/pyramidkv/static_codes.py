@@ -23,8 +23,8 @@ Attention (one new token per step): on CUDA (or with ``kernel="triton"``) the qu
 decode kernel writes the store's split partials into a workspace allocated at the first step, and one
 :func:`~pyramidkv.kernels.epilogue.decode_epilogue` launch attends over the ring as its window (with the
 mask of the slots that hold a token: they fill in ring order), merges, rotates back and writes the
-model's layout. Elsewhere the torch reference decodes the store and attends with
-:func:`~pyramidkv.kernels.chunked_attention`. No step reads a device value on the host.
+model's layout. Elsewhere torch attends over the store in the codecs' rotated space, as the dynamic cache does
+(:func:`~pyramidkv.kernels.rotated_space.rotated_attention`). No step reads a device value on the host.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from . import attention
 from .codecs import VectorCodes
 from .codecs.packing import pack_bits, packed_bytes
 from .codecs.rotated import RotatedBlockCodec
-from .kernels import chunked_attention
 from .kernels.epilogue import decode_epilogue
 from .kernels.fibquant_decode import (
     DEFAULT_TUNING,
@@ -47,6 +46,7 @@ from .kernels.fibquant_decode import (
 from .kernels.fibquant_encode import encode_buffers, encode_tables, launch_encode
 from .kernels.mma_decode import MmaVariant
 from .kernels.ring_commit import commit
+from .kernels.rotated_space import rotated_attention
 from .static_layer import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
@@ -219,12 +219,12 @@ class StaticCodedLayer(StaticLayerBase):
         """Attention of (batch, q_heads, 1, d) queries over the store and the ring; (batch, 1, q_heads, d)."""
         if self.fused:
             return self._attend_fused(query, scaling)
-        codec_k, codec_v = self.codecs.keys, self.codecs.values
-        keys = codec_k.decode(self.store[0], self.dtype)
-        values = codec_v.decode(self.store[1], self.dtype)
         coded = (self.slots < self.lengths.unsqueeze(-1)).unsqueeze(-2)
-        chunks = [(keys, values, coded), (self.keys, self.values, self.visible.view(1, 1, 1, -1))]
-        return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
+        window = self.visible.view(1, 1, 1, -1)
+        out = rotated_attention(
+            query, self.codecs, [(*self.store, coded)], self.keys, self.values, window, scaling
+        )
+        return out.transpose(1, 2).contiguous()
 
     def _plan(self, rows: int) -> tuple[MmaVariant | None, int, tuple]:
         """Kernel and split of the store for ``rows`` query rows per KV head, and its workspace: chosen and

@@ -12,32 +12,44 @@ and the output is rotated back once: d^2 work per query row and window token ins
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
+from ..codecs.rotated import VectorCodes
 from .reference import chunked_attention
 
 
 def rotated_attention(
     query: torch.Tensor,
-    coded,
+    codecs,
+    blocks: Iterable[tuple[VectorCodes, VectorCodes, torch.Tensor | None]],
     recent_keys: torch.Tensor,
     recent_values: torch.Tensor,
-    causal: torch.Tensor,
+    recent_visible: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Attention of ``query`` (batch, q_heads, q_len, d) over ``coded`` (:class:`~pyramidkv.coded.CodedBlocks`
-    of rotated-block codecs) and then the window ``recent_keys`` / ``recent_values`` (batch, kv_heads, r, d),
-    whose slots ``causal`` (broadcastable to (batch, kv_heads, q_len, r)) marks visible: (batch, q_heads, q_len,
-    d) in the query's dtype, float32 arithmetic as :func:`.reference.chunked_attention`."""
-    codec_k, codec_v = coded.codecs.keys, coded.codecs.values
+    """Attention of ``query`` (batch, q_heads, q_len, d) over ``blocks`` of codes of ``codecs`` (a
+    :class:`~pyramidkv.coded.CodecPair` of rotated-block codecs), each ``(keys, values, visible)`` with codes
+    of (batch, kv_heads, s) vectors and ``visible`` as in :func:`.reference.chunked_attention`, then over the
+    window ``recent_keys`` / ``recent_values`` (batch, kv_heads, r, d), of which ``recent_visible`` marks the
+    slots each query sees: (batch, q_heads, q_len, d) in the query's dtype, float32 arithmetic as
+    :func:`.reference.chunked_attention`."""
     compute = torch.float32
-    rot_k = codec_k.tensors(query.device, compute)[0]
-    rot_v = codec_v.tensors(query.device, compute)[0]
-    chunks = []
-    for block in coded.blocks:
-        keys = codec_k.decode_rotated(block.keys, compute)
-        values = codec_v.decode_rotated(block.values, compute)
-        chunks.append((keys, values, block.visible(query.device)))
-    window = (recent_keys.to(compute) @ rot_k.T, recent_values.to(compute) @ rot_v.T, causal)
+    rot_k = codecs.keys.tensors(query.device, compute)[0]
+    rot_v = codecs.values.tensors(query.device, compute)[0]
+    chunks = [
+        (
+            codecs.keys.decode_rotated(keys, compute),
+            codecs.values.decode_rotated(values, compute),
+            visible,
+        )
+        for keys, values, visible in blocks
+    ]
+    window = (
+        recent_keys.to(compute) @ rot_k.T,
+        recent_values.to(compute) @ rot_v.T,
+        recent_visible,
+    )
     out = chunked_attention(query.to(compute) @ rot_k.T, [*chunks, window], scaling)
     return (out @ rot_v).to(query.dtype)
