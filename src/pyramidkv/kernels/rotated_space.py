@@ -1,4 +1,4 @@
-"""Attention over FibQuant and TurboQuant codes in the codecs' rotated space, in torch: the path off CUDA.
+"""Attention over FibQuant and TurboQuant codes in the codecs' rotated space, in torch: where no fused kernel runs.
 
 Decoding a code to x_hat costs a d x d product per vector (the rotation back, x_hat = nu u Pi), and a decode
 step attends over every coded token, so the decode-then-attend reference (:func:`.reference.chunked_attention`
