@@ -119,9 +119,9 @@ def parse_grid(text: str) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)] if axes else []
 
 
-def make_codec(name: str, dim: int, bits: int) -> RotatedBlockCodec:
-    """FibQuant at ``bits`` per coordinate (its own (k, N): 2 -> (4, 256), 3 -> (2, 64), 4 -> (2, 256)) or
-    TurboQuant-mse (k = 1)."""
+def make_codec(name: str, dim: int, bits: float) -> RotatedBlockCodec:
+    """FibQuant at ``bits`` per coordinate (its own (k, N): 2 -> (4, 256), 3 -> (2, 64), 4 -> (2, 256); fractional
+    rates too) or TurboQuant-mse (k = 1, whole bits)."""
     if name == "fibquant":
         return FibQuant(dim, bits=bits)
     if name == "turboquant":
@@ -139,7 +139,7 @@ def random_codes(
     """
     device = generator.device
     nbytes = packed_bytes(codec.blocks, codec.index_bits)
-    if codec.n == 1 << codec.index_bits:
+    if codec.full_indices:
         size = (*shape, nbytes)
         indices = torch.randint(0, 256, size, dtype=torch.uint8, device=device, generator=generator)
     else:

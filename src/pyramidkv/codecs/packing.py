@@ -52,9 +52,7 @@ def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Ten
         )
     *lead, count = indices.shape
     flat = indices.reshape(-1, count)
-    packed = (
-        _pack_groups(flat, bits) if _group(bits) * bits <= GROUP_BITS else _pack_spans(flat, bits)
-    )
+    packed = _pack_groups(flat, bits) if _groups_fit(bits) else _pack_spans(flat, bits)
     return packed.reshape(*lead, packed_bytes(count, bits))
 
 
@@ -65,6 +63,11 @@ GROUP_BITS = 56
 def _group(bits: int) -> int:
     """Indices per group of whole bytes: lcm(bits, 8) / bits."""
     return 8 // math.gcd(bits, 8)
+
+
+def _groups_fit(bits: int) -> bool:
+    """Whether a group of whole bytes fits the int64 that :func:`_pack_groups` and :func:`_unpack_groups` sum it in."""
+    return _group(bits) * bits <= GROUP_BITS
 
 
 def _pack_groups(flat: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,7 +113,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"got shape {tuple(packed.shape)}"
         )
     flat = packed.reshape(-1, nbytes)
-    if _group(bits) * bits <= GROUP_BITS:
+    if _groups_fit(bits):
         indices = _unpack_groups(flat, bits, count)
     else:
         first, offset = _positions(count, bits, packed.device)

@@ -72,6 +72,12 @@ class RotatedBlockCodec(Codec):
         return max(1, math.ceil(math.log2(self.n)))
 
     @property
+    def full_indices(self) -> bool:
+        """Whether every ``index_bits``-bit pattern is a codeword's index (N = 2^index_bits): then any run of
+        packed bits is a valid index, read alone or several at once (:meth:`grouped_codebook`)."""
+        return self.n == 1 << self.index_bits
+
+    @property
     def rate(self) -> float:
         """Nominal rate log2(N) / k bits per coordinate (the paper's b, without the norm)."""
         return math.log2(self.n) / self.k
@@ -109,7 +115,7 @@ class RotatedBlockCodec(Codec):
         per byte, at 4 bits two per byte, at 3 bits two per 6 bits (:mod:`pyramidkv.kernels.mma_decode`)."""
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"group must be a positive integer, got {group!r}")
-        if group > 1 and self.n != 1 << self.index_bits:
+        if group > 1 and not self.full_indices:
             raise ValueError(
                 f"group: indices of N = {self.n} codewords (not a power of two) cannot be read {group} at once"
             )
@@ -193,7 +199,7 @@ class RotatedBlockCodec(Codec):
         single gather, no unpacking; otherwise the indices are unpacked first."""
         device = codes.indices.device
         # embedding() is index_select: ~3x faster than advanced indexing for these rows on a CPU
-        if 8 % self.index_bits or self.n != 1 << self.index_bits:
+        if 8 % self.index_bits or not self.full_indices:
             codebook = self.tensors(device, dtype)[1]
             return F.embedding(self.unpack(codes), codebook).reshape(*codes.shape, self.d)
         table = self.grouped_codebook(8 // self.index_bits, device, dtype)

@@ -53,9 +53,8 @@ class DecodeTuning:
     and keeps 10 mantissa bits, as TF32 does); mma: read the codes :func:`.mma_decode.unsupported` accepts
     (FibQuant at 1.5 to 4 bits, TurboQuant at 2 to 4) with the CUDA kernel of :mod:`.mma_decode` instead,
     where it runs (sm_80 or later, NVRTC found, float16 codebook), with ``mma_warps`` warps per block (None:
-    8 or 4, whichever fills more of the
-    SMs' block slots, :func:`.mma_decode.filling_variant`) and a ring of ``mma_stages`` tiles per warp (None:
-    :data:`.mma_decode.RING`).
+    8 or 4, whichever fills more of the SMs' block slots, :func:`.mma_decode.filling_variant`) and a ring of
+    ``mma_stages`` tiles per warp (None: :data:`.mma_decode.RING`).
     """
 
     block: int = 64

@@ -169,7 +169,7 @@ def gathered(codec: object) -> tuple[int, int, int] | None:
         return None
     if (codec.k, codec.n) in CODES:
         return codec.k, codec.n, 1
-    if codec.n != 1 << codec.index_bits:
+    if not codec.full_indices:
         return None
     for k, n in sorted(CODES):
         group = k // codec.k
