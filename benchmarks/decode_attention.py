@@ -96,6 +96,18 @@ def parse_sizes(text: str, name: str) -> list[int]:
     return sizes
 
 
+def parse_rates(text: str, name: str) -> list[float]:
+    """``"2,1.5,3"`` -> ``[2, 1.5, 3]``: bits per coordinate (FibQuant takes fractional rates, TurboQuant whole
+    ones); whole rates stay ints, so they name the same rows and targets as before."""
+    try:
+        rates = [float(item) for item in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or any(not rate > 0 for rate in rates):
+        raise ValueError(f"{name}: got {text!r}; expected positive rates such as 2,3 or 1.5")
+    return [int(rate) if rate.is_integer() else rate for rate in rates]
+
+
 def parse_grid(text: str) -> list[dict]:
     """``"block=16,32 num_warps=4,8"`` -> every combination as keywords; ints, true/false, dtype names."""
 
@@ -205,7 +217,7 @@ class Bench:
     kernel: Kernel
     timer: Timer
     tune_at: tuple
-    tune_bits: set[int]
+    tune_bits: set[float]
     variants: list[dict]
     copy_gbps: float = 0.0
     tune_all: bool = False
@@ -232,7 +244,9 @@ class Bench:
         try:
             codec = make_codec(codec_name, dim, bits)
             row.update(k=codec.k, n=codec.n, index_bits=codec.index_bits)
-            generator = torch.Generator(device=query.device).manual_seed(bits)
+            # a seed per rate; whole rates keep the seeds (the codes) of the runs before fractional ones
+            seed = int(bits) if float(bits).is_integer() else int(bits * 1000)
+            generator = torch.Generator(device=query.device).manual_seed(seed)
             codes = [random_codes(codec, (batch, kv_heads, context), generator) for _ in "kv"]
         except Exception as error:
             return {**row, "error": describe(error)}
@@ -371,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape, batch, context = opts["tune_at"].split(",")
     tune_at = (parse_heads(shape)[0], *(parse_sizes(s, "tune-at")[0] for s in (batch, context)))
     timer = Timer(device, opts["budget_ms"], min_reps=5 if device.type == "cuda" else 1)
-    tune_bits = set(parse_sizes(args.tune_bits, "tune-bits"))
+    tune_bits = set(parse_rates(args.tune_bits, "tune-bits"))
     bench = Bench(
         kernel, timer, tune_at, tune_bits, parse_grid(opts["tune"]), tune_all=args.tune_all
     )
@@ -391,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         sizes = (parse_sizes(opts["batch"], "batch"), parse_sizes(opts["context"], "context"))
         for shape, batch, context in itertools.product(parse_heads(opts["heads"]), *sizes):
-            codecs, bits = args.codec.split(","), parse_sizes(opts["bits"], "bits")
+            codecs, bits = args.codec.split(","), parse_rates(opts["bits"], "bits")
             rows += bench.shape_rows(shape, batch, context, codecs, bits)
     finally:
         torch.set_num_threads(threads)

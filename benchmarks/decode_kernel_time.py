@@ -23,21 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import machine  # sibling script
-from decode_attention import make_codec, parse_heads, parse_sizes, random_codes
+from decode_attention import make_codec, parse_heads, parse_rates, parse_sizes, random_codes
 from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def parse_rates(text: str) -> list[float]:
-    """``"2,1.5,3"`` -> [2, 1.5, 3]: bits per coordinate (FibQuant takes fractional rates, TurboQuant whole ones)."""
-    try:
-        rates = [float(item) for item in text.split(",")]
-    except ValueError:
-        rates = []
-    if not rates or any(rate <= 0 for rate in rates):
-        raise SystemExit(f"--bits: got {text!r}; expected positive rates such as 2,3 or 1.5")
-    return [int(rate) if rate.is_integer() else rate for rate in rates]
 
 
 def profile(call, reps: int) -> dict[str, float]:
@@ -91,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.reps,
         )
         del kv
-        for name, bits in itertools.product(args.codec.split(","), parse_rates(args.bits)):
+        for name, bits in itertools.product(args.codec.split(","), parse_rates(args.bits, "bits")):
             codec = make_codec(name, dim, bits)
             codes = [random_codes(codec, (batch, kv_heads, context), gen) for _ in "kv"]
             kernels = profile(

@@ -29,6 +29,8 @@ bench = load_benchmark("decode_attention")
 def test_parsers():
     assert bench.parse_heads("32/8x128,9/3x64") == [(32, 8, 128), (9, 3, 64)]
     assert bench.parse_sizes("8k,128K,200,1m", "context") == [8192, 131072, 200, 1 << 20]
+    assert bench.parse_rates("2,1.5,3", "bits") == [2, 1.5, 3]
+    assert isinstance(bench.parse_rates("4", "bits")[0], int)  # whole rates name TARGETS' rows
     grid = bench.parse_grid("block=16,32 num_warps=4;codebook_dtype=float32 shared_gather=false")
     assert grid == [
         {"block": b, "num_warps": 4, "codebook_dtype": torch.float32, "shared_gather": False}
@@ -40,6 +42,10 @@ def test_parsers():
         ("6/4x64", lambda: bench.parse_heads("6/4x64")),
         ("8q", lambda: bench.parse_sizes("8q", "context")),
         ("0", lambda: bench.parse_sizes("0", "batch")),
+        *(
+            (f"bits: got '{r}'", lambda r=r: bench.parse_rates(r, "bits"))
+            for r in ("0", "two", "2,-1", "nan")
+        ),
         ("block", lambda: bench.parse_grid("block")),
         ("fp8", lambda: bench.parse_grid("codebook_dtype=fp8")),
     ]:
@@ -135,17 +141,18 @@ def test_smoke_run_writes_the_table_json(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "decode.json"
     bench.main(
-        "--smoke --heads 4/2x16 --batch 1 --context 40 --bits 2,3,4 --tune-at 4/2x16,1,40 "
+        "--smoke --heads 4/2x16 --batch 1 --context 40 --bits 2,3,4,2.5 --tune-at 4/2x16,1,40 "
         f"--tune block=16,32 --out {out}".split()
     )
     record = json.loads(out.read_text())
     assert record["copy_convention"].startswith("dst.copy_(src)") and record["command"]
     rows = {row["bits"]: row for row in record["rows"]}
-    # d = 16: 2 bits -> k=4, N=256: 4 bytes; 3 bits -> k=2, N=64: 8 x 6 bits = 6 bytes; 4 bits -> 8 bytes
-    for bits, index_bytes in [(2, 4), (3, 6), (4, 8)]:
+    # d = 16: 2 bits -> k=4, N=256: 4 bytes; 3 bits -> k=2, N=64: 8 x 6 bits = 6 bytes; 4 bits -> 8 bytes;
+    # 2.5 bits -> k=2, N=32: 8 x 5 bits = 5 bytes
+    for bits, index_bytes in [(2, 4), (3, 6), (4, 8), (2.5, 5)]:
         assert rows[bits]["bytes_read"] == 2 * 1 * 2 * 40 * (index_bytes + 2)
         assert rows[bits]["sdpa_bytes"] == 2 * 1 * 2 * 40 * 16 * 2
-    for bits in (2, 4):  # 3 bits may still raise in a kernel that reads only 8-bit indices
+    for bits in (2, 4, 2.5):  # 3 bits may still raise in a kernel that reads only 8-bit indices
         row = rows[bits]
         assert "error" not in row and row["max_rel_err"] < bench.TOLERANCE
         assert row["speedup_vs_sdpa"] == pytest.approx(row["sdpa_ms"] / row["kernel_ms"])

@@ -38,11 +38,3 @@ def test_profiles_a_small_case(tmp_path, triton):
         # the CUDA kernel is the one of mma_decode.KERNEL_NAME; the Triton kernel has its own name
         assert ("fibquant_mma_decode" in row["decode_kernel"]) != triton
     assert json.loads(out.read_text())["rows"][0]["bits"] == 2
-
-
-def test_rates_may_be_fractional():
-    assert bench.parse_rates("2,1.5,3") == [2, 1.5, 3]
-    assert isinstance(bench.parse_rates("4")[0], int)  # TurboQuant takes whole bits
-    for bad in ("0", "two", "2,-1"):
-        with pytest.raises(SystemExit, match="--bits"):
-            bench.parse_rates(bad)

@@ -242,11 +242,10 @@ def test_turboquant_codes_run_the_fibquant_variant_of_their_rate(monkeypatch):
     device = torch.device("cuda", 99)
     for bits, (k, n) in {2: (4, 256), 3: (2, 64), 4: (2, 256)}.items():
         turbo, fib = TurboQuant(128, bits), FibQuant(128, k=k, n=n)
-        assert mma_decode.variant(turbo, turbo, 4, 8, None, device) == mma_decode.variant(
-            fib, fib, 4, 8, None, device
-        )
-        table = mma_decode.table(turbo, torch.device("cpu"))
-        assert table.dtype == torch.int32 and table.shape == (n, k // 2)
+        kernel = mma_decode.variant(turbo, turbo, 4, 8, None, device)
+        assert kernel == mma_decode.variant(fib, fib, 4, 8, None, device)
+        book_k, book_v = mma_decode.tables(turbo, turbo, kernel, torch.device("cpu"))
+        assert book_k.dtype == torch.int32 and book_k.shape == (n, k // 2) and book_v is book_k
 
 
 def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None, **tuning):
@@ -398,23 +397,29 @@ def test_the_layer_path_reads_blocks_with_the_mma_kernel(spec):
 
 
 def test_the_launcher_refuses_codes_and_queries_it_cannot_read():
-    """``launch_mma_partials`` checks what it is given before anything reaches the GPU: 1-bit TurboQuant
-    codes (8 coordinates per byte) name the codec and the (k, N) the kernel reads; a float32 query names the
-    dtype it needs."""
+    """``launch_mma_partials`` checks what it is given against the variant it was planned with, before anything
+    reaches the GPU: 1-bit TurboQuant codes (8 coordinates per byte) name the key codec and the (k, N) the
+    variant reads, value codes of another rate name the value codec and their (k, N), more query rows than the
+    variant holds name its cap, and a float32 query names the dtype it needs."""
     from pyramidkv.kernels.fibquant_decode import make_workspace
 
-    fib, turbo = codec(64, 4), TurboQuant(64, bits=1)
+    fib, turbo, fib4 = codec(64, 4), TurboQuant(64, bits=1), FibQuant(64, k=2, n=256)
     codes = fib.encode(torch.randn(1, 1, 16, 64))
     workspace = make_workspace(1, 1, 2, 1, 64, "cpu")
     kernel = mma_decode.MmaVariant(64, 4, 4)
     q_rot = torch.zeros(1, 1, 2, 64, dtype=torch.float16)
-    with pytest.raises(
-        ValueError, match=r"cannot read these codes: key codec: reads codebooks with \(k, N\)"
-    ):
-        mma_decode.launch_mma_partials(
-            q_rot, codes, codes, turbo, fib, None, workspace, 0, 1, kernel
-        )
-    with pytest.raises(ValueError, match=r"q_rot must be contiguous float16, got torch\.float32"):
-        mma_decode.launch_mma_partials(
-            q_rot.float(), codes, codes, fib, fib, None, workspace, 0, 1, kernel
-        )
+    refused = {
+        r"key codec: the kernel variant reads \(k, N\) = \(4, 256\) at head dim 64, got codes it cannot read": (
+            q_rot,
+            turbo,
+            fib,
+        ),
+        r"value codec: .* got \(k, N\) = \(2, 256\) at head dim 64": (q_rot, fib, fib4),
+        r"up to 4 query rows per KV head, got 64 and 5": (q_rot.new_zeros(1, 1, 5, 64), fib, fib),
+        r"q_rot must be contiguous float16, got torch\.float32": (q_rot.float(), fib, fib),
+    }
+    for match, (query, codec_k, codec_v) in refused.items():
+        with pytest.raises(ValueError, match=match):
+            mma_decode.launch_mma_partials(
+                query, codes, codes, codec_k, codec_v, None, workspace, 0, 1, kernel
+            )

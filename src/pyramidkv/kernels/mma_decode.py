@@ -178,9 +178,31 @@ def gathered(codec: object) -> tuple[int, int, int] | None:
     return None
 
 
-def table(codec: RotatedBlockCodec, device: torch.device) -> torch.Tensor:
-    """The codewords the kernel gathers for ``codec``'s codes (:func:`gathered`), float16, as int32 words."""
-    return codec.grouped_codebook(gathered(codec)[2], device, torch.float16).view(torch.int32)
+def tables(
+    codec_k: object, codec_v: object, kernel: MmaVariant, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value codewords ``kernel`` gathers (:func:`gathered`), float16, as int32 words, the value
+    table the key one where the variant shares one; raises, naming the codec, where its codes are not the (k, N)
+    and head dim the variant was compiled for. One :func:`gathered` per codec: the launch checks only that its
+    plan (:func:`unsupported`, :func:`variant`) still fits the codes it is given."""
+    groups = []
+    for name, codec in (("key codec", codec_k), ("value codec", codec_v)):
+        view = gathered(codec)
+        if view is None or view[:2] != (kernel.k, kernel.n) or codec.d != kernel.dim:
+            got = (
+                "codes it cannot read"
+                if view is None
+                else f"(k, N) = {view[:2]} at head dim {codec.d}"
+            )
+            raise ValueError(
+                f"{name}: the kernel variant reads (k, N) = {(kernel.k, kernel.n)} at head dim {kernel.dim}, "
+                f"got {got}"
+            )
+        groups.append(view[2])
+    book_k = codec_k.grouped_codebook(groups[0], device, torch.float16).view(torch.int32)
+    if kernel.shared_book:
+        return book_k, book_k
+    return book_k, codec_v.grouped_codebook(groups[1], device, torch.float16).view(torch.int32)
 
 
 def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | None:
@@ -384,17 +406,18 @@ def launch_mma_partials(
     (:func:`.fibquant_decode.plan_block` chose it)."""
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
-    reason = unsupported(codec_k, codec_v, dim, rows)
-    if reason is not None:
-        raise ValueError(f"the mma kernel cannot read these codes: {reason}")
+    if dim != kernel.dim or rows > kernel.rows:
+        raise ValueError(
+            f"q_rot: the kernel variant takes head dim {kernel.dim} and up to {kernel.rows} query rows per KV "
+            f"head, got {dim} and {rows}"
+        )
     if q_rot.dtype != torch.float16 or not q_rot.is_contiguous():
         raise ValueError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
     device = q_rot.device
+    book_k, book_v = tables(codec_k, codec_v, kernel, device)
     codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)
     s_kv = codes_k.shape[2]
     chunk = math.ceil(math.ceil(s_kv / split) / TILE) * TILE
-    book_k = table(codec_k, device)
-    book_v = book_k if kernel.shared_book else table(codec_v, device)
     lens = None if lengths is None else lengths.to(device=device, dtype=torch.int32).contiguous()
     ki, kn, vi, vn = codes_k.indices, codes_k.norms, codes_v.indices, codes_v.norms
     _kernel(kernel, device)(
