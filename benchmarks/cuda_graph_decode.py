@@ -67,6 +67,8 @@ CONFIGS = {  # name -> (policy, codec) of the CompressedCache; full without code
     "fibquant": ("full", CODEC),
     "pyramidkv+fibquant": ("pyramidkv", CODEC),
     "turboquant": ("full", "turboquant:2"),  # TurboQuant's scalar codes, at FibQuant's rate
+    # keys of a uniform grid (read as int8, no codebook), FibQuant values
+    "uniform/fibquant": ("full", "uniform/fibquant:2"),
 }
 
 

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import machine  # sibling script
-from decode_attention import make_codec, parse_heads, parse_rates, parse_sizes, random_codes
+from decode_attention import (
+    bytes_of,
+    make_codecs,
+    parse_heads,
+    parse_rates,
+    parse_sizes,
+    random_codes,
+)
 from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,7 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", default="128k")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument(
-        "--codec", default="fibquant", help="fibquant and/or turboquant, comma-separated"
+        "--codec",
+        default="fibquant",
+        help="fibquant, turboquant, uniform, or keys/values (uniform/fibquant); comma-separated",
     )
     parser.add_argument(
         "--triton",
@@ -81,20 +90,20 @@ def main(argv: list[str] | None = None) -> dict:
         )
         del kv
         for name, bits in itertools.product(args.codec.split(","), parse_rates(args.bits, "bits")):
-            codec = make_codec(name, dim, bits)
-            codes = [random_codes(codec, (batch, kv_heads, context), gen) for _ in "kv"]
+            codecs = make_codecs(name, dim, bits)
+            codes = [random_codes(c, (batch, kv_heads, context), gen) for c in codecs]
             kernels = profile(
-                lambda q=query, c=codec, codes=codes, scale=dim**-0.5: fibquant_decode_attention(
-                    q, *codes, c, c, scale, mma=not args.triton
+                lambda q=query, c=codecs, codes=codes, scale=dim**-0.5: fibquant_decode_attention(
+                    q, *codes, *c, scale, mma=not args.triton
                 ),
                 args.reps,
             )
             main_name = max(kernels, key=kernels.get)
             row = dict(heads=f"{q_heads}/{kv_heads}", dim=dim, batch=batch, context=context,
-                       codec=name, bits=bits, k=codec.k, n=codec.n, sdpa_ms=sum(sdpa.values()),
+                       codec=name, bits=bits, k=codecs[0].k, n=codecs[0].n, sdpa_ms=sum(sdpa.values()),
                        decode_kernel=main_name, decode_kernel_ms=kernels[main_name],
                        all_kernels_ms=sum(kernels.values()), kernels=kernels)  # fmt: skip
-            row["bytes_read"] = 2 * codes[0].norms.numel() * (codes[0].indices.shape[-1] + 2)
+            row["bytes_read"] = bytes_of(codes)
             row["kernel_gbps"] = row["bytes_read"] / row["decode_kernel_ms"] / 1e6
             row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["all_kernels_ms"]
             rows.append(row)

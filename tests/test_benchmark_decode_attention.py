@@ -31,6 +31,9 @@ def test_parsers():
     assert bench.parse_sizes("8k,128K,200,1m", "context") == [8192, 131072, 200, 1 << 20]
     assert bench.parse_rates("2,1.5,3", "bits") == [2, 1.5, 3]
     assert isinstance(bench.parse_rates("4", "bits")[0], int)  # whole rates name TARGETS' rows
+    keys, values = bench.make_codecs("uniform/fibquant", 16, 2)
+    assert (keys.grid, keys.bits, values.rate) == ("uniform", 2, 2.0)
+    assert bench.make_codecs("turboquant", 16, 3)[1].grid == "lloyd"
     grid = bench.parse_grid("block=16,32 num_warps=4;codebook_dtype=float32 shared_gather=false")
     assert grid == [
         {"block": b, "num_warps": 4, "codebook_dtype": torch.float32, "shared_gather": False}

@@ -8,6 +8,7 @@ import torch
 
 from pyramidkv.cache import CompressedCache
 from pyramidkv.codecs import FibQuant
+from pyramidkv.coded import make_codecs
 from pyramidkv.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.prefill import greedy_rows, prefill
@@ -58,7 +59,10 @@ def dense_reference(layer, query, scaling):
     return (torch.softmax(scores, -1) @ v).transpose(1, 2)
 
 
-@pytest.mark.parametrize("codec", ["fibquant:2", "turboquant:3", "kivi:4", "fibquant:0.75"])
+@pytest.mark.parametrize(
+    "codec",
+    ["fibquant:2", "turboquant:3", "kivi:4", "fibquant:0.75", "uniform:2", "uniform/fibquant"],
+)
 def test_attention_on_codes_matches_decode_then_dense(tiny_model, codec):
     with CompressedCache(tiny_model, policy="snapkv", budget=20, codec=codec, residual=4) as cache:
         run(
@@ -192,6 +196,9 @@ def test_one_prefill_runner_with_codes_equals_generate(tiny_llama):
         ({"codec": "fibquant", "bits": 0.3}, "bits"),
         ({"codec": "kivi", "bits": 2.5}, "bits"),
         ({"codec": "turboquant", "bits": 9}, "bits"),
+        ({"codec": "uniform", "bits": 2.5}, "bits"),
+        ({"codec": "kivi/fibquant"}, "codec"),
+        ({"codec": "uniform/fibquant/turboquant"}, "codec"),
         ({"bits": 2}, "needs a codec"),
         ({"kv_memory": "0"}, "kv_memory"),
         ({"kv_memory": "abc"}, "kv_memory"),
@@ -255,3 +262,17 @@ def test_flushed_blocks_join_into_one(codec):
     assert coded.tokens == 96
     decoded = [keys for keys, _, _ in coded.chunks(1, torch.float32)][1:]
     torch.testing.assert_close(torch.cat(decoded, 2), torch.cat(one_by_one, 2), rtol=0, atol=0)
+
+
+def test_a_pair_names_the_key_and_the_value_codec():
+    """``keys/values``: uniform-grid TurboQuant keys (what the CUDA kernel reads as int8) and FibQuant values,
+    both at the rate given, and a label that says so."""
+    pair = make_codecs("uniform/fibquant:2", 64)
+    assert (type(pair.keys).__name__, pair.keys.grid, pair.keys.bits) == (
+        "TurboQuant",
+        "uniform",
+        2,
+    )
+    assert isinstance(pair.values, FibQuant) and pair.values.rate == 2.0
+    assert pair.label() == "uniform/fibquant:2"
+    assert make_codecs("uniform", 64).keys.grid == "uniform"

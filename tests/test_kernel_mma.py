@@ -55,6 +55,42 @@ def test_every_variant_compiles_for_sm90(dim, kn, rows, shared, row):
     assert cubin[:4] == b"\x7fELF"
 
 
+@pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc.so) not found: set PYRAMIDKV_NVRTC")
+@pytest.mark.parametrize(
+    ("dim", "rows", "shared", "affine"),
+    list(itertools.product((64, 128), mma_decode.ROW_CAPS, (True, False), (True, False))),
+)
+def test_two_tile_slots_and_int8_keys_compile_for_sm90(dim, rows, shared, affine):
+    variant = mma_decode.MmaVariant(dim, 4, rows, 8, shared, 256, 4, 256, affine, slot_tiles=2)
+    assert mma_decode.compiled(variant, "sm_90")[:4] == b"\x7fELF"
+
+
+def test_keys_of_a_uniform_grid_take_the_int8_variant_in_two_tile_slots(monkeypatch):
+    """2-bit keys of a uniform grid select ``keys_affine`` and rings of two-tile slots (RING of them); codebook
+    keys, Lloyd-Max or 3-bit keys do not, and a ring that two-tile slots do not divide takes one-tile slots. The
+    launch's key table is the grid's step, and a variant refuses what it cannot hold."""
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    device, cpu = torch.device("cuda", 96), torch.device("cpu")
+    uniform, fib = TurboQuant(128, 2, grid="uniform"), FibQuant(128, bits=2)
+    kernel = mma_decode.variant(uniform, fib, 4, 8, None, device)
+    assert kernel.keys_affine and (kernel.k, kernel.n, kernel.slot_tiles) == (4, 256, 2)
+    assert kernel.stages == 2 * mma_decode.RING and not kernel.shared_book
+    for keys in (fib, TurboQuant(128, 2), TurboQuant(128, 3, grid="uniform")):
+        other = mma_decode.variant(keys, keys, 4, 8, None, device)
+        assert not other.keys_affine and (other.slot_tiles, other.stages) == (1, mma_decode.RING)
+    assert mma_decode.variant(uniform, fib, 4, 8, 3, device).slot_tiles == 1
+    book_k, book_v = mma_decode.tables(uniform, fib, kernel, cpu)
+    assert book_k.view(torch.float32).item() == pytest.approx(uniform.step)
+    assert torch.equal(book_v, fib.grouped_codebook(1, cpu, torch.float16).view(torch.int32))
+    with pytest.raises(ValueError, match="uniform grid"):
+        mma_decode.tables(fib, fib, kernel, cpu)
+    with pytest.raises(ValueError, match="keys_affine reads 2-bit codes"):
+        mma_decode.MmaVariant(128, 2, 4, keys_affine=True)
+    with pytest.raises(ValueError, match="slot_tiles must be one of"):
+        mma_decode.MmaVariant(128, 4, 4, stages=3, slot_tiles=2)
+
+
 @pytest.mark.parametrize(
     ("per_sm", "dim", "k", "n", "rows", "want"),
     [
@@ -265,6 +301,14 @@ def _block(dim, ck, cv, batch, kv_heads, slots, seed):
     return codes_k, codes_v, ck.decode(codes_k, torch.float32), cv.decode(codes_v, torch.float32)
 
 
+# query rows per KV head (G x q_len) from 2 to 15, with a given split or the default
+ROW_CASES = pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "q_len", "split"),
+    [(4, 2, 1, 1), (8, 2, 1, 3), (6, 2, 3, None), (32, 8, 2, 2), (9, 3, 5, 4)],
+    ids=["rows2", "rows4", "rows9", "rows8", "rows15"],
+)
+
+
 @needs_gpu
 @pytest.mark.parametrize(
     ("dim", "make"),
@@ -278,15 +322,35 @@ def _block(dim, ck, cv, batch, kv_heads, slots, seed):
     ids=["128-2bit", "128-4bit", "64-2bit", "64-4bit", "128-3bit", "64-3bit", "128-1.5bit", "128-2.5bit",
          "128-3.5bit", "128-tq2", "64-tq3", "128-tq4"],
 )  # fmt: skip
-@pytest.mark.parametrize(
-    ("q_heads", "kv_heads", "q_len", "split"),
-    [(4, 2, 1, 1), (8, 2, 1, 3), (6, 2, 3, None), (32, 8, 2, 2), (9, 3, 5, 4)],
-    ids=["rows2", "rows4", "rows9", "rows8", "rows15"],
-)
+@ROW_CASES
 def test_matches_attention_over_decoded_codes(dim, make, q_heads, kv_heads, q_len, split):
-    from pyramidkv.kernels.fibquant_decode import make_workspace
-
     ck = cv = make()
+    _against_decoded(dim, ck, cv, q_heads, kv_heads, q_len, split)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dim", [128, 64])
+@pytest.mark.parametrize("values", ["fibquant", "same"])
+@pytest.mark.parametrize("slot_tiles", [None, 1])
+@ROW_CASES
+def test_keys_of_a_uniform_grid_read_as_int8(
+    dim, values, slot_tiles, q_heads, kv_heads, q_len, split
+):
+    """2-bit keys of a uniform grid go through the int8 score mma with no key codebook (``keys_affine``), with
+    FibQuant values or values of the same grid, in rings of two-tile slots (the default) or one."""
+    ck = TurboQuant(dim, 2, grid="uniform")
+    cv = FibQuant(dim, bits=2) if values == "fibquant" else ck
+    kernel = _against_decoded(
+        dim, ck, cv, q_heads, kv_heads, q_len, split, mma_slot_tiles=slot_tiles
+    )
+    assert kernel.keys_affine and kernel.slot_tiles == (slot_tiles or 2)
+
+
+def _against_decoded(dim, ck, cv, q_heads, kv_heads, q_len, split, **tuning):
+    """The kernel against attention over the decoded codes, per-row lengths from empty to all, its workspace
+    poisoned with NaN, and its log-sum-exp against the Triton kernel's; returns the variant that ran."""
+    from pyramidkv.kernels.fibquant_decode import DEFAULT_TUNING, make_workspace, plan_block
+
     slots = 203
     codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, kv_heads, slots, seed=dim + ck.n)
     # per row: empty, one token, under a tile, one tile, odd, everything
@@ -296,11 +360,12 @@ def test_matches_attention_over_decoded_codes(dim, make, q_heads, kv_heads, q_le
     rows = q_heads // kv_heads * q_len
     assert mma_decode.usable(ck, cv, dim, rows, query.device)  # not the Triton kernel's answer
     shape = (2, kv_heads, slots)
-    splits = split or mma_decode.filling_variant(shape, ck, cv, rows, None, None, query.device)[1]
+    tune = dataclasses.replace(DEFAULT_TUNING, **tuning)
+    kernel, splits = plan_block(shape, ck, cv, rows, tune, query.device, split)
     workspace = make_workspace(2, kv_heads, rows, splits, dim, "cuda")
     for part in workspace:
         part.fill_(float("nan"))  # every entry must be written, empty splits included
-    out, lse = _attend(query, ck, cv, codes_k, codes_v, lengths, split, True, workspace)
+    out, lse = _attend(query, ck, cv, codes_k, codes_v, lengths, split, True, workspace, **tuning)
     assert not any(bool(part.isnan().any()) for part in workspace)
     visible = (torch.arange(slots, device="cuda") < lengths[..., None]).unsqueeze(-2)
     want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
@@ -311,23 +376,28 @@ def test_matches_attention_over_decoded_codes(dim, make, q_heads, kv_heads, q_le
     assert rel_error(lse[seen], triton_lse[seen]) < 1e-3
     empty = (lengths == 0).repeat_interleave(q_heads // kv_heads, dim=1)
     assert bool((out[empty] == 0).all())
+    return kernel
 
 
 @needs_gpu
-@pytest.mark.parametrize(("warps", "stages"), [(8, 3), (4, 4), (2, 8)])
 @pytest.mark.parametrize(
-    ("dim", "k", "n"), [(128, 4, 256), (128, 2, 64), (64, 2, 64), (128, 2, 32)]
+    ("warps", "stages", "slot_tiles"), [(8, 3, 1), (4, 4, 1), (2, 8, 1), (8, 4, 2), (2, 6, 2)]
 )
-def test_rings_of_every_depth(warps, stages, dim, k, n):
-    """Each warp's ring of index bytes wraps many times (one split: ~40 tiles per warp at 2 warps) and ends
-    in a partial tile, at 16-byte (d = 128) and 8-byte copies (d = 64, 3 bits: 24-byte rows)."""
-    ck = cv = codec(dim, k, n=n)
+@pytest.mark.parametrize(
+    ("dim", "k", "n"), [(128, 4, 256), (128, 2, 64), (64, 2, 64), (128, 2, 32), (128, 1, 4)]
+)
+def test_rings_of_every_depth(warps, stages, slot_tiles, dim, k, n):
+    """Each warp's ring of index bytes wraps many times (one split: ~40 tiles per warp at 2 warps) in slots of
+    one tile or two, and ends in full tiles short of a slot and a partial tile, at 16-byte (d = 128) and 8-byte
+    copies (d = 64, 3 bits: 24-byte rows); k = 1: keys of a uniform grid (``keys_affine``)."""
+    ck = cv = TurboQuant(dim, 2, grid="uniform") if k == 1 else codec(dim, k, n=n)
     codes_k, codes_v, keys, values = _block(dim, ck, cv, 1, 2, 1285, seed=5)
     lengths = torch.tensor([[1285, 1000]], device="cuda")
     query = torch.randn(1, 8, 1, dim, device="cuda")
     out, _ = _attend(
-        query, ck, cv, codes_k, codes_v, lengths, 1, True, mma_warps=warps, mma_stages=stages
-    )
+        query, ck, cv, codes_k, codes_v, lengths, 1, True, mma_warps=warps, mma_stages=stages,
+        mma_slot_tiles=slot_tiles,
+    )  # fmt: skip
     visible = (torch.arange(1285, device="cuda") < lengths[..., None]).unsqueeze(-2)
     want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
     assert rel_error(out, want) < TOLERANCE

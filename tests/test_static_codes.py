@@ -139,7 +139,9 @@ def _drive_layer(codec: str, held: int, device: str, fused: bool):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("held", [0, 2, RESIDUAL])
-@pytest.mark.parametrize("codec", ["fibquant:2", "turboquant:2", "fibquant:3/2"])
+@pytest.mark.parametrize(
+    "codec", ["fibquant:2", "turboquant:2", "fibquant:3/2", "uniform/fibquant:2"]
+)
 def test_layer_attention_equals_a_float64_reference(codec, held, device):
     for got, want in _drive_layer(codec, held, device, fused=False):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
@@ -147,7 +149,8 @@ def test_layer_attention_equals_a_float64_reference(codec, held, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "codec,held", [("fibquant:2", 0), ("turboquant:2", 3), ("fibquant:3/2", 2)]
+    "codec,held",
+    [("fibquant:2", 0), ("turboquant:2", 3), ("fibquant:3/2", 2), ("uniform/fibquant:2", 2)],
 )
 def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, device):
     """The decode kernel (Triton's interpreter on a CPU), the ring as the epilogue's masked window: the
@@ -387,11 +390,13 @@ def test_what_a_static_cache_with_codes_refuses():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize(
-    ("codec", "head_dim"), [("fibquant:2", 64), ("turboquant:2", 64), ("fibquant:2.5", 128)]
+    ("codec", "head_dim"),
+    [("fibquant:2", 64), ("turboquant:2", 64), ("fibquant:2.5", 128), ("uniform/fibquant:2", 128)],
 )
 def test_a_cuda_graph_replays_the_step_with_codes(codec, head_dim):
     """On a GPU, codes the mma kernel reads (FibQuant's and TurboQuant's 2-bit at head dim 64, FibQuant's 5-bit
-    indices at 128, packed in the graph), float16, residual 4 so tokens leave the window during the replays. The
+    indices at 128, packed in the graph, keys of a uniform grid read as int8), float16, residual 4 so tokens
+    leave the window during the replays. The
     replayed graph's logits equal eager decoding's through the same cache; eager decoding through the kernels
     agrees with the torch reference path."""
     from pyramidkv.kernels import mma_decode

@@ -17,8 +17,11 @@ import torch
 from .codecs import KIVI, Codec, Codes, FibQuant, TurboQuant, VectorCodes
 from .errors import PyramidKVError
 
-CODEC_NAMES = ("none", "fibquant", "turboquant", "kivi")
-DEFAULT_BITS = {"fibquant": 2.0, "turboquant": 2, "kivi": 2}
+CODEC_NAMES = ("none", "fibquant", "turboquant", "uniform", "kivi")
+# "uniform": TurboQuant on its best uniform grid, whose 2-bit keys the CUDA kernel reads with no codebook
+DEFAULT_BITS = {"fibquant": 2.0, "turboquant": 2, "uniform": 2, "kivi": 2}
+# codecs that may be paired as keys/values ("uniform/fibquant": uniform-grid keys, FibQuant values)
+PAIRABLE = ("fibquant", "turboquant", "uniform")
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,16 @@ def _rate(codec: Codec) -> float:
 
 
 def parse_codec(spec: str | None) -> tuple[str, float | None]:
-    """``"fibquant:2"`` -> ("fibquant", 2.0); ``"none"`` or ``None`` -> ("none", None)."""
+    """``"fibquant:2"`` -> ("fibquant", 2.0); ``"uniform/fibquant"`` -> keys of one codec, values of another;
+    ``"none"`` or ``None`` -> ("none", None)."""
     if spec is None:
         return "none", None
     name, _, bits = str(spec).strip().lower().partition(":")
-    if name not in CODEC_NAMES:
+    sides = name.split("/")
+    if not (name in CODEC_NAMES or (len(sides) == 2 and all(side in PAIRABLE for side in sides))):
         raise PyramidKVError(
-            f"codec: got {spec!r}; expected one of {', '.join(CODEC_NAMES)} (optionally name:bits)"
+            f"codec: got {spec!r}; expected one of {', '.join(CODEC_NAMES)} or keys/values of "
+            f"{', '.join(PAIRABLE)} (uniform/fibquant), optionally :bits"
         )
     if not bits:
         return name, None
@@ -83,22 +89,32 @@ def make_codecs(
                 "bits: a rate needs a codec (--codec fibquant, turboquant or kivi)"
             )
         return None
-    base = bits if bits is not None else suffix if suffix is not None else DEFAULT_BITS[name]
+    base = bits if bits is not None else suffix if suffix is not None else default_bits(name)
     kb = key_bits if key_bits is not None else base
     vb = value_bits if value_bits is not None else base
     try:
-        if name == "fibquant":
-            return CodecPair(
-                name, FibQuant(head_dim, bits=kb, seed=seed), FibQuant(head_dim, bits=vb, seed=seed)
-            )
-        whole = [_whole_bits(b, name) for b in (kb, vb)]
-        if name == "turboquant":
-            return CodecPair(
-                name, TurboQuant(head_dim, whole[0], seed), TurboQuant(head_dim, whole[1], seed)
-            )
-        return CodecPair(name, KIVI(whole[0], axis="channel"), KIVI(whole[1], axis="token"))
+        if name == "kivi":
+            whole = [_whole_bits(b, name) for b in (kb, vb)]
+            return CodecPair(name, KIVI(whole[0], axis="channel"), KIVI(whole[1], axis="token"))
+        keys, _, values = name.partition("/")
+        return CodecPair(
+            name, _rotated(keys, head_dim, kb, seed), _rotated(values or keys, head_dim, vb, seed)
+        )
     except (TypeError, ValueError) as exc:
         raise PyramidKVError(f"bits: {exc}") from exc
+
+
+def default_bits(name: str) -> float:
+    """The rate a codec (or a keys/values pair: its keys') takes when none is given."""
+    return DEFAULT_BITS[name.partition("/")[0]]
+
+
+def _rotated(name: str, head_dim: int, bits: float, seed: int) -> Codec:
+    """One side of a pair: FibQuant at any rate, TurboQuant on its Lloyd-Max table or its uniform grid."""
+    if name == "fibquant":
+        return FibQuant(head_dim, bits=bits, seed=seed)
+    grid = "uniform" if name == "uniform" else "lloyd"
+    return TurboQuant(head_dim, _whole_bits(bits, name), seed, grid=grid)
 
 
 def _whole_bits(bits: float, name: str) -> int:

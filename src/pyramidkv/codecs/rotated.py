@@ -62,6 +62,11 @@ class RotatedBlockCodec(Codec):
         self._grouped: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
+    def book_key(self) -> tuple:
+        """What identifies the codebook and the rotation: two codecs with the same key decode codes alike."""
+        return (type(self), self.d, self.k, self.n, self.seed)
+
+    @property
     def blocks(self) -> int:
         """Indices per vector: d / k."""
         return self.d // self.k

@@ -9,7 +9,7 @@ no sampling noise, and each step provably lowers the distortion.
 from __future__ import annotations
 
 import numpy as np
-from scipy import special
+from scipy import optimize, special
 
 from .source import (
     companding_beta,
@@ -61,3 +61,21 @@ def lloyd_max_scalar(d: int, n: int) -> np.ndarray:
         if done:
             break
     return levels if scalar_mse(levels, d) <= scalar_mse(start, d) else start
+
+
+def uniform_scalar(d: int, n: int) -> np.ndarray:
+    """The ``n`` levels delta (i - (n - 1) / 2), i = 0 .. n - 1, of the uniform grid with the least exact MSE for
+    one coordinate of a uniform unit vector in R^d (ascending, float64).
+
+    A grid's level is affine in its index, so a decoder can use the index itself as the value (an int8 in a
+    tensor-core mma) and apply the step and offset once per dot product: the CUDA decode kernel reads 2-bit keys
+    so, with no codebook (NOTES.md). At 2 bits it costs ~1% MSE over Lloyd-Max (the Gaussian limit: 0.1188 against
+    0.1175, Max 1960), more at higher rates (8% at 3 bits, 20% at 4).
+    """
+    centred = np.arange(n) - (n - 1) / 2
+    top = 1.0 / max(centred[-1], 0.5)  # the top level within [-1, 1], where the coordinate lives
+    best = optimize.minimize_scalar(
+        lambda step: scalar_mse(step * centred, d), bounds=(1e-9, top), method="bounded",
+        options={"xatol": 1e-12},
+    )  # fmt: skip
+    return best.x * centred

@@ -26,7 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..accounting import full_cache_nbytes
 from ..budgets import parse_budget
 from ..cache import CompressedCache
-from ..coded import DEFAULT_BITS, parse_codec
+from ..coded import default_bits, parse_codec
 from ..compat import cache_kwargs
 from ..errors import PyramidKVError
 from ..policies import get_policy
@@ -58,7 +58,7 @@ class Config:
             object.__setattr__(self, "budget", str(parse_budget(str(self.budget))))
         name, bits = parse_codec(self.codec)
         object.__setattr__(
-            self, "codec", "none" if name == "none" else f"{name}:{bits or DEFAULT_BITS[name]:g}"
+            self, "codec", "none" if name == "none" else f"{name}:{bits or default_bits(name):g}"
         )
 
     @property

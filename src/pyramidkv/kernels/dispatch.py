@@ -15,7 +15,11 @@ import torch
 from ..errors import PyramidKVError
 
 KERNELS = ("auto", "torch", "triton")
-FUSED_CODECS = ("fibquant", "turboquant")  # the codecs whose codes the fused kernels read
+FUSED_CODECS = (
+    "fibquant",
+    "turboquant",
+    "uniform",
+)  # the codecs whose codes the fused kernels read
 
 
 def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> None:
@@ -24,7 +28,7 @@ def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> N
     switch in the message (``--kernel`` on the command line)."""
     if kernel not in KERNELS:
         raise PyramidKVError(f"{option}: got {kernel!r}; expected one of {', '.join(KERNELS)}")
-    if kernel == "triton" and codec_name not in FUSED_CODECS:
+    if kernel == "triton" and not all(side in FUSED_CODECS for side in codec_name.split("/")):
         raise PyramidKVError(
             f"{option}: 'triton' reads {' or '.join(FUSED_CODECS)} codes, got codec {codec_name!r}; "
             "use 'torch' or 'auto'"

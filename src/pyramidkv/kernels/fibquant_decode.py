@@ -54,7 +54,8 @@ class DecodeTuning:
     (FibQuant at 1.5 to 4 bits, TurboQuant at 2 to 4) with the CUDA kernel of :mod:`.mma_decode` instead,
     where it runs (sm_80 or later, NVRTC found, float16 codebook), with ``mma_warps`` warps per block (None:
     8 or 4, whichever fills more of the SMs' block slots, :func:`.mma_decode.filling_variant`) and a ring of
-    ``mma_stages`` tiles per warp (None: :data:`.mma_decode.RING`).
+    ``mma_stages`` tiles per warp in slots of ``mma_slot_tiles`` (None: :func:`.mma_decode.default_slot_tiles`,
+    and :data:`.mma_decode.RING` slots).
     """
 
     block: int = 64
@@ -67,6 +68,7 @@ class DecodeTuning:
     mma: bool = True
     mma_warps: int | None = None
     mma_stages: int | None = None
+    mma_slot_tiles: int | None = None
 
     def gather_mode(self, *books: torch.Tensor) -> int:
         """The kernel's GATHER for these (N, k) codebooks: 0 global memory, 1 shared flat, 2 shared packed
@@ -85,6 +87,10 @@ class DecodeTuning:
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
         mma_decode.check_launch(self.mma_warps, self.mma_stages, ("mma_warps", "mma_stages"))
+        if self.mma_slot_tiles is not None and self.mma_slot_tiles not in mma_decode.SLOT_TILES:
+            raise ValueError(
+                f"mma_slot_tiles must be one of {mma_decode.SLOT_TILES}, got {self.mma_slot_tiles}"
+            )
         if self.codebook_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(
                 f"codebook_dtype must be float16, bfloat16 or float32, got {self.codebook_dtype}"
@@ -460,7 +466,7 @@ _PLANS_LOCK = threading.Lock()
 
 def _codec_key(codec: RotatedBlockCodec) -> tuple:
     """What a plan reads of a codec (:func:`.mma_decode.unsupported`, :func:`.mma_decode.same_codebook`)."""
-    return (type(codec), codec.d, codec.k, codec.n, codec.seed)
+    return codec.book_key
 
 
 def _plan(shape, codec_k, codec_v, rows, tuning, device, split):
@@ -472,7 +478,14 @@ def _plan(shape, codec_k, codec_v, rows, tuning, device, split):
     ):
         return None, split_count(shape, tuning, device, split)
     kernel, default = mma_decode.filling_variant(
-        shape, codec_k, codec_v, rows, tuning.mma_warps, tuning.mma_stages, device
+        shape,
+        codec_k,
+        codec_v,
+        rows,
+        tuning.mma_warps,
+        tuning.mma_stages,
+        device,
+        tuning.mma_slot_tiles,
     )
     return kernel, default if split is None else split_count(shape, tuning, device, split)
 

@@ -9,7 +9,8 @@ their product table (:func:`gathered`). For those codes the CUDA kernel gathers 
 ``mma.sync`` fragments from lane-private copies of the codebook in shared memory, where the Triton kernel of
 :mod:`.fibquant_decode` spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the
 same split partials into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits`
-take either.
+take either. Keys that are 2-bit codes of a uniform grid (TurboQuant ``grid="uniform"``) skip the codebook: their
+codes are the int8 operand of the score mma (:func:`affine_keys`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ STAGES = range(2, 9)
 # the default ring: 2, 3 and 4 slots measured the same at 2 and 3 bits, 3 would cost a block per SM at 4 bits
 # (NOTES.md, v9)
 RING = 2
+# tiles a ring slot may hold (the default: default_slot_tiles); a slot's wait, barriers and commit serve them all
+SLOT_TILES = (1, 2)
 # bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
 ROW_SIZES = (256, 128)
 BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
@@ -90,8 +93,9 @@ class MmaVariant:
     it holds (``ROW_CAPS``: up to 4 rows leave half of the value mma's columns to a second coordinate,
     NOTES.md v10; 9-16 take a second n-tile), warps per block, whether keys and values share one
     codebook, the codebook's size N (2^index bits), the tiles (index bytes and norms) each warp's ring
-    holds (cp.async) and the bytes per codeword row of the table (256: an 8-bit index is its row's
-    address byte; 128: half the shared memory)."""
+    holds (cp.async), the bytes per codeword row of the table (256: an 8-bit index is its row's
+    address byte; 128: half the shared memory), and whether the keys are 2-bit codes of a uniform grid, read as int8
+    with no codebook (:func:`affine_keys`)."""
 
     dim: int
     k: int
@@ -101,6 +105,8 @@ class MmaVariant:
     n: int = 256
     stages: int = RING
     row_bytes: int = 256
+    keys_affine: bool = False
+    slot_tiles: int = 1
 
     def __post_init__(self) -> None:
         if self.dim not in (64, 128):
@@ -118,6 +124,19 @@ class MmaVariant:
         check_launch(self.warps, self.stages)
         if self.row_bytes not in ROW_SIZES:
             raise ValueError(f"row_bytes must be one of {ROW_SIZES}, got {self.row_bytes}")
+        if (
+            self.slot_tiles not in SLOT_TILES
+            or self.stages % self.slot_tiles
+            or self.stages < 2 * self.slot_tiles
+        ):
+            raise ValueError(
+                f"slot_tiles must be one of {SLOT_TILES} and divide stages into at least two slots, got "
+                f"{self.slot_tiles} with stages={self.stages}"
+            )
+        if self.keys_affine and (self.k, self.n) != (4, 256):
+            raise ValueError(
+                f"keys_affine reads 2-bit codes, four to a byte: (k, n) = (4, 256), got {(self.k, self.n)}"
+            )
 
     @property
     def index_bytes(self) -> int:
@@ -150,7 +169,7 @@ class MmaVariant:
         defines = dict(
             D=self.dim, KC=self.k, W=self.n.bit_length() - 1, ROWS_CAP=self.rows, NW=self.warps,
             SHARED_BOOK=int(self.shared_book), STAGES=self.stages, ROW_BYTES=self.row_bytes,
-            SWIZZLED=int((perm, xor) != NO_SWIZZLE),
+            SWIZZLED=int((perm, xor) != NO_SWIZZLE), KEYS_AFFINE=int(self.keys_affine), TPS=self.slot_tiles,
             ROW_PERM=f"{sum(row << 3 * tok for tok, row in enumerate(perm)):#x}u",
             CHUNK_XOR=f"{sum(x << 2 * tok for tok, x in enumerate(xor)):#x}u",
         )  # fmt: skip
@@ -178,6 +197,19 @@ def gathered(codec: object) -> tuple[int, int, int] | None:
     return None
 
 
+def affine_keys(codec: object) -> bool:
+    """Whether the kernel reads ``codec``'s codes as keys with no codebook: 2-bit codes of a uniform grid
+    (TurboQuant ``grid="uniform"``), whose level step (c - 1.5) is affine in the code c, so the codes, four to a
+    byte, are the int8 operand of the score mma and the step and offset apply once per score (NOTES.md, fourteenth
+    session: the key gathers were half the shared-memory traffic of a tile)."""
+    return (
+        isinstance(codec, RotatedBlockCodec)
+        and codec.k == 1
+        and codec.n == 4
+        and getattr(codec, "step", None) is not None
+    )
+
+
 def tables(
     codec_k: object, codec_v: object, kernel: MmaVariant, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,10 +231,23 @@ def tables(
                 f"got {got}"
             )
         groups.append(view[2])
-    book_k = codec_k.grouped_codebook(groups[0], device, torch.float16).view(torch.int32)
+    book_v = codec_v.grouped_codebook(groups[1], device, torch.float16).view(torch.int32)
+    if kernel.keys_affine:  # the keys' grid step, the one number the kernel reads of their codec
+        if not affine_keys(codec_k):
+            raise ValueError(
+                "key codec: the kernel variant reads 2-bit codes of a uniform grid (keys_affine)"
+            )
+        return _grid_step(codec_k.step, device), book_v
     if kernel.shared_book:
-        return book_k, book_k
-    return book_k, codec_v.grouped_codebook(groups[1], device, torch.float16).view(torch.int32)
+        return book_v, book_v
+    return codec_k.grouped_codebook(groups[0], device, torch.float16).view(torch.int32), book_v
+
+
+@functools.cache
+def _grid_step(step: float, device: torch.device) -> torch.Tensor:
+    """A uniform grid's step as the kernel's key table (one float32 as int32 bits on ``device``), made once: a
+    copy from the host at every launch would cost a transfer, and none may run inside a CUDA graph's capture."""
+    return torch.tensor([step], dtype=torch.float32, device=device).view(torch.int32)
 
 
 def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | None:
@@ -257,15 +302,28 @@ def variant(
     warps: int,
     stages: int | None,
     device: torch.device,
+    slot_tiles: int | None = None,
 ) -> MmaVariant:
     """The kernel variant that reads these codes: 256-byte table rows, or 128-byte rows where those keep more
-    blocks per SM (an SM with less shared memory than the H200's), with a ring of ``stages`` slots (None:
-    ``RING``). Measured at the headline (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at
-    2 and 4."""
+    blocks per SM (an SM with less shared memory than the H200's), with a ring of ``stages`` tiles in slots of
+    ``slot_tiles`` (None: :func:`default_slot_tiles`; the ring then ``RING`` slots). Measured at the headline
+    (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at 2 and 4."""
     cap = next(cap for cap in ROW_CAPS if rows <= cap)
     k, n, _ = gathered(codec_k)
+    affine = affine_keys(codec_k)
+    tiles = slot_tiles
+    if tiles is None:  # the default, where the ring asked for divides into two slots of it
+        tiles = default_slot_tiles(affine)
+        tiles = tiles if stages is None or (stages % tiles == 0 and stages >= 2 * tiles) else 1
     key = (codec_k.d, k, cap, warps, same_codebook(codec_k, codec_v), n)
-    return _variant(key, stages, device)
+    return _variant(key, RING * tiles if stages is None else stages, device, affine, tiles)
+
+
+def default_slot_tiles(keys_affine: bool) -> int:
+    """Tiles per ring slot by default: 2 for keys of a uniform grid, where the shorter loop measured 9% faster
+    (0.193 -> 0.176 ms at the headline, H200, NOTES.md, fourteenth session); 1 for codebook keys, where it did not
+    help at head dim 128 (0.217 -> 0.219 ms)."""
+    return 2 if keys_affine else 1
 
 
 def filling_variant(
@@ -276,6 +334,7 @@ def filling_variant(
     warps: int | None,
     stages: int | None,
     device: torch.device,
+    slot_tiles: int | None = None,
 ) -> tuple[MmaVariant, int]:
     """The :func:`variant` that reads codes of ``shape`` (batch, kv_heads, s) and its default split
     (:func:`mma_split`): with ``warps`` per block, or (None) of ``FILL_WARPS`` warps the one whose split fills
@@ -286,7 +345,7 @@ def filling_variant(
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best, best_fill = None, -1.0
     for w in FILL_WARPS if warps is None else (warps,):
-        kernel = variant(codec_k, codec_v, rows, w, stages, device)
+        kernel = variant(codec_k, codec_v, rows, w, stages, device, slot_tiles)
         split = mma_split(shape, device, kernel)
         units = sms * kernel.blocks_per_sm(device)
         blocks = split * shape[0] * shape[1]
@@ -297,9 +356,11 @@ def filling_variant(
 
 
 @functools.cache
-def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant:
+def _variant(
+    key: tuple, stages: int, device: torch.device, keys_affine: bool, slot_tiles: int
+) -> MmaVariant:
     """:func:`variant` for the constants ``key`` (dim, k, rows, warps, shared_book, n), once per process."""
-    options = [MmaVariant(*key, RING if stages is None else stages, row) for row in ROW_SIZES]
+    options = [MmaVariant(*key, stages, row, keys_affine, slot_tiles) for row in ROW_SIZES]
     most = max(kernel.blocks_per_sm(device) for kernel in options)
     if most == 0:
         raise ValueError(
@@ -310,11 +371,8 @@ def _variant(key: tuple, stages: int | None, device: torch.device) -> MmaVariant
 
 
 def same_codebook(codec_k: RotatedBlockCodec, codec_v: RotatedBlockCodec) -> bool:
-    """Whether keys and values use one codebook (same class, d, k, N and seed: one codec at one rate)."""
-    key = ("d", "k", "n", "seed")
-    return type(codec_k) is type(codec_v) and all(
-        getattr(codec_k, a) == getattr(codec_v, a) for a in key
-    )
+    """Whether keys and values use one codebook (the same ``book_key``: one codec at one rate)."""
+    return codec_k.book_key == codec_v.book_key
 
 
 @functools.cache

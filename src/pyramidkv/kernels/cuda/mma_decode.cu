@@ -25,7 +25,9 @@
 // 1.5 at k = 4; 5 and 7: 2.5 and 3.5 bits at k = 2), ROWS_CAP (the most query rows per KV head the variant
 // holds: 4, 8 or 16), NW warps per block, SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
 // codeword's row in the table: 256, or 128 where two blocks of 256-byte rows do not fit an SM's shared memory),
-// SWIZZLED, ROW_PERM and CHUNK_XOR (whether the ring slots are swizzled, and how: see slot_byte).
+// SWIZZLED, ROW_PERM and CHUNK_XOR (whether the ring slots are swizzled, and how: see slot_byte), KEYS_AFFINE (1: the
+// keys are 2-bit codes of a uniform grid, multiplied as int8 with no codebook: see keys_affine), TPS (tiles per ring
+// slot: a wait, two warp barriers, a commit and a fill's bookkeeping serve TPS tiles).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -50,9 +52,14 @@ typedef unsigned char u8;
 #define VAL_ALIGN (VAL_BYTES & -VAL_BYTES)
 #define TILE 16                         // tokens per warp iteration: two n-tiles of keys, one k-tile of values
 #define ARRAY_BYTES (TILE * NBYTES)     // one tile of key (or value) index bytes
-#define SLOT_BYTES (2 * ARRAY_BYTES + 4 * TILE)  // a ring slot: key bytes, value bytes, key norms, value norms
+#define SLOT_BYTES (2 * ARRAY_BYTES + 4 * TILE)  // a tile's place in the ring: key bytes, value bytes, key norms, value norms
+#define SLOTS (STAGES / TPS)            // ring slots of TPS tiles each (the ring holds STAGES tiles)
 #define CHUNK (NBYTES % 16 ? 8 : 16)    // bytes per async copy: rows of 24 bytes (d = 64, 3 bits) start on 8 only
 #define TWO_CHAINS (KC == 2)            // score mma in two accumulator chains (see attend)
+#define KS (D / 32)                     // k-steps of the int8 score mma (KEYS_AFFINE)
+#define KQ (D / 4)                      // coordinates of a lane's key share (KEYS_AFFINE: its query share too)
+#define MAGIC_I 0x4b400000              // 1.5 x 2^23 as float bits: an int32 sum started here reads as that float + sum
+#define MAGIC_F 12582912.f
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define HALF_NEG_INF 0xfc00u            // a missing token's key norm: its score is -inf, its weight 0
 
@@ -78,6 +85,14 @@ __device__ __forceinline__ void mma16816(float c[4], u32 a0, u32 a1, u32 a2, u32
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void imma16832(int c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
@@ -259,12 +274,47 @@ __device__ __forceinline__ void read_global(Tile& tile, Norms& n, const u8* krow
     }
 }
 
+// KEYS_AFFINE: the scores of key n-tile ``kidx`` (key 8nt + g, this lane's KQ coordinates). The keys are 2-bit codes c
+// of a uniform grid (level = step (c - 1.5), TurboQuant grid="uniform"), four to an index byte, so the codes themselves
+// are the int8 B operand of mma.m16n8k32: register m = 4w + j of a lane holds codes 4i + j of its word w (i = 0..3, one
+// shift and one AND), which is why the query's int8 A fragments are laid out by the same rule (see the query set-up).
+// The query enters as two int8 parts, hi + lo / 256 (~15 bits; one part alone gave 0.6-4% output error, NOTES.md), each
+// summed in int32 from 1.5 x 2^23 so the sums read as floats exactly; S = hi + lo / 256 - cq in units of the row's
+// scale (attend applies it in the exponentials), cq carrying the starts and the grid's offset 1.5 x sum(q). No codebook, no shared-memory gather: the key half
+// of the table's traffic is gone (NOTES.md, fourteenth session).
+__device__ __forceinline__ void keys_affine(const u32* kidx, const u32 (&qa)[KSTEPS][4], const float (&cq)[2], float* c) {
+    u32 kb[2 * KS];
+#pragma unroll
+    for (int m = 0; m < 2 * KS; ++m) kb[m] = (kidx[m >> 2] >> (2 * (m & 3))) & 0x03030303u;
+    int hi[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
+    if (!ROWS2) {
+        // up to 8 query rows: the lo parts ride in the A rows g + 8, which hold no query row, so one mma chain
+        // sums both and each lane has hi (c0, c1) and lo (c2, c3) of the same scores
+#pragma unroll
+        for (int s = 0; s < KS; ++s) imma16832(hi, qa[s][0], qa[s][1], qa[s][2], qa[s][3], kb[2 * s], kb[2 * s + 1]);
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+            c[e] = fmaf(__int_as_float(hi[2 + e]), 1.f / 256.f, __int_as_float(hi[e]) - cq[0]);
+        return;
+    }
+    int lo[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+        imma16832(hi, qa[s][0], qa[s][1], qa[s][2], qa[s][3], kb[2 * s], kb[2 * s + 1]);
+        imma16832(lo, qa[KS + s][0], qa[KS + s][1], qa[KS + s][2], qa[KS + s][3], kb[2 * s], kb[2 * s + 1]);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+        c[e] = fmaf(__int_as_float(lo[e]), 1.f / 256.f, __int_as_float(hi[e]) - cq[e >> 1]);
+}
+
 // One tile: S = Q K^T, the online softmax, O^T += V^T P^T. FULL: every token of the tile is visible (a ring
 // tile), so no key norm is the -inf mark of a missing token and the scores skip that check (-3% at 2 bits).
 template <bool FULL>
 __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, const u32 (&qa)[KSTEPS][4],
                                        float (&acc)[VTILES][1 + ROWS2][4], float (&m_run)[2], float (&l_run)[2],
-                                       u32 k_off, u32 v_off, int t, u32 spread_lo, u32 spread_hi) {
+                                       u32 k_off, u32 v_off, int t, u32 spread_lo, u32 spread_hi,
+                                       const float (&qscale)[2], const float (&cq)[2]) {
     // S = Q K^T over two n-tiles of 8 tokens: mma B is key 8nt + g, one codeword load per k-step;
     // c[nt] = rows g (0, 1), g + 8 (2, 3) x tokens 8nt + 2t (+ 1); at k = 2 (3 and 4 bits) even and odd k-steps in
     // two accumulators, halving the chain of dependent mma; at k = 4 one chain measured 2.5% faster at 2 bits (the
@@ -272,6 +322,10 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
     float c[2][4], c_odd[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
+        if (KEYS_AFFINE) {
+            keys_affine(cur.kidx[nt], qa, cq, c[nt]);
+            continue;
+        }
         u32 kw[KEY_CODES * WORDS];
         gather<KEY_CODES>(k_off, cur.kidx[nt], kw);
 #pragma unroll
@@ -293,7 +347,8 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
         const float kn0 = half_to_float(norms.k[nt] & 0xffff), kn1 = half_to_float(norms.k[nt] >> 16);
 #pragma unroll
         for (int r = 0; r <= ROWS2; ++r) {
-            // -inf norms mark missing tokens: score -inf whatever the (finite) dot product
+            // -inf norms mark missing tokens: score -inf whatever the (finite) dot product. KEYS_AFFINE: scores and
+            // the running max stay in units of the row's scale (qscale), which the exponentials apply
             if (FULL) {
                 c[nt][2 * r] *= kn0;
                 c[nt][2 * r + 1] *= kn1;
@@ -312,7 +367,7 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
             const float m_new = fmaxf(m_run[r], tile_max);  // finite: the tile has a visible token
-            alpha[r] = fast_exp2(m_run[r] - m_new);
+            alpha[r] = fast_exp2(KEYS_AFFINE ? (m_run[r] - m_new) * qscale[r] : m_run[r] - m_new);
             m_run[r] = m_new;
             l_run[r] *= alpha[r];
         }
@@ -334,9 +389,12 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
 #pragma unroll
     for (int r = 0; r <= ROWS2; ++r) {
         float p_sum = 0.f;
+        const float m_scaled = -m_run[r] * qscale[r];  // KEYS_AFFINE: exp2(qscale (c - m)) is one FFMA too
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-            const float p0 = fast_exp2(c[nt][2 * r] - m_run[r]), p1 = fast_exp2(c[nt][2 * r + 1] - m_run[r]);
+            const float p0 = fast_exp2(KEYS_AFFINE ? fmaf(c[nt][2 * r], qscale[r], m_scaled) : c[nt][2 * r] - m_run[r]);
+            const float p1 =
+                fast_exp2(KEYS_AFFINE ? fmaf(c[nt][2 * r + 1], qscale[r], m_scaled) : c[nt][2 * r + 1] - m_run[r]);
             p_sum += p0 + p1;
             // the value norms applied in f16x2: the product enters the mma in f16 anyway
             asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(pb[r][nt]) : "r"(pack_halves(p0, p1)), "r"(norms.v[nt]));
@@ -414,18 +472,23 @@ struct Feed {
         n_at = 2 * ARRAY_BYTES + cn * CHUNK;
     }
 
-    // Start copying the next tile into the slot at ``slot``, then step to the tile after it.
+    // Start copying the warp's next TPS tiles into the slot at ``slot``, then step to the ones after them.
     __device__ __forceinline__ void fill(u32 slot) {
 #pragma unroll
-        for (int c = 0; c < (chunks + 31) / 32; ++c) {
-            const int step = 32 * CHUNK * c;
-            if (c == 0 ? has_k : k_at + step < ARRAY_BYTES) cp_async(slot + k_at + step, k + step);
-            if (c == 0 ? has_v : v_at + step < 2 * ARRAY_BYTES) cp_async(slot + v_at + step, v + step);
+        for (int u = 0; u < TPS; ++u) {
+            const u32 at = slot + u * SLOT_BYTES;
+            const int from = u * TILE * NBYTES;
+#pragma unroll
+            for (int c = 0; c < (chunks + 31) / 32; ++c) {
+                const int step = 32 * CHUNK * c;
+                if (c == 0 ? has_k : k_at + step < ARRAY_BYTES) cp_async(at + k_at + step, k + from + step);
+                if (c == 0 ? has_v : v_at + step < 2 * ARRAY_BYTES) cp_async(at + v_at + step, v + from + step);
+            }
+            if (has_n) cp_async(at + n_at, n + u * TILE * 2);
         }
-        if (has_n) cp_async(slot + n_at, n);
-        k += NW * TILE * NBYTES;
-        v += NW * TILE * NBYTES;
-        n += NW * TILE * 2;
+        k += NW * TPS * TILE * NBYTES;
+        v += NW * TPS * TILE * NBYTES;
+        n += NW * TPS * TILE * 2;
     }
 };
 
@@ -452,15 +515,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     const u16* knrow = knorm + (long long)b * knorm_sb + (long long)h * knorm_sh;
     const u16* vnrow = vnorm + (long long)b * vnorm_sb + (long long)h * vnorm_sh;
 
-    // This warp's full tiles (lo + (warp + NW i) TILE for i < n_mine) stream through its ring; the last, partial
-    // tile of the range is read from global memory by the warp whose turn it is.
-    const int full_tiles = max(hi - lo, 0) / TILE;
-    const int n_mine = full_tiles > warp ? (full_tiles - warp + NW - 1) / NW : 0;
+    // This warp's units of TPS full tiles (tiles TPS (warp + NW i) + u for i < n_mine) stream through its ring; the
+    // tiles left over (full ones short of a unit, and the last, partial one) are read from global memory, each by the
+    // warp whose turn it is.
+    const int full_tiles = max(hi - lo, 0) / TILE, units = full_tiles / TPS;
+    const int n_mine = units > warp ? (units - warp + NW - 1) / NW : 0;
     const bool norms_too = ((reinterpret_cast<size_t>(knrow) | reinterpret_cast<size_t>(vnrow)) & (CHUNK - 1)) == 0;
     const u32 ring = smem_base() + TABLE_BYTES + warp * STAGES * SLOT_BYTES;
-    Feed feed(krow, vrow, knrow, vnrow, lo + warp * TILE, lane, norms_too);
-    for (int s = 0; s < STAGES; ++s) {
-        if (s < n_mine) feed.fill(ring + s * SLOT_BYTES);
+    Feed feed(krow, vrow, knrow, vnrow, lo + warp * TPS * TILE, lane, norms_too);
+    for (int s = 0; s < SLOTS; ++s) {
+        if (s < n_mine) feed.fill(ring + s * TPS * SLOT_BYTES);
         commit();  // a group per slot, empty or not: the wait below counts groups
     }
 
@@ -469,7 +533,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     const int v_words = ROW_BYTES == 128 ? N_CODES * 32 : 32;
     for (int i = threadIdx.x; i < N_CODES * 32; i += NW * 32) {
         const int n = i / 32, w = i % 32;
-        smem[n * (ROW_BYTES / 4) + w] = __ldg(kbook + n * WORDS + w % WORDS);
+        // KEYS_AFFINE reads no key codewords (kbook holds the grid's step): the row holds the value codeword
+        smem[n * (ROW_BYTES / 4) + w] = __ldg((KEYS_AFFINE ? vbook : kbook) + n * WORDS + w % WORDS);
         if (!SHARED_BOOK) smem[v_words + n * (ROW_BYTES / 4) + w] = __ldg(vbook + n * WORDS + w % WORDS);
     }
     // opaque to the compiler: knowing their bits, it masks them again in every 6-bit gather (a LOP3 per codeword)
@@ -482,8 +547,75 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     // value mma needs each lane's probabilities of its row g mod 4) and rows 8..15 are zero.
     const int row_g = PAIRED ? g & 3 : g;
     u32 qa[KSTEPS][4];
+    float qscale[2] = {0.f, 0.f}, cq[2] = {0.f, 0.f};
+    if (KEYS_AFFINE) {
+        // int8 A fragments of the int8 score mma (keys_affine): lane t reads its row's KQ coordinates KQ t .. (its
+        // keys' coordinates), the row's largest |q| (4 lanes) sets the scale 127 / top, and each coordinate becomes hi =
+        // round(q scale) and lo = round(256 (q scale - hi)), clamped to +-127. Step s of the mma takes in register
+        // 2 h (row g) / 2 h + 1 (row g + 8) the bytes of m = 2 s + h: coordinates 16 (m / 4) + 4 i + m % 4, i = 0..3.
+        const float step = __ldg(reinterpret_cast<const float*>(kbook));
 #pragma unroll
-    for (int s = 0; s < KSTEPS; ++s) {
+        for (int h = 0; h < 1 + ROWS2; ++h) {
+            const int row = h ? g + 8 : row_g;
+            const bool live = row < rows && !(h && PAIRED);
+            float x[KQ];
+#pragma unroll
+            for (int i = 0; i < KQ; i += 8) {
+                uint4 v = make_uint4(0, 0, 0, 0);
+                if (live) v = *reinterpret_cast<const uint4*>(q + ((long long)bh * rows + row) * D + KQ * t + i);
+                const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) x[i + e] = half_to_float((u16)(words[e / 2] >> (16 * (e % 2))));
+            }
+            float top = 0.f;
+#pragma unroll
+            for (int i = 0; i < KQ; ++i) top = fmaxf(top, fabsf(x[i]));
+            top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 1));
+            top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 2));
+            const float scale = top > 0.f ? 127.f / top : 0.f;
+            int sum_hi = 0, sum_lo = 0;
+            u32 hi_w[KQ / 4], lo_w[KQ / 4];
+#pragma unroll
+            for (int i = 0; i < KQ / 4; ++i) hi_w[i] = lo_w[i] = 0;
+#pragma unroll
+            for (int i = 0; i < KQ; ++i) {
+                // rounded by adding 1.5 x 2^23 (the integer lands in the low bits), at full rate: rintf and the
+                // float-to-int conversions run at a quarter, and at short contexts this set-up is a block's
+                // main cost
+                const float y = x[i] * scale, ry = y + MAGIC_F, r = ry - MAGIC_F;
+                const int a = __float_as_int(ry) - MAGIC_I;
+                const int b = max(min(__float_as_int(fmaf(y - r, 256.f, MAGIC_F)) - MAGIC_I, 127), -127);
+                sum_hi += a;
+                sum_lo += b;
+                // coordinate i = 16 w + 4 i' + j goes to byte i' of word 4 w + j
+                const int word = 4 * (i / 16) + i % 4, byte = (i / 4) % 4;
+                hi_w[word] |= (u32)(a & 0xff) << (8 * byte);
+                lo_w[word] |= (u32)(b & 0xff) << (8 * byte);
+            }
+            sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 1);
+            sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 2);
+            sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 1);
+            sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 2);
+#pragma unroll
+            for (int s2 = 0; s2 < KS; ++s2)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    if (ROWS2) {  // rows g and g + 8 are query rows: hi and lo in two mma chains
+                        qa[s2][2 * hh + h] = hi_w[2 * s2 + hh];
+                        qa[KS + s2][2 * hh + h] = lo_w[2 * s2 + hh];
+                    } else {  // row g's hi in A row g, its lo in A row g + 8: one chain
+                        qa[s2][2 * hh] = hi_w[2 * s2 + hh];
+                        qa[s2][2 * hh + 1] = lo_w[2 * s2 + hh];
+                    }
+                }
+            qscale[h] = top > 0.f ? top / 127.f * step : 1.f;  // a zero row: every score 0, any positive scale
+            // both sums' start and the grid's offset, in one float: hi - cq is exact, and cq's rounding (< 0.5) is
+            // an offset of the row's scores about as large as the f16 query's rounding in the other variants
+            cq[h] = MAGIC_F + (MAGIC_F / 256.f + 1.5f * ((float)sum_hi + (float)sum_lo / 256.f));
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < (KEYS_AFFINE ? 0 : KSTEPS); ++s) {
         const int col = 4 * (t * KSTEPS + s);
         uint2 v0 = make_uint2(0, 0), v1 = make_uint2(0, 0);
         if (row_g < rows) v0 = *reinterpret_cast<const uint2*>(q + ((long long)bh * rows + row_g) * D + col);
@@ -512,29 +644,35 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     const u32 lane_val[2] = {slot_byte(2 * t, g * VAL_BYTES), slot_byte(2 * t + 1, g * VAL_BYTES)};
     u32 slot = ring;
     for (int i = 0; i < n_mine; ++i) {
-        // this lane's copies of tile i have landed once at most the STAGES - 1 groups after its own are pending;
+        // this lane's copies of unit i have landed once at most the SLOTS - 1 groups after its own are pending;
         // the warp barrier then makes every lane's copies visible to all
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1) : "memory");
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(SLOTS - 1) : "memory");
         __syncwarp();
-        Tile cur;
-        Norms norms;
-        read_slot(cur, norms, slot, lane_key, lane_val, lane_norm, norms_too);
-        __syncwarp();
-        if (i + STAGES < n_mine) feed.fill(slot);  // the slot just read
-        commit();
-        slot += SLOT_BYTES;
-        if (slot == ring + STAGES * SLOT_BYTES) slot = ring;
-        if (!norms_too) {
-            const int base = lo + (warp + NW * i) * TILE;
-            read_global(cur, norms, krow, vrow, knrow, vnrow, base, hi, g, t, false);
+#pragma unroll
+        for (int u = 0; u < TPS; ++u) {
+            Tile cur;
+            Norms norms;
+            read_slot(cur, norms, slot + u * SLOT_BYTES, lane_key, lane_val, lane_norm, norms_too);
+            if (u == TPS - 1) {  // the slot is read: refill it (one tile's words are live, not the unit's)
+                __syncwarp();
+                if (i + SLOTS < n_mine) feed.fill(slot);
+                commit();
+                slot += TPS * SLOT_BYTES;
+                if (slot == ring + STAGES * SLOT_BYTES) slot = ring;
+            }
+            if (!norms_too) {
+                const int base = lo + ((warp + NW * i) * TPS + u) * TILE;
+                read_global(cur, norms, krow, vrow, knrow, vnrow, base, hi, g, t, false);
+            }
+            attend<true>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi, qscale, cq);
         }
-        attend<true>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi);
     }
-    if (full_tiles * TILE < hi - lo && warp == full_tiles % NW) {
+    for (int x = units * TPS; x * TILE < hi - lo; ++x) {
+        if (warp != x % NW) continue;
         Tile cur;
         Norms norms;
-        read_global(cur, norms, krow, vrow, knrow, vnrow, lo + full_tiles * TILE, hi, g, t, true);
-        attend<false>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi);
+        read_global(cur, norms, krow, vrow, knrow, vnrow, lo + x * TILE, hi, g, t, true);
+        attend<false>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi, qscale, cq);
     }
 
     // merge the NW warps of the block through shared memory (the tables and rings are dead: reuse them)
@@ -547,7 +685,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
         float l = l_run[r] + __shfl_xor_sync(0xffffffff, l_run[r], 1);
         l += __shfl_xor_sync(0xffffffff, l, 2);
         if (t == 0) {
-            s_max[warp * 16 + 8 * r + g] = m_run[r];
+            s_max[warp * 16 + 8 * r + g] = KEYS_AFFINE ? m_run[r] * qscale[r] : m_run[r];  // base 2, unscaled
             s_sum[warp * 16 + 8 * r + g] = l;
         }
     }
