@@ -92,7 +92,8 @@ def generate(
     codec: Annotated[
         str,
         typer.Option(
-            help="Store kept tokens as codes: none, fibquant, turboquant, kivi (or name:bits)."
+            help="Store kept tokens as codes: none, fibquant, turboquant, uniform, kivi, or keys/values "
+            "such as uniform/fibquant (optionally name:bits)."
         ),
     ] = "none",
     bits: Annotated[
