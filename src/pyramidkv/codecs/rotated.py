@@ -52,9 +52,12 @@ class RotatedBlockCodec(Codec):
     n: int
     seed: int
 
-    def _setup(self) -> None:
-        """Load (or build once) the codebook and the rotation; device copies are made on first use."""
-        self._codebook64 = _shared_codebook(self.d, self.k, self.n, self.seed)
+    def _setup(self, codebook: torch.Tensor | None = None) -> None:
+        """Take ``codebook`` (N, k) float64, or load (or build once) the shared one of (d, k, N, seed), and the
+        rotation; device copies are made on first use."""
+        self._codebook64 = (
+            _shared_codebook(self.d, self.k, self.n, self.seed) if codebook is None else codebook
+        )
         self._rotation64 = haar_rotation(self.d, self.seed)
         self._on_device: dict[
             tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]

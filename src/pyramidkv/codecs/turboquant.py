@@ -39,12 +39,13 @@ class TurboQuant(RotatedBlockCodec):
         check_int("seed", self.seed, 0, 2**63 - 1)
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
-        self._setup()
         self._step: float | None = None
-        if self.grid == "uniform":
-            levels = uniform_scalar(self.d, self.n)
-            self._codebook64 = torch.from_numpy(levels)[:, None]
-            self._step = float(levels[1] - levels[0])
+        if self.grid == "lloyd":
+            self._setup()
+            return
+        levels = uniform_scalar(self.d, self.n)  # exact and fast: no disk cache
+        self._step = float(levels[1] - levels[0])
+        self._setup(torch.from_numpy(levels)[:, None])
 
     @property
     def book_key(self) -> tuple:
