@@ -288,7 +288,9 @@ def test_unsupported_codecs_and_arguments_raise():
         )
 
 
-@pytest.mark.parametrize("codec_name", ["fibquant:2", "fibquant:3", "turboquant:3"])
+@pytest.mark.parametrize(
+    "codec_name", ["fibquant:2", "fibquant:3", "turboquant:3", "uniform/fibquant:2"]
+)
 def test_cache_with_the_fused_kernel_equals_the_torch_reference(codec_name):
     """A quantized cache encoding and decoding through the kernels gives the reference path's logits and tokens."""
     from pyramidkv.cache import CompressedCache
