@@ -52,7 +52,7 @@ typedef unsigned char u8;
 #define VAL_ALIGN (VAL_BYTES & -VAL_BYTES)
 #define TILE 16                         // tokens per warp iteration: two n-tiles of keys, one k-tile of values
 #define ARRAY_BYTES (TILE * NBYTES)     // one tile of key (or value) index bytes
-#define SLOT_BYTES (2 * ARRAY_BYTES + 4 * TILE)  // a tile's place in the ring: key bytes, value bytes, key norms, value norms
+#define SLOT_BYTES (2 * ARRAY_BYTES + 4 * TILE)  // a tile's place in the ring: key and value bytes, their norms
 #define SLOTS (STAGES / TPS)            // ring slots of TPS tiles each (the ring holds STAGES tiles)
 #define CHUNK (NBYTES % 16 ? 8 : 16)    // bytes per async copy: rows of 24 bytes (d = 64, 3 bits) start on 8 only
 #define TWO_CHAINS (KC == 2)            // score mma in two accumulator chains (see attend)
@@ -280,9 +280,10 @@ __device__ __forceinline__ void read_global(Tile& tile, Norms& n, const u8* krow
 // shift and one AND), which is why the query's int8 A fragments are laid out by the same rule (see the query set-up).
 // The query enters as two int8 parts, hi + lo / 256 (~15 bits; one part alone gave 0.6-4% output error, NOTES.md), each
 // summed in int32 from 1.5 x 2^23 so the sums read as floats exactly; S = hi + lo / 256 - cq in units of the row's
-// scale (attend applies it in the exponentials), cq carrying the starts and the grid's offset 1.5 x sum(q). No codebook, no shared-memory gather: the key half
-// of the table's traffic is gone (NOTES.md, fourteenth session).
-__device__ __forceinline__ void keys_affine(const u32* kidx, const u32 (&qa)[KSTEPS][4], const float (&cq)[2], float* c) {
+// scale (attend applies it in the exponentials), cq carrying the starts and the grid's offset 1.5 x sum(q). No
+// codebook, no shared-memory gather: the key half of the table's traffic is gone (NOTES.md, fourteenth session).
+__device__ __forceinline__ void keys_affine(const u32* kidx, const u32 (&qa)[KSTEPS][4], const float (&cq)[2],
+                                            float* c) {
     u32 kb[2 * KS];
 #pragma unroll
     for (int m = 0; m < 2 * KS; ++m) kb[m] = (kidx[m >> 2] >> (2 * (m & 3))) & 0x03030303u;
@@ -550,9 +551,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
     float qscale[2] = {0.f, 0.f}, cq[2] = {0.f, 0.f};
     if (KEYS_AFFINE) {
         // int8 A fragments of the int8 score mma (keys_affine): lane t reads its row's KQ coordinates KQ t .. (its
-        // keys' coordinates), the row's largest |q| (4 lanes) sets the scale 127 / top, and each coordinate becomes hi =
-        // round(q scale) and lo = round(256 (q scale - hi)), clamped to +-127. Step s of the mma takes in register
-        // 2 h (row g) / 2 h + 1 (row g + 8) the bytes of m = 2 s + h: coordinates 16 (m / 4) + 4 i + m % 4, i = 0..3.
+        // keys' coordinates), the row's largest |q| (4 lanes) sets the scale 127 / top, and each coordinate becomes
+        // hi = round(q scale) and lo = round(256 (q scale - hi)), clamped to +-127. Step s of the mma takes the bytes
+        // of m = 2 s + hh (coordinates 16 (m / 4) + 4 i + m % 4, i = 0..3) in A registers 2 hh (row g) and 2 hh + 1
+        // (row g + 8: the lo parts when at most 8 rows, else that row's hi, its lo in a second chain).
         const float step = __ldg(reinterpret_cast<const float*>(kbook));
 #pragma unroll
         for (int h = 0; h < 1 + ROWS2; ++h) {
