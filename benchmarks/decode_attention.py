@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 import machine  # sibling script
 from gpu_measure import Timer, copy_bandwidth, report_new_kernels
-from pyramidkv.codecs import FibQuant, RotatedBlockCodec, TurboQuant, VectorCodes
+from pyramidkv import coded
+from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
 from pyramidkv.codecs.packing import pack_bits, packed_bytes
 
 RESULTS = Path(__file__).parent / "results"
@@ -131,23 +132,18 @@ def parse_grid(text: str) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)] if axes else []
 
 
-def make_codec(name: str, dim: int, bits: float) -> RotatedBlockCodec:
-    """FibQuant at ``bits`` per coordinate (its own (k, N): 2 -> (4, 256), 3 -> (2, 64), 4 -> (2, 256); fractional
-    rates too), TurboQuant-mse (k = 1, whole bits) or TurboQuant on its best uniform grid (``uniform``: at 2 bits,
-    keys the CUDA kernel reads as int8 with no codebook)."""
-    if name == "fibquant":
-        return FibQuant(dim, bits=bits)
-    if name in ("turboquant", "uniform"):
-        return TurboQuant(dim, bits=bits, grid="uniform" if name == "uniform" else "lloyd")
-    raise ValueError(
-        f"codec: got {name!r}; expected fibquant, turboquant or uniform (keys/values: uniform/fibquant)"
-    )
-
-
 def make_codecs(name: str, dim: int, bits: float) -> tuple[RotatedBlockCodec, RotatedBlockCodec]:
-    """The key and value codecs of ``name``: one codec for both, or ``keys/values`` (``uniform/fibquant``)."""
-    keys, _, values = name.partition("/")
-    return make_codec(keys, dim, bits), make_codec(values or keys, dim, bits)
+    """The key and value codecs of ``name`` at ``bits`` per coordinate, as the library builds them from a codec
+    spec (:func:`pyramidkv.coded.make_codecs`): ``fibquant`` (its own (k, N): 2 -> (4, 256), 3 -> (2, 64), 4 ->
+    (2, 256); fractional rates too), ``turboquant`` (k = 1, whole bits), ``uniform`` (TurboQuant on its best
+    uniform grid), or keys/values such as ``uniform/fibquant``."""
+    pair = coded.make_codecs(name, dim, bits=bits)
+    return pair.keys, pair.values
+
+
+def make_codec(name: str, dim: int, bits: float) -> RotatedBlockCodec:
+    """One codec of :func:`make_codecs` (its keys')."""
+    return make_codecs(name, dim, bits)[0]
 
 
 def bytes_of(codes: list[VectorCodes]) -> int:

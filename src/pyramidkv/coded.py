@@ -20,8 +20,9 @@ from .errors import PyramidKVError
 CODEC_NAMES = ("none", "fibquant", "turboquant", "uniform", "kivi")
 # "uniform": TurboQuant on its best uniform grid, whose 2-bit keys the CUDA kernel reads with no codebook
 DEFAULT_BITS = {"fibquant": 2.0, "turboquant": 2, "uniform": 2, "kivi": 2}
-# codecs that may be paired as keys/values ("uniform/fibquant": uniform-grid keys, FibQuant values)
-PAIRABLE = ("fibquant", "turboquant", "uniform")
+# the normalise-rotate-quantize codecs: the fused kernels read their codes, and they pair as keys/values
+# ("uniform/fibquant": uniform-grid keys, FibQuant values)
+ROTATED_CODECS = ("fibquant", "turboquant", "uniform")
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,12 @@ def parse_codec(spec: str | None) -> tuple[str, float | None]:
         return "none", None
     name, _, bits = str(spec).strip().lower().partition(":")
     sides = name.split("/")
-    if not (name in CODEC_NAMES or (len(sides) == 2 and all(side in PAIRABLE for side in sides))):
+    if not (
+        name in CODEC_NAMES or (len(sides) == 2 and all(side in ROTATED_CODECS for side in sides))
+    ):
         raise PyramidKVError(
             f"codec: got {spec!r}; expected one of {', '.join(CODEC_NAMES)} or keys/values of "
-            f"{', '.join(PAIRABLE)} (uniform/fibquant), optionally :bits"
+            f"{', '.join(ROTATED_CODECS)} (uniform/fibquant), optionally :bits"
         )
     if not bits:
         return name, None

@@ -12,14 +12,11 @@ import importlib.util
 
 import torch
 
+from ..coded import ROTATED_CODECS
 from ..errors import PyramidKVError
 
 KERNELS = ("auto", "torch", "triton")
-FUSED_CODECS = (
-    "fibquant",
-    "turboquant",
-    "uniform",
-)  # the codecs whose codes the fused kernels read
+FUSED_CODECS = ROTATED_CODECS  # the codecs whose codes the fused kernels read
 
 
 def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> None:

@@ -76,6 +76,12 @@ def whole_bytes(dim: int, k: int, n: int) -> bool:
     return all(dim // (lanes * k) * bits % 8 == 0 for lanes in (4, 8))
 
 
+def ring_divides(stages: int, slot_tiles: int) -> bool:
+    """Whether a ring of ``stages`` tiles divides into at least two slots of ``slot_tiles``: one being read, one
+    in flight."""
+    return stages % slot_tiles == 0 and stages >= 2 * slot_tiles
+
+
 def check_launch(
     warps: int | None, stages: int | None, names: tuple[str, str] = ("warps", "stages")
 ) -> None:
@@ -124,11 +130,7 @@ class MmaVariant:
         check_launch(self.warps, self.stages)
         if self.row_bytes not in ROW_SIZES:
             raise ValueError(f"row_bytes must be one of {ROW_SIZES}, got {self.row_bytes}")
-        if (
-            self.slot_tiles not in SLOT_TILES
-            or self.stages % self.slot_tiles
-            or self.stages < 2 * self.slot_tiles
-        ):
+        if self.slot_tiles not in SLOT_TILES or not ring_divides(self.stages, self.slot_tiles):
             raise ValueError(
                 f"slot_tiles must be one of {SLOT_TILES} and divide stages into at least two slots, got "
                 f"{self.slot_tiles} with stages={self.stages}"
@@ -314,7 +316,7 @@ def variant(
     tiles = slot_tiles
     if tiles is None:  # the default, where the ring asked for divides into two slots of it
         tiles = default_slot_tiles(affine)
-        tiles = tiles if stages is None or (stages % tiles == 0 and stages >= 2 * tiles) else 1
+        tiles = tiles if stages is None or ring_divides(stages, tiles) else 1
     key = (codec_k.d, k, cap, warps, same_codebook(codec_k, codec_v), n)
     return _variant(key, RING * tiles if stages is None else stages, device, affine, tiles)
 
