@@ -103,6 +103,8 @@ def make_codecs(
         return CodecPair(
             name, _rotated(keys, head_dim, kb, seed), _rotated(values or keys, head_dim, vb, seed)
         )
+    except PyramidKVError:
+        raise  # already names its parameter
     except (TypeError, ValueError) as exc:
         raise PyramidKVError(f"bits: {exc}") from exc
 
