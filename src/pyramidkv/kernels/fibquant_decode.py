@@ -447,7 +447,8 @@ def plan_block(
     Remembered per (shape, codecs, rows, tuning, device, split): an eager decode step plans every coded block
     of every layer, and the plan depends on nothing else (the device's properties are fixed in a process).
     """
-    key = (tuple(shape), _codec_key(codec_k), _codec_key(codec_v), rows, tuning, device, split)
+    # a codec's book_key is all a plan reads of it (what unsupported, same_codebook and affine_keys see)
+    key = (tuple(shape), codec_k.book_key, codec_v.book_key, rows, tuning, device, split)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(shape, codec_k, codec_v, rows, tuning, device, split)
@@ -462,11 +463,6 @@ def plan_block(
 PLANS_KEPT = 4096
 _PLANS: dict[tuple, tuple[mma_decode.MmaVariant | None, int]] = {}
 _PLANS_LOCK = threading.Lock()
-
-
-def _codec_key(codec: RotatedBlockCodec) -> tuple:
-    """What a plan reads of a codec (:func:`.mma_decode.unsupported`, :func:`.mma_decode.same_codebook`)."""
-    return codec.book_key
 
 
 def _plan(shape, codec_k, codec_v, rows, tuning, device, split):
