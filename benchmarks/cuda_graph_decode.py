@@ -69,6 +69,9 @@ CONFIGS = {  # name -> (policy, codec) of the CompressedCache; full without code
     "turboquant": ("full", "turboquant:2"),  # TurboQuant's scalar codes, at FibQuant's rate
     # keys of a uniform grid (read as int8, no codebook), FibQuant values
     "uniform/fibquant": ("full", "uniform/fibquant:2"),
+    # at 3 bits: FibQuant's, and keys of the uniform grid in planes (cut into int8 registers) with FibQuant values
+    "fibquant:3": ("full", "fibquant:3"),
+    "uniform/fibquant:3": ("full", "uniform/fibquant:3"),
 }
 
 

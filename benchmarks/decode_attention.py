@@ -40,7 +40,7 @@ import machine  # sibling script
 from gpu_measure import Timer, copy_bandwidth, report_new_kernels
 from pyramidkv import coded
 from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
-from pyramidkv.codecs.packing import pack_bits, packed_bytes
+from pyramidkv.codecs.packing import packed_bytes
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.05  # on max |kernel - ref| / max |ref|, ref = decode-then-SDPA in bf16
@@ -154,10 +154,10 @@ def bytes_of(codes: list[VectorCodes]) -> int:
 def random_codes(
     codec: RotatedBlockCodec, shape: tuple[int, ...], generator: torch.Generator
 ) -> VectorCodes:
-    """Uniform random codes of ``shape`` vectors in the packed layout of ``codecs.packing``; norms ~ sqrt(d).
+    """Uniform random codes of ``shape`` vectors in the codec's packed layout (``codec.pack``); norms ~ sqrt(d).
 
-    With N = 2^index_bits random bytes are uniform indices (the padding bits of a last partial byte are never
-    read); otherwise indices in [0, N) are drawn and packed, a million vectors at a time.
+    With N = 2^index_bits random bytes are uniform indices in either layout (the padding bits of a last partial
+    byte are never read); otherwise indices in [0, N) are drawn and packed, a million vectors at a time.
     """
     device = generator.device
     nbytes = packed_bytes(codec.blocks, codec.index_bits)
@@ -169,7 +169,7 @@ def random_codes(
         for start in range(0, indices.shape[0], 1 << 20):
             size = (min(1 << 20, indices.shape[0] - start), codec.blocks)
             drawn = torch.randint(0, codec.n, size, device=device, generator=generator)
-            indices[start : start + size[0]] = pack_bits(drawn, codec.index_bits)
+            indices[start : start + size[0]] = codec.pack(drawn)
         indices = indices.reshape(*shape, nbytes)
     spread = torch.rand(shape, device=device, generator=generator)
     norms = (math.sqrt(codec.d) * (0.5 + spread)).to(torch.float16)

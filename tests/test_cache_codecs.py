@@ -78,6 +78,27 @@ def test_attention_on_codes_matches_decode_then_dense(tiny_model, codec):
         )
 
 
+def test_3_bit_uniform_keys_in_planes_through_the_cache():
+    """``uniform:3`` at head dim 64 stores keys in planes (what the CUDA kernel cuts into int8 registers) and
+    values as a bit stream; attention on the codes matches decode-then-dense, in as many bytes as the stream."""
+    from .conftest import make_tiny
+
+    model = make_tiny("llama", head_dim=64)
+    with CompressedCache(model, policy="snapkv", budget=20, codec="uniform:3", residual=4) as cache:
+        run(model, cache, steps=7)
+        layer = cache.layers[1]
+        codecs = layer.coded.codecs
+        assert (codecs.keys.layout, codecs.values.layout) == ("planes", "stream")
+        block = layer.coded.blocks[0]
+        assert block.keys.indices.shape[-1] == block.values.indices.shape[-1] == 24
+        torch.manual_seed(0)
+        query = torch.randn(1, 4, 1, 64)
+        got = layer.attend_codes(query, scaling=0.125)
+        torch.testing.assert_close(
+            got.double(), dense_reference(layer, query, 0.125), rtol=1e-4, atol=1e-5
+        )
+
+
 def test_codec_none_is_the_eviction_only_cache(tiny_llama):
     with CompressedCache(tiny_llama, policy="pyramidkv", budget=16) as plain:
         a = run(tiny_llama, plain)

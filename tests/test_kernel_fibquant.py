@@ -373,6 +373,32 @@ def test_any_index_width_and_turboquant(key_codec, value_codec, gather):
 
 
 @pytest.mark.parametrize(
+    "gather",
+    [
+        {"shared_gather": False},
+        {"shared_gather": True},
+        {"shared_gather": True, "row_gather": True},
+    ],
+    ids=["global", "shared", "shared-rows"],
+)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_3_bit_codes_in_planes(gather, dim):
+    """Keys and values of 3-bit codes in planes (codecs/planes.py), each coordinate's low bits and high bit read
+    from their planes (chunks of one and two 16-coordinate groups), against attention over the decoded codes."""
+    ck = cv = TurboQuant(dim, 3, grid="uniform", layout="planes")
+    torch.manual_seed(5)
+    codes_k, keys = _random_codes(ck, (1, 2, 21), scale=3.0)
+    codes_v, values = _random_codes(cv, (1, 2, 21))
+    lengths = torch.tensor([[21, 4]], device=DEVICE)
+    query = torch.randn(1, 4, 1, dim, device=DEVICE)
+    out, _ = fibquant_decode_attention(
+        query, codes_k, codes_v, ck, cv, dim**-0.5, lengths, split=2, block=16, **gather
+    )
+    want = chunked_attention(query, [(keys, values, visible_of(lengths, 21))], dim**-0.5)
+    assert rel_error(out, want) < TOLERANCE
+
+
+@pytest.mark.parametrize(
     "codebook_dtype",
     [
         torch.float32,

@@ -57,11 +57,20 @@ def test_every_variant_compiles_for_sm90(dim, kn, rows, shared, row):
 
 @pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc.so) not found: set PYRAMIDKV_NVRTC")
 @pytest.mark.parametrize(
-    ("dim", "rows", "shared", "affine"),
-    list(itertools.product((64, 128), mma_decode.ROW_CAPS, (True, False), (True, False))),
+    ("dim", "rows", "shared", "affine", "kn"),
+    [
+        *itertools.product(
+            (64, 128), mma_decode.ROW_CAPS, (True, False), (True, False), [(4, 256)]
+        ),
+        *itertools.product(
+            (64, 128), mma_decode.ROW_CAPS, (False,), (True,), [(2, 64)]
+        ),  # 3-bit planes
+    ],
 )
-def test_two_tile_slots_and_int8_keys_compile_for_sm90(dim, rows, shared, affine):
-    variant = mma_decode.MmaVariant(dim, 4, rows, 8, shared, 256, 4, 256, affine, slot_tiles=2)
+def test_two_tile_slots_and_int8_keys_compile_for_sm90(dim, rows, shared, affine, kn):
+    variant = mma_decode.MmaVariant(
+        dim, kn[0], rows, 8, shared, kn[1], 4, 256, affine, slot_tiles=2
+    )
     assert mma_decode.compiled(variant, "sm_90")[:4] == b"\x7fELF"
 
 
@@ -79,13 +88,25 @@ def test_keys_of_a_uniform_grid_take_the_int8_variant_in_two_tile_slots(monkeypa
     for keys in (fib, TurboQuant(128, 2), TurboQuant(128, 3, grid="uniform")):
         other = mma_decode.variant(keys, keys, 4, 8, None, device)
         assert not other.keys_affine and (other.slot_tiles, other.stages) == (1, mma_decode.RING)
+    # 3-bit keys in planes beside values of the same bytes per token: FibQuant's or the grid's own in the stream
+    planes = TurboQuant(128, 3, grid="uniform", layout="planes")
+    for values in (FibQuant(128, bits=3), TurboQuant(128, 3, grid="uniform")):
+        three = mma_decode.variant(planes, values, 4, 8, None, device)
+        assert three.keys_affine and (three.k, three.n, three.slot_tiles) == (2, 64, 2)
+        assert mma_decode.tables(planes, values, three, cpu)[0].view(
+            torch.float32
+        ).item() == pytest.approx(planes.step)
+    assert "keys and values must share" in mma_decode.unsupported(planes, fib, 128, 4)
+    assert "value codec" in mma_decode.unsupported(fib, planes, 128, 4)  # planes are keys only
+    with pytest.raises(ValueError, match="value codec"):
+        mma_decode.tables(fib, planes, kernel, cpu)
     assert mma_decode.variant(uniform, fib, 4, 8, 3, device).slot_tiles == 1
     book_k, book_v = mma_decode.tables(uniform, fib, kernel, cpu)
     assert book_k.view(torch.float32).item() == pytest.approx(uniform.step)
     assert torch.equal(book_v, fib.grouped_codebook(1, cpu, torch.float16).view(torch.int32))
     with pytest.raises(ValueError, match="uniform grid"):
         mma_decode.tables(fib, fib, kernel, cpu)
-    with pytest.raises(ValueError, match="keys_affine reads 2-bit codes"):
+    with pytest.raises(ValueError, match="keys_affine reads 2- or 3-bit codes"):
         mma_decode.MmaVariant(128, 2, 4, keys_affine=True)
     with pytest.raises(ValueError, match="slot_tiles must be one of"):
         mma_decode.MmaVariant(128, 4, 4, stages=3, slot_tiles=2)
@@ -330,16 +351,18 @@ def test_matches_attention_over_decoded_codes(dim, make, q_heads, kv_heads, q_le
 
 @needs_gpu
 @pytest.mark.parametrize("dim", [128, 64])
+@pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("values", ["fibquant", "same"])
 @pytest.mark.parametrize("slot_tiles", [None, 1])
 @ROW_CASES
 def test_keys_of_a_uniform_grid_read_as_int8(
-    dim, values, slot_tiles, q_heads, kv_heads, q_len, split
+    dim, bits, values, slot_tiles, q_heads, kv_heads, q_len, split
 ):
-    """2-bit keys of a uniform grid go through the int8 score mma with no key codebook (``keys_affine``), with
-    FibQuant values or values of the same grid, in rings of two-tile slots (the default) or one."""
-    ck = TurboQuant(dim, 2, grid="uniform")
-    cv = FibQuant(dim, bits=2) if values == "fibquant" else ck
+    """2- and 3-bit keys of a uniform grid (3 bits in planes) go through the int8 score mma with no key codebook
+    (``keys_affine``), with FibQuant values or values of the same grid, in rings of two-tile slots (the default)
+    or one."""
+    ck = TurboQuant(dim, bits, grid="uniform", layout="planes" if bits == 3 else "stream")
+    cv = FibQuant(dim, bits=bits) if values == "fibquant" else TurboQuant(dim, bits, grid="uniform")
     kernel = _against_decoded(
         dim, ck, cv, q_heads, kv_heads, q_len, split, mma_slot_tiles=slot_tiles
     )
@@ -384,13 +407,20 @@ def _against_decoded(dim, ck, cv, q_heads, kv_heads, q_len, split, **tuning):
     ("warps", "stages", "slot_tiles"), [(8, 3, 1), (4, 4, 1), (2, 8, 1), (8, 4, 2), (2, 6, 2)]
 )
 @pytest.mark.parametrize(
-    ("dim", "k", "n"), [(128, 4, 256), (128, 2, 64), (64, 2, 64), (128, 2, 32), (128, 1, 4)]
+    ("dim", "k", "n"),
+    [(128, 4, 256), (128, 2, 64), (64, 2, 64), (128, 2, 32), (128, 1, 4), (128, 1, 8), (64, 1, 8)],
 )
 def test_rings_of_every_depth(warps, stages, slot_tiles, dim, k, n):
     """Each warp's ring of index bytes wraps many times (one split: ~40 tiles per warp at 2 warps) in slots of
     one tile or two, and ends in full tiles short of a slot and a partial tile, at 16-byte (d = 128) and 8-byte
-    copies (d = 64, 3 bits: 24-byte rows); k = 1: keys of a uniform grid (``keys_affine``)."""
-    ck = cv = TurboQuant(dim, 2, grid="uniform") if k == 1 else codec(dim, k, n=n)
+    copies (d = 64, 3 bits: 24-byte rows); k = 1: keys of a uniform grid (``keys_affine``; N = 8 in planes, with
+    the grid's values)."""
+    if k == 1:
+        bits = n.bit_length() - 1
+        cv = TurboQuant(dim, bits, grid="uniform")
+        ck = TurboQuant(dim, bits, grid="uniform", layout="planes") if bits == 3 else cv
+    else:
+        ck = cv = codec(dim, k, n=n)
     codes_k, codes_v, keys, values = _block(dim, ck, cv, 1, 2, 1285, seed=5)
     lengths = torch.tensor([[1285, 1000]], device="cuda")
     query = torch.randn(1, 8, 1, dim, device="cuda")

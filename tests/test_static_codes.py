@@ -92,10 +92,10 @@ def _attention_reference(query, prefix, stream, codecs, scaling, device):
     return out
 
 
-def _drive_layer(codec: str, held: int, device: str, fused: bool):
+def _drive_layer(codec: str, held: int, device: str, fused: bool, dim: int = 16):
     """A layer built from random codes of ragged rows (one row holds none) and ``held`` window tokens,
     decoded STEPS steps: (got, want) attention per step. ``codec`` "name:key_bits/value_bits" or "name:bits"."""
-    batch, kv_heads, groups, width, dim = 3, 2, 2, 12, 16
+    batch, kv_heads, groups, width = 3, 2, 2, 12
     generator = torch.Generator().manual_seed(held)
     name, _, bits = codec.partition(":")
     key_bits, _, value_bits = bits.partition("/")
@@ -140,19 +140,26 @@ def _drive_layer(codec: str, held: int, device: str, fused: bool):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("held", [0, 2, RESIDUAL])
 @pytest.mark.parametrize(
-    "codec", ["fibquant:2", "turboquant:2", "fibquant:3/2", "uniform/fibquant:2"]
-)
-def test_layer_attention_equals_a_float64_reference(codec, held, device):
-    for got, want in _drive_layer(codec, held, device, fused=False):
+    ("codec", "dim"),
+    [
+        ("fibquant:2", 16), ("turboquant:2", 16), ("fibquant:3/2", 16), ("uniform/fibquant:2", 16),
+        ("uniform/fibquant:3", 64),  # keys in planes
+    ],
+)  # fmt: skip
+def test_layer_attention_equals_a_float64_reference(codec, dim, held, device):
+    for got, want in _drive_layer(codec, held, device, fused=False, dim=dim):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "codec,held",
-    [("fibquant:2", 0), ("turboquant:2", 3), ("fibquant:3/2", 2), ("uniform/fibquant:2", 2)],
-)
-def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, device):
+    "codec,held,dim",
+    [
+        ("fibquant:2", 0, 16), ("turboquant:2", 3, 16), ("fibquant:3/2", 2, 16), ("uniform/fibquant:2", 2, 16),
+        ("uniform:3", 2, 64),  # keys in planes, values of the grid in the stream
+    ],
+)  # fmt: skip
+def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, dim, device):
     """The decode kernel (Triton's interpreter on a CPU), the ring as the epilogue's masked window: the
     codebook and the rotated query enter the kernel's products in float16, hence the tolerance."""
     pytest.importorskip("triton")
@@ -160,7 +167,7 @@ def test_layer_attention_through_the_kernels_equals_the_reference(codec, held, d
         pytest.skip(
             "the kernels run on CPU tensors in Triton's interpreter only (TRITON_INTERPRET=1)"
         )
-    for got, want in _drive_layer(codec, held, device, fused=True):
+    for got, want in _drive_layer(codec, held, device, fused=True, dim=dim):
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from .codecs import KIVI, Codec, Codes, FibQuant, TurboQuant, VectorCodes
+from .codecs.planes import ALIGN as PLANE_ALIGN
+from .codecs.planes import BITS as PLANE_BITS
 from .errors import PyramidKVError
 
 CODEC_NAMES = ("none", "fibquant", "turboquant", "uniform", "kivi")
@@ -101,7 +103,9 @@ def make_codecs(
             return CodecPair(name, KIVI(whole[0], axis="channel"), KIVI(whole[1], axis="token"))
         keys, _, values = name.partition("/")
         return CodecPair(
-            name, _rotated(keys, head_dim, kb, seed), _rotated(values or keys, head_dim, vb, seed)
+            name,
+            _rotated(keys, head_dim, kb, seed, keys=True),
+            _rotated(values or keys, head_dim, vb, seed, keys=False),
         )
     except PyramidKVError:
         raise  # already names its parameter
@@ -114,12 +118,20 @@ def default_bits(name: str) -> float:
     return DEFAULT_BITS[name.partition("/")[0]]
 
 
-def _rotated(name: str, head_dim: int, bits: float, seed: int) -> Codec:
-    """One side of a pair: FibQuant at any rate, TurboQuant on its Lloyd-Max table or its uniform grid."""
+def _rotated(name: str, head_dim: int, bits: float, seed: int, keys: bool) -> Codec:
+    """One side of a pair: FibQuant at any rate, TurboQuant on its Lloyd-Max table or its uniform grid. Keys of
+    the uniform grid at 3 bits are stored in planes where the head dim allows (a multiple of 64), the layout the
+    CUDA decode kernel cuts into int8 registers (:mod:`pyramidkv.codecs.planes`); values stay a bit stream,
+    which it reads through their product table."""
     if name == "fibquant":
         return FibQuant(head_dim, bits=bits, seed=seed)
-    grid = "uniform" if name == "uniform" else "lloyd"
-    return TurboQuant(head_dim, _whole_bits(bits, name), seed, grid=grid)
+    whole = _whole_bits(bits, name)
+    if name == "turboquant":
+        return TurboQuant(head_dim, whole, seed)
+    planes = keys and whole == PLANE_BITS and head_dim % PLANE_ALIGN == 0
+    return TurboQuant(
+        head_dim, whole, seed, grid="uniform", layout="planes" if planes else "stream"
+    )
 
 
 def _whole_bits(bits: float, name: str) -> int:

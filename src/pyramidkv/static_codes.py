@@ -33,7 +33,7 @@ import torch
 
 from . import attention
 from .codecs import VectorCodes
-from .codecs.packing import pack_bits, packed_bytes
+from .codecs.packing import packed_bytes
 from .codecs.rotated import RotatedBlockCodec
 from .kernels.epilogue import decode_epilogue
 from .kernels.fibquant_decode import (
@@ -58,9 +58,9 @@ class Encoder:
     beyond fp16 is stored as inf. ``fused``: one launch of the encode kernel for a few vectors
     (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x
     batch x KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the
-    codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then
-    :func:`~pyramidkv.codecs.packing.pack_bits`: ~10 operations). Indices other than bytes (TurboQuant, FibQuant
-    at 3 bits) are packed after the kernel too, in 4 operations (2 and 4 bits) or 7 (3 and 6 bits)."""
+    codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then :meth:`RotatedBlockCodec.pack`: ~10
+    operations). Indices other than bytes (TurboQuant, FibQuant at 3 bits) are packed after the kernel too, in 4
+    operations (2 and 4 bits), 7 (3 and 6 bits) or ~12 (3-bit planes)."""
 
     def __init__(
         self,
@@ -88,7 +88,7 @@ class Encoder:
             launch_encode(self.codec, flat.contiguous(), self.tables, nearest, nu, few=True)
         packed = nearest
         if self.tables is None or self.codec.index_bits != 8:
-            packed = pack_bits(nearest, self.codec.index_bits, check=False)
+            packed = self.codec.pack(nearest, check=False)
         lead = x.shape[:-1]
         return packed.reshape(*lead, self.nbytes), nu.reshape(lead)
 

@@ -41,19 +41,25 @@ def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Ten
     number of operations counts (:func:`_pack_groups`: 4 for 2- and 4-bit indices, 7 for 3- and 6-bit ones).
     """
     _check_bits(bits)
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-    if indices.dim() == 0:
-        raise ValueError("indices must have at least one dimension (the indices of one vector)")
-    if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 1 << bits):
-        raise ValueError(
-            f"indices must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
-            f"got values in [{int(indices.min())}, {int(indices.max())}]"
-        )
+    check_indices(indices, bits, check)
     *lead, count = indices.shape
     flat = indices.reshape(-1, count)
     packed = _pack_groups(flat, bits) if _groups_fit(bits) else _pack_spans(flat, bits)
     return packed.reshape(*lead, packed_bytes(count, bits))
+
+
+def check_indices(indices: torch.Tensor, bits: int, in_range: bool = True) -> None:
+    """Raise unless ``indices`` is an integer tensor of at least one dimension, with (``in_range``: read on the
+    host) every value in [0, 2**bits): what a packer of ``bits``-bit indices accepts."""
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+    if indices.dim() == 0:
+        raise ValueError("indices must have at least one dimension (the indices of one vector)")
+    if in_range and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 1 << bits):
+        raise ValueError(
+            f"indices must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
+            f"got values in [{int(indices.min())}, {int(indices.max())}]"
+        )
 
 
 # widest group of whole bytes that _pack_groups sums in an int64 (lcm(bits, 8) bits: 1-8, 10, 12, 14, 16)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .base import FP16_MAX, Codec, Codes, check_input
 from .lloyd import nearest_codeword, score_budget
 from .packing import pack_bits, packed_bytes, unpack_bits
+from .planes import pack_planes, unpack_planes
 from .rotation import haar_rotation
 from .store import load_codebook
 
@@ -44,13 +45,19 @@ def _shared_codebook(d: int, k: int, n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(load_codebook(d, k, n, seed))
 
 
+# how a vector's indices lie in its bytes: one little-endian bit stream (.packing), or 3-bit codes in planes (.planes)
+LAYOUTS = ("stream", "planes")
+
+
 class RotatedBlockCodec(Codec):
-    """Base of :class:`FibQuant` and :class:`TurboQuant`; subclasses provide ``d, k, n, seed`` and call ``_setup``."""
+    """Base of :class:`FibQuant` and :class:`TurboQuant`; subclasses provide ``d, k, n, seed`` (and may set
+    ``layout``, one of ``LAYOUTS``) and call ``_setup``."""
 
     d: int
     k: int
     n: int
     seed: int
+    layout: str = "stream"
 
     def _setup(self, codebook: torch.Tensor | None = None) -> None:
         """Take ``codebook`` (N, k) float64, or load (or build once) the shared one of (d, k, N, seed), and the
@@ -127,6 +134,10 @@ class RotatedBlockCodec(Codec):
             raise ValueError(
                 f"group: indices of N = {self.n} codewords (not a power of two) cannot be read {group} at once"
             )
+        if group > 1 and self.layout != "stream":
+            raise ValueError(
+                f"group: codes in {self.layout} are not a bit stream, so not read {group} at once"
+            )
         key = (group, torch.device(device), dtype)
         if key not in self._grouped:
             book = self.tensors(device, dtype)[1]
@@ -159,7 +170,7 @@ class RotatedBlockCodec(Codec):
                     f"x has a vector of norm {float(nu.max()):.4g}, beyond the fp16 range ({FP16_MAX:g}) "
                     "its norm is stored in; scale the input down"
                 )
-            indices[start : start + rows] = pack_bits(nearest, self.index_bits)
+            indices[start : start + rows] = self.pack(nearest)
             norms[start : start + rows] = stored
         lead = x.shape[:-1]
         return VectorCodes(
@@ -177,10 +188,19 @@ class RotatedBlockCodec(Codec):
         points = (unit @ rotation.T).reshape(-1, self.k)
         return nu, nearest_codeword(points, codebook).reshape(-1, self.blocks)
 
+    def pack(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Integer ``indices[..., d/k]`` as the bytes of this codec's ``layout``, ``uint8[..., bytes]``;
+        ``check=False`` skips the range check's host read (CUDA graphs: :mod:`pyramidkv.static_codes`)."""
+        if self.layout == "planes":
+            return pack_planes(indices, self.d, check)
+        return pack_bits(indices, self.index_bits, check)
+
     def unpack(self, codes: VectorCodes) -> torch.Tensor:
         """Codebook indices ``int64[..., d/k]`` of the codes."""
         if not isinstance(codes, VectorCodes):
             raise TypeError(f"codes must be VectorCodes from encode(), got {type(codes).__name__}")
+        if self.layout == "planes":
+            return unpack_planes(codes.indices, self.d)
         return unpack_bits(codes.indices, self.index_bits, self.blocks)
 
     def decode(self, codes: VectorCodes, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -207,7 +227,7 @@ class RotatedBlockCodec(Codec):
         single gather, no unpacking; otherwise the indices are unpacked first."""
         device = codes.indices.device
         # embedding() is index_select: ~3x faster than advanced indexing for these rows on a CPU
-        if 8 % self.index_bits or not self.full_indices:
+        if 8 % self.index_bits or not self.full_indices or self.layout != "stream":
             codebook = self.tensors(device, dtype)[1]
             return F.embedding(self.unpack(codes), codebook).reshape(*codes.shape, self.d)
         table = self.grouped_codebook(8 // self.index_bits, device, dtype)

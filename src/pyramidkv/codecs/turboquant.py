@@ -5,8 +5,9 @@ Lloyd-Max table of the coordinate law (exact, see :mod:`.scalar`). It is FibQuan
 shares its engine; the paper bounds its normalised MSE by (sqrt(3) pi / 2) 4^-b.
 
 ``grid="uniform"`` takes the best uniform grid instead (:func:`.scalar.uniform_scalar`): levels affine in the
-index, which the CUDA decode kernel multiplies as int8 with no codebook (2-bit keys: ``pyramidkv.kernels.mma_decode``),
-for ~1% more MSE than Lloyd-Max at 2 bits.
+index, which the CUDA decode kernel multiplies as int8 with no codebook (keys: ``pyramidkv.kernels.mma_decode``),
+for ~1% more MSE than Lloyd-Max at 2 bits (8% at 3). At 3 bits the kernel reads them cut into registers from
+``layout="planes"`` (:mod:`.planes`), not from the bit stream.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .base import check_int
-from .rotated import RotatedBlockCodec
+from .planes import BITS as PLANE_BITS
+from .planes import check_dim
+from .rotated import LAYOUTS, RotatedBlockCodec
 from .scalar import uniform_scalar
 
 MAX_BITS = 8
@@ -26,12 +29,14 @@ GRIDS = ("lloyd", "uniform")
 @dataclass
 class TurboQuant(RotatedBlockCodec):
     """TurboQuant-mse codec: d = head dimension (>= 2), bits = b per coordinate (1..8), seed of the rotation,
-    grid of the levels (``GRIDS``: the Lloyd-Max table, or the best uniform grid)."""
+    grid of the levels (``GRIDS``: the Lloyd-Max table, or the best uniform grid), layout of the packed codes
+    (``LAYOUTS``: the bit stream, or at 3 bits and d a multiple of 64 the planes of :mod:`.planes`)."""
 
     d: int
     bits: int = 2
     seed: int = 0
     grid: str = "lloyd"
+    layout: str = "stream"
 
     def __post_init__(self) -> None:
         check_int("d", self.d, 2)
@@ -39,6 +44,14 @@ class TurboQuant(RotatedBlockCodec):
         check_int("seed", self.seed, 0, 2**63 - 1)
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "planes":
+            if self.bits != PLANE_BITS:
+                raise ValueError(
+                    f"layout: planes hold {PLANE_BITS}-bit codes, got bits={self.bits}"
+                )
+            check_dim(self.d, "layout")
         self._step: float | None = None
         if self.grid == "lloyd":
             self._setup()
@@ -49,8 +62,8 @@ class TurboQuant(RotatedBlockCodec):
 
     @property
     def book_key(self) -> tuple:
-        """What identifies the codebook: the base's, and the grid."""
-        return (*super().book_key, self.grid)
+        """What identifies the codebook and how codes read: the base's, the grid and the layout."""
+        return (*super().book_key, self.grid, self.layout)
 
     @property
     def step(self) -> float | None:

@@ -118,26 +118,39 @@ if triton is not None:
 
     @triton.jit
     def _index_words(row_ptr, s_off, s_mask, coord, K: tl.constexpr, W: tl.constexpr,
-                     NBYTES: tl.constexpr, SPAN: tl.constexpr):  # fmt: skip
+                     NBYTES: tl.constexpr, SPAN: tl.constexpr, PLANES: tl.constexpr):  # fmt: skip
         """Codebook index of coordinate ``coord`` of tokens ``s_off`` (same shapes, broadcast): block m = coord // K
-        sits in bits [m W, (m + 1) W) of the token's packed little-endian stream."""
-        bit = (coord // K) * W
-        byte = bit // 8
-        ptrs = row_ptr + s_off * NBYTES + byte
-        word = tl.load(ptrs, mask=s_mask, other=0).to(tl.int32)
-        if SPAN >= 2:
-            word |= tl.load(ptrs + 1, mask=s_mask & (byte + 1 < NBYTES), other=0).to(tl.int32) << 8
-        if SPAN >= 3:
-            word |= tl.load(ptrs + 2, mask=s_mask & (byte + 2 < NBYTES), other=0).to(tl.int32) << 16
-        if W % 8 != 0:
-            word = (word >> (bit % 8)) & ((1 << W) - 1)
+        sits in bits [m W, (m + 1) W) of the token's packed little-endian stream; or, PLANES > 0, 3-bit codes
+        (k = 1) in planes of chunks of PLANES coordinates (:mod:`pyramidkv.codecs.planes`)."""
+        if PLANES > 0:
+            c = coord % PLANES
+            ptrs = row_ptr + s_off * NBYTES + (coord // PLANES) * (3 * PLANES // 8)
+            low = tl.load(ptrs + c // 4, mask=s_mask, other=0).to(tl.int32)
+            bit = (PLANES // 4) * ((c // 4) % 4) + 4 * (c // 16) + c % 4  # R i + m
+            high = tl.load(ptrs + PLANES // 4 + bit // 8, mask=s_mask, other=0).to(tl.int32)
+            word = ((low >> 2 * (c % 4)) & 3) | (((high >> (bit % 8)) & 1) << 2)
+        else:
+            bit = (coord // K) * W
+            byte = bit // 8
+            ptrs = row_ptr + s_off * NBYTES + byte
+            word = tl.load(ptrs, mask=s_mask, other=0).to(tl.int32)
+            if SPAN >= 2:
+                word |= (
+                    tl.load(ptrs + 1, mask=s_mask & (byte + 1 < NBYTES), other=0).to(tl.int32) << 8
+                )
+            if SPAN >= 3:
+                word |= (
+                    tl.load(ptrs + 2, mask=s_mask & (byte + 2 < NBYTES), other=0).to(tl.int32) << 16
+                )
+            if W % 8 != 0:
+                word = (word >> (bit % 8)) & ((1 << W) - 1)
         return word
 
     @triton.jit
     def _unit_tile(
         row_ptr, start, hi, cb_ptr, book,
         D: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NBYTES: tl.constexpr,
-        SPAN: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr, FT: tl.constexpr,
+        SPAN: tl.constexpr, PLANES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr, FT: tl.constexpr,
     ):  # fmt: skip
         """(BLOCK, D) unit vectors in rotated space of tokens [start, start + BLOCK) (masked at ``hi``).
 
@@ -150,7 +163,7 @@ if triton is not None:
             flat = tl.arange(0, BLOCK * (D // K))
             s_off = start + flat // (D // K)
             coord = (flat % (D // K)) * K  # the first coordinate of each block
-            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN, PLANES)
             packed = tl.gather(book, word, 0)
             parts = packed[:, None] >> (tl.arange(0, K) * FT.primitive_bitwidth)[None, :]
             if FT.primitive_bitwidth == 16:
@@ -162,12 +175,12 @@ if triton is not None:
             flat = tl.arange(0, BLOCK * D)
             s_off = start + flat // D
             coord = flat % D
-            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN, PLANES)
             tile = tl.reshape(tl.gather(book, word * K + coord % K, 0), (BLOCK, D))
         else:
             s_off = start + tl.arange(0, BLOCK)[:, None]
             coord = tl.arange(0, D)[None, :]
-            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN)
+            word = _index_words(row_ptr, s_off, s_off < hi, coord, K, W, NBYTES, SPAN, PLANES)
             tile = tl.load(cb_ptr + word * K + coord % K)
         return tile
 
@@ -183,8 +196,8 @@ if triton is not None:
         s_kv, chunk, n_kv_heads, split_offset, split_total,
         kidx_sb, kidx_sh, knorm_sb, knorm_sh, vidx_sb, vidx_sh, vnorm_sb, vnorm_sh,
         ROWS: tl.constexpr, ROWS_BLOCK: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-        K_K: tl.constexpr, W_K: tl.constexpr, NB_K: tl.constexpr, SPAN_K: tl.constexpr,
-        K_V: tl.constexpr, W_V: tl.constexpr, NB_V: tl.constexpr, SPAN_V: tl.constexpr,
+        K_K: tl.constexpr, W_K: tl.constexpr, NB_K: tl.constexpr, SPAN_K: tl.constexpr, PL_K: tl.constexpr,
+        K_V: tl.constexpr, W_V: tl.constexpr, NB_V: tl.constexpr, SPAN_V: tl.constexpr, PL_V: tl.constexpr,
         NK_K: tl.constexpr, NK_V: tl.constexpr, NK_K_REAL: tl.constexpr, NK_V_REAL: tl.constexpr,
         HAS_LENGTHS: tl.constexpr, GATHER: tl.constexpr,
     ):  # fmt: skip
@@ -240,6 +253,7 @@ if triton is not None:
                 W_K,
                 NB_K,
                 SPAN_K,
+                PL_K,
                 BLOCK,
                 GATHER,
                 q_ptr.dtype.element_ty,
@@ -263,6 +277,7 @@ if triton is not None:
                 W_V,
                 NB_V,
                 SPAN_V,
+                PL_V,
                 BLOCK,
                 GATHER,
                 q_ptr.dtype.element_ty,
@@ -503,15 +518,18 @@ def rotate_query(
     return q_rot.to(dtype).view(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
 
 
-def side_constexprs(side: str, k: int, bits: int, dim: int, book: torch.Tensor) -> dict[str, int]:
+def side_constexprs(
+    side: str, k: int, bits: int, dim: int, book: torch.Tensor, planes: bool = False
+) -> dict[str, int]:
     """The decode kernel's compile-time constants for keys (``side="K"``) or values (``"V"``): block size k,
-    index width, packed bytes per vector, bytes an index can straddle, and the codebook's length (entries,
-    or packed words for GATHER 2) padded to a power of two and real. The one statement of them, shared by
-    the launcher and the offline compile check (:mod:`.offline_compile`)."""
+    index width, packed bytes per vector, bytes an index can straddle, the coordinates of a chunk of codes in
+    planes (``planes``: :mod:`pyramidkv.codecs.planes`, d / 4; else 0, the bit stream) and the codebook's length
+    (entries, or packed words for GATHER 2) padded to a power of two and real. The one statement of them, shared
+    by the launcher and the offline compile check (:mod:`.offline_compile`)."""
     return {
         f"K_{side}": k, f"W_{side}": bits, f"NB_{side}": packed_bytes(dim // k, bits),
-        f"SPAN_{side}": _span(bits), f"NK_{side}": triton.next_power_of_2(book.numel()),
-        f"NK_{side}_REAL": book.numel(),
+        f"SPAN_{side}": _span(bits), f"PL_{side}": dim // 4 if planes else 0,
+        f"NK_{side}": triton.next_power_of_2(book.numel()), f"NK_{side}_REAL": book.numel(),
     }  # fmt: skip
 
 
@@ -556,8 +574,8 @@ def launch_partials(
             kidx.stride(0), kidx.stride(1), knorm.stride(0), knorm.stride(1),
             vidx.stride(0), vidx.stride(1), vnorm.stride(0), vnorm.stride(1),
             ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), D=dim, BLOCK=tuning.block,
-            **side_constexprs("K", codec_k.k, codec_k.index_bits, dim, book_k),
-            **side_constexprs("V", codec_v.k, codec_v.index_bits, dim, book_v),
+            **side_constexprs("K", codec_k.k, codec_k.index_bits, dim, book_k, codec_k.layout == "planes"),
+            **side_constexprs("V", codec_v.k, codec_v.index_bits, dim, book_v, codec_v.layout == "planes"),
             HAS_LENGTHS=lengths is not None, GATHER=gather,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )  # fmt: skip

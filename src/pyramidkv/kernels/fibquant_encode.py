@@ -6,7 +6,8 @@ registers, rotates them with one ``tl.dot`` against Pi^T, and scans the N codewo
 block of k coordinates the best score 2 <u_m, c_n> - ||c_n||^2 (the nearest codeword, as in
 :func:`pyramidkv.codecs.lloyd.nearest_codeword`). Used for the prompt at prefill and for every flush of the
 fp16 recent window, so the cache's write path never leaves the GPU's registers until the codes are done.
-8-bit indices are stored as bytes by the kernel; other widths are bit-packed after it (:mod:`..codecs.packing`).
+8-bit indices are stored as bytes by the kernel; other widths are packed after it in the codec's layout
+(:meth:`~pyramidkv.codecs.rotated.RotatedBlockCodec.pack`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ..codecs.base import FP16_MAX, check_input
-from ..codecs.packing import pack_bits
 from ..codecs.rotated import RotatedBlockCodec, VectorCodes
 from .fibquant_decode import check_codec, launch_device
 
@@ -150,7 +150,7 @@ def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor, few: bool = False) -
             f"x has a vector whose norm is beyond the fp16 range ({FP16_MAX:g}) its norm is stored in; "
             "scale the input down"
         )
-    packed = indices if codec.index_bits == 8 else pack_bits(indices, codec.index_bits)
+    packed = indices if codec.index_bits == 8 else codec.pack(indices)
     lead = x.shape[:-1]
     return VectorCodes(
         dtype=x.dtype, indices=packed.reshape(*lead, packed.shape[-1]), norms=norms.reshape(lead)

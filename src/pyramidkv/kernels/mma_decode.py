@@ -9,8 +9,8 @@ their product table (:func:`gathered`). For those codes the CUDA kernel gathers 
 ``mma.sync`` fragments from lane-private copies of the codebook in shared memory, where the Triton kernel of
 :mod:`.fibquant_decode` spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the
 same split partials into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits`
-take either. Keys that are 2-bit codes of a uniform grid (TurboQuant ``grid="uniform"``) skip the codebook: their
-codes are the int8 operand of the score mma (:func:`affine_keys`).
+take either. Keys that are 2- or 3-bit codes of a uniform grid (TurboQuant ``grid="uniform"``; at 3 bits in planes)
+skip the codebook: their codes are the int8 operand of the score mma (:func:`affine_keys`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ TILE = 16  # tokens per warp iteration (the kernel's TILE)
 # (k, N) of the codewords it gathers: FibQuant at 2, 4 and 3 bits per coordinate (8- and 6-bit indices), and at
 # 1.5, 2.5 and 3.5 (6-, 5- and 7-bit indices), where a lane's index bits are whole bytes (:func:`whole_bytes`)
 CODES = {(4, 256), (2, 256), (2, 64), (4, 64), (2, 32), (2, 128)}
+# keys of a uniform grid read as int8 (:func:`affine_keys`), by bits per code: the (k, N) of value codes whose index
+# bytes per token are as many (d / 4 at 2 bits, 3d / 8 at 3), so the ring and the tiles are laid out alike
+AFFINE_CODES = {2: (4, 256), 3: (2, 64)}
 MAX_ROWS = 16  # query rows per KV head (G x q_len) one mma M dimension holds
 # the kernel's row layouts by the most rows they hold: 4 (values pair two coordinates per register), 8, 16
 ROW_CAPS = (4, 8, MAX_ROWS)
@@ -100,8 +103,8 @@ class MmaVariant:
     NOTES.md v10; 9-16 take a second n-tile), warps per block, whether keys and values share one
     codebook, the codebook's size N (2^index bits), the tiles (index bytes and norms) each warp's ring
     holds (cp.async), the bytes per codeword row of the table (256: an 8-bit index is its row's
-    address byte; 128: half the shared memory), and whether the keys are 2-bit codes of a uniform grid, read as int8
-    with no codebook (:func:`affine_keys`)."""
+    address byte; 128: half the shared memory), and whether the keys are codes of a uniform grid, read as int8
+    with no codebook (:func:`affine_keys`: 2-bit codes with (k, N) = (4, 256), 3-bit planes with (2, 64))."""
 
     dim: int
     k: int
@@ -135,9 +138,10 @@ class MmaVariant:
                 f"slot_tiles must be one of {SLOT_TILES} and divide stages into at least two slots, got "
                 f"{self.slot_tiles} with stages={self.stages}"
             )
-        if self.keys_affine and (self.k, self.n) != (4, 256):
+        if self.keys_affine and (self.k, self.n) not in AFFINE_CODES.values():
             raise ValueError(
-                f"keys_affine reads 2-bit codes, four to a byte: (k, n) = (4, 256), got {(self.k, self.n)}"
+                f"keys_affine reads 2- or 3-bit codes beside values of (k, n) in {sorted(AFFINE_CODES.values())}, "
+                f"got {(self.k, self.n)}"
             )
 
     @property
@@ -185,8 +189,9 @@ def gathered(codec: object) -> tuple[int, int, int] | None:
     ``group`` consecutive indices read as one index into their product table
     (:meth:`~pyramidkv.codecs.rotated.RotatedBlockCodec.grouped_codebook`) where that gives a (k, N) in
     ``CODES``: TurboQuant's scalar codes at 2 bits (4 coordinates per byte), 4 bits (2 per byte) and 3 bits
-    (2 per 6 bits), so they run at FibQuant's speed instead of the Triton kernel's."""
-    if not isinstance(codec, RotatedBlockCodec):
+    (2 per 6 bits), so they run at FibQuant's speed instead of the Triton kernel's. Codes in planes are not a
+    bit stream and group into no table (as keys they are read as int8: :func:`key_view`)."""
+    if not isinstance(codec, RotatedBlockCodec) or codec.layout != "stream":
         return None
     if (codec.k, codec.n) in CODES:
         return codec.k, codec.n, 1
@@ -200,28 +205,43 @@ def gathered(codec: object) -> tuple[int, int, int] | None:
 
 
 def affine_keys(codec: object) -> bool:
-    """Whether the kernel reads ``codec``'s codes as keys with no codebook: 2-bit codes of a uniform grid
-    (TurboQuant ``grid="uniform"``), whose level step (c - 1.5) is affine in the code c, so the codes, four to a
-    byte, are the int8 operand of the score mma and the step and offset apply once per score (NOTES.md, fourteenth
-    session: the key gathers were half the shared-memory traffic of a tile)."""
-    return (
-        isinstance(codec, RotatedBlockCodec)
-        and codec.k == 1
-        and codec.n == 4
-        and getattr(codec, "step", None) is not None
-    )
+    """Whether the kernel reads ``codec``'s codes as keys with no codebook: codes of a uniform grid (TurboQuant
+    ``grid="uniform"``), whose level step (c - (N - 1) / 2) is affine in the code c, so the codes are the int8
+    operand of the score mma and the step and offset apply once per score (NOTES.md, fourteenth session: the key
+    gathers were half the shared-memory traffic of a tile). 2-bit codes four to a byte of the stream; 3-bit
+    codes in planes (:mod:`pyramidkv.codecs.planes`, fifteenth session), whose registers cost two shifts and two
+    masks where the stream's would cost a shift per code."""
+    if (
+        not isinstance(codec, RotatedBlockCodec)
+        or codec.k != 1
+        or getattr(codec, "step", None) is None
+    ):
+        return False
+    return (codec.n, codec.layout) in ((4, "stream"), (8, "planes"))
+
+
+def key_view(codec: object) -> tuple[int, int] | None:
+    """The (k, N) of the variant that reads ``codec``'s codes as keys: ``AFFINE_CODES`` for keys read as int8
+    (:func:`affine_keys`), else the (k, N) of :func:`gathered`; None where the kernel cannot read them."""
+    if affine_keys(codec):
+        return AFFINE_CODES[codec.n.bit_length() - 1]
+    view = gathered(codec)
+    return None if view is None else view[:2]
 
 
 def tables(
     codec_k: object, codec_v: object, kernel: MmaVariant, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The key and value codewords ``kernel`` gathers (:func:`gathered`), float16, as int32 words, the value
-    table the key one where the variant shares one; raises, naming the codec, where its codes are not the (k, N)
-    and head dim the variant was compiled for. One :func:`gathered` per codec: the launch checks only that its
-    plan (:func:`unsupported`, :func:`variant`) still fits the codes it is given."""
-    groups = []
-    for name, codec in (("key codec", codec_k), ("value codec", codec_v)):
-        view = gathered(codec)
+    table the key one where the variant shares one, and for keys read as int8 (``keys_affine``) their grid's
+    step instead; raises, naming the codec, where its codes are not the (k, N) and head dim the variant was
+    compiled for (:func:`key_view` for keys). The launch checks only that its plan (:func:`unsupported`,
+    :func:`variant`) still fits the codes it is given."""
+    value = gathered(codec_v)
+    for name, codec, view in (
+        ("key codec", codec_k, key_view(codec_k)),
+        ("value codec", codec_v, value),
+    ):
         if view is None or view[:2] != (kernel.k, kernel.n) or codec.d != kernel.dim:
             got = (
                 "codes it cannot read"
@@ -232,17 +252,21 @@ def tables(
                 f"{name}: the kernel variant reads (k, N) = {(kernel.k, kernel.n)} at head dim {kernel.dim}, "
                 f"got {got}"
             )
-        groups.append(view[2])
-    book_v = codec_v.grouped_codebook(groups[1], device, torch.float16).view(torch.int32)
+    book_v = codec_v.grouped_codebook(value[2], device, torch.float16).view(torch.int32)
     if kernel.keys_affine:  # the keys' grid step, the one number the kernel reads of their codec
         if not affine_keys(codec_k):
             raise ValueError(
-                "key codec: the kernel variant reads 2-bit codes of a uniform grid (keys_affine)"
+                "key codec: the kernel variant reads keys as int8 codes of a uniform grid"
             )
         return _grid_step(codec_k.step, device), book_v
     if kernel.shared_book:
         return book_v, book_v
-    return codec_k.grouped_codebook(groups[0], device, torch.float16).view(torch.int32), book_v
+    key = gathered(codec_k)
+    if key is None:
+        raise ValueError(
+            "key codec: the kernel variant gathers keys from a codebook; these codes are in planes"
+        )
+    return codec_k.grouped_codebook(key[2], device, torch.float16).view(torch.int32), book_v
 
 
 @functools.cache
@@ -258,12 +282,11 @@ def unsupported(codec_k: object, codec_v: object, dim: int, rows: int) -> str | 
     (:func:`gathered`), the same (k, N) for keys and values, at head dims 64 and 128 where a lane's index bits
     are whole bytes (:func:`whole_bytes`), for at most 16 query rows per KV head."""
     views = []
-    for name, codec in (("key codec", codec_k), ("value codec", codec_v)):
-        view = gathered(codec)
+    for name, view in (("key codec", key_view(codec_k)), ("value codec", gathered(codec_v))):
         if view is None:
             return (
-                f"{name}: reads codebooks with (k, N) in {sorted(CODES)}, or scalar codes whose "
-                "indices group into one (TurboQuant at 2, 3 and 4 bits)"
+                f"{name}: reads codebooks with (k, N) in {sorted(CODES)}, scalar codes whose indices "
+                "group into one (TurboQuant at 2, 3 and 4 bits), or keys of a uniform grid"
             )
         views.append(view[:2])
     if views[0] != views[1]:
@@ -311,7 +334,7 @@ def variant(
     ``slot_tiles`` (None: :func:`default_slot_tiles`; the ring then ``RING`` slots). Measured at the headline
     (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at 2 and 4."""
     cap = next(cap for cap in ROW_CAPS if rows <= cap)
-    k, n, _ = gathered(codec_k)
+    k, n = key_view(codec_k)
     affine = affine_keys(codec_k)
     tiles = slot_tiles
     if tiles is None:  # the default, where the ring asked for divides into two slots of it

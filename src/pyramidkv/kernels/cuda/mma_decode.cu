@@ -26,8 +26,9 @@
 // holds: 4, 8 or 16), NW warps per block, SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
 // codeword's row in the table: 256, or 128 where two blocks of 256-byte rows do not fit an SM's shared memory),
 // SWIZZLED, ROW_PERM and CHUNK_XOR (whether the ring slots are swizzled, and how: see slot_byte), KEYS_AFFINE (1: the
-// keys are 2-bit codes of a uniform grid, multiplied as int8 with no codebook: see keys_affine), TPS (tiles per ring
-// slot: a wait, two warp barriers, a commit and a fill's bookkeeping serve TPS tiles).
+// keys are codes of a uniform grid, multiplied as int8 with no codebook: see keys_affine; 2-bit codes beside values of
+// 8-bit indices, 3-bit codes in planes beside values of 6-bit ones), TPS (tiles per ring slot: a wait, two warp
+// barriers, a commit and a fill's bookkeeping serve TPS tiles).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -58,6 +59,8 @@ typedef unsigned char u8;
 #define TWO_CHAINS (KC == 2)            // score mma in two accumulator chains (see attend)
 #define KS (D / 32)                     // k-steps of the int8 score mma (KEYS_AFFINE)
 #define KQ (D / 4)                      // coordinates of a lane's key share (KEYS_AFFINE: its query share too)
+#define KEY_BITS (NBYTES * 8 / D)       // KEYS_AFFINE: bits per key code, 2 or 3 (the key bytes are the values')
+#define KEY_MID (((1 << KEY_BITS) - 1) * 0.5f)  // KEYS_AFFINE: the grid's level is step (c - KEY_MID)
 #define MAGIC_I 0x4b400000              // 1.5 x 2^23 as float bits: an int32 sum started here reads as that float + sum
 #define MAGIC_F 12582912.f
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -274,19 +277,33 @@ __device__ __forceinline__ void read_global(Tile& tile, Norms& n, const u8* krow
     }
 }
 
-// KEYS_AFFINE: the scores of key n-tile ``kidx`` (key 8nt + g, this lane's KQ coordinates). The keys are 2-bit codes c
-// of a uniform grid (level = step (c - 1.5), TurboQuant grid="uniform"), four to an index byte, so the codes themselves
-// are the int8 B operand of mma.m16n8k32: register m = 4w + j of a lane holds codes 4i + j of its word w (i = 0..3, one
-// shift and one AND), which is why the query's int8 A fragments are laid out by the same rule (see the query set-up).
+// KEYS_AFFINE: the scores of key n-tile ``kidx`` (key 8nt + g, this lane's KQ coordinates). The keys are codes c of a
+// uniform grid (level = step (c - KEY_MID), TurboQuant grid="uniform"), so the codes themselves are the int8 B operand
+// of mma.m16n8k32: register m = 4w + j of a lane holds its coordinates 16w + 4i + j (i = 0..3), which is why the
+// query's int8 A fragments are laid out by the same rule (see the query set-up). 2-bit codes, four to an index byte:
+// the register is codes 4i + j of the lane's word w, one shift and one AND. 3-bit codes in planes
+// (codecs/planes.py): the same from the KQ / 16 words of low bits, ORed with the high bits, bit m of byte i of the
+// lane's next word (d = 128; at d = 64 its 16 bits are spread a nibble per byte first), shifted to bit 2.
 // The query enters as two int8 parts, hi + lo / 256 (~15 bits; one part alone gave 0.6-4% output error, NOTES.md), each
 // summed in int32 from 1.5 x 2^23 so the sums read as floats exactly; S = hi + lo / 256 - cq in units of the row's
-// scale (attend applies it in the exponentials), cq carrying the starts and the grid's offset 1.5 x sum(q). No
+// scale (attend applies it in the exponentials), cq carrying the starts and the grid's offset KEY_MID x sum(q). No
 // codebook, no shared-memory gather: the key half of the table's traffic is gone (NOTES.md, fourteenth session).
 __device__ __forceinline__ void keys_affine(const u32* kidx, const u32 (&qa)[KSTEPS][4], const float (&cq)[2],
                                             float* c) {
     u32 kb[2 * KS];
+    u32 high = 0;
+    if (KEY_BITS == 3) {
+        high = kidx[KQ / 16];
+        if (KQ == 16) {  // 16 bits, nibble i = byte i's high bits: spread a nibble to a byte
+            high = (high | (high << 8)) & 0x00ff00ffu;
+            high = (high | (high << 4)) & 0x0f0f0f0fu;
+        }
+    }
 #pragma unroll
-    for (int m = 0; m < 2 * KS; ++m) kb[m] = (kidx[m >> 2] >> (2 * (m & 3))) & 0x03030303u;
+    for (int m = 0; m < 2 * KS; ++m) {
+        kb[m] = (kidx[m >> 2] >> (2 * (m & 3))) & 0x03030303u;
+        if (KEY_BITS == 3) kb[m] |= (m >= 2 ? high >> (m - 2) : high << (2 - m)) & 0x04040404u;
+    }
     int hi[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
     if (!ROWS2) {
         // up to 8 query rows: the lo parts ride in the A rows g + 8, which hold no query row, so one mma chain
@@ -613,7 +630,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
             qscale[h] = top > 0.f ? top / 127.f * step : 1.f;  // a zero row: every score 0, any positive scale
             // both sums' start and the grid's offset, in one float: hi - cq is exact, and cq's rounding (< 0.5) is
             // an offset of the row's scores about as large as the f16 query's rounding in the other variants
-            cq[h] = MAGIC_F + (MAGIC_F / 256.f + 1.5f * ((float)sum_hi + (float)sum_lo / 256.f));
+            cq[h] = MAGIC_F + (MAGIC_F / 256.f + KEY_MID * ((float)sum_hi + (float)sum_lo / 256.f));
         }
     }
 #pragma unroll
