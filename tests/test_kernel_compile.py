@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("triton", minversion="3.6", reason="triton is not installed")
 
 from pyramidkv.codecs.fibquant import choose_block
+from pyramidkv.codecs.packing import packed_bytes
 from pyramidkv.kernels import epilogue, ring_commit
 from pyramidkv.kernels import offline_compile as oc
 from pyramidkv.kernels.fibquant_decode import DecodeTuning
@@ -66,6 +67,7 @@ ENCODE_CASES = {
     for name, k, n in _codecs(d)
     for x in FLOAT_BYTES
 }
+PLANE_CASES = {f"d{d}-planes3-{x}": (d, 1, 8, x) for d in (64, 128) for x in FLOAT_BYTES}
 EPILOGUE_CASES = {  # masked: a static cache's ring as the window (one new token); row dots: many splits
     f"d{d}-group{group}-q{q_len}-{ft}{'-masked' * masked}{'-rowdots' * dots}": (
         d,
@@ -82,17 +84,24 @@ EPILOGUE_CASES = {  # masked: a static cache's ring as the window (one new token
 }
 
 
-def _encode_args(d: int, k: int, n: int, x_type: str, one: bool = False) -> dict[str, object]:
+def _encode_args(
+    d: int, k: int, n: int, x_type: str, one: bool = False, planes: bool = False
+) -> dict[str, object]:
     """As ``fused_encode`` launches it: 8-bit indices stored as bytes, others as int16 before packing;
-    ``one``: the kernel of one vector per program (``few=True``), which takes no count and no tile."""
-    byte_index = (n - 1).bit_length() == 8
+    ``one``: the kernel of one vector per program (``few=True``), which takes no count and no tile and writes
+    the packed bytes (``planes``: 3-bit codes in planes)."""
+    bits = (n - 1).bit_length()
     args = dict(
         x_ptr=f"*{x_type}:16", rot_t_ptr="*fp32:16", cb_ptr="*fp32:16", cb_sq_ptr="*fp32:16",
-        idx_ptr="*u8:16" if byte_index else "*i16:16", norm_ptr="*fp16:16", count="i32",
-        D=d, K=k, N=n, BYTE_INDEX=byte_index, BLOCK=BLOCK_T,
+        idx_ptr="*u8:16" if bits == 8 or one else "*i16:16", norm_ptr="*fp16:16", count="i32",
+        D=d, K=k, N=n, BYTE_INDEX=bits == 8, BLOCK=BLOCK_T,
     )  # fmt: skip
     if one:
         del args["count"], args["BLOCK"]
+        nbytes = packed_bytes(d // k, bits)
+        args |= dict(
+            W=bits, NB=nbytes, NB_P2=1 << (nbytes - 1).bit_length(), PLANES=d // 4 * planes
+        )
     return args
 
 
@@ -159,6 +168,10 @@ def ttir() -> dict[str, tuple[str | None, str | None]]:
         f"encode-one-{key}": (ENCODE_ONE, _encode_args(*c, one=True))
         for key, c in ENCODE_CASES.items()
     }
+    jobs |= {
+        f"encode-one-{key}": (ENCODE_ONE, _encode_args(*c, one=True, planes=True))
+        for key, c in PLANE_CASES.items()
+    }
     jobs |= {f"epilogue-{key}": (EPILOGUE, _epilogue_args(*c)) for key, c in EPILOGUE_CASES.items()}
     jobs |= {f"commit-{key}": (COMMIT, _commit_args(*c)) for key, c in COMMIT_CASES.items()}
     args = oc.decode_args(oc.DecodeConfig())
@@ -216,7 +229,7 @@ def test_encode_variant_compiles(ttir, key):
     assert _ieee_dots(text)
 
 
-@pytest.mark.parametrize("key", ENCODE_CASES)
+@pytest.mark.parametrize("key", [*ENCODE_CASES, *PLANE_CASES])
 def test_encode_of_one_vector_per_program_compiles(ttir, key):
     text = _compiled(ttir, f"encode-one-{key}")
     assert (

@@ -76,8 +76,9 @@ def test_two_tile_slots_and_int8_keys_compile_for_sm90(dim, rows, shared, affine
 
 def test_keys_of_a_uniform_grid_take_the_int8_variant_in_two_tile_slots(monkeypatch):
     """2-bit keys of a uniform grid select ``keys_affine`` and rings of two-tile slots (RING of them); codebook
-    keys, Lloyd-Max or 3-bit keys do not, and a ring that two-tile slots do not divide takes one-tile slots. The
-    launch's key table is the grid's step, and a variant refuses what it cannot hold."""
+    keys, Lloyd-Max or 3-bit keys in the stream do not (at head dim 128), 3-bit keys in planes do, and a ring that
+    two-tile slots do not divide takes one-tile slots. The launch's key table is the grid's step, and a variant
+    refuses what it cannot hold."""
     props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     device, cpu = torch.device("cuda", 96), torch.device("cpu")
@@ -101,6 +102,8 @@ def test_keys_of_a_uniform_grid_take_the_int8_variant_in_two_tile_slots(monkeypa
     with pytest.raises(ValueError, match="value codec"):
         mma_decode.tables(fib, planes, kernel, cpu)
     assert mma_decode.variant(uniform, fib, 4, 8, 3, device).slot_tiles == 1
+    small = FibQuant(64, bits=2)  # codebook keys at head dim 64 take two-tile slots too
+    assert mma_decode.variant(small, small, 4, 8, None, device).slot_tiles == 2
     book_k, book_v = mma_decode.tables(uniform, fib, kernel, cpu)
     assert book_k.view(torch.float32).item() == pytest.approx(uniform.step)
     assert torch.equal(book_v, fib.grouped_codebook(1, cpu, torch.float16).view(torch.int32))

@@ -59,8 +59,8 @@ class Encoder:
     (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x
     batch x KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the
     codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then :meth:`RotatedBlockCodec.pack`: ~10
-    operations). Indices other than bytes (TurboQuant, FibQuant at 3 bits) are packed after the kernel too, in 4
-    operations (2 and 4 bits), 7 (3 and 6 bits) or ~12 (3-bit planes)."""
+    operations, and 4 to ~12 more to pack indices other than bytes). The kernel writes the packed bytes itself,
+    in the codec's layout: a step packs nothing after it."""
 
     def __init__(
         self,
@@ -82,13 +82,10 @@ class Encoder:
         flat = x.reshape(-1, self.codec.d)
         if self.tables is None:
             nu, nearest = self.codec.quantize(flat.to(self.compute), self.rotation, self.codebook)
-            nu = nu.to(torch.float16)
+            nu, packed = nu.to(torch.float16), self.codec.pack(nearest, check=False)
         else:
-            nearest, nu = encode_buffers(self.codec, flat.shape[0], x.device)
-            launch_encode(self.codec, flat.contiguous(), self.tables, nearest, nu, few=True)
-        packed = nearest
-        if self.tables is None or self.codec.index_bits != 8:
-            packed = self.codec.pack(nearest, check=False)
+            packed, nu = encode_buffers(self.codec, flat.shape[0], x.device, few=True)
+            launch_encode(self.codec, flat.contiguous(), self.tables, packed, nu, few=True)
         lead = x.shape[:-1]
         return packed.reshape(*lead, self.nbytes), nu.reshape(lead)
 

@@ -117,18 +117,26 @@ def packed_words(book: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _plane_bits(coord, PLANES: tl.constexpr):
+        """Where 3-bit code ``coord`` of a vector in planes of chunks of PLANES coordinates lies
+        (:mod:`pyramidkv.codecs.planes`): (byte, shift) of its low 2 bits and (byte, shift) of its high bit."""
+        c = coord % PLANES
+        base = (coord // PLANES) * (3 * PLANES // 8)
+        bit = (PLANES // 4) * ((c // 4) % 4) + 4 * (c // 16) + c % 4  # R i + m
+        return base + c // 4, 2 * (c % 4), base + PLANES // 4 + bit // 8, bit % 8
+
+    @triton.jit
     def _index_words(row_ptr, s_off, s_mask, coord, K: tl.constexpr, W: tl.constexpr,
                      NBYTES: tl.constexpr, SPAN: tl.constexpr, PLANES: tl.constexpr):  # fmt: skip
         """Codebook index of coordinate ``coord`` of tokens ``s_off`` (same shapes, broadcast): block m = coord // K
         sits in bits [m W, (m + 1) W) of the token's packed little-endian stream; or, PLANES > 0, 3-bit codes
         (k = 1) in planes of chunks of PLANES coordinates (:mod:`pyramidkv.codecs.planes`)."""
         if PLANES > 0:
-            c = coord % PLANES
-            ptrs = row_ptr + s_off * NBYTES + (coord // PLANES) * (3 * PLANES // 8)
-            low = tl.load(ptrs + c // 4, mask=s_mask, other=0).to(tl.int32)
-            bit = (PLANES // 4) * ((c // 4) % 4) + 4 * (c // 16) + c % 4  # R i + m
-            high = tl.load(ptrs + PLANES // 4 + bit // 8, mask=s_mask, other=0).to(tl.int32)
-            word = ((low >> 2 * (c % 4)) & 3) | (((high >> (bit % 8)) & 1) << 2)
+            low_at, low_shift, high_at, high_shift = _plane_bits(coord, PLANES)
+            ptrs = row_ptr + s_off * NBYTES
+            low = tl.load(ptrs + low_at, mask=s_mask, other=0).to(tl.int32)
+            high = tl.load(ptrs + high_at, mask=s_mask, other=0).to(tl.int32)
+            word = ((low >> low_shift) & 3) | (((high >> high_shift) & 1) << 2)
         else:
             bit = (coord // K) * W
             byte = bit // 8
@@ -518,17 +526,22 @@ def rotate_query(
     return q_rot.to(dtype).view(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
 
 
+def plane_chunk(codec: RotatedBlockCodec) -> int:
+    """The kernels' PLANES for ``codec``'s codes: the coordinates of a chunk (d / 4) where they are 3-bit codes in
+    planes (:mod:`pyramidkv.codecs.planes`), 0 where they are the bit stream."""
+    return codec.d // 4 if codec.layout == "planes" else 0
+
+
 def side_constexprs(
-    side: str, k: int, bits: int, dim: int, book: torch.Tensor, planes: bool = False
+    side: str, k: int, bits: int, dim: int, book: torch.Tensor, planes: int = 0
 ) -> dict[str, int]:
     """The decode kernel's compile-time constants for keys (``side="K"``) or values (``"V"``): block size k,
-    index width, packed bytes per vector, bytes an index can straddle, the coordinates of a chunk of codes in
-    planes (``planes``: :mod:`pyramidkv.codecs.planes`, d / 4; else 0, the bit stream) and the codebook's length
-    (entries, or packed words for GATHER 2) padded to a power of two and real. The one statement of them, shared
-    by the launcher and the offline compile check (:mod:`.offline_compile`)."""
+    index width, packed bytes per vector, bytes an index can straddle, ``planes`` (:func:`plane_chunk`) and the
+    codebook's length (entries, or packed words for GATHER 2) padded to a power of two and real. The one
+    statement of them, shared by the launcher and the offline compile check (:mod:`.offline_compile`)."""
     return {
         f"K_{side}": k, f"W_{side}": bits, f"NB_{side}": packed_bytes(dim // k, bits),
-        f"SPAN_{side}": _span(bits), f"PL_{side}": dim // 4 if planes else 0,
+        f"SPAN_{side}": _span(bits), f"PL_{side}": planes,
         f"NK_{side}": triton.next_power_of_2(book.numel()), f"NK_{side}_REAL": book.numel(),
     }  # fmt: skip
 
@@ -574,8 +587,8 @@ def launch_partials(
             kidx.stride(0), kidx.stride(1), knorm.stride(0), knorm.stride(1),
             vidx.stride(0), vidx.stride(1), vnorm.stride(0), vnorm.stride(1),
             ROWS=rows, ROWS_BLOCK=max(16, triton.next_power_of_2(rows)), D=dim, BLOCK=tuning.block,
-            **side_constexprs("K", codec_k.k, codec_k.index_bits, dim, book_k, codec_k.layout == "planes"),
-            **side_constexprs("V", codec_v.k, codec_v.index_bits, dim, book_v, codec_v.layout == "planes"),
+            **side_constexprs("K", codec_k.k, codec_k.index_bits, dim, book_k, plane_chunk(codec_k)),
+            **side_constexprs("V", codec_v.k, codec_v.index_bits, dim, book_v, plane_chunk(codec_v)),
             HAS_LENGTHS=lengths is not None, GATHER=gather,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )  # fmt: skip

@@ -15,14 +15,17 @@ from __future__ import annotations
 import torch
 
 from ..codecs.base import FP16_MAX, check_input
+from ..codecs.packing import packed_bytes
 from ..codecs.rotated import RotatedBlockCodec, VectorCodes
-from .fibquant_decode import check_codec, launch_device
+from .fibquant_decode import check_codec, launch_device, plane_chunk
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # a CPU environment without triton; codecs encode in torch there
     triton = None
+else:
+    from .fibquant_decode import _plane_bits
 
 BLOCK_T = 16  # vectors per program (tl.dot needs >= 16 rows)
 # vectors per call, prefill or flush: not specialized (see epilogue.RUN_LENGTHS)
@@ -64,12 +67,37 @@ if triton is not None:
         tl.store(norm_ptr + t_off, nu.to(tl.float16), mask=t_mask)
 
     @triton.jit
+    def _packed(idx, M: tl.constexpr, W: tl.constexpr, NB: tl.constexpr, PLANES: tl.constexpr):
+        """The NB bytes (a power of two, past the vector's own: zeros) that the M W-bit indices ``idx`` pack into:
+        the little-endian bit stream of :mod:`pyramidkv.codecs.packing` (index m at bit m W, over up to three
+        bytes), or with PLANES > 0 the planes of 3-bit codes (:mod:`pyramidkv.codecs.planes`). Each byte sums the
+        parts that land in it, an (NB, M) tile: no part of two indices shares a bit, so the sum is their OR."""
+        byte = tl.arange(0, NB)[:, None]
+        m = tl.arange(0, M)
+        if PLANES > 0:
+            low_at, low_shift, high_at, high_shift = _plane_bits(m, PLANES)
+            parts = tl.where(byte == low_at[None, :], ((idx & 3) << low_shift)[None, :], 0)
+            parts += tl.where(
+                byte == high_at[None, :], (((idx >> 2) & 1) << high_shift)[None, :], 0
+            )
+        else:
+            at = (m * W) // 8
+            value = (idx << ((m * W) % 8))[None, :]
+            parts = tl.where(byte == at[None, :], value & 255, 0)
+            parts += tl.where(byte == at[None, :] + 1, (value >> 8) & 255, 0)
+            parts += tl.where(byte == at[None, :] + 2, value >> 16, 0)
+        return tl.sum(parts, axis=1)
+
+    @triton.jit
     def _encode_one_kernel(
         x_ptr, rot_t_ptr, cb_ptr, cb_sq_ptr, idx_ptr, norm_ptr,
         D: tl.constexpr, K: tl.constexpr, N: tl.constexpr, BYTE_INDEX: tl.constexpr,
+        W: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, PLANES: tl.constexpr,
     ):  # fmt: skip
         """One vector per program, scored against every codeword at once (an (N, D/K) tile): for a decode
-        step's few vectors, where _encode_kernel is one program whose N-step scan is its whole time."""
+        step's few vectors, where _encode_kernel is one program whose N-step scan is its whole time. Stores
+        the packed bytes (NB per vector) in the codec's layout, so a step spends no operations packing them
+        (:func:`_packed`)."""
         row = tl.program_id(0).to(tl.int64)
         d_off = tl.arange(0, D)
         x = tl.load(x_ptr + row * D + d_off).to(tl.float32)
@@ -87,11 +115,12 @@ if triton is not None:
         score = 2.0 * dot - tl.load(cb_sq_ptr + n_off)[:, None]
         # the first of equal codewords, as argmin
         best_idx = tl.argmax(score, axis=0, tie_break_left=True)
-        out = idx_ptr + row * (D // K) + tl.arange(0, D // K)
         if BYTE_INDEX:
-            tl.store(out, best_idx.to(tl.uint8))
+            tl.store(idx_ptr + row * (D // K) + tl.arange(0, D // K), best_idx.to(tl.uint8))
         else:
-            tl.store(out, best_idx.to(tl.int16))
+            packed = _packed(best_idx.to(tl.int32), D // K, W, NB_P2, PLANES)
+            b_off = tl.arange(0, NB_P2)
+            tl.store(idx_ptr + row * NB + b_off, packed.to(tl.uint8), mask=b_off < NB)
         tl.store(norm_ptr + row, nu.to(tl.float16))
 
 
@@ -110,28 +139,37 @@ def launch_encode(
     norms: torch.Tensor,
     few: bool = False,
 ) -> None:
-    """One launch of the encode kernel: ``flat`` (n, d) contiguous vectors into ``indices`` (n, blocks),
-    uint8 for 8-bit indices else int16, and ``norms`` (n,) float16. ``few``: one program per vector scoring
-    every codeword at once (a decode step's handful of vectors; for many, the tiles of 16 vectors scanning
-    the codewords one by one move less). No checks and no host reads (a norm beyond fp16 is stored as inf),
-    so a CUDA graph can hold it; :func:`fused_encode` checks."""
+    """One launch of the encode kernel: ``flat`` (n, d) contiguous vectors into ``indices`` and ``norms`` (n,)
+    float16 (:func:`encode_buffers`). ``few``: one program per vector scoring every codeword at once (a decode
+    step's handful of vectors; for many, the tiles of 16 vectors scanning the codewords one by one move less),
+    which writes the codes packed, (n, bytes) uint8 in the codec's layout; else (n, blocks) indices, uint8 for
+    8-bit ones, else int16. No checks and no host reads (a norm beyond fp16 is stored as inf), so a CUDA graph
+    can hold it; :func:`fused_encode` checks."""
     count = flat.shape[0]
     if not count:
         return
     constants = dict(D=codec.d, K=codec.k, N=codec.n, BYTE_INDEX=codec.index_bits == 8)
     with launch_device(flat.device):
         if few:
-            _encode_one_kernel[(count,)](flat, *tables, indices, norms, **constants, num_warps=8)
+            nbytes = packed_bytes(codec.blocks, codec.index_bits)
+            _encode_one_kernel[(count,)](
+                flat, *tables, indices, norms, **constants, W=codec.index_bits, NB=nbytes,
+                NB_P2=triton.next_power_of_2(nbytes), PLANES=plane_chunk(codec), num_warps=8,
+            )  # fmt: skip
         else:
             _encode_kernel[(triton.cdiv(count, BLOCK_T),)](
                 flat, *tables, indices, norms, count, **constants, BLOCK=BLOCK_T
             )
 
 
-def encode_buffers(codec: RotatedBlockCodec, count: int, device: torch.device):
-    """Empty (indices, norms) for :func:`launch_encode` of ``count`` vectors."""
-    dtype = torch.uint8 if codec.index_bits == 8 else torch.int16
-    indices = torch.empty(count, codec.blocks, dtype=dtype, device=device)
+def encode_buffers(codec: RotatedBlockCodec, count: int, device: torch.device, few: bool = False):
+    """Empty (indices, norms) for :func:`launch_encode` of ``count`` vectors with ``few`` as given: the packed
+    bytes, or the indices."""
+    if few or codec.index_bits == 8:
+        width = packed_bytes(codec.blocks, codec.index_bits)
+        indices = torch.empty(count, width, dtype=torch.uint8, device=device)
+    else:
+        indices = torch.empty(count, codec.blocks, dtype=torch.int16, device=device)
     return indices, torch.empty(count, dtype=torch.float16, device=device)
 
 
@@ -143,14 +181,14 @@ def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor, few: bool = False) -
     check_codec("codec", codec, codec.d)
     x = check_input(x, codec.d)
     flat = x.reshape(-1, codec.d).contiguous()
-    indices, norms = encode_buffers(codec, flat.shape[0], x.device)
+    indices, norms = encode_buffers(codec, flat.shape[0], x.device, few)
     launch_encode(codec, flat, encode_tables(codec, x.device), indices, norms, few)
     if bool(torch.isinf(norms).any()):
         raise ValueError(
             f"x has a vector whose norm is beyond the fp16 range ({FP16_MAX:g}) its norm is stored in; "
             "scale the input down"
         )
-    packed = indices if codec.index_bits == 8 else codec.pack(indices)
+    packed = indices if few or codec.index_bits == 8 else codec.pack(indices)
     lead = x.shape[:-1]
     return VectorCodes(
         dtype=x.dtype, indices=packed.reshape(*lead, packed.shape[-1]), norms=norms.reshape(lead)

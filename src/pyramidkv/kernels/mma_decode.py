@@ -338,17 +338,18 @@ def variant(
     affine = affine_keys(codec_k)
     tiles = slot_tiles
     if tiles is None:  # the default, where the ring asked for divides into two slots of it
-        tiles = default_slot_tiles(affine)
+        tiles = default_slot_tiles(affine, codec_k.d)
         tiles = tiles if stages is None or ring_divides(stages, tiles) else 1
     key = (codec_k.d, k, cap, warps, same_codebook(codec_k, codec_v), n)
     return _variant(key, RING * tiles if stages is None else stages, device, affine, tiles)
 
 
-def default_slot_tiles(keys_affine: bool) -> int:
+def default_slot_tiles(keys_affine: bool, dim: int) -> int:
     """Tiles per ring slot by default: 2 for keys of a uniform grid, where the shorter loop measured 9% faster
-    (0.193 -> 0.176 ms at the headline, H200, NOTES.md, fourteenth session); 1 for codebook keys, where it did not
-    help at head dim 128 (0.217 -> 0.219 ms)."""
-    return 2 if keys_affine else 1
+    (0.193 -> 0.176 ms at the headline, H200, NOTES.md, fourteenth session), and for codebook keys at head dim 64
+    (9/3 x 64, 128k: 3.5-9% faster at batch 32 and 2, 3, 4 bits, 5-7% at batch 1 and 8, fifteenth session); 1 for
+    codebook keys at head dim 128, where it did not help (0.218 -> 0.221 ms at the headline)."""
+    return 2 if keys_affine or dim == 64 else 1
 
 
 def filling_variant(

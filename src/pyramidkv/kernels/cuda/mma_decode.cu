@@ -686,7 +686,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
             attend<true>(cur, norms, qa, acc, m_run, l_run, k_off, v_off, t, spread_lo, spread_hi, qscale, cq);
         }
     }
-    for (int x = units * TPS; x * TILE < hi - lo; ++x) {
+    // The tiles past the ring: full ones short of a slot, then the partial one. With one-tile slots there is only the
+    // partial one, and the loop stops after it: v10's single test, whose SASS this compiles to (a loop cost FibQuant
+    // 2% at d = 128, NOTES.md, fifteenth session).
+    const int left = units * TPS;
+    for (int x = left; x * TILE < hi - lo && (TPS > 1 || x == left); ++x) {
         if (warp != x % NW) continue;
         Tile cur;
         Norms norms;
