@@ -261,12 +261,9 @@ def tables(
         return _grid_step(codec_k.step, device), book_v
     if kernel.shared_book:
         return book_v, book_v
-    key = gathered(codec_k)
-    if key is None:
-        raise ValueError(
-            "key codec: the kernel variant gathers keys from a codebook; these codes are in planes"
-        )
-    return codec_k.grouped_codebook(key[2], device, torch.float16).view(torch.int32), book_v
+    # keys not read as int8 passed the check through gathered(): their product table's group
+    group = gathered(codec_k)[2]
+    return codec_k.grouped_codebook(group, device, torch.float16).view(torch.int32), book_v
 
 
 @functools.cache
