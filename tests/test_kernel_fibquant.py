@@ -329,6 +329,18 @@ def test_cache_with_the_fused_kernel_equals_the_torch_reference(codec_name):
         CompressedCache(model, budget=8, kernel="cuda-magic")
 
 
+# the kernel's three ways of reading codewords: from global memory, shared flat, shared packed words
+GATHERS = pytest.mark.parametrize(
+    "gather",
+    [
+        {"shared_gather": False},
+        {"shared_gather": True},
+        {"shared_gather": True, "row_gather": True},
+    ],
+    ids=["global", "shared", "shared-rows"],
+)
+
+
 def _random_codes(codec, shape, scale=1.0):
     """Codes of random vectors (any width of index) and their float32 decoding."""
     x = torch.randn(*shape, codec.d, device=DEVICE) * scale
@@ -346,15 +358,7 @@ def _random_codes(codec, shape, scale=1.0):
     ],
     ids=["fib3bit", "fib12bit-idx", "turboquant2-3", "turboquant4-fibk8"],
 )
-@pytest.mark.parametrize(
-    "gather",
-    [
-        {"shared_gather": False},
-        {"shared_gather": True},
-        {"shared_gather": True, "row_gather": True},
-    ],
-    ids=["global", "shared", "shared-rows"],
-)
+@GATHERS
 def test_any_index_width_and_turboquant(key_codec, value_codec, gather):
     def build(spec):
         return TurboQuant(32, spec[1]) if spec[0] == "tq" else codec(32, spec[1], spec[2])
@@ -372,15 +376,7 @@ def test_any_index_width_and_turboquant(key_codec, value_codec, gather):
     assert rel_error(out, want) < TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "gather",
-    [
-        {"shared_gather": False},
-        {"shared_gather": True},
-        {"shared_gather": True, "row_gather": True},
-    ],
-    ids=["global", "shared", "shared-rows"],
-)
+@GATHERS
 @pytest.mark.parametrize("dim", [64, 128])
 def test_3_bit_codes_in_planes(gather, dim):
     """Keys and values of 3-bit codes in planes (codecs/planes.py), each coordinate's low bits and high bit read

@@ -6,8 +6,9 @@ registers, rotates them with one ``tl.dot`` against Pi^T, and scans the N codewo
 block of k coordinates the best score 2 <u_m, c_n> - ||c_n||^2 (the nearest codeword, as in
 :func:`pyramidkv.codecs.lloyd.nearest_codeword`). Used for the prompt at prefill and for every flush of the
 fp16 recent window, so the cache's write path never leaves the GPU's registers until the codes are done.
-8-bit indices are stored as bytes by the kernel; other widths are packed after it in the codec's layout
-(:meth:`~pyramidkv.codecs.rotated.RotatedBlockCodec.pack`).
+8-bit indices are stored as bytes by the kernels. Other widths: the kernel of one vector per program (a decode
+step's) packs them itself in the codec's layout (:func:`_packed`); after the kernel of tiles (prefill, flushes)
+torch packs them (:meth:`~pyramidkv.codecs.rotated.RotatedBlockCodec.pack`).
 """
 
 from __future__ import annotations
