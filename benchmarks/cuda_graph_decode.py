@@ -14,14 +14,14 @@ cache and batch, one prefill (``--prefill-rows`` rows in one forward, repeated t
 
 * ``eager_dynamic`` — the existing cache (``DynamicCache`` for full, ``CompressedCache`` for the others)
   through model forward, as generate_throughput.py times it;
-* ``eager_static`` — :class:`~pyramidkv.static_cache.StaticCompressedCache` built from that prefilled cache
-  (the full cache too: one code path for both), stepped by :class:`~pyramidkv.static_cache.DecodeStep`;
+* ``eager_static`` — :class:`~pyramidkv.static.cache.StaticCompressedCache` built from that prefilled cache
+  (the full cache too: one code path for both), stepped by :class:`~pyramidkv.static.cache.DecodeStep`;
 * ``graph`` (CUDA only) — that step captured once as a ``torch.cuda.CUDAGraph`` after a warm-up on a side
   stream, replayed per step, the greedy token copied into the step's input buffer between replays.
 
 Caches (``--configs``): ``full``, ``pyramidkv`` (at ``--budget``), and with FibQuant 2-bit codes and an fp16
 window of ``--residual`` tokens ``fibquant`` (every token) and ``pyramidkv+fibquant``: their static copy
-holds a store of codes and a ring of fp16 tokens (:mod:`pyramidkv.static_codes`). While warm-up and timed
+holds a store of codes and a ring of fp16 tokens (:mod:`pyramidkv.static.coded`). While warm-up and timed
 steps fit in the window (35 <= 64 by default) no token leaves it, but every step encodes and writes one
 slot all the same, so the time is that of any step.
 
@@ -53,11 +53,11 @@ from generate_throughput import (  # sibling script
     parse_batches,
     sync,
 )
-from pyramidkv.accounting import cache_nbytes, kv_geometry
-from pyramidkv.attention import decode_backends
-from pyramidkv.cache import CompressedCache
-from pyramidkv.graph_decode import WARMUP, capture
-from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
+from pyramidkv.cache.accounting import cache_nbytes, kv_geometry
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.hook import decode_backends
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
+from pyramidkv.static.graph import WARMUP, capture
 
 MODES = ("eager_dynamic", "eager_static", "graph")
 CODEC = "fibquant:2"

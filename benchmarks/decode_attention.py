@@ -2,7 +2,7 @@
 
 One decode step (one query token) per head shape (query heads / KV heads x head dim), batch, context and rate,
 timed three ways: the fused kernel over packed codes
-(:func:`pyramidkv.kernels.fibquant_decode.fibquant_decode_attention`), torch SDPA over a bf16 cache
+(:func:`pyramidkv.kernels.dispatch.fibquant_decode_attention`), torch SDPA over a bf16 cache
 (``enable_gqa=True``), and decode-then-SDPA (``codec.decode`` to bf16, then SDPA, timed together). A kernel
 over b-bit codes wins only by reading fewer bytes, so each row carries the bytes it must read (packed indices
 + fp16 norms of keys and values), the achieved GB/s and its floor: those bytes over the copy bandwidth
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 import machine  # sibling script
 from gpu_measure import Timer, copy_bandwidth, report_new_kernels
-from pyramidkv import coded
 from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
+from pyramidkv.codecs import registry as coded
 from pyramidkv.codecs.packing import packed_bytes
 
 RESULTS = Path(__file__).parent / "results"
@@ -134,7 +134,7 @@ def parse_grid(text: str) -> list[dict]:
 
 def make_codecs(name: str, dim: int, bits: float) -> tuple[RotatedBlockCodec, RotatedBlockCodec]:
     """The key and value codecs of ``name`` at ``bits`` per coordinate, as the library builds them from a codec
-    spec (:func:`pyramidkv.coded.make_codecs`): ``fibquant`` (its own (k, N): 2 -> (4, 256), 3 -> (2, 64), 4 ->
+    spec (:func:`pyramidkv.codecs.registry.make_codecs`): ``fibquant`` (its own (k, N): 2 -> (4, 256), 3 -> (2, 64), 4 ->
     (2, 256); fractional rates too), ``turboquant`` (k = 1, whole bits), ``uniform`` (TurboQuant on its best
     uniform grid), or keys/values such as ``uniform/fibquant``."""
     pair = coded.make_codecs(name, dim, bits=bits)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no CUDA device: full sizes need a GPU; use --smoke for a CPU check")
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    kernel = Kernel(importlib.import_module("pyramidkv.kernels.fibquant_decode"))
+    kernel = Kernel(importlib.import_module("pyramidkv.kernels.dispatch"))
     shape, batch, context = opts["tune_at"].split(",")
     tune_at = (parse_heads(shape)[0], *(parse_sizes(s, "tune-at")[0] for s in (batch, context)))
     timer = Timer(device, opts["budget_ms"], min_reps=5 if device.type == "cuda" else 1)

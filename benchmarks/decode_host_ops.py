@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 import machine  # sibling script
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 
 # (label, policy or None for no eviction, budget, codec, kernel); None policy and codec: DynamicCache
 CACHES = (
@@ -78,8 +78,8 @@ def stubbed_launches() -> Iterator[collections.Counter[str]]:
 
     launches: collections.Counter[str] = collections.Counter()
     replaced = {
-        (module("fibquant_decode"), "_decode_split_kernel"): _StubLaunch(launches, "decode"),
-        (module("fibquant_encode"), "fused_encode"): lambda codec, x: codec.encode(x),
+        (module("triton_decode"), "_decode_split_kernel"): _StubLaunch(launches, "decode"),
+        (module("encode"), "fused_encode"): lambda codec, x: codec.encode(x),
     }
     if importlib.util.find_spec("pyramidkv.kernels.epilogue"):  # absent before the epilogue kernel
         replaced[(module("epilogue"), "_epilogue_kernel")] = _StubLaunch(launches, "epilogue")

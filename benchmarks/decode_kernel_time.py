@@ -31,7 +31,7 @@ from decode_attention import (
     parse_sizes,
     random_codes,
 )
-from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
+from pyramidkv.kernels.dispatch import fibquant_decode_attention
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -5,7 +5,7 @@ A layer's codes path is two launches: the decode kernel, whose blocks each read 
 (``kernels/epilogue.py``). More splits shorten the kernel where its blocks do not fill the GPU (small
 batches) and lengthen the merge, so the best split depends on how cheap the merge is: this script times
 both, under the CUDA profiler, for every split of ``--splits`` up to the one that still runs in one wave
-("one-wave"), and marks the default (``mma_decode.mma_split``) and the least total.
+("one-wave"), and marks the default (``cuda_decode.mma_split``) and the least total.
 
     python benchmarks/decode_split_time.py --heads 9/3x64,32/8x128 --batch 1 --context 8k,32k,128k
 """
@@ -19,15 +19,10 @@ import torch
 
 from decode_attention import make_codec, parse_heads, parse_sizes, random_codes
 from decode_kernel_time import profile, write_record
-from pyramidkv.kernels import mma_decode
+from pyramidkv.kernels import cuda_decode
+from pyramidkv.kernels.dispatch import launch_partials
 from pyramidkv.kernels.epilogue import decode_epilogue
-from pyramidkv.kernels.fibquant_decode import (
-    DEFAULT_TUNING,
-    launch_partials,
-    make_workspace,
-    plan_block,
-    rotate_query,
-)
+from pyramidkv.kernels.plan import DEFAULT_TUNING, make_workspace, plan_block, rotate_query
 
 RESULTS = Path(__file__).parent / "results"
 WINDOW = 64  # recent-window tokens the epilogue attends over
@@ -48,7 +43,7 @@ def time_splits(
     kernel, default = plan_block(codes_k.shape, codec, codec, group, tuning, device)
     if kernel is None:
         raise SystemExit(f"{q_heads}/{kv_heads}x{dim}: the mma kernel does not read these codes")
-    wave = mma_decode.one_wave_split(codes_k.shape, device, kernel)
+    wave = cuda_decode.one_wave_split(codes_k.shape, device, kernel)
     rotation = codec.tensors(device, torch.float32)[0]
     rows = []
     for split in sorted(

@@ -36,8 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 import machine  # sibling script
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 
 KERNELS = ("auto", "torch")
 

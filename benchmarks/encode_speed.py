@@ -2,7 +2,7 @@
 
 Encoding runs once per prompt (every kept token of every layer) and at every flush of the fp16 window, so it
 sits on the prefill's critical path. Times ``codec.encode(x)`` (torch: rotate, score matrix, argmin, pack)
-and :func:`pyramidkv.kernels.fibquant_encode.fused_encode` on the same random bf16 vectors, and the share of
+and :func:`pyramidkv.kernels.encode.fused_encode` on the same random bf16 vectors, and the share of
 indices the two agree on (they differ only at cell borders).
 
     python benchmarks/encode_speed.py                    # GPU -> results/encode_speed_cuda.json
@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pyramidkv.codecs import FibQuant, TurboQuant
-from pyramidkv.kernels.fibquant_encode import fused_encode
+from pyramidkv.kernels.encode import fused_encode
 
 RESULTS = Path(__file__).parent / "results"
 CODECS = {

@@ -35,14 +35,14 @@ import torch
 from transformers import DynamicCache
 
 import machine  # sibling script
-from pyramidkv.accounting import cache_nbytes, kv_geometry
-from pyramidkv.attention import decode_backends
 from pyramidkv.budgets import parse_memory
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.accounting import cache_nbytes, kv_geometry
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.hook import decode_backends
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.corpus import shuffled_paragraphs, source
-from pyramidkv.kernels import mma_decode, use_fused
+from pyramidkv.kernels import cuda_decode, use_fused
 from pyramidkv.models import load
 
 GiB = 2**30
@@ -86,7 +86,7 @@ def kernel_used(cache, device: torch.device) -> str:
     if not use_fused(cache.kernel, cache.fused_ok, device):
         return "torch"
     keys, values = cache.codecs.keys, cache.codecs.values
-    return "cuda mma" if mma_decode.usable(keys, values, keys.d, 1, device) else "triton"
+    return "cuda mma" if cuda_decode.usable(keys, values, keys.d, 1, device) else "triton"
 
 
 def corpus_rows(tokenizer, rows: int, length: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A decode step of the embedded model is bound by its launches, not its bytes (benchmarks/README.md): under a
 CUDA graph the host is gone, but every small kernel still costs the GPU a few microseconds. For each cache
 (as benchmarks/cuda_graph_decode.py builds it: prefill, static copy, :class:`DecodeStep` captured with
-:func:`pyramidkv.graph_decode.capture`) this replays the graph ``--replays`` times under the CUDA profiler and
+:func:`pyramidkv.static.graph.capture`) this replays the graph ``--replays`` times under the CUDA profiler and
 reports the kernels per replay, their summed device time and the costliest kernels.
 
     PYTHONPATH=src python benchmarks/graph_step_profile.py     # GPU: full and pyramidkv 10% + fibquant:2
@@ -28,8 +28,8 @@ from cuda_graph_decode import (  # sibling script
     save_result,
     step_model,
 )
-from pyramidkv.graph_decode import WARMUP, capture
-from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
+from pyramidkv.static.graph import WARMUP, capture
 
 
 def profile_step(model, prompts: torch.Tensor, config: str, args) -> dict:

@@ -2,7 +2,7 @@
 
 The GPU is lent for minutes at a time; what a variant costs in registers, spills, shared memory and
 instructions can be read before that from the cubin Triton builds for sm_90 with its bundled ptxas
-(:mod:`pyramidkv.kernels.offline_compile`). For the headline shape (32/8 heads x 128: 4 query rows per KV
+(:mod:`tools.offline_compile`). For the headline shape (32/8 heads x 128: 4 query rows per KV
 head, d = 128) and the embedded model's (9/3 x 64: 3 rows, d = 64), FibQuant at 2/3/4 bits, shared-memory
 gathers of flat entries (GATHER 1) or packed codewords (GATHER 2), tiles of 32/64 tokens and 4/8 warps:
 registers per thread, local memory (spills), shared bytes, and per variant the instruction classes that
@@ -27,11 +27,14 @@ from pathlib import Path
 import triton
 
 from pyramidkv.codecs.fibquant import choose_block
-from pyramidkv.kernels import offline_compile as oc
-from pyramidkv.kernels.fibquant_decode import DecodeTuning
+from pyramidkv.kernels.plan import DecodeTuning
+
+# the development tools live beside the package, not in it: put the repository root on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import offline_compile as oc
 
 RESULTS = Path(__file__).parent / "results"
-KERNEL = "pyramidkv.kernels.fibquant_decode:_decode_split_kernel"
+KERNEL = "pyramidkv.kernels.triton_decode:_decode_split_kernel"
 CLASSES = {  # column -> SASS mnemonic roots (the part before the first dot) it counts
     "ldg": ("LDG", "LDGSTS"),
     "lds": ("LDS", "LDSM"),

@@ -21,9 +21,9 @@ from rich.table import Table
 from transformers import DynamicCache
 
 import machine  # sibling script
-from pyramidkv.accounting import cache_nbytes
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.accounting import cache_nbytes
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.eval.corpus import shuffled_paragraphs
 from pyramidkv.models import load
 

@@ -28,7 +28,7 @@ from rich.table import Table
 
 import machine  # sibling script
 from pyramidkv.codecs import KIVI, Codec, FibQuant, TurboQuant
-from pyramidkv.codecs.cli_support import TURBOQUANT_BOUND, source_distortion, turboquant_distortion
+from pyramidkv.codecs.describe import TURBOQUANT_BOUND, source_distortion, turboquant_distortion
 from rate_distortion_model import plot_frontier, print_model_tables, run_model
 
 RESULTS = Path(__file__).parent / "results"

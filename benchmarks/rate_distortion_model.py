@@ -186,8 +186,8 @@ def _frontiers(rows: list[dict]) -> dict:
 def run_model(args: argparse.Namespace) -> dict:
     """Prefill real prose once; quantize every layer's keys and values with each codec; score per layer."""
     from pyramidkv.eval import corpus
+    from pyramidkv.eval.prefill import prefill
     from pyramidkv.models import load, resolve
-    from pyramidkv.prefill import prefill
 
     start, source = time.perf_counter(), resolve(args.model)
     model, tokenizer = load(args.model, device="cpu", dtype=torch.float32)

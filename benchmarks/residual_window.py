@@ -23,8 +23,8 @@ from rich.table import Table
 import machine  # sibling script
 from pyramidkv.eval import corpus
 from pyramidkv.eval.perplexity import PerplexityTask, kl_divergence, teacher_force
+from pyramidkv.eval.prefill import prefill
 from pyramidkv.models import load
-from pyramidkv.prefill import prefill
 
 
 def main() -> None:

@@ -41,18 +41,18 @@ def test_reference_and_eviction_paths_launch_nothing(rows):
 
 
 def test_stubs_are_restored():
-    from pyramidkv.kernels import epilogue, fibquant_decode, fibquant_encode
+    from pyramidkv.kernels import encode, epilogue, triton_decode
 
     before = (
-        fibquant_decode._decode_split_kernel,
+        triton_decode._decode_split_kernel,
         epilogue._epilogue_kernel,
-        fibquant_encode.fused_encode,
+        encode.fused_encode,
     )
     with bench.stubbed_launches():
         pass
     after = (
-        fibquant_decode._decode_split_kernel,
+        triton_decode._decode_split_kernel,
         epilogue._epilogue_kernel,
-        fibquant_encode.fused_encode,
+        encode.fused_encode,
     )
     assert before == after

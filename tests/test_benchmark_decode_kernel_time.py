@@ -35,6 +35,6 @@ def test_profiles_a_small_case(tmp_path, triton):
     assert [row["codec"] for row in record["rows"]] == ["fibquant", "turboquant"]
     for row in record["rows"]:
         assert row["decode_kernel_ms"] > 0 and row["all_kernels_ms"] >= row["decode_kernel_ms"]
-        # the CUDA kernel is the one of mma_decode.KERNEL_NAME; the Triton kernel has its own name
+        # the CUDA kernel is the one of cuda_decode.KERNEL_NAME; the Triton kernel has its own name
         assert ("fibquant_mma_decode" in row["decode_kernel"]) != triton
     assert json.loads(out.read_text())["rows"][0]["bits"] == 2

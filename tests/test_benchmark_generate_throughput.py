@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from pyramidkv.accounting import cache_nbytes
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.accounting import cache_nbytes
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 
 from .conftest import load_benchmark, make_tiny
 

@@ -15,7 +15,7 @@ bench = load_benchmark("kernel_sass")
 
 
 def test_grid_uses_the_codecs_blocks():
-    """FibQuant at 2, 3, 4 bits reads k = 4, N = 256 / k = 2, N = 64 / k = 2, N = 256 (kernels/NOTES.md)."""
+    """FibQuant at 2, 3, 4 bits reads k = 4, N = 256 / k = 2, N = 64 / k = 2, N = 256 (docs/kernels.md)."""
     args = argparse.Namespace(
         shapes=[(32, 8, 128), (9, 3, 64)], bits=[2, 3, 4], gather=[1, 2], blocks=[32, 64],
         warps=[4, 8], float_type="fp16",

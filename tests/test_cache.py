@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from pyramidkv.attention import decode_backends, installed
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.hook import decode_backends, installed
 from pyramidkv.errors import UnsupportedModelError
 from pyramidkv.policies import POLICY_NAMES
 

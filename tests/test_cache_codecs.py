@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyramidkv.cache import CompressedCache
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.codecs import FibQuant
-from pyramidkv.coded import make_codecs
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.codecs.registry import make_codecs
 from pyramidkv.errors import PyramidKVError
-from pyramidkv.prefill import greedy_rows, prefill
+from pyramidkv.eval.prefill import greedy_rows, prefill
 
 from .conftest import make_tiny
 
@@ -267,7 +267,8 @@ def test_flushed_blocks_join_into_one(codec):
     """Flushes of the window join the previous flushed block (per-token codes), so a long generation keeps
     two blocks, not one per flush; the joined block decodes as the flushes did one by one. KIVI's keys are
     grouped across tokens and stay separate blocks."""
-    from pyramidkv.coded import CodedBlocks, make_codecs
+    from pyramidkv.cache.blocks import CodedBlocks
+    from pyramidkv.codecs.registry import make_codecs
 
     torch.manual_seed(0)
     codecs = make_codecs(codec, 32)

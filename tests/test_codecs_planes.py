@@ -9,7 +9,7 @@ import torch
 
 from pyramidkv.codecs import TurboQuant
 from pyramidkv.codecs.planes import pack_planes, plane_bytes, unpack_planes
-from pyramidkv.coded import make_codecs
+from pyramidkv.codecs.registry import make_codecs
 
 DIMS = (64, 128, 256)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pyramidkv.codecs import FibQuant, TurboQuant, choose_block
-from pyramidkv.codecs.cli_support import describe_codebook
+from pyramidkv.codecs.describe import describe_codebook
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -31,10 +31,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import pyramidkv
-import pyramidkv.cache
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
-from pyramidkv.prefill import greedy_rows, prefill
+import pyramidkv.cache.compressed
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.eval.prefill import greedy_rows, prefill
 
 from .conftest import make_tiny
 
@@ -304,10 +304,14 @@ def test_default_kernel_follows_each_layer(family, monkeypatch, codec):
         return wrapped
 
     monkeypatch.setattr(
-        pyramidkv.cache, "fused_attention", spy("fused", pyramidkv.cache.fused_attention)
+        pyramidkv.cache.compressed,
+        "fused_attention",
+        spy("fused", pyramidkv.cache.compressed.fused_attention),
     )
     monkeypatch.setattr(
-        pyramidkv.cache, "chunked_attention", spy("reference", pyramidkv.cache.chunked_attention)
+        pyramidkv.cache.compressed,
+        "chunked_attention",
+        spy("reference", pyramidkv.cache.compressed.chunked_attention),
     )
     options = cache_options("snapkv", codec)
     with CompressedCache(model, **options, kernel="torch") as cache:

@@ -13,8 +13,8 @@ from rich.console import Console
 from pyramidkv.eval.fidelity import attention_modules, measure_sample, summarize
 from pyramidkv.eval.measure_commands import MeasureOptions, run_measure
 from pyramidkv.eval.perplexity import PerplexityTask
+from pyramidkv.eval.prefill import prefill
 from pyramidkv.eval.runner import Config
-from pyramidkv.prefill import prefill
 
 from .test_eval_perplexity import one_thread  # noqa: F401 - autouse: tiny models on one thread
 from .test_eval_runner import context_sensitive_tiny

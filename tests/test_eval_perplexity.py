@@ -15,7 +15,7 @@ from rich.console import Console
 from transformers import DynamicCache
 from typer.testing import CliRunner
 
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval import corpus
 from pyramidkv.eval.measure_commands import (

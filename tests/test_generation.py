@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyramidkv.accounting import cache_nbytes, full_cache_nbytes
-from pyramidkv.compat import cache_kwargs
+from pyramidkv.cache.accounting import cache_nbytes, full_cache_nbytes
+from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.generation import prompt_ids
 
@@ -79,7 +79,7 @@ def test_graph_generation_gives_the_tokens_of_generate(tiny_model, spec):
     """cuda_graph=True prefills, then decodes over a static copy of the cache (on the CPU the captured step runs
     eagerly): the same greedy tokens as model.generate over the cache itself, for the full cache, an
     evicting one and one holding codes (fewer new tokens than its 64-token window: no token is coded yet)."""
-    from pyramidkv.cache import CompressedCache
+    from pyramidkv.cache.compressed import CompressedCache
     from pyramidkv.generation import generate
 
     tiny_model.generation_config.eos_token_id = None

@@ -3,7 +3,7 @@
 On a CPU the kernel tests run in Triton's interpreter, which type-checks nothing: twice a decode variant
 passed them and then failed to compile on the GPU ("Return type mismatch" in ``_unit_tile``). Here every
 variant the tuning exposes goes through Triton's front end (AST -> TTIR, where such errors are raised), all
-in one fresh process (:func:`pyramidkv.kernels.offline_compile.run_isolated`), milliseconds each, and the
+in one fresh process (:func:`tools.offline_compile.run_isolated`), milliseconds each, and the
 TTIR is checked against what the design says the variant does: which codebook it gathers from and in which
 element type, and tensor-core dots in the codebook's float type. One full compile (ptxas, a few seconds)
 checks the default decode variant's cubin.
@@ -19,16 +19,17 @@ import torch
 # 3.6 is the GPU's triton; older ones lack ASTSource(..., constexprs by name) and make_ir(target, ...)
 pytest.importorskip("triton", minversion="3.6", reason="triton is not installed")
 
+from tools import offline_compile as oc
+
 from pyramidkv.codecs.fibquant import choose_block
 from pyramidkv.codecs.packing import packed_bytes
 from pyramidkv.kernels import epilogue, ring_commit
-from pyramidkv.kernels import offline_compile as oc
-from pyramidkv.kernels.fibquant_decode import DecodeTuning
-from pyramidkv.kernels.fibquant_encode import BLOCK_T
+from pyramidkv.kernels.encode import BLOCK_T
+from pyramidkv.kernels.plan import DecodeTuning
 
-DECODE = "pyramidkv.kernels.fibquant_decode:_decode_split_kernel"
-ENCODE = "pyramidkv.kernels.fibquant_encode:_encode_kernel"
-ENCODE_ONE = "pyramidkv.kernels.fibquant_encode:_encode_one_kernel"
+DECODE = "pyramidkv.kernels.triton_decode:_decode_split_kernel"
+ENCODE = "pyramidkv.kernels.encode:_encode_kernel"
+ENCODE_ONE = "pyramidkv.kernels.encode:_encode_one_kernel"
 EPILOGUE = "pyramidkv.kernels.epilogue:_epilogue_kernel"
 COMMIT = "pyramidkv.kernels.ring_commit:_commit_kernel"
 SHAPES = (
@@ -250,7 +251,7 @@ def test_epilogue_variant_compiles(ttir, key):
     rows = group * q_len
     # window scores, window values, rotation back (and, merging many splits, one dot per row): all
     # float32-accurate on the tensor cores (three TF32 products each), not fp32 FFMA: 12.5 -> 8.9 us per call
-    # at batch 1 on the H200 (NOTES.md)
+    # at batch 1 on the H200 (docs/kernels.md)
     dots = 3 + rows * row_dots
     assert _dot_operands(text) == [("f32", "f32")] * dots
     assert _dot_precisions(text) == ["tf32x3"] * dots

@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from pyramidkv.codecs import FibQuant, TurboQuant  # noqa: E402
 from pyramidkv.codecs.packing import pack_bits, packed_bytes  # noqa: E402
 from pyramidkv.codecs.planes import pack_planes  # noqa: E402
-from pyramidkv.kernels.fibquant_encode import _packed, fused_encode  # noqa: E402
+from pyramidkv.kernels.encode import _packed, fused_encode  # noqa: E402
 
 
 @triton.jit

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pyramidkv.codecs import FibQuant, TurboQuant
-from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention, make_workspace
+from pyramidkv.kernels.dispatch import fibquant_decode_attention
+from pyramidkv.kernels.plan import make_workspace
 from pyramidkv.kernels.reference import chunked_attention
 
 from .kernel_device import kernel_device
@@ -129,7 +130,8 @@ def test_fused_attention_over_blocks_and_window_equals_the_concatenation(
 ):
     """The layer path: one workspace for every block's splits, one epilogue launch for the merge, the fp16
     window (causal among the new tokens), the rotation back and the model's (b, q_len, q_heads, d) layout."""
-    from pyramidkv.coded import CodedBlocks, make_codecs
+    from pyramidkv.cache.blocks import CodedBlocks
+    from pyramidkv.codecs.registry import make_codecs
     from pyramidkv.kernels.dispatch import fused_attention
 
     torch.manual_seed(5)
@@ -293,8 +295,8 @@ def test_unsupported_codecs_and_arguments_raise():
 )
 def test_cache_with_the_fused_kernel_equals_the_torch_reference(codec_name):
     """A quantized cache encoding and decoding through the kernels gives the reference path's logits and tokens."""
-    from pyramidkv.cache import CompressedCache
-    from pyramidkv.compat import cache_kwargs
+    from pyramidkv.cache.compat import cache_kwargs
+    from pyramidkv.cache.compressed import CompressedCache
     from pyramidkv.errors import PyramidKVError
 
     from .conftest import make_tiny
@@ -432,7 +434,7 @@ def test_codebook_dtypes_and_blocks(codebook_dtype, row_gather):
 def test_auto_falls_back_where_the_kernels_cannot_read_the_codes():
     """A head dim the kernels do not take (24: not a power of two) leaves auto on the torch path everywhere,
     and forcing the kernel names the reason when the cache is built, not at the first decode step."""
-    from pyramidkv.cache import CompressedCache
+    from pyramidkv.cache.compressed import CompressedCache
     from pyramidkv.errors import PyramidKVError
 
     from .conftest import make_tiny

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pyramidkv.codecs import FibQuant
-from pyramidkv.kernels import fibquant_decode as fd
+from pyramidkv.kernels import plan
 from pyramidkv.kernels.cuda_module import pack_arguments
 
 
@@ -49,18 +49,21 @@ def codec(dim: int = 64, k: int = 4, n: int = 256) -> FibQuant:
 
 @pytest.fixture
 def fresh_plans(monkeypatch):
-    monkeypatch.setattr(fd, "_PLANS", {})
-    return fd
+    monkeypatch.setattr(plan, "_PLANS", {})
+    return plan
 
 
 def test_a_plan_is_remembered_and_equals_a_fresh_one(fresh_plans):
     book, cpu = codec(), torch.device("cpu")
     for waves in (2, 8):  # on a CPU the default split is waves / (batch x kv heads) programs
-        tuning = fd.DecodeTuning(waves=waves)
-        first = fd.plan_block((1, 1, 4096), book, book, 4, tuning, cpu)
-        assert first == fd._plan((1, 1, 4096), book, book, 4, tuning, cpu, None) == (None, waves)
-        assert fd.plan_block((1, 1, 4096), book, book, 4, tuning, cpu) is first
-    assert fd.plan_block((1, 1, 4096), book, book, 4, fd.DEFAULT_TUNING, cpu, split=3) == (None, 3)
+        tuning = plan.DecodeTuning(waves=waves)
+        first = plan.plan_block((1, 1, 4096), book, book, 4, tuning, cpu)
+        assert first == plan._plan((1, 1, 4096), book, book, 4, tuning, cpu, None) == (None, waves)
+        assert plan.plan_block((1, 1, 4096), book, book, 4, tuning, cpu) is first
+    assert plan.plan_block((1, 1, 4096), book, book, 4, plan.DEFAULT_TUNING, cpu, split=3) == (
+        None,
+        3,
+    )
     assert len(fresh_plans._PLANS) == 3
 
 
@@ -68,16 +71,16 @@ def test_a_refused_split_is_refused_every_time_and_not_remembered(fresh_plans):
     book = codec()
     for _ in range(2):
         with pytest.raises(ValueError, match="split must be a positive integer"):
-            fd.plan_block((1, 1, 64), book, book, 4, fd.DEFAULT_TUNING, torch.device("cpu"), 0)
+            plan.plan_block((1, 1, 64), book, book, 4, plan.DEFAULT_TUNING, torch.device("cpu"), 0)
     assert fresh_plans._PLANS == {}
 
 
 def test_the_plan_memory_keeps_the_newest(fresh_plans, monkeypatch):
-    monkeypatch.setattr(fd, "PLANS_KEPT", 3)
+    monkeypatch.setattr(plan, "PLANS_KEPT", 3)
     book = codec()
     shapes = [(1, 1, 64 * (i + 1)) for i in range(5)]
     for shape in shapes:
-        fd.plan_block(shape, book, book, 4, fd.DEFAULT_TUNING, torch.device("cpu"))
+        plan.plan_block(shape, book, book, 4, plan.DEFAULT_TUNING, torch.device("cpu"))
     assert [key[0] for key in fresh_plans._PLANS] == shapes[2:]
 
 
@@ -89,7 +92,7 @@ def test_the_query_is_rotated_scaled_and_grouped_by_kv_head(dtype):
     book = codec(dim)
     torch.manual_seed(0)
     query = torch.randn(batch, q_len, kv_heads * group, dim).to(torch.bfloat16).transpose(1, 2)
-    got = fd.rotate_query(query, book, scaling, kv_heads, dtype)
+    got = plan.rotate_query(query, book, scaling, kv_heads, dtype)
     want = query.double() @ book.rotation.double().T * (scaling / math.log(2))
     want = want.reshape(batch, kv_heads, group, q_len, dim).reshape(batch, kv_heads, -1, dim)
     assert got.dtype == dtype and got.is_contiguous() and got.shape == want.shape

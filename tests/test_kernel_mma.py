@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pyramidkv.codecs import FibQuant, TurboQuant
-from pyramidkv.kernels import mma_decode
+from pyramidkv.kernels import cuda_decode
 from pyramidkv.kernels.cuda_module import nvrtc_found
 from pyramidkv.kernels.reference import chunked_attention
 
@@ -44,14 +44,14 @@ def rel_error(got, want) -> float:
     [
         case
         for case in itertools.product(
-            (64, 128), sorted(mma_decode.CODES), mma_decode.ROW_CAPS, (True, False), (256, 128)
+            (64, 128), sorted(cuda_decode.CODES), cuda_decode.ROW_CAPS, (True, False), (256, 128)
         )
-        if mma_decode.whole_bytes(case[0], *case[1])
+        if cuda_decode.whole_bytes(case[0], *case[1])
     ],
 )
 def test_every_variant_compiles_for_sm90(dim, kn, rows, shared, row):
-    variant = mma_decode.MmaVariant(dim, kn[0], rows, 8, shared, kn[1], stages=3, row_bytes=row)
-    cubin = mma_decode.compiled(variant, "sm_90")
+    variant = cuda_decode.MmaVariant(dim, kn[0], rows, 8, shared, kn[1], stages=3, row_bytes=row)
+    cubin = cuda_decode.compiled(variant, "sm_90")
     assert cubin[:4] == b"\x7fELF"
 
 
@@ -60,18 +60,18 @@ def test_every_variant_compiles_for_sm90(dim, kn, rows, shared, row):
     ("dim", "rows", "shared", "affine", "kn"),
     [
         *itertools.product(
-            (64, 128), mma_decode.ROW_CAPS, (True, False), (True, False), [(4, 256)]
+            (64, 128), cuda_decode.ROW_CAPS, (True, False), (True, False), [(4, 256)]
         ),
         *itertools.product(
-            (64, 128), mma_decode.ROW_CAPS, (False,), (True,), [(2, 64)]
+            (64, 128), cuda_decode.ROW_CAPS, (False,), (True,), [(2, 64)]
         ),  # 3-bit planes
     ],
 )
 def test_two_tile_slots_and_int8_keys_compile_for_sm90(dim, rows, shared, affine, kn):
-    variant = mma_decode.MmaVariant(
+    variant = cuda_decode.MmaVariant(
         dim, kn[0], rows, 8, shared, kn[1], 4, 256, affine, slot_tiles=2
     )
-    assert mma_decode.compiled(variant, "sm_90")[:4] == b"\x7fELF"
+    assert cuda_decode.compiled(variant, "sm_90")[:4] == b"\x7fELF"
 
 
 def test_keys_of_a_uniform_grid_take_the_int8_variant_in_two_tile_slots(monkeypatch):
@@ -83,36 +83,36 @@ def test_keys_of_a_uniform_grid_take_the_int8_variant_in_two_tile_slots(monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     device, cpu = torch.device("cuda", 96), torch.device("cpu")
     uniform, fib = TurboQuant(128, 2, grid="uniform"), FibQuant(128, bits=2)
-    kernel = mma_decode.variant(uniform, fib, 4, 8, None, device)
+    kernel = cuda_decode.variant(uniform, fib, 4, 8, None, device)
     assert kernel.keys_affine and (kernel.k, kernel.n, kernel.slot_tiles) == (4, 256, 2)
-    assert kernel.stages == 2 * mma_decode.RING and not kernel.shared_book
+    assert kernel.stages == 2 * cuda_decode.RING and not kernel.shared_book
     for keys in (fib, TurboQuant(128, 2), TurboQuant(128, 3, grid="uniform")):
-        other = mma_decode.variant(keys, keys, 4, 8, None, device)
-        assert not other.keys_affine and (other.slot_tiles, other.stages) == (1, mma_decode.RING)
+        other = cuda_decode.variant(keys, keys, 4, 8, None, device)
+        assert not other.keys_affine and (other.slot_tiles, other.stages) == (1, cuda_decode.RING)
     # 3-bit keys in planes beside values of the same bytes per token: FibQuant's or the grid's own in the stream
     planes = TurboQuant(128, 3, grid="uniform", layout="planes")
     for values in (FibQuant(128, bits=3), TurboQuant(128, 3, grid="uniform")):
-        three = mma_decode.variant(planes, values, 4, 8, None, device)
+        three = cuda_decode.variant(planes, values, 4, 8, None, device)
         assert three.keys_affine and (three.k, three.n, three.slot_tiles) == (2, 64, 2)
-        assert mma_decode.tables(planes, values, three, cpu)[0].view(
+        assert cuda_decode.tables(planes, values, three, cpu)[0].view(
             torch.float32
         ).item() == pytest.approx(planes.step)
-    assert "keys and values must share" in mma_decode.unsupported(planes, fib, 128, 4)
-    assert "value codec" in mma_decode.unsupported(fib, planes, 128, 4)  # planes are keys only
+    assert "keys and values must share" in cuda_decode.unsupported(planes, fib, 128, 4)
+    assert "value codec" in cuda_decode.unsupported(fib, planes, 128, 4)  # planes are keys only
     with pytest.raises(ValueError, match="value codec"):
-        mma_decode.tables(fib, planes, kernel, cpu)
-    assert mma_decode.variant(uniform, fib, 4, 8, 3, device).slot_tiles == 1
+        cuda_decode.tables(fib, planes, kernel, cpu)
+    assert cuda_decode.variant(uniform, fib, 4, 8, 3, device).slot_tiles == 1
     small = FibQuant(64, bits=2)  # codebook keys at head dim 64 take two-tile slots too
-    assert mma_decode.variant(small, small, 4, 8, None, device).slot_tiles == 2
-    book_k, book_v = mma_decode.tables(uniform, fib, kernel, cpu)
+    assert cuda_decode.variant(small, small, 4, 8, None, device).slot_tiles == 2
+    book_k, book_v = cuda_decode.tables(uniform, fib, kernel, cpu)
     assert book_k.view(torch.float32).item() == pytest.approx(uniform.step)
     assert torch.equal(book_v, fib.grouped_codebook(1, cpu, torch.float16).view(torch.int32))
     with pytest.raises(ValueError, match="uniform grid"):
-        mma_decode.tables(fib, fib, kernel, cpu)
+        cuda_decode.tables(fib, fib, kernel, cpu)
     with pytest.raises(ValueError, match="keys_affine reads 2- or 3-bit codes"):
-        mma_decode.MmaVariant(128, 2, 4, keys_affine=True)
+        cuda_decode.MmaVariant(128, 2, 4, keys_affine=True)
     with pytest.raises(ValueError, match="slot_tiles must be one of"):
-        mma_decode.MmaVariant(128, 4, 4, stages=3, slot_tiles=2)
+        cuda_decode.MmaVariant(128, 4, 4, stages=3, slot_tiles=2)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_the_variant_keeps_the_most_blocks_per_sm(monkeypatch, per_sm, dim, k, n
     device = torch.device(
         "cuda", per_sm // 4096
     )  # a device per size: the choice is cached per device
-    kernel = mma_decode.variant(codec(dim, k, n=n), codec(dim, k, n=n), rows, 8, None, device)
+    kernel = cuda_decode.variant(codec(dim, k, n=n), codec(dim, k, n=n), rows, 8, None, device)
     assert (kernel.stages, kernel.row_bytes, kernel.blocks_per_sm(device)) == want
 
 
@@ -166,8 +166,8 @@ def test_the_default_split_is_where_kernel_and_epilogue_measured_least(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     batch, kv_heads, tokens, dim = case
     book = codec(dim, 4)
-    kernel = mma_decode.variant(book, book, 4, 8, None, torch.device("cuda", 97))
-    split = mma_decode.mma_split((batch, kv_heads, tokens), torch.device("cuda", 97), kernel)
+    kernel = cuda_decode.variant(book, book, 4, 8, None, torch.device("cuda", 97))
+    split = cuda_decode.mma_split((batch, kv_heads, tokens), torch.device("cuda", 97), kernel)
     assert band[0] <= split <= band[1]
 
 
@@ -194,7 +194,7 @@ def test_the_default_block_fills_the_most_slots(monkeypatch, case, warps):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     batch, kv_heads, tokens, dim = case
     device, book = torch.device("cuda", 96), codec(dim, 4)
-    kernel, _ = mma_decode.filling_variant(
+    kernel, _ = cuda_decode.filling_variant(
         (batch, kv_heads, tokens), book, book, 3, None, None, device
     )
     assert kernel.warps == warps
@@ -206,7 +206,7 @@ def test_rows_pick_the_layout_that_holds_them(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     book = codec(128, 4)
     caps = [
-        mma_decode.variant(book, book, rows, 8, None, torch.device("cuda", 98)).rows
+        cuda_decode.variant(book, book, rows, 8, None, torch.device("cuda", 98)).rows
         for rows in range(1, 17)
     ]
     assert caps == [4] * 4 + [8] * 4 + [16] * 8
@@ -217,7 +217,7 @@ def test_a_launch_no_sm_holds_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     book = codec(128, 2, n=256)  # 4 bits: 16 warps x 8 slots of 2 KiB are 264 KiB of rings
     with pytest.raises(ValueError, match="mma_warps=16 with mma_stages=8 need more shared memory"):
-        mma_decode.variant(book, book, 4, 16, 8, torch.device("cuda", 99))
+        cuda_decode.variant(book, book, 4, 16, 8, torch.device("cuda", 99))
 
 
 def test_index_rows_the_async_copies_cannot_read_are_copied_once():
@@ -225,50 +225,50 @@ def test_index_rows_the_async_copies_cannot_read_are_copied_once():
     fresh, aligned copy (``contiguous`` would return the misaligned view itself); aligned codes, 24-byte
     tokens at an odd length included, pass through untouched."""
     codes = codec(128, 4).encode(torch.randn(2, 2, 33, 128))
-    assert mma_decode._aligned(codes) is codes
+    assert cuda_decode._aligned(codes) is codes
     raw = torch.zeros(8 + codes.indices.numel(), dtype=torch.uint8)
     shifted = raw[8:].view(codes.indices.shape)  # dense, 8 bytes off a 16-byte boundary
     shifted.copy_(codes.indices)
-    fixed = mma_decode._aligned(dataclasses.replace(codes, indices=shifted))
+    fixed = cuda_decode._aligned(dataclasses.replace(codes, indices=shifted))
     assert shifted.data_ptr() % 16 == 8 and fixed.indices.data_ptr() % 16 == 0
     assert torch.equal(fixed.indices, codes.indices)
     odd = codec(64, 2, n=64).encode(
         torch.randn(1, 2, 33, 64)
     )  # 24-byte tokens, rows 8-byte aligned
-    assert odd.indices.shape[-1] == 24 and mma_decode._aligned(odd) is odd
+    assert odd.indices.shape[-1] == 24 and cuda_decode._aligned(odd) is odd
 
 
 def test_which_codes_it_reads():
-    assert mma_decode.unsupported(codec(128, 4), codec(128, 4), 128, 16) is None
-    assert mma_decode.unsupported(codec(64, 2), codec(64, 2), 64, 1) is None
-    assert "(k, N) in" in mma_decode.unsupported(FibQuant(64, k=4, n=32), codec(64, 2), 64, 4)
+    assert cuda_decode.unsupported(codec(128, 4), codec(128, 4), 128, 16) is None
+    assert cuda_decode.unsupported(codec(64, 2), codec(64, 2), 64, 1) is None
+    assert "(k, N) in" in cuda_decode.unsupported(FibQuant(64, k=4, n=32), codec(64, 2), 64, 4)
     # 1.5 bits (k = 4, 6-bit indices): a lane's value indices are 12 bits at head dim 64, 24 at 128
-    assert "not whole bytes" in mma_decode.unsupported(
+    assert "not whole bytes" in cuda_decode.unsupported(
         FibQuant(64, k=4, n=64), FibQuant(64, k=4, n=64), 64, 4
     )
     assert (
-        mma_decode.unsupported(FibQuant(128, k=4, n=64), FibQuant(128, k=4, n=64), 128, 4) is None
+        cuda_decode.unsupported(FibQuant(128, k=4, n=64), FibQuant(128, k=4, n=64), 128, 4) is None
     )
     with pytest.raises(ValueError, match="not whole bytes"):
-        mma_decode.MmaVariant(64, 2, 4, n=32)
-    assert mma_decode.unsupported(FibQuant(64, k=2, n=64), FibQuant(64, k=2, n=64), 64, 4) is None
-    assert "share k and N" in mma_decode.unsupported(codec(64, 4), codec(64, 2), 64, 4)
-    assert "head dim" in mma_decode.unsupported(codec(32, 4), codec(32, 4), 32, 4)
-    assert "16 query rows" in mma_decode.unsupported(codec(64, 4), codec(64, 4), 64, 17)
-    assert not mma_decode.usable(codec(64, 4), codec(64, 4), 64, 4, torch.device("cpu"))
+        cuda_decode.MmaVariant(64, 2, 4, n=32)
+    assert cuda_decode.unsupported(FibQuant(64, k=2, n=64), FibQuant(64, k=2, n=64), 64, 4) is None
+    assert "share k and N" in cuda_decode.unsupported(codec(64, 4), codec(64, 2), 64, 4)
+    assert "head dim" in cuda_decode.unsupported(codec(32, 4), codec(32, 4), 32, 4)
+    assert "16 query rows" in cuda_decode.unsupported(codec(64, 4), codec(64, 4), 64, 17)
+    assert not cuda_decode.usable(codec(64, 4), codec(64, 4), 64, 4, torch.device("cpu"))
     # TurboQuant's scalar codes, grouped: keys and values must group into the same (k, N)
-    assert mma_decode.unsupported(TurboQuant(64, 3), TurboQuant(64, 3), 64, 4) is None
-    assert mma_decode.unsupported(TurboQuant(64, 4), codec(64, 2), 64, 4) is None
-    assert "share k and N" in mma_decode.unsupported(TurboQuant(64, 2), TurboQuant(64, 4), 64, 4)
-    assert "TurboQuant at 2, 3 and 4 bits" in mma_decode.unsupported(
+    assert cuda_decode.unsupported(TurboQuant(64, 3), TurboQuant(64, 3), 64, 4) is None
+    assert cuda_decode.unsupported(TurboQuant(64, 4), codec(64, 2), 64, 4) is None
+    assert "share k and N" in cuda_decode.unsupported(TurboQuant(64, 2), TurboQuant(64, 4), 64, 4)
+    assert "TurboQuant at 2, 3 and 4 bits" in cuda_decode.unsupported(
         TurboQuant(64, 1), TurboQuant(64, 1), 64, 4
     )
     with pytest.raises(ValueError, match="k must be 2 or 4"):
-        mma_decode.MmaVariant(64, 8, 4)
+        cuda_decode.MmaVariant(64, 8, 4)
     with pytest.raises(ValueError, match=r"rows must be one of \(4, 8, 16\)"):
-        mma_decode.MmaVariant(64, 4, 5)
+        cuda_decode.MmaVariant(64, 4, 5)
     with pytest.raises(ValueError, match=r"stages must be in 2\.\.8"):
-        mma_decode.MmaVariant(64, 4, 4, stages=1)
+        cuda_decode.MmaVariant(64, 4, 4, stages=1)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,7 @@ def test_which_codes_it_reads():
     ],
 )
 def test_the_codewords_it_gathers(make, want):
-    assert mma_decode.gathered(make()) == want
+    assert cuda_decode.gathered(make()) == want
 
 
 def test_turboquant_codes_run_the_fibquant_variant_of_their_rate(monkeypatch):
@@ -302,14 +302,14 @@ def test_turboquant_codes_run_the_fibquant_variant_of_their_rate(monkeypatch):
     device = torch.device("cuda", 99)
     for bits, (k, n) in {2: (4, 256), 3: (2, 64), 4: (2, 256)}.items():
         turbo, fib = TurboQuant(128, bits), FibQuant(128, k=k, n=n)
-        kernel = mma_decode.variant(turbo, turbo, 4, 8, None, device)
-        assert kernel == mma_decode.variant(fib, fib, 4, 8, None, device)
-        book_k, book_v = mma_decode.tables(turbo, turbo, kernel, torch.device("cpu"))
+        kernel = cuda_decode.variant(turbo, turbo, 4, 8, None, device)
+        assert kernel == cuda_decode.variant(fib, fib, 4, 8, None, device)
+        book_k, book_v = cuda_decode.tables(turbo, turbo, kernel, torch.device("cpu"))
         assert book_k.dtype == torch.int32 and book_k.shape == (n, k // 2) and book_v is book_k
 
 
 def _attend(query, ck, cv, codes_k, codes_v, lengths, split, mma, workspace=None, **tuning):
-    from pyramidkv.kernels.fibquant_decode import fibquant_decode_attention
+    from pyramidkv.kernels.dispatch import fibquant_decode_attention
 
     return fibquant_decode_attention(
         query, codes_k, codes_v, ck, cv, query.shape[-1] ** -0.5, lengths, split=split,
@@ -375,7 +375,7 @@ def test_keys_of_a_uniform_grid_read_as_int8(
 def _against_decoded(dim, ck, cv, q_heads, kv_heads, q_len, split, **tuning):
     """The kernel against attention over the decoded codes, per-row lengths from empty to all, its workspace
     poisoned with NaN, and its log-sum-exp against the Triton kernel's; returns the variant that ran."""
-    from pyramidkv.kernels.fibquant_decode import DEFAULT_TUNING, make_workspace, plan_block
+    from pyramidkv.kernels.plan import DEFAULT_TUNING, make_workspace, plan_block
 
     slots = 203
     codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, kv_heads, slots, seed=dim + ck.n)
@@ -384,7 +384,7 @@ def _against_decoded(dim, ck, cv, q_heads, kv_heads, q_len, split, **tuning):
     lengths = pattern.repeat(2 * kv_heads)[: 2 * kv_heads].reshape(2, kv_heads)
     query = torch.randn(2, q_heads, q_len, dim, device="cuda")
     rows = q_heads // kv_heads * q_len
-    assert mma_decode.usable(ck, cv, dim, rows, query.device)  # not the Triton kernel's answer
+    assert cuda_decode.usable(ck, cv, dim, rows, query.device)  # not the Triton kernel's answer
     shape = (2, kv_heads, slots)
     tune = dataclasses.replace(DEFAULT_TUNING, **tuning)
     kernel, splits = plan_block(shape, ck, cv, rows, tune, query.device, split)
@@ -442,14 +442,14 @@ def test_rings_of_every_depth(warps, stages, slot_tiles, dim, k, n):
 def test_tables_of_128_byte_rows(monkeypatch, dim, k, n, seeds):
     """The leaner table (128-byte rows, a second table for a different value codebook) that SMs with less
     shared memory than an H200's take, forced here."""
-    monkeypatch.setattr(mma_decode, "ROW_SIZES", (128,))
-    mma_decode._variant.cache_clear()
+    monkeypatch.setattr(cuda_decode, "ROW_SIZES", (128,))
+    cuda_decode._variant.cache_clear()
     ck, cv = codec(dim, k, n=n, seed=seeds[0]), codec(dim, k, n=n, seed=seeds[1])
     codes_k, codes_v, keys, values = _block(dim, ck, cv, 2, 2, 333, seed=3)
     lengths = torch.tensor([[333, 17], [1, 200]], device="cuda")
     query = torch.randn(2, 8, 1, dim, device="cuda")
     out, _ = _attend(query, ck, cv, codes_k, codes_v, lengths, None, True)
-    mma_decode._variant.cache_clear()
+    cuda_decode._variant.cache_clear()
     visible = (torch.arange(333, device="cuda") < lengths[..., None]).unsqueeze(-2)
     want = chunked_attention(query, [(keys, values, visible)], dim**-0.5)
     assert rel_error(out, want) < TOLERANCE
@@ -472,12 +472,13 @@ def test_separate_codebooks_and_codes_that_are_views():
 @pytest.mark.parametrize("spec", ["fibquant:2", "turboquant:3"])
 def test_the_layer_path_reads_blocks_with_the_mma_kernel(spec):
     """fused_attention (one workspace for every block, one epilogue) with the mma kernel at head dim 64."""
-    from pyramidkv.coded import CodedBlocks, make_codecs
+    from pyramidkv.cache.blocks import CodedBlocks
+    from pyramidkv.codecs.registry import make_codecs
     from pyramidkv.kernels.dispatch import fused_attention
 
     torch.manual_seed(2)
     codecs = make_codecs(spec, 64)
-    assert mma_decode.usable(codecs.keys, codecs.values, 64, 3, torch.device("cuda"))
+    assert cuda_decode.usable(codecs.keys, codecs.values, 64, 3, torch.device("cuda"))
     coded = CodedBlocks(codecs)
     chunks = []
     for slots, lengths in ((90, torch.tensor([[0, 9, 90]], device="cuda")), (64, None)):
@@ -504,12 +505,12 @@ def test_the_launcher_refuses_codes_and_queries_it_cannot_read():
     reaches the GPU: 1-bit TurboQuant codes (8 coordinates per byte) name the key codec and the (k, N) the
     variant reads, value codes of another rate name the value codec and their (k, N), more query rows than the
     variant holds name its cap, and a float32 query names the dtype it needs."""
-    from pyramidkv.kernels.fibquant_decode import make_workspace
+    from pyramidkv.kernels.plan import make_workspace
 
     fib, turbo, fib4 = codec(64, 4), TurboQuant(64, bits=1), FibQuant(64, k=2, n=256)
     codes = fib.encode(torch.randn(1, 1, 16, 64))
     workspace = make_workspace(1, 1, 2, 1, 64, "cpu")
-    kernel = mma_decode.MmaVariant(64, 4, 4)
+    kernel = cuda_decode.MmaVariant(64, 4, 4)
     q_rot = torch.zeros(1, 1, 2, 64, dtype=torch.float16)
     refused = {
         r"key codec: the kernel variant reads \(k, N\) = \(4, 256\) at head dim 64, got codes it cannot read": (
@@ -523,6 +524,6 @@ def test_the_launcher_refuses_codes_and_queries_it_cannot_read():
     }
     for match, (query, codec_k, codec_v) in refused.items():
         with pytest.raises(ValueError, match=match):
-            mma_decode.launch_mma_partials(
+            cuda_decode.launch_mma_partials(
                 query, codes, codes, codec_k, codec_v, None, workspace, 0, 1, kernel
             )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
-from pyramidkv.prefill import greedy_rows, prefill
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.eval.prefill import greedy_rows, prefill
 
 IDS = torch.tensor([[1, *range(4, 70)]])
 

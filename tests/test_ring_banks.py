@@ -1,4 +1,4 @@
-"""The ring slots' swizzle of the CUDA decode kernel (``mma_decode.RING_SWIZZLE``) against a model of shared memory.
+"""The ring slots' swizzle of the CUDA decode kernel (``cuda_decode.RING_SWIZZLE``) against a model of shared memory.
 
 The model: 32 banks of 4 bytes; a warp's load of ``width`` bytes per lane is served in phases of 128 bytes (32, 16
 or 8 lanes), and a phase takes as many wavefronts as the most distinct 4-byte words any one bank holds among its
@@ -14,9 +14,9 @@ import re
 
 import pytest
 
-from pyramidkv.kernels import mma_decode
+from pyramidkv.kernels import cuda_decode
 
-SWIZZLED = sorted(mma_decode.RING_SWIZZLE)
+SWIZZLED = sorted(cuda_decode.RING_SWIZZLE)
 
 
 def layout(dim: int, k: int, n: int) -> tuple[int, int, int, int]:
@@ -101,7 +101,7 @@ def defined(source: str, name: str) -> int:
 )
 def test_the_swizzle_takes_the_fewest_wavefronts_the_reads_allow(key):
     dim, k, n, _ = key
-    perm, xor = mma_decode.RING_SWIZZLE[key]
+    perm, xor = cuda_decode.RING_SWIZZLE[key]
     nbytes, key_bytes, val_bytes, chunk = layout(dim, k, n)
     assert sorted(perm) == list(range(8))
     if any(xor):  # a lane's bytes must not straddle the chunks the XOR moves apart
@@ -110,32 +110,32 @@ def test_the_swizzle_takes_the_fewest_wavefronts_the_reads_allow(key):
         16 * nbytes > 32 * chunk
     ):  # a lane copies two chunks of an array; the Feed puts the second 32 chunks on
         assert (32 * chunk) % (8 * nbytes) == 0
-    identity = read_wavefronts(dim, k, n, *mma_decode.NO_SWIZZLE)
+    identity = read_wavefronts(dim, k, n, *cuda_decode.NO_SWIZZLE)
     assert read_wavefronts(dim, k, n, perm, xor) == least_wavefronts(dim, k, n) < identity
 
 
 def test_the_counts_the_notes_give():
     """12 -> 8 wavefronts per tile at 2 bits and 40 -> 16 at 4 bits (d = 128); 30 at 3 bits, unswizzled."""
-    assert read_wavefronts(128, 4, 256, *mma_decode.NO_SWIZZLE) == 12
-    assert read_wavefronts(128, 4, 256, *mma_decode.RING_SWIZZLE[(128, 4, 256, 4)]) == 8
-    assert read_wavefronts(128, 2, 256, *mma_decode.NO_SWIZZLE) == 40
-    assert read_wavefronts(128, 2, 256, *mma_decode.RING_SWIZZLE[(128, 2, 256, 4)]) == 16
-    assert read_wavefronts(128, 2, 64, *mma_decode.NO_SWIZZLE) == 30
+    assert read_wavefronts(128, 4, 256, *cuda_decode.NO_SWIZZLE) == 12
+    assert read_wavefronts(128, 4, 256, *cuda_decode.RING_SWIZZLE[(128, 4, 256, 4)]) == 8
+    assert read_wavefronts(128, 2, 256, *cuda_decode.NO_SWIZZLE) == 40
+    assert read_wavefronts(128, 2, 256, *cuda_decode.RING_SWIZZLE[(128, 2, 256, 4)]) == 16
+    assert read_wavefronts(128, 2, 64, *cuda_decode.NO_SWIZZLE) == 30
 
 
-@pytest.mark.parametrize("rows", mma_decode.ROW_CAPS)
+@pytest.mark.parametrize("rows", cuda_decode.ROW_CAPS)
 @pytest.mark.parametrize(
     ("dim", "k", "n"), [(128, 4, 256), (128, 2, 256), (128, 2, 64), (64, 4, 256)]
 )
 def test_the_source_defines_the_variants_swizzle(dim, k, n, rows):
     """``ROW_PERM`` and ``CHUNK_XOR`` pack the table's entry (3 and 2 bits per token), identity elsewhere;
     ``SWIZZLED`` says which (the kernel's plain offsets where it is 0)."""
-    variant = mma_decode.MmaVariant(dim, k, rows, n=n)
+    variant = cuda_decode.MmaVariant(dim, k, rows, n=n)
     source = variant.source()
-    perm, xor = mma_decode.RING_SWIZZLE.get((dim, k, n, rows), mma_decode.NO_SWIZZLE)
+    perm, xor = cuda_decode.RING_SWIZZLE.get((dim, k, n, rows), cuda_decode.NO_SWIZZLE)
     assert variant.swizzle == (perm, xor)
     row_perm, chunk_xor = defined(source, "ROW_PERM"), defined(source, "CHUNK_XOR")
     assert tuple((row_perm >> 3 * tok) & 7 for tok in range(8)) == perm
     assert tuple((chunk_xor >> 2 * tok) & 3 for tok in range(8)) == xor
     swizzled = int(re.search(r"#define SWIZZLED (\d)\n", source).group(1))
-    assert swizzled == ((perm, xor) != mma_decode.NO_SWIZZLE)
+    assert swizzled == ((perm, xor) != cuda_decode.NO_SWIZZLE)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyramidkv.compat import cache_kwargs
-from pyramidkv.prefill import greedy_rows, prefill
-from pyramidkv.stacking import can_stack, stack_caches
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.eval.prefill import greedy_rows, prefill
+from pyramidkv.eval.stacking import can_stack, stack_caches
 
 IDS = torch.tensor([[1, *range(4, 60)]])
 APPEND = torch.tensor([[7, 8, 9]])

@@ -12,7 +12,14 @@ import contextlib
 import pytest
 import torch
 
-from pyramidkv.static_attention import ALIGN, DECODE_ROWS, MIN_CHUNKS, SPLIT_BLOCKS, _chunk, attend
+from pyramidkv.static.split_attention import (
+    ALIGN,
+    DECODE_ROWS,
+    MIN_CHUNKS,
+    SPLIT_BLOCKS,
+    _chunk,
+    attend,
+)
 
 DEVICES = [
     "cpu",

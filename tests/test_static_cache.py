@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from pyramidkv.attention import installed
-from pyramidkv.cache import CompressedCache
-from pyramidkv.compat import cache_kwargs
-from pyramidkv.static_attention import ALIGN, DECODE_ROWS
-from pyramidkv.static_cache import DecodeStep, StaticCompressedCache, StaticLayer
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.hook import installed
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache, StaticLayer
+from pyramidkv.static.split_attention import ALIGN, DECODE_ROWS
 
 from .conftest import make_tiny
 

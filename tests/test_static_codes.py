@@ -18,13 +18,13 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from pyramidkv.cache import CompressedCache
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.codecs import FibQuant, TurboQuant
-from pyramidkv.coded import make_codecs
-from pyramidkv.compat import cache_kwargs
-from pyramidkv.graph_decode import capture
-from pyramidkv.static_cache import DecodeStep, StaticCompressedCache
-from pyramidkv.static_codes import Encoder, StaticCodedLayer
+from pyramidkv.codecs.registry import make_codecs
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
+from pyramidkv.static.coded import Encoder, StaticCodedLayer
+from pyramidkv.static.graph import capture
 
 from .conftest import make_tiny
 from .test_static_cache import ROWS, _batch, replay_on_the_cpu  # the same batch and replay
@@ -406,14 +406,14 @@ def test_a_cuda_graph_replays_the_step_with_codes(codec, head_dim):
     leave the window during the replays. The
     replayed graph's logits equal eager decoding's through the same cache; eager decoding through the kernels
     agrees with the torch reference path."""
-    from pyramidkv.kernels import mma_decode
+    from pyramidkv.kernels import cuda_decode
 
     model = make_tiny("llama", head_dim=head_dim).to("cuda", torch.float16)
     ids, mask = (t.cuda() for t in _batch())
     with torch.no_grad():
         source = CompressedCache(model, "pyramidkv", "30%", codec=codec, residual=RESIDUAL)
         codecs = source.layers[0].coded.codecs
-        assert mma_decode.usable(codecs.keys, codecs.values, head_dim, 2, torch.device("cuda"))
+        assert cuda_decode.usable(codecs.keys, codecs.values, head_dim, 2, torch.device("cuda"))
         first = model(ids, attention_mask=mask, **cache_kwargs(model, source)).logits[:, -1]
         token = first.argmax(-1, keepdim=True)
         with StaticCompressedCache(model, source, max_new_tokens=STEPS + 3) as static:

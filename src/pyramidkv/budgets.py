@@ -21,7 +21,7 @@ from fractions import Fraction
 from numbers import Integral, Real
 from typing import Protocol
 
-from .errors import PyramidKVError
+from pyramidkv.errors import PyramidKVError
 
 _ACCEPTED = (
     "a token count (an integer >= 1, e.g. 128 or '128'), a percentage of the prompt in (0%, 100%] "

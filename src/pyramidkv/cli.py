@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
-from .errors import PyramidKVError
+from pyramidkv import __version__
+from pyramidkv.errors import PyramidKVError
 
 app = typer.Typer(
     help="Compress the KV cache of Hugging Face transformers models, and measure what it costs.",
@@ -118,13 +118,13 @@ def generate(
     ] = False,
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
-    from .budgets import parse_budget, parse_memory
-    from .cache import CompressedCache
-    from .coded import parse_codec
-    from .generation import generate as run
-    from .kernels.dispatch import check_kernel_name
-    from .models import load
-    from .policies import get_policy
+    from pyramidkv.budgets import parse_budget, parse_memory
+    from pyramidkv.cache.compressed import CompressedCache
+    from pyramidkv.codecs.registry import parse_codec
+    from pyramidkv.generation import generate as run
+    from pyramidkv.kernels.dispatch import check_kernel_name
+    from pyramidkv.models import load
+    from pyramidkv.policies import get_policy
 
     compress = get_policy(policy).name != "full" or parse_codec(codec)[0] != "none"
     check_kernel_name(kernel, parse_codec(codec)[0], "--kernel")  # before the model loads
@@ -180,8 +180,8 @@ def generate(
 
 
 def _register_eval_commands() -> None:
-    from .eval.commands import eval_command, report_command
-    from .eval.measure_commands import fidelity_command, funnel_command, perplexity_command
+    from pyramidkv.eval.commands import eval_command, report_command
+    from pyramidkv.eval.measure_commands import fidelity_command, funnel_command, perplexity_command
 
     app.command("eval")(eval_command)
     app.command("report")(report_command)
@@ -199,8 +199,8 @@ app.add_typer(codebook_app, name="codebook")
 
 
 def _describe(d: int, k: int | None, n: int | None, bits: float | None, seed: int) -> None:
-    from .codecs import FibQuant
-    from .codecs.cli_support import describe_codebook
+    from pyramidkv.codecs import FibQuant
+    from pyramidkv.codecs.describe import describe_codebook
 
     try:
         codec = FibQuant(d, k, n, bits=bits, seed=seed)

@@ -19,10 +19,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .cache import CompressedCache
-from .eval.corpus import shuffled_paragraphs
-from .generation import GenerationResult, generate
-from .models import load
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.eval.corpus import shuffled_paragraphs
+from pyramidkv.generation import GenerationResult, generate
+from pyramidkv.models import load
 
 DEMO_OUT = Path("results/demo")
 
@@ -108,8 +108,8 @@ def needle_comparison(model, tokenizer, console: Console) -> None:
 
     910 FibQuant 2-bit tokens (2.25 bits per coordinate with the norm) take the bytes of 128 fp16 tokens.
     """
-    from .eval.commands import EvalOptions, run_eval
-    from .eval.runner import Config
+    from pyramidkv.eval.commands import EvalOptions, run_eval
+    from pyramidkv.eval.runner import Config
 
     console.print("\n[bold]passkey retrieval[/bold] (5 depths, question inside the prompt)")
     shutil.rmtree(DEMO_OUT, ignore_errors=True)  # the showcase is measured afresh on every run

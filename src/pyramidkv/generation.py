@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .accounting import cache_nbytes, full_cache_nbytes
-from .compat import cache_kwargs
-from .errors import PyramidKVError
+from pyramidkv.cache.accounting import cache_nbytes, full_cache_nbytes
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.errors import PyramidKVError
 
 
 @dataclass
@@ -101,9 +101,9 @@ def generate(
     tokens it holds (the prompt and every new token but the last, which is never fed back) in the model's dtype.
 
     ``cuda_graph``: after the prefill, decode greedily over a static copy of the cache, each step one replay
-    of a captured CUDA graph (:mod:`pyramidkv.graph_decode`; on a CPU the same steps run eagerly).
+    of a captured CUDA graph (:mod:`pyramidkv.static.graph`; on a CPU the same steps run eagerly).
     ``kv_bytes`` is then the static copy's, every preallocated slot counted. With codes, its fp16 window
-    is a ring of the last tokens and one token is coded per step (:mod:`pyramidkv.static_codes`).
+    is a ring of the last tokens and one token is coded per step (:mod:`pyramidkv.static.coded`).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise PyramidKVError(f"max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
@@ -153,9 +153,9 @@ def _held_tokens(cache, extra: int) -> float | None:
 
 
 def _graph_generate(model, ids, cache, max_new_tokens: int, streamer) -> tuple[list[int], int]:
-    """Prefill into ``cache``, then greedy steps by graph replay (:func:`pyramidkv.graph_decode.greedy_tokens`),
+    """Prefill into ``cache``, then greedy steps by graph replay (:func:`pyramidkv.static.graph.greedy_tokens`),
     stopping on the generation config's stop ids as ``model.generate`` does: (new token ids, KV bytes)."""
-    from .graph_decode import greedy_tokens
+    from pyramidkv.static.graph import greedy_tokens
 
     stop = model.generation_config.eos_token_id
     stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)

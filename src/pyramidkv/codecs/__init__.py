@@ -4,14 +4,14 @@ Every codec has ``encode(x[..., d]) -> Codes``, ``decode(codes, dtype=None)``, `
 ``bits_per_coordinate(include_norm)``. Pure tensor code: no transformers, CPU or CUDA (device of the input).
 """
 
-from .base import Codec, Codes
-from .fibquant import FibQuant, achievable_rates, choose_block
-from .kivi import KIVI, GroupCodes
-from .packing import pack_bits, packed_bytes, unpack_bits
-from .rotated import RotatedBlockCodec, VectorCodes
-from .rotation import haar_rotation
-from .store import codebook_dir, load_codebook
-from .turboquant import TurboQuant
+from pyramidkv.codecs.base import Codec, Codes
+from pyramidkv.codecs.fibquant import FibQuant, achievable_rates, choose_block
+from pyramidkv.codecs.kivi import KIVI, GroupCodes
+from pyramidkv.codecs.packing import pack_bits, packed_bytes, unpack_bits
+from pyramidkv.codecs.rotated import RotatedBlockCodec, VectorCodes
+from pyramidkv.codecs.rotation import haar_rotation
+from pyramidkv.codecs.store import codebook_dir, load_codebook
+from pyramidkv.codecs.turboquant import TurboQuant
 
 __all__ = [
     "KIVI",

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from scipy import special, stats
 
-from .lloyd import distortion, lloyd
-from .scalar import initial_levels, lloyd_max_scalar
-from .source import companding_beta, sample_source
+from pyramidkv.codecs.lloyd import distortion, lloyd
+from pyramidkv.codecs.scalar import initial_levels, lloyd_max_scalar
+from pyramidkv.codecs.source import companding_beta, sample_source
 
 RESTARTS = 4
 ITERATIONS = 25

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import check_int
-from .rotated import RotatedBlockCodec
+from pyramidkv.codecs.base import check_int
+from pyramidkv.codecs.rotated import RotatedBlockCodec
 
 MAX_BLOCK = 8  # k
 MAX_CODEWORDS = 1 << 12  # N; Lloyd's cost grows as N^2

@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-from .base import FP16_MAX, Codec, Codes, check_input, check_int
-from .packing import pack_bits, unpack_bits
+from pyramidkv.codecs.base import FP16_MAX, Codec, Codes, check_input, check_int
+from pyramidkv.codecs.packing import pack_bits, unpack_bits
 
 AXES = ("channel", "token")
 

@@ -36,7 +36,7 @@ def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Ten
     """Pack integer ``indices[..., count]`` with values in ``[0, 2**bits)`` into ``uint8[..., packed_bytes]``.
 
     ``check=False`` skips the range check, a read of the indices on the host: the static-shape operations
-    that remain can run inside a CUDA graph (:mod:`pyramidkv.static_codes`), whose indices come from an
+    that remain can run inside a CUDA graph (:mod:`pyramidkv.static.coded`), whose indices come from an
     ``argmin`` and are in range by construction; there a decode step packs two codes per layer, so the
     number of operations counts (:func:`_pack_groups`: 4 for 2- and 4-bit indices, 7 for 3- and 6-bit ones).
     """

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import check_indices
+from pyramidkv.codecs.packing import check_indices
 
 BITS = 3  # bits per code that planes hold
 ALIGN = 64  # head dims planes take: 4 chunks of whole 16-coordinate groups

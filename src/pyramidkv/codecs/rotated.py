@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import FP16_MAX, Codec, Codes, check_input
-from .lloyd import nearest_codeword, score_budget
-from .packing import pack_bits, packed_bytes, unpack_bits
-from .planes import pack_planes, unpack_planes
-from .rotation import haar_rotation
-from .store import load_codebook
+from pyramidkv.codecs.base import FP16_MAX, Codec, Codes, check_input
+from pyramidkv.codecs.lloyd import nearest_codeword, score_budget
+from pyramidkv.codecs.packing import pack_bits, packed_bytes, unpack_bits
+from pyramidkv.codecs.planes import pack_planes, unpack_planes
+from pyramidkv.codecs.rotation import haar_rotation
+from pyramidkv.codecs.store import load_codebook
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class RotatedBlockCodec(Codec):
         2^index_bits the indices of blocks m group .. (m + 1) group - 1 are exactly the bits of one index of
         group index_bits bits into this table. That is how the CUDA decode kernel, which gathers codewords of
         2 or 4 coordinates by 5- to 8-bit indices, reads TurboQuant's scalar codes: at 2 bits four coordinates
-        per byte, at 4 bits two per byte, at 3 bits two per 6 bits (:mod:`pyramidkv.kernels.mma_decode`)."""
+        per byte, at 4 bits two per byte, at 3 bits two per 6 bits (:mod:`pyramidkv.kernels.cuda_decode`)."""
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"group must be a positive integer, got {group!r}")
         if group > 1 and not self.full_indices:
@@ -182,7 +182,7 @@ class RotatedBlockCodec(Codec):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The arithmetic of :meth:`encode` on (P, d) rows in the compute dtype: their norms nu (P,) and the
         nearest-codeword index of each block of the rotated unit vectors, (P, d/k) int64. No checks and no
-        host reads, so a CUDA graph can capture it (:mod:`pyramidkv.static_codes`)."""
+        host reads, so a CUDA graph can capture it (:mod:`pyramidkv.static.coded`)."""
         nu = torch.linalg.vector_norm(flat, dim=-1)
         unit = flat / nu.clamp_min(torch.finfo(flat.dtype).tiny).unsqueeze(-1)
         points = (unit @ rotation.T).reshape(-1, self.k)
@@ -190,7 +190,7 @@ class RotatedBlockCodec(Codec):
 
     def pack(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Integer ``indices[..., d/k]`` as the bytes of this codec's ``layout``, ``uint8[..., bytes]``;
-        ``check=False`` skips the range check's host read (CUDA graphs: :mod:`pyramidkv.static_codes`)."""
+        ``check=False`` skips the range check's host read (CUDA graphs: :mod:`pyramidkv.static.coded`)."""
         if self.layout == "planes":
             return pack_planes(indices, self.d, check)
         return pack_bits(indices, self.index_bits, check)
@@ -217,7 +217,7 @@ class RotatedBlockCodec(Codec):
         """``x_hat Pi^T = nu * (concatenated codewords)``, ``[..., d]`` in ``dtype``: the decoded vectors in the
         rotated space, without the d x d product per vector that :meth:`decode` spends rotating them back.
         Attention needs no more: Pi is orthogonal, so ``q . x_hat = (q Pi^T) . (x_hat Pi^T)`` and a weighted
-        sum of values rotates back once (:mod:`pyramidkv.kernels.rotated_space`)."""
+        sum of values rotates back once (:mod:`pyramidkv.kernels.reference`)."""
         unit = self._codewords(codes, dtype)
         return unit * codes.norms.to(dtype).unsqueeze(-1)
 

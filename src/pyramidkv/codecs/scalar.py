@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize, special
 
-from .source import (
+from pyramidkv.codecs.source import (
     companding_beta,
     coordinate_cdf,
     coordinate_first_moment,
@@ -69,7 +69,7 @@ def uniform_scalar(d: int, n: int) -> np.ndarray:
 
     A grid's level is affine in its index, so a decoder can use the index itself as the value (an int8 in a
     tensor-core mma) and apply the step and offset once per dot product: the CUDA decode kernel reads 2-bit keys
-    so, with no codebook (NOTES.md). At 2 bits it costs ~1% MSE over Lloyd-Max (the Gaussian limit: 0.1188 against
+    so, with no codebook (docs/kernels.md). At 2 bits it costs ~1% MSE over Lloyd-Max (the Gaussian limit: 0.1188 against
     0.1175, Max 1960), more at higher rates (8% at 3 bits, 20% at 4).
     """
     centred = np.arange(n) - (n - 1) / 2

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..paths import cache_dir
-from .codebook import build_codebook
+from pyramidkv.codecs.codebook import build_codebook
+from pyramidkv.paths import cache_dir
 
 FORMAT_VERSION = 1  # bump when the construction or the file layout changes
 _log = logging.getLogger(__name__)

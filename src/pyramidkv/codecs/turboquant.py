@@ -5,7 +5,7 @@ Lloyd-Max table of the coordinate law (exact, see :mod:`.scalar`). It is FibQuan
 shares its engine; the paper bounds its normalised MSE by (sqrt(3) pi / 2) 4^-b.
 
 ``grid="uniform"`` takes the best uniform grid instead (:func:`.scalar.uniform_scalar`): levels affine in the
-index, which the CUDA decode kernel multiplies as int8 with no codebook (keys: ``pyramidkv.kernels.mma_decode``),
+index, which the CUDA decode kernel multiplies as int8 with no codebook (keys: ``pyramidkv.kernels.cuda_decode``),
 for ~1% more MSE than Lloyd-Max at 2 bits (8% at 3). At 3 bits the kernel reads them cut into registers from
 ``layout="planes"`` (:mod:`.planes`), not from the bit stream.
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import check_int
-from .planes import BITS as PLANE_BITS
-from .planes import check_dim
-from .rotated import LAYOUTS, RotatedBlockCodec
-from .scalar import uniform_scalar
+from pyramidkv.codecs.base import check_int
+from pyramidkv.codecs.planes import BITS as PLANE_BITS
+from pyramidkv.codecs.planes import check_dim
+from pyramidkv.codecs.rotated import LAYOUTS, RotatedBlockCodec
+from pyramidkv.codecs.scalar import uniform_scalar
 
 MAX_BITS = 8
 GRIDS = ("lloyd", "uniform")

@@ -27,9 +27,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..errors import PyramidKVError
-from . import corpus
-from .results import (
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval import corpus
+from pyramidkv.eval.results import (
     RUN,
     ResultsWriter,
     done_pairs,
@@ -42,7 +42,7 @@ from .results import (
 if (
     TYPE_CHECKING
 ):  # torch and transformers load only when a command runs, so `pyramidkv --help` is quick
-    from .runner import Config
+    from pyramidkv.eval.runner import Config
 
 _LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kK]?)")
 _RUN_IDENTITY = ("task", "model", "seed", "runner")
@@ -90,8 +90,8 @@ class EvalOptions:
     token_lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        from .runner import make_configs
-        from .tasks import MODE_CHOICES, task_names
+        from pyramidkv.eval.runner import make_configs
+        from pyramidkv.eval.tasks import MODE_CHOICES, task_names
 
         task_names(self.task)
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
@@ -128,8 +128,8 @@ def _check_resume(folder: Path, run: dict) -> dict:
 
 def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: Console) -> dict:
     """Evaluate ``options`` on a loaded model; write results, summary and plots; return the summary."""
-    from .runner import evaluate
-    from .tasks import make_samples
+    from pyramidkv.eval.runner import evaluate
+    from pyramidkv.eval.tasks import make_samples
 
     started = time.time()
     run = {
@@ -187,7 +187,7 @@ def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: C
 
 def show_report(folder: Path, console: Console) -> dict:
     """Rebuild the summary, print the table and write the plots of a results folder."""
-    from . import report
+    from pyramidkv.eval import report
 
     summary = write_summary(folder)
     console.print(report.table(summary["rows"], title=f"{summary['run'].get('task', '')} accuracy"))
@@ -213,7 +213,7 @@ def eval_command(
     codec: Annotated[str, typer.Option(help="Comma-separated codecs for kept tokens: none, fibquant:2, turboquant:3, kivi:4 ...")] = "none",
 ) -> None:  # fmt: skip
     """Evaluate eviction policies and budgets on TASK; write JSON lines, a summary, a table and plots."""
-    from ..models import load
+    from pyramidkv.models import load
 
     options = EvalOptions(
         task, policy, budget, lengths, samples, mode, out, seed, resume, naive, full, codec
@@ -237,7 +237,7 @@ def report_command(
 
 def main() -> None:
     """``python -m pyramidkv.eval.commands eval|report ...``: the ``pyramidkv`` CLI (one-line errors, exit 2)."""
-    from ..cli import main as cli_main
+    from pyramidkv.cli import main as cli_main
 
     cli_main()
 

@@ -1,6 +1,6 @@
 """Attention fidelity: per layer, how close the attention output stays when the past is compressed.
 
-For each sample the context is prefilled once (:func:`~pyramidkv.prefill.prefill`) and the continuation is
+For each sample the context is prefilled once (:func:`~pyramidkv.eval.prefill.prefill`) and the continuation is
 teacher-forced in chunks (as in :mod:`.perplexity`) twice: with the full cache, recording every attention
 module's input and output, then with each configuration's cache. Forward hooks on
 each decoder layer's ``self_attn`` (``model.model.layers[i].self_attn``) (registered for one run and removed after it) read the outputs; the score
@@ -23,10 +23,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import UnsupportedModelError
-from ..prefill import prefill
-from .perplexity import REFERENCE, PerplexityTask, collect, teacher_force
-from .runner import Config
+from pyramidkv.errors import UnsupportedModelError
+from pyramidkv.eval.perplexity import REFERENCE, PerplexityTask, collect, teacher_force
+from pyramidkv.eval.prefill import prefill
+from pyramidkv.eval.runner import Config
 
 
 def attention_modules(model) -> list[torch.nn.Module]:

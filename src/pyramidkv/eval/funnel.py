@@ -10,7 +10,7 @@ scaling)`` over them:
 * top-mass at ``x`` percent — the attention on the ``ceil(x n_p / 100)`` most-attended tokens (at least one).
 
 Both are averaged over the queries and heads of a layer. Queries and keys come from one full prefill
-(:func:`~pyramidkv.prefill.prefill` captures them after RoPE, as attention sees them); with GQA query head
+(:func:`~pyramidkv.eval.prefill.prefill` captures them after RoPE, as attention sees them); with GQA query head
 ``h`` reads KV head ``h // (q_heads / kv_heads)``. Score soft-capping (Gemma 2) is not modelled.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import PyramidKVError
-from ..prefill import prefill
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.prefill import prefill
 
 PERCENTS = (1, 10)
 

@@ -30,10 +30,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PyramidKVError
-from .longbench_metrics import base_dataset, metric_of
-from .tasks.base import MODE_CHOICES, MODES, Draft, Sample, samples_of
-from .tasks.layout import Layout, Prompt, build, count, encode
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.longbench_metrics import base_dataset, metric_of
+from pyramidkv.eval.tasks.base import MODE_CHOICES, MODES, Draft, Sample, samples_of
+from pyramidkv.eval.tasks.layout import Layout, Prompt, build, count, encode
 
 REQUIRED = {"input": str, "context": str, "answers": list, "dataset": str}
 

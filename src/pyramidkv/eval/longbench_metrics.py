@@ -33,7 +33,7 @@ import string
 from collections import Counter
 from collections.abc import Callable
 
-from ..errors import PyramidKVError
+from pyramidkv.errors import PyramidKVError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

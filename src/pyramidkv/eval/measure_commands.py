@@ -20,14 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..errors import PyramidKVError
-from . import corpus
-from .commands import _items, parse_lengths
-from .results import write_json
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval import corpus
+from pyramidkv.eval.commands import _items, parse_lengths
+from pyramidkv.eval.results import write_json
 
 if TYPE_CHECKING:
-    from .perplexity import PerplexityTask
-    from .runner import Config
+    from pyramidkv.eval.perplexity import PerplexityTask
+    from pyramidkv.eval.runner import Config
 
 DEFAULT_MODEL = "embedded SmolLM2-135M-Instruct"
 
@@ -64,8 +64,8 @@ class MeasureOptions:
     task: PerplexityTask = field(init=False)
 
     def __post_init__(self) -> None:
-        from .perplexity import PerplexityTask
-        from .runner import make_configs
+        from pyramidkv.eval.perplexity import PerplexityTask
+        from pyramidkv.eval.runner import make_configs
 
         _positive(self.samples, "--samples")
         _positive(self.chunk, "--chunk")
@@ -94,7 +94,7 @@ class MeasureOptions:
 
 def _windows(tokenizer, length: int, samples: int, seed: int):
     """Corpus windows; a corpus too short for ``samples`` windows is reported against ``--samples``."""
-    from .perplexity import text_windows
+    from pyramidkv.eval.perplexity import text_windows
 
     try:
         return text_windows(tokenizer, length, samples, seed)
@@ -125,7 +125,7 @@ def _config_name(row: dict) -> str:
 
 def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str, console: Console, isolate: bool = True) -> dict:  # fmt: skip
     """Run ``kind`` (``perplexity`` or ``fidelity``) on a loaded model; write JSON and PNG; return the result."""
-    from . import fidelity, perplexity
+    from pyramidkv.eval import fidelity, perplexity
 
     module = perplexity if kind == "perplexity" else fidelity
     extra = {} if kind == "perplexity" else {"isolate": isolate}
@@ -223,7 +223,7 @@ def perplexity_command(
     model: ModelName = None, device: Device = None,
 ) -> None:  # fmt: skip
     """Perplexity, KL divergence from the full cache and top-1 agreement of real text read with a compressed past."""
-    from ..models import load
+    from pyramidkv.models import load
 
     options = MeasureOptions(
         policy, budget, codec, context, continuation, chunk, samples, seed, out
@@ -240,7 +240,7 @@ def fidelity_command(
     model: ModelName = None, device: Device = None,
 ) -> None:  # fmt: skip
     """Per-layer cosine similarity of attention outputs with the compressed and the full cache."""
-    from ..models import load
+    from pyramidkv.models import load
 
     options = MeasureOptions(
         policy, budget, codec, context, continuation, chunk, samples, seed, out
@@ -251,7 +251,7 @@ def fidelity_command(
 
 def run_funnel(model, tokenizer, tokens: int, queries: int, samples: int, seed: int, out: Path, name: str, console: Console) -> dict:  # fmt: skip
     """Measure the funnel on ``samples`` corpus windows of ``tokens``; write JSON and PNG; return the result."""
-    from . import funnel
+    from pyramidkv.eval import funnel
 
     windows = _windows(tokenizer, tokens, samples, seed)
     with _progress(console) as progress:
@@ -277,7 +277,7 @@ def funnel_command(
     model: ModelName = None, device: Device = None,
 ) -> None:  # fmt: skip
     """Attention entropy and top-1%/10% mass per layer: does attention scatter low and focus high?"""
-    from ..models import load
+    from pyramidkv.models import load
 
     tokens = _one_length(length, "--length")
     _positive(samples, "--samples")

@@ -4,7 +4,7 @@ Retrieval accuracy saturates (every method finds an easy needle) or collapses (n
 next-token distribution over ordinary text moves continuously with what the cache loses. For each sample
 (a window of the corpus, :mod:`.corpus`):
 
-1. the first ``context`` tokens are prefilled once (:func:`~pyramidkv.prefill.prefill`), and every
+1. the first ``context`` tokens are prefilled once (:func:`~pyramidkv.eval.prefill.prefill`), and every
    configuration's cache (policy x budget x codec, :class:`~.runner.Config`) is rebuilt from that prefill;
 2. the next ``continuation`` tokens are teacher-forced through the model with the past in that cache, in
    chunks of ``chunk`` tokens — the realistic setting: appended tokens land in the cache's unquantized
@@ -18,7 +18,7 @@ next-token distribution over ordinary text moves continuously with what the cach
 Per configuration and sample: perplexity of the scored tokens, the mean over positions of
 KL(p_full || p_config) — computed in float64 from log-softmax of the logits — against the full cache run from
 the same prefill, the share of positions whose top-1 token agrees with the full cache's, and the bytes of
-the compressed context (:meth:`~pyramidkv.cache.CompressedCache.memory_report`, taken before the
+the compressed context (:meth:`~pyramidkv.cache.compressed.CompressedCache.memory_report`, taken before the
 continuation is appended). The full cache's own run is the reference; a ``full`` configuration is run again
 through the same code path, so its KL of 0 is measured.
 """
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import cache_kwargs
-from ..errors import PyramidKVError
-from ..prefill import prefill
-from . import corpus
-from .runner import Config
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval import corpus
+from pyramidkv.eval.prefill import prefill
+from pyramidkv.eval.runner import Config
 
 REFERENCE = Config("full")  # policy full, codec none: the KL reference
 

@@ -18,7 +18,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import PyramidKVError
+from pyramidkv.errors import PyramidKVError
 
 RESULTS = "results.jsonl"
 RUN = "run.json"

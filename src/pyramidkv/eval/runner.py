@@ -1,11 +1,11 @@
 """The runner: every requested configuration (policy x budget x codec) on each sample, from ONE prefill.
 
 pyramidkv compresses a layer after its attention has run over the whole prompt, so one full prefill
-(:func:`pyramidkv.prefill.prefill`) captures what every policy needs, and each configuration's cache is
+(:func:`pyramidkv.eval.prefill.prefill`) captures what every policy needs, and each configuration's cache is
 rebuilt from it without a model forward; only the greedy answer is decoded per configuration. The captured
 tensors are never modified, so every configuration starts from the same full prefill.
 
-``naive=True`` runs each configuration on its own instead — a fresh :class:`~pyramidkv.cache.CompressedCache`
+``naive=True`` runs each configuration on its own instead — a fresh :class:`~pyramidkv.cache.compressed.CompressedCache`
 passed to ``model.generate`` — the reference the one-prefill runner must match token for token, and the
 baseline of its speed-up.
 
@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..accounting import full_cache_nbytes
-from ..budgets import parse_budget
-from ..cache import CompressedCache
-from ..coded import default_bits, parse_codec
-from ..compat import cache_kwargs
-from ..errors import PyramidKVError
-from ..policies import get_policy
-from ..prefill import greedy_rows, prefill
-from ..stacking import can_stack, stack_caches
-from .scoring import score
-from .tasks import Sample
+from pyramidkv.budgets import parse_budget
+from pyramidkv.cache.accounting import full_cache_nbytes
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.codecs.registry import default_bits, parse_codec
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.prefill import greedy_rows, prefill
+from pyramidkv.eval.scoring import score
+from pyramidkv.eval.stacking import can_stack, stack_caches
+from pyramidkv.eval.tasks import Sample
+from pyramidkv.policies import get_policy
 
 FULL_BUDGET = "all"
 

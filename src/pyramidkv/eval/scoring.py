@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import PyramidKVError
+from pyramidkv.errors import PyramidKVError
 
 _NUMBER = re.compile(r"\d+")
 
@@ -43,7 +43,7 @@ SCORERS = {"exact": exact_match, "all": string_match_all, "part": string_match_p
 def score(scorer: str, answer: str, expected: list[str], metadata: dict | None = None) -> float:
     """Score ``answer`` with the scorer named ``scorer`` (see the module docstring)."""
     if scorer == "longbench":  # LongBench's metric of the sample's dataset (longbench_metrics.py)
-        from .longbench_metrics import score_answer
+        from pyramidkv.eval.longbench_metrics import score_answer
 
         meta = metadata or {}
         return score_answer(

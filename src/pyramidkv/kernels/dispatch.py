@@ -1,6 +1,6 @@
 """Which attention path a quantized cache uses: the torch reference or the fused Triton kernel.
 
-The fused kernel (:mod:`.fibquant_decode`) reads FibQuant and TurboQuant codes straight from memory; the
+The fused kernel (:mod:`.triton_decode`) reads FibQuant and TurboQuant codes straight from memory; the
 reference (:mod:`.reference`) decodes one block at a time. Both return the same attention (tested against
 each other under ``TRITON_INTERPRET=1`` on the CPU, and natively on CUDA). ``"auto"`` takes the kernel
 wherever it can run — a CUDA device, triton importable, codes it reads — and the reference elsewhere.
@@ -9,11 +9,27 @@ wherever it can run — a CUDA device, triton importable, codes it reads — and
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import torch
 
-from ..coded import ROTATED_CODECS
-from ..errors import PyramidKVError
+from pyramidkv.codecs.registry import ROTATED_CODECS
+from pyramidkv.codecs.rotated import RotatedBlockCodec, VectorCodes
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.kernels import cuda_decode
+from pyramidkv.kernels.epilogue import decode_epilogue
+from pyramidkv.kernels.launch import LOG2E
+from pyramidkv.kernels.merge import merge_splits
+from pyramidkv.kernels.plan import (
+    DEFAULT_TUNING,
+    TUNING_FIELDS,
+    DecodeTuning,
+    check_codec,
+    make_workspace,
+    plan_block,
+    rotate_query,
+)
+from pyramidkv.kernels.triton_decode import launch_triton_partials, triton
 
 KERNELS = ("auto", "torch", "triton")
 FUSED_CODECS = ROTATED_CODECS  # the codecs whose codes the fused kernels read
@@ -34,7 +50,6 @@ def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> N
 
 def _fused_error(codecs, head_dim: int) -> str | None:
     """Why the fused kernel cannot read these codecs' codes, or None when it can."""
-    from .fibquant_decode import check_codec
 
     if codecs is None:
         return "it reads codes; give a codec (fibquant or turboquant)"
@@ -84,14 +99,6 @@ def fused_attention(
     epilogue launch merges them with the window, rotates back and writes the model's layout
     (:mod:`.epilogue`). That is a handful of torch operations per layer and step instead of ~80.
     """
-    from .epilogue import decode_epilogue
-    from .fibquant_decode import (
-        DEFAULT_TUNING,
-        launch_partials,
-        make_workspace,
-        plan_block,
-        rotate_query,
-    )
 
     codec_k, codec_v = coded.codecs.keys, coded.codecs.values
     tuning = DEFAULT_TUNING
@@ -113,3 +120,103 @@ def fused_attention(
         offset += split
     rotation = codec_v.tensors(query.device, torch.float32)[0]
     return decode_epilogue(workspace, rotation, query, recent_keys, recent_values, scaling)
+
+
+def _check_shapes(query, codes_k, codes_v, lengths) -> None:
+    if query.dim() != 4:
+        raise ValueError(
+            f"query must be (batch, q_heads, q_len, dim), got shape {tuple(query.shape)}"
+        )
+    batch, q_heads = query.shape[:2]
+    kv_heads, s_kv = codes_k.shape[1], codes_k.shape[2]
+    if codes_k.shape != (batch, kv_heads, s_kv) or codes_v.shape != codes_k.shape:
+        raise ValueError(
+            f"codes_k and codes_v must both be (batch={batch}, kv_heads, s), got {codes_k.shape} and {codes_v.shape}"
+        )
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
+    if lengths is not None and tuple(lengths.shape) != (batch, kv_heads):
+        raise ValueError(
+            f"lengths must be (batch, kv_heads) = ({batch}, {kv_heads}), got {tuple(lengths.shape)}"
+        )
+
+
+def fibquant_decode_attention(
+    query: torch.Tensor,
+    codes_k: VectorCodes,
+    codes_v: VectorCodes,
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    scaling: float,
+    lengths: torch.Tensor | None = None,
+    split: int | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    tuning: DecodeTuning | None = None,
+    **overrides,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``query`` (batch, q_heads, q_len, dim) over one block of FibQuant/TurboQuant codes.
+
+    ``codes_k`` / ``codes_v``: codes of keys / values shaped (batch, kv_heads, s); ``lengths`` (batch,
+    kv_heads) integers: row (b, h) sees its first ``lengths[b, h]`` slots (clipped to [0, s]; None: all s).
+    Every key is visible to every query token (codes hold past tokens only). ``split``: ranges the sequence
+    is cut into (default: enough to fill the device). ``tuning`` or keyword ``overrides`` of its fields
+    (``block=64``, ``num_warps=8``) choose the launch. Returns ``(out, lse)``: out (batch, q_heads, q_len,
+    dim) float32, the softmax-normalised output over this block, and lse (batch, q_heads, q_len) float32, the
+    natural-log sum of exp(scores); a row that sees no key gets out = 0, lse = -inf. A layer with several
+    blocks and the fp16 window goes through :func:`pyramidkv.kernels.dispatch.fused_attention` instead.
+    """
+    if triton is None:
+        raise RuntimeError(
+            "fibquant_decode_attention needs triton; use kernels.chunked_attention instead"
+        )
+    unknown = set(overrides) - set(TUNING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown tuning options {sorted(unknown)}; known: {TUNING_FIELDS}")
+    tuning = replace(tuning or DEFAULT_TUNING, **overrides)
+    _check_shapes(query, codes_k, codes_v, lengths)
+    batch, q_heads, q_len, dim = query.shape
+    check_codec("codec_k", codec_k, dim)
+    check_codec("codec_v", codec_v, dim)
+    kv_heads = codes_k.shape[1]
+    rows = (q_heads // kv_heads) * q_len
+    kernel, split = plan_block(codes_k.shape, codec_k, codec_v, rows, tuning, query.device, split)
+    if workspace is None:
+        workspace = make_workspace(batch, kv_heads, rows, split, dim, query.device)
+    acc, row_max, row_sum = workspace
+    if tuple(acc.shape) != (batch, kv_heads, split, rows, dim) or not acc.is_contiguous():
+        raise ValueError(
+            f"workspace must come from make_workspace for these shapes and split={split}"
+        )
+    q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
+    launch_partials(
+        q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, 0, split, tuning, kernel
+    )
+    out_rot, lse = merge_splits(acc, row_max * (1.0 / LOG2E), row_sum)
+    out = out_rot @ codec_v.tensors(query.device, torch.float32)[0]  # x_hat = unit Pi, once per row
+    return out.reshape(batch, q_heads, q_len, dim), lse.reshape(batch, q_heads, q_len)
+
+
+def launch_partials(
+    q_rot: torch.Tensor,
+    codes_k: VectorCodes,
+    codes_v: VectorCodes,
+    codec_k: RotatedBlockCodec,
+    codec_v: RotatedBlockCodec,
+    lengths: torch.Tensor | None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    offset: int,
+    split: int,
+    tuning: DecodeTuning,
+    kernel: cuda_decode.MmaVariant | None = None,
+) -> None:
+    """Run a decode kernel over one block of codes, writing its ``split`` partials at splits [offset, offset +
+    split) of ``workspace`` (several blocks share one workspace, merged by one epilogue): the Triton kernel
+    (:func:`.triton_decode.launch_triton_partials`), or, given the CUDA kernel's variant ``kernel`` (from :func:`plan_block`), that kernel."""
+    if kernel is not None:
+        cuda_decode.launch_mma_partials(
+            q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split, kernel
+        )
+        return
+    launch_triton_partials(
+        q_rot, codes_k, codes_v, codec_k, codec_v, lengths, workspace, offset, split, tuning
+    )

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .fibquant_decode import LOG2E, launch_device
+from pyramidkv.kernels.launch import LOG2E, launch_device
 
 try:
     import triton

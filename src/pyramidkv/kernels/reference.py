@@ -1,4 +1,7 @@
-"""Reference decode attention over a cache read in chunks, merged with a running log-sum-exp.
+"""The torch references of decode attention over a compressed cache, which every fused kernel is tested against
+and which run where no fused kernel does.
+
+**Chunked** (:func:`chunked_attention`). Reference decode attention over a cache read in chunks, merged with a running log-sum-exp.
 
 A quantized cache is never decoded whole: each chunk of keys and values is decoded, attended to and
 dropped, so peak memory is bounded by the chunk, not by the context. The partial results are merged as in
@@ -6,8 +9,16 @@ flash-decoding (Dao et al. 2023): keep the running maximum score ``m``, the runn
 the unnormalised output ``o``; a chunk with maximum ``m'`` rescales the old state by ``exp(m - max(m, m'))``.
 
 GQA is handled without repeating keys: the ``G`` query heads of one KV head are laid out as a
-(kv_heads, G * q_len) block and share one read of each chunk. This function is the reference the fused
-kernels are tested against, and the path used on CPUs.
+(kv_heads, G * q_len) block and share one read of each chunk. It reads any codec (KIVI too).
+
+**Rotated space** (:func:`rotated_attention`). Decoding a code to x_hat costs a d x d product per vector (the rotation back, x_hat = nu u Pi), and a decode
+step attends over every coded token, so the decode-then-attend reference (:func:`chunked_attention`
+over :meth:`~pyramidkv.cache.blocks.CodedBlocks.chunks`) spends ~2 s d^2 multiply-adds per layer and step on the
+rotations alone. Pi is orthogonal, so the fused kernels' identities hold in torch too (FibQuant, arXiv
+2605.11478, Sec. 3; TurboQuant, arXiv 2504.19874): q . x_hat = (q Pi_k^T) . (nu u), and sum_j p_j v_hat_j =
+(sum_j p_j nu_j u_j) Pi_v. So the query is rotated once into the keys' space, the fp16 window (at most the
+residual plus the new tokens) is rotated into both spaces, every block is read as nu u (a gather and a scale),
+and the output is rotated back once: d^2 work per query row and window token instead of per coded token.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from pyramidkv.codecs.rotated import VectorCodes
 
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -58,3 +71,38 @@ def chunked_attention(query: torch.Tensor, chunks: Iterable[Chunk], scaling: flo
     _, norm, out = state
     out = torch.where(norm > 0, out / norm.clamp_min(1e-30), torch.zeros_like(out))
     return out.reshape(batch, q_heads, q_len, dim).to(query.dtype)
+
+
+def rotated_attention(
+    query: torch.Tensor,
+    codecs,
+    blocks: Iterable[tuple[VectorCodes, VectorCodes, torch.Tensor | None]],
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    recent_visible: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of ``query`` (batch, q_heads, q_len, d) over ``blocks`` of codes of ``codecs`` (a
+    :class:`~pyramidkv.codecs.registry.CodecPair` of rotated-block codecs), each ``(keys, values, visible)`` with codes
+    of (batch, kv_heads, s) vectors and ``visible`` as in :func:`.reference.chunked_attention`, then over the
+    window ``recent_keys`` / ``recent_values`` (batch, kv_heads, r, d), of which ``recent_visible`` marks the
+    slots each query sees: (batch, q_heads, q_len, d) in the query's dtype, float32 arithmetic as
+    :func:`.reference.chunked_attention`."""
+    compute = torch.float32
+    rot_k = codecs.keys.tensors(query.device, compute)[0]
+    rot_v = codecs.values.tensors(query.device, compute)[0]
+    chunks = [
+        (
+            codecs.keys.decode_rotated(keys, compute),
+            codecs.values.decode_rotated(values, compute),
+            visible,
+        )
+        for keys, values, visible in blocks
+    ]
+    window = (
+        recent_keys.to(compute) @ rot_k.T,
+        recent_values.to(compute) @ rot_v.T,
+        recent_visible,
+    )
+    out = chunked_attention(query.to(compute) @ rot_k.T, [*chunks, window], scaling)
+    return (out @ rot_v).to(query.dtype)

@@ -1,4 +1,4 @@
-"""One launch for the bookkeeping of a decode step of the static cache with codes (:mod:`pyramidkv.static_codes`).
+"""One launch for the bookkeeping of a decode step of the static cache with codes (:mod:`pyramidkv.static.coded`).
 
 Each step of a layer there moves the token leaving the fp16 ring into the store of codes and the new token
 into the ring (KIVI's residual window, Liu et al. 2024, kept at a fixed size for CUDA graphs). In torch that
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .fibquant_decode import launch_device
+from pyramidkv.kernels.launch import launch_device
 
 try:
     import triton

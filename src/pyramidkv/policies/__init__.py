@@ -5,13 +5,13 @@ on the prefill queries and keys, ``policy.schedule.layer_budgets(...)`` for the 
 :func:`select` for the indices to gather.
 """
 
-from .accumulated_attention import AccumulatedAttentionScorer
-from .base import Scorer, select
-from .key_norm import KeyNormScorer
-from .presets import DEFAULT_WINDOW, POLICY_NAMES, Policy, get_policy
-from .random import RandomScorer
-from .sinks_recent import SinksRecentScorer
-from .window_attention import POOLINGS, WindowAttentionScorer
+from pyramidkv.policies.accumulated_attention import AccumulatedAttentionScorer
+from pyramidkv.policies.base import Scorer, select
+from pyramidkv.policies.key_norm import KeyNormScorer
+from pyramidkv.policies.presets import DEFAULT_WINDOW, POLICY_NAMES, Policy, get_policy
+from pyramidkv.policies.random import RandomScorer
+from pyramidkv.policies.sinks_recent import SinksRecentScorer
+from pyramidkv.policies.window_attention import POOLINGS, WindowAttentionScorer
 
 __all__ = [
     "DEFAULT_WINDOW",

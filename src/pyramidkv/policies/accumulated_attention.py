@@ -9,8 +9,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import PyramidKVError
-from .base import attention_weights, check_inputs
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.policies.base import attention_weights, check_inputs
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import check_inputs
+from pyramidkv.policies.base import check_inputs
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from numbers import Integral
 
-from ..budgets import Budget, PyramidSchedule, Schedule, UniformSchedule, parse_budget
-from ..errors import PyramidKVError
-from .accumulated_attention import AccumulatedAttentionScorer
-from .base import Scorer
-from .key_norm import KeyNormScorer
-from .random import RandomScorer
-from .sinks_recent import SinksRecentScorer
-from .window_attention import WindowAttentionScorer
+from pyramidkv.budgets import Budget, PyramidSchedule, Schedule, UniformSchedule, parse_budget
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.policies.accumulated_attention import AccumulatedAttentionScorer
+from pyramidkv.policies.base import Scorer
+from pyramidkv.policies.key_norm import KeyNormScorer
+from pyramidkv.policies.random import RandomScorer
+from pyramidkv.policies.sinks_recent import SinksRecentScorer
+from pyramidkv.policies.window_attention import WindowAttentionScorer
 
 POLICY_NAMES = ("pyramidkv", "snapkv", "h2o", "streamingllm", "key-norm", "random", "full")
 DEFAULT_WINDOW = 8

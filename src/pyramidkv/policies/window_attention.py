@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import PyramidKVError
-from .base import attention_weights, check_inputs
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.policies.base import attention_weights, check_inputs
 
 POOLINGS = ("max", "avg", "none")
 

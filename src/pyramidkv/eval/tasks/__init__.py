@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from ...errors import PyramidKVError
-from . import needle, passkey, ruler
-from .base import MODE_CHOICES, MODES, SCORERS, Draft, Sample, samples_of
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.tasks import needle, passkey, ruler
+from pyramidkv.eval.tasks.base import MODE_CHOICES, MODES, SCORERS, Draft, Sample, samples_of
 
 TASKS: dict[str, Callable[..., Draft]] = {
     "needle": needle.draft,
@@ -51,7 +51,7 @@ def make_samples(
     if task.startswith(
         "longbench:"
     ):  # ``length`` caps the prompt; the first ``n`` records of the file
-        from ..longbench import longbench_samples
+        from pyramidkv.eval.longbench import longbench_samples
 
         return longbench_samples(task.removeprefix("longbench:"), tokenizer, length, n, mode)
     names = task_names(task)

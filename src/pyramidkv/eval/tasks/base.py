@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...errors import PyramidKVError
-from .layout import Prompt
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.tasks.layout import Prompt
 
 MODES = ("query-aware", "context-only")
 MODE_CHOICES = (*MODES, "both")

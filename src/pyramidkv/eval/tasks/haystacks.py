@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from .. import corpus
-from .layout import encode
+from pyramidkv.eval import corpus
+from pyramidkv.eval.tasks.layout import encode
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 HAYSTACKS = ("prose", "filler")

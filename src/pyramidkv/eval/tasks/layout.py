@@ -22,7 +22,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ...errors import PyramidKVError
+from pyramidkv.errors import PyramidKVError
 
 _SENTENCE_START = re.compile(r"(?:(?<=[.!?:] )|(?<=\n))(?=\S)")
 _WORD_START = re.compile(r"(?<=\s)(?=\S)")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from .base import Draft
-from .passkey import passkey_draft
+from pyramidkv.eval.tasks.base import Draft
+from pyramidkv.eval.tasks.passkey import passkey_draft
 
 DEPTHS = tuple(i / 10 for i in range(11))
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import random
 
-from .base import Draft
-from .haystacks import pool
-from .layout import Layout, fit
+from pyramidkv.eval.tasks.base import Draft
+from pyramidkv.eval.tasks.haystacks import pool
+from pyramidkv.eval.tasks.layout import Layout, fit
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PREAMBLE = "A pass key is hidden in the text below. Find it and remember it."

@@ -26,10 +26,10 @@ import random
 import uuid
 from functools import partial
 
-from .base import Draft
-from .haystacks import key, pool
-from .layout import Layout, fit
-from .ruler_words import cwe, fwe, vt
+from pyramidkv.eval.tasks.base import Draft
+from pyramidkv.eval.tasks.haystacks import key, pool
+from pyramidkv.eval.tasks.layout import Layout, fit
+from pyramidkv.eval.tasks.ruler_words import cwe, fwe, vt
 
 ECHO_TOKENS = 24  # room for the question restated before the answer
 

@@ -18,9 +18,9 @@ import string
 from collections import Counter
 from itertools import accumulate
 
-from .base import Draft
-from .haystacks import pool, words
-from .layout import Layout, encode, fit
+from pyramidkv.eval.tasks.base import Draft
+from pyramidkv.eval.tasks.haystacks import pool, words
+from pyramidkv.eval.tasks.layout import Layout, encode, fit
 
 HOPS = 4
 COMMON_WORDS = 10

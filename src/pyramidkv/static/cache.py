@@ -4,14 +4,14 @@ Why: on the H200 a decode step of the embedded 30-layer model costs ~18 ms with 
 with PyramidKV at batch 1, about what it costs at batch 128: the step is bound by the host (Python and a few
 microseconds per kernel launch), not by memory (issue 7). A CUDA graph replays the kernels of one captured
 step without the host, but only when nothing the host decided can change between steps: no tensor shape, no
-Python number baked into a kernel's arguments. :class:`~pyramidkv.cache.CompressedCache` grows its recent
+Python number baked into a kernel's arguments. :class:`~pyramidkv.cache.compressed.CompressedCache` grows its recent
 window by ``torch.cat`` (a new shape at every step) and counts tokens on the host. This cache does not:
 
 * per layer one preallocated (batch, kv_heads, capacity, head_dim) key buffer and one value buffer (the
   shapes of transformers' caches): the source's kept prompt tokens (row (b, h) valid up to its own kept
   length, as in CompressedCache) and any tokens it appended after the prompt, in slots ``[0, width)``, then
   room for ``max_new_tokens`` new tokens; capacity = width + ``max_new_tokens`` rounded up to a multiple of
-  the layer's decode chunk (:mod:`pyramidkv.static_attention`), a power of two >= 16 (the alignment the memory-efficient SDPA kernel
+  the layer's decode chunk (:mod:`pyramidkv.static.split_attention`), a power of two >= 16 (the alignment the memory-efficient SDPA kernel
   wants of a mask row; it pads a copy otherwise) that is 16 or at most 1/32 of the slots, so little is wasted;
 * a step counter held as a device tensor: new token ``r`` is written at slot ``width + r`` by
   ``index_copy_``, and the mask is computed on the device as ``order <= step``, where ``order`` (built once)
@@ -21,11 +21,11 @@ window by ``torch.cat`` (a new shape at every step) and counts tokens on the hos
 
 Each layer has its own buffer, so PyramidKV's per-layer budgets give per-layer capacities. Attention goes
 through pyramidkv's registered attention function, which hands the query to :meth:`StaticLayer.attend`: the
-attention over the buffers, with its mask, in :mod:`pyramidkv.static_attention` (batched matmuls split over
+attention over the buffers, with its mask, in :mod:`pyramidkv.static.split_attention` (batched matmuls split over
 the slots, flash-decoding style, for the few query rows of a decode step).
 
-A source with FibQuant or TurboQuant codes gets :class:`~pyramidkv.static_codes.StaticCodedLayer`
-layers instead: a static store of codes and a ring of fp16 recent tokens (:mod:`pyramidkv.static_codes`).
+A source with FibQuant or TurboQuant codes gets :class:`~pyramidkv.static.coded.StaticCodedLayer`
+layers instead: a static store of codes and a ring of fp16 recent tokens (:mod:`pyramidkv.static.coded`).
 
 The host also counts steps, to refuse one past ``max_new_tokens`` with a ``ValueError``; a replayed graph
 runs no Python, so whoever replays it counts the replays.
@@ -39,13 +39,15 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import attention, static_attention, static_codes
-from .accounting import kv_geometry
-from .cache import CompressedCache
-from .codecs.rotated import RotatedBlockCodec
-from .compat import cache_kwargs
-from .kernels import check_kernel, use_fused
-from .static_layer import StaticLayerBase
+from pyramidkv.cache import hook as attention
+from pyramidkv.cache.accounting import kv_geometry
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.codecs.rotated import RotatedBlockCodec
+from pyramidkv.kernels import check_kernel, use_fused
+from pyramidkv.static import coded as static_codes
+from pyramidkv.static import split_attention as static_attention
+from pyramidkv.static.base import StaticLayerBase
 
 
 def _check_count(name: str, value, low: int, high: int | None = None) -> None:
@@ -110,7 +112,7 @@ class StaticLayer(StaticLayerBase):
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of (batch, q_heads, q_len, dim) queries over the buffers under the mask of the last
-        :meth:`update`; (batch, q_len, q_heads, dim) out (:func:`pyramidkv.static_attention.attend`)."""
+        :meth:`update`; (batch, q_len, q_heads, dim) out (:func:`pyramidkv.static.split_attention.attend`)."""
         return static_attention.attend(
             query, self.keys, self.values, self.mask, scaling, self.chunk, attention.decode_backends
         )
@@ -196,8 +198,8 @@ class StaticCompressedCache(Cache):
     """A static-shape copy of a prefilled cache with room for ``max_new_tokens``: for CUDA-graph decoding.
 
     ``StaticCompressedCache(model, source, max_new_tokens=64)`` — ``source`` is a prefilled
-    :class:`~pyramidkv.cache.CompressedCache` (the tokens its eviction policy kept; with a FibQuant or
-    TurboQuant codec, as codes and an fp16 window: :mod:`pyramidkv.static_codes`, one token per step) or a
+    :class:`~pyramidkv.cache.compressed.CompressedCache` (the tokens its eviction policy kept; with a FibQuant or
+    TurboQuant codec, as codes and an fp16 window: :mod:`pyramidkv.static.coded`, one token per step) or a
     prefilled transformers ``DynamicCache`` (every token: the full-cache baseline, decoded through the very
     same code). ``source`` is only read. ``kernel`` (codes only: ``"auto"``, ``"torch"`` or ``"triton"``
     as CompressedCache takes it; default the source's) chooses the attention over the codes. Pass the

@@ -1,7 +1,7 @@
 """The static-shape cache over FibQuant/TurboQuant codes: a decode step with codes, fit for one CUDA graph.
 
-:mod:`pyramidkv.static_cache` holds eviction-only caches in static buffers. With a codec
-(:class:`~pyramidkv.cache.CompressedCache` ``codec="fibquant:2"``) a layer holds codes (arXiv 2605.11478,
+:mod:`pyramidkv.static.cache` holds eviction-only caches in static buffers. With a codec
+(:class:`~pyramidkv.cache.compressed.CompressedCache` ``codec="fibquant:2"``) a layer holds codes (arXiv 2605.11478,
 2504.19874) and an fp16 recent window that the dynamic cache flushes into codes as one block every
 ``residual`` tokens (KIVI's residual, Liu et al. 2024): a step whose work depends on the step. Here:
 
@@ -24,30 +24,25 @@ decode kernel writes the store's split partials into a workspace allocated at th
 :func:`~pyramidkv.kernels.epilogue.decode_epilogue` launch attends over the ring as its window (with the
 mask of the slots that hold a token: they fill in ring order), merges, rotates back and writes the
 model's layout. Elsewhere torch attends over the store in the codecs' rotated space, as the dynamic cache does
-(:func:`~pyramidkv.kernels.rotated_space.rotated_attention`). No step reads a device value on the host.
+(:func:`~pyramidkv.kernels.reference.rotated_attention`). No step reads a device value on the host.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import attention
-from .codecs import VectorCodes
-from .codecs.packing import packed_bytes
-from .codecs.rotated import RotatedBlockCodec
-from .kernels.epilogue import decode_epilogue
-from .kernels.fibquant_decode import (
-    DEFAULT_TUNING,
-    launch_partials,
-    make_workspace,
-    plan_block,
-    rotate_query,
-)
-from .kernels.fibquant_encode import encode_buffers, encode_tables, launch_encode
-from .kernels.mma_decode import MmaVariant
-from .kernels.ring_commit import commit
-from .kernels.rotated_space import rotated_attention
-from .static_layer import StaticLayerBase
+from pyramidkv.cache import hook as attention
+from pyramidkv.codecs import VectorCodes
+from pyramidkv.codecs.packing import packed_bytes
+from pyramidkv.codecs.rotated import RotatedBlockCodec
+from pyramidkv.kernels.cuda_decode import MmaVariant
+from pyramidkv.kernels.dispatch import launch_partials
+from pyramidkv.kernels.encode import encode_buffers, encode_tables, launch_encode
+from pyramidkv.kernels.epilogue import decode_epilogue
+from pyramidkv.kernels.plan import DEFAULT_TUNING, make_workspace, plan_block, rotate_query
+from pyramidkv.kernels.reference import rotated_attention
+from pyramidkv.kernels.ring_commit import commit
+from pyramidkv.static.base import StaticLayerBase
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
 
@@ -56,7 +51,7 @@ class Encoder:
     """``codec.encode`` of (..., d) vectors as a fixed sequence of tensor operations: (indices uint8 (...,
     bytes), norms fp16 (...)). Without the codec's host-side checks, which a CUDA graph cannot run: a norm
     beyond fp16 is stored as inf. ``fused``: one launch of the encode kernel for a few vectors
-    (:func:`~pyramidkv.kernels.fibquant_encode.launch_encode` with ``few=True``: a step encodes 2 x
+    (:func:`~pyramidkv.kernels.encode.launch_encode` with ``few=True``: a step encodes 2 x
     batch x KV heads vectors; the codes of ``codec.encode`` up to ties at a cell border) instead of the
     codec's own arithmetic (:meth:`RotatedBlockCodec.quantize`, then :meth:`RotatedBlockCodec.pack`: ~10
     operations, and 4 to ~12 more to pack indices other than bytes). The kernel writes the packed bytes itself,
@@ -91,7 +86,7 @@ class Encoder:
 
 
 def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:
-    """A coded layer's blocks (:class:`~pyramidkv.coded.CodedBlocks` ``.blocks``) as one ragged block: row
+    """A coded layer's blocks (:class:`~pyramidkv.cache.blocks.CodedBlocks` ``.blocks``) as one ragged block: row
     (b, h) holds its valid codes first, in order (the ragged prompt, then the flushed windows), then
     leftovers; and its (batch, kv_heads) lengths. Read once, when the static cache is built."""
     if not blocks or not all(isinstance(b.keys, VectorCodes) for b in blocks):
@@ -276,7 +271,7 @@ class StaticCodedLayer(StaticLayerBase):
 
 
 def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> StaticCodedLayer:
-    """The static copy of a prefilled :class:`~pyramidkv.cache.CompressedLayer` holding codes."""
+    """The static copy of a prefilled :class:`~pyramidkv.cache.compressed.CompressedLayer` holding codes."""
     keys, values, lengths = compact(layer.coded.blocks)
     return StaticCodedLayer(
         layer.layer_idx, layer.coded.codecs, keys, values, lengths, layer.keys, layer.values,

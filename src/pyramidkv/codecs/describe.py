@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from .fibquant import FibQuant
-from .rotated import RotatedBlockCodec
-from .scalar import lloyd_max_scalar, scalar_mse
-from .store import codebook_path
+from pyramidkv.codecs.fibquant import FibQuant
+from pyramidkv.codecs.rotated import RotatedBlockCodec
+from pyramidkv.codecs.scalar import lloyd_max_scalar, scalar_mse
+from pyramidkv.codecs.store import codebook_path
 
 TURBOQUANT_BOUND = math.sqrt(3) * math.pi / 2
 

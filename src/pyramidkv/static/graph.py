@@ -2,7 +2,7 @@
 
 A decode step of a small model is bound by the host: on the H200 the embedded model takes 27-29 ms per step
 eagerly at batch 1, with or without compression, and 3.5 ms (5.6 ms with FibQuant codes) when one captured
-step is replayed (``benchmarks/cuda_graph_decode.py``). :class:`~pyramidkv.static_cache.StaticCompressedCache`
+step is replayed (``benchmarks/cuda_graph_decode.py``). :class:`~pyramidkv.static.cache.StaticCompressedCache`
 gives the step static shapes; this module captures it and runs the loop: replay, read the greedy token (one
 host sync per token, which the stop check needs anyway), feed it back. On a CPU the same loop calls the step
 eagerly, which is what the tests compare with ``model.generate``.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .static_cache import DecodeStep, StaticCompressedCache
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
 
 WARMUP = (
     2  # eager steps on a side stream before the capture: allocator and library workspaces settle

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pyramidkv.cache.blocks import CodedBlocks
 from pyramidkv.codecs import FibQuant, TurboQuant
-from pyramidkv.coded import CodecPair, CodedBlocks
+from pyramidkv.codecs.registry import CodecPair
 from pyramidkv.kernels import chunked_attention
-from pyramidkv.kernels.rotated_space import rotated_attention
+from pyramidkv.kernels.reference import rotated_attention
 
 
 @pytest.mark.parametrize(

@@ -20,15 +20,16 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import attention
-from .accounting import kv_geometry
-from .budgets import Budget, MemoryBudget, parse_budget, parse_memory
-from .codecs import RotatedBlockCodec
-from .coded import CodecPair, CodedBlocks, make_codecs
-from .errors import PyramidKVError, UnsupportedModelError
-from .kernels import check_kernel, chunked_attention, fused_attention, use_fused
-from .kernels.rotated_space import rotated_attention
-from .policies import Policy, get_policy, select
+from pyramidkv.budgets import Budget, MemoryBudget, parse_budget, parse_memory
+from pyramidkv.cache import hook as attention
+from pyramidkv.cache.accounting import kv_geometry
+from pyramidkv.cache.blocks import CodedBlocks
+from pyramidkv.codecs import RotatedBlockCodec
+from pyramidkv.codecs.registry import CodecPair, make_codecs
+from pyramidkv.errors import PyramidKVError, UnsupportedModelError
+from pyramidkv.kernels import check_kernel, chunked_attention, fused_attention, use_fused
+from pyramidkv.kernels.reference import rotated_attention
+from pyramidkv.policies import Policy, get_policy, select
 
 
 def _causal(recent: int, q_len: int, device) -> torch.Tensor:
@@ -115,7 +116,7 @@ class CompressedLayer(CacheLayerMixin):
         """Attention of (batch, q_heads, q_len, dim) queries over coded blocks, then the fp16 recent window.
 
         The fused kernel reads the codes directly (on CUDA with ``kernel="auto"``, or when forced); elsewhere
-        FibQuant and TurboQuant codes are attended in torch in their rotated space (:mod:`.kernels.rotated_space`),
+        FibQuant and TurboQuant codes are attended in torch in their rotated space (:mod:`.kernels.reference`),
         and KIVI's decoded one block at a time.
         Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
         """

@@ -39,7 +39,8 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction
 
-from .fibquant_decode import DecodeTuning, _decode_split_kernel, packed_words, side_constexprs
+from pyramidkv.kernels.plan import DecodeTuning, packed_words
+from pyramidkv.kernels.triton_decode import _decode_split_kernel, side_constexprs
 
 SM90 = GPUTarget("cuda", 90, 32)  # H100 / H200
 KernelArgs = Mapping[str, object]

@@ -5,7 +5,7 @@ head_dim) key and value buffers and a boolean mask of the slots each query sees,
 output as (batch, q_len, q_heads, dim). The ``groups`` query heads of a KV head become ``groups * q_len``
 query rows of it, so no key or value is repeated (transformers' own SDPA path repeats them whenever a mask is
 given, in 5.17) and the mask broadcasts over the group. Pure tensor code: the cache that owns the buffers
-(:mod:`pyramidkv.static_cache`) computes the mask on the device and calls this.
+(:mod:`pyramidkv.static.cache`) computes the mask on the device and calls this.
 
 Why: a decode step has a few such rows against thousands of slots. Masked SDPA takes the memory-efficient
 kernel, which parallelises over (batch, heads, query blocks) and walks the slots serially: 3 thread blocks at

@@ -7,7 +7,7 @@ take 6, 5 and 7 bits per codeword of 4, 2 and 2 coordinates (head dim 128: :func
 scalar codes at 2, 3 and 4 bits are read as FibQuant's: 4, 2 or 2 coordinates' indices at once, one index into
 their product table (:func:`gathered`). For those codes the CUDA kernel gathers codewords straight into
 ``mma.sync`` fragments from lane-private copies of the codebook in shared memory, where the Triton kernel of
-:mod:`.fibquant_decode` spends ~16 instructions per coordinate moving them into place (NOTES.md). It writes the
+:mod:`.triton_decode` spends ~16 instructions per coordinate moving them into place (docs/kernels.md). It writes the
 same split partials into the same workspace, so the epilogue (:mod:`.epilogue`) and :func:`.merge.merge_splits`
 take either. Keys that are 2- or 3-bit codes of a uniform grid (TurboQuant ``grid="uniform"``; at 3 bits in planes)
 skip the codebook: their codes are the int8 operand of the score mma (:func:`affine_keys`).
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..codecs.rotated import RotatedBlockCodec, VectorCodes
-from .cuda_module import CudaKernel, compile_cubin, nvrtc_found
+from pyramidkv.codecs.rotated import RotatedBlockCodec, VectorCodes
+from pyramidkv.kernels.cuda_module import CudaKernel, compile_cubin, nvrtc_found
 
 SOURCE = Path(__file__).with_name("cuda") / "mma_decode.cu"
 KERNEL_NAME = "fibquant_mma_decode"
@@ -449,7 +449,7 @@ def merge_split_cap(tokens: int, dim: int) -> int:
     tokens: 20.1, 24.4, 33.4 us of all kernels; it is ~10 by the per-token and per-tile costs alone, but the
     kernel's time per block does not fall as 1 / split: each block also fills its 64 KiB codebook table).
     """
-    from .epilogue import SPLIT_BLOCK
+    from pyramidkv.kernels.epilogue import SPLIT_BLOCK
 
     tiles = 1
     while tiles * (tiles + 1) < tokens / (SPLIT_BLOCK * MERGE_TOKENS_PER_DIM * dim):
@@ -482,9 +482,9 @@ def launch_mma_partials(
     kernel: MmaVariant,
 ) -> None:
     """The CUDA kernel over one block of codes: its ``split`` partials at splits [offset, offset + split) of
-    ``workspace``, as :func:`.fibquant_decode.launch_partials` writes them. ``q_rot`` (batch, kv_heads, rows,
-    d) float16 from :func:`.fibquant_decode.rotate_query`; ``kernel``: :func:`variant` for these codecs and rows
-    (:func:`.fibquant_decode.plan_block` chose it)."""
+    ``workspace``, as :func:`.dispatch.launch_partials` writes them. ``q_rot`` (batch, kv_heads, rows,
+    d) float16 from :func:`.plan.rotate_query`; ``kernel``: :func:`variant` for these codecs and rows
+    (:func:`.plan.plan_block` chose it)."""
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
     if dim != kernel.dim or rows > kernel.rows:

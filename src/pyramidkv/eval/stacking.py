@@ -16,8 +16,8 @@ from dataclasses import fields
 import torch
 import torch.nn.functional as F
 
-from .cache import CompressedCache
-from .codecs.rotated import VectorCodes
+from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.codecs.rotated import VectorCodes
 
 
 def can_stack(caches: list[CompressedCache]) -> bool:

@@ -1,9 +1,9 @@
 """What every layer of a static-shape cache shares: the host's count of new tokens and transformers' layer API.
 
-The layers of :class:`~pyramidkv.static_cache.StaticCompressedCache` hold their tokens in buffers allocated
+The layers of :class:`~pyramidkv.static.cache.StaticCompressedCache` hold their tokens in buffers allocated
 at build and count steps on the device, so that a decode step can be one CUDA graph. Both kinds — plain
-buffers (:class:`~pyramidkv.static_cache.StaticLayer`) and codes with an fp16 ring
-(:class:`~pyramidkv.static_codes.StaticCodedLayer`) — also keep a host copy of the count, to refuse a step
+buffers (:class:`~pyramidkv.static.cache.StaticLayer`) and codes with an fp16 ring
+(:class:`~pyramidkv.static.coded.StaticCodedLayer`) — also keep a host copy of the count, to refuse a step
 past ``max_new_tokens`` and to report the sequence length; a replayed graph runs no Python, so whoever
 replays it counts the replays.
 """

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from ..codecs.base import FP16_MAX, check_input
-from ..codecs.packing import packed_bytes
-from ..codecs.rotated import RotatedBlockCodec, VectorCodes
-from .fibquant_decode import check_codec, launch_device, plane_chunk
+from pyramidkv.codecs.base import FP16_MAX, check_input
+from pyramidkv.codecs.packing import packed_bytes
+from pyramidkv.codecs.rotated import RotatedBlockCodec, VectorCodes
+from pyramidkv.kernels.launch import launch_device
+from pyramidkv.kernels.plan import check_codec, plane_chunk
 
 try:
     import triton
@@ -26,7 +27,7 @@ try:
 except ImportError:  # a CPU environment without triton; codecs encode in torch there
     triton = None
 else:
-    from .fibquant_decode import _plane_bits
+    from pyramidkv.kernels.triton_decode import _plane_bits
 
 BLOCK_T = 16  # vectors per program (tl.dot needs >= 16 rows)
 # vectors per call, prefill or flush: not specialized (see epilogue.RUN_LENGTHS)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import CompressedCache
-from .compat import cache_kwargs
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.compressed import CompressedCache
 
 
 class _CapturingCache(CompressedCache):

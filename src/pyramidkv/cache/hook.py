@@ -7,7 +7,7 @@ prefill the function sees the queries that score the prompt (SnapKV/PyramidKV's 
 accumulated attention), and at decode it reads a cache whose rows have lengths of their own. No model class
 is patched.
 
-The function only acts for a layer of a :class:`~pyramidkv.cache.CompressedCache`, which announces itself
+The function only acts for a layer of a :class:`~pyramidkv.cache.compressed.CompressedCache`, which announces itself
 in ``update`` just before the model calls attention; for any other cache it hands over to the model's
 original implementation, so a model with pyramidkv installed still works with a plain ``DynamicCache``.
 Installation is reference-counted per model and undone when the last compressed cache on it is closed or
@@ -28,10 +28,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .errors import UnsupportedModelError
+from pyramidkv.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from .cache import CompressedLayer
+    from pyramidkv.cache.compressed import CompressedLayer
 
 NAME = "pyramidkv"
 
