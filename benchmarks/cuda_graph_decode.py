@@ -55,7 +55,7 @@ from generate_throughput import (  # sibling script
 )
 from pyramidkv.cache.accounting import cache_nbytes, kv_geometry
 from pyramidkv.cache.compressed import CompressedCache
-from pyramidkv.cache.hook import decode_backends
+from pyramidkv.cache.protocol import decode_backends
 from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
 from pyramidkv.static.graph import WARMUP, capture
 

@@ -1,7 +1,7 @@
 """What does an eager decode step over a compressed cache cost over the full cache's, and what does the SDPA
 backend context cost? ms per greedy step at batch 1, the full cache against PyramidKV (and, with ``--caches``,
 codes read by the fused kernels: ``fibquant``, ``pyramidkv+fibquant``, ``turboquant``), each with the whole decode
-inside :func:`~pyramidkv.cache.hook.decode_backends` (as the other benchmarks decode) and without it (as a plain
+inside :func:`~pyramidkv.cache.protocol.decode_backends` (as the other benchmarks decode) and without it (as a plain
 ``model.generate`` does, where PyramidKV's attention enters the context in every layer); ``--contexts``
 picks either.
 
@@ -36,7 +36,7 @@ from cuda_graph_decode import (  # sibling scripts
 )
 from generate_throughput import next_token, sync
 from pyramidkv.cache.compressed import CompressedCache
-from pyramidkv.cache.hook import decode_backends
+from pyramidkv.cache.protocol import decode_backends
 
 CONTEXTS = {"wrapped": True, "plain": False}
 

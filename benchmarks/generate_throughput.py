@@ -39,7 +39,7 @@ from pyramidkv.budgets import parse_memory
 from pyramidkv.cache.accounting import cache_nbytes, kv_geometry
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
-from pyramidkv.cache.hook import decode_backends
+from pyramidkv.cache.protocol import decode_backends
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.corpus import shuffled_paragraphs, source
 from pyramidkv.kernels import cuda_decode, use_fused

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyramidkv.budgets import Budget, PyramidSchedule, UniformSchedule, parse_budget
+from pyramidkv.budgets import Budget, parse_budget
+from pyramidkv.policies.schedules import PyramidSchedule, UniformSchedule
 
 # ---------------------------------------------------------------------------------------------- parsing
 

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
-from pyramidkv.cache.hook import decode_backends, installed
+from pyramidkv.cache.hook import installed
+from pyramidkv.cache.protocol import decode_backends
 from pyramidkv.errors import UnsupportedModelError
 from pyramidkv.policies import POLICY_NAMES
 

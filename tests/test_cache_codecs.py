@@ -72,7 +72,7 @@ def test_attention_on_codes_matches_decode_then_dense(tiny_model, codec):
         assert [b.tokens for b in layer.coded.blocks][1:] == [4] and layer.keys.shape[-2] == 2
         torch.manual_seed(0)
         query = torch.randn(1, 4, 1, 16)
-        got = layer.attend_codes(query, scaling=0.25)
+        got = layer.attend(query, scaling=0.25)
         torch.testing.assert_close(
             got.double(), dense_reference(layer, query, 0.25), rtol=1e-4, atol=1e-5
         )
@@ -93,7 +93,7 @@ def test_3_bit_uniform_keys_in_planes_through_the_cache():
         assert block.keys.indices.shape[-1] == block.values.indices.shape[-1] == 24
         torch.manual_seed(0)
         query = torch.randn(1, 4, 1, 64)
-        got = layer.attend_codes(query, scaling=0.125)
+        got = layer.attend(query, scaling=0.125)
         torch.testing.assert_close(
             got.double(), dense_reference(layer, query, 0.125), rtol=1e-4, atol=1e-5
         )

@@ -13,7 +13,7 @@ from pyramidkv import __version__
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pyramidkv.cli", *args],
+        [sys.executable, "-m", "pyramidkv", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_codebook_show_prints_rate_and_beats_turboquant(tmp_path):
         [
             sys.executable,
             "-m",
-            "pyramidkv.cli",
+            "pyramidkv",
             "codebook",
             "build",
             "--d",

@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from pyramidkv.codecs import FibQuant, TurboQuant, choose_block
 from pyramidkv.codecs.describe import describe_codebook
+from pyramidkv.errors import PyramidKVError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -151,14 +152,14 @@ def test_vector_code_beats_scalar_through_the_codec():
     ("kwargs", "message"),
     [
         ({"d": 30, "k": 4, "n": 16}, "k must divide d"),
-        ({"d": 32, "k": 4, "n": 1}, "n must be an integer"),
-        ({"d": 32, "k": 9, "n": 16}, "k must be an integer"),
+        ({"d": 32, "k": 4, "n": 1}, "n: got 1; expected an integer in"),
+        ({"d": 32, "k": 9, "n": 16}, "k: got 9; expected an integer in"),
         ({"d": 32, "bits": 0.3}, "bits=0.3 is not a rate"),
         ({"d": 32, "k": 4, "bits": 0.3}, "bits=0.3 with k=4"),
         ({"d": 32, "k": 2, "n": 8, "bits": 2}, "disagree"),
         ({"d": 32, "k": 2}, "give k and n, or bits"),
-        ({"d": 1, "k": 1, "n": 2}, "d must be"),
-        ({"d": 32, "k": 2, "n": 4, "seed": -1}, "seed must be"),
+        ({"d": 1, "k": 1, "n": 2}, "d: got 1; expected an integer >= 2"),
+        ({"d": 32, "k": 2, "n": 4, "seed": -1}, "seed: got -1; expected an integer in"),
     ],
 )
 def test_bad_parameters(kwargs, message):
@@ -167,9 +168,9 @@ def test_bad_parameters(kwargs, message):
 
 
 def test_bad_turboquant_bits():
-    with pytest.raises(ValueError, match="bits must be an integer"):
+    with pytest.raises(PyramidKVError, match=r"bits: got 0; expected an integer in \[1, 8\]"):
         TurboQuant(16, 0)
-    with pytest.raises(ValueError, match="bits must be an integer"):
+    with pytest.raises(PyramidKVError, match=r"bits: got 2\.5; expected an integer"):
         TurboQuant(16, 2.5)
 
 
@@ -265,7 +266,7 @@ def test_grouped_codebook_reads_the_packed_stream_group_indices_at_once(codec, g
 
 
 def test_grouped_codebook_refuses_what_no_index_stream_holds():
-    with pytest.raises(ValueError, match="group must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="group: got 0; expected an integer >= 1"):
         TurboQuant(16, 2).grouped_codebook(0, "cpu")
     with pytest.raises(
         ValueError, match=r"group: indices of N = 48 codewords \(not a power of two\)"

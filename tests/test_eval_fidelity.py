@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from pyramidkv.eval.fidelity import attention_modules, measure_sample, summarize
-from pyramidkv.eval.measure_commands import MeasureOptions, run_measure
+from pyramidkv.eval.measure import MeasureOptions, run_measure
 from pyramidkv.eval.perplexity import PerplexityTask
 from pyramidkv.eval.prefill import prefill
 from pyramidkv.eval.runner import Config

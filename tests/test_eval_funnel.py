@@ -13,7 +13,7 @@ from rich.console import Console
 
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.funnel import attention_funnel, measure, summarize
-from pyramidkv.eval.measure_commands import run_funnel
+from pyramidkv.eval.measure import run_funnel
 
 from .conftest import make_tiny
 from .test_eval_perplexity import one_thread  # noqa: F401 - autouse: tiny models on one thread

@@ -16,15 +16,10 @@ from transformers import DynamicCache
 from typer.testing import CliRunner
 
 from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cli.measure import fidelity_command, funnel_command, perplexity_command
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval import corpus
-from pyramidkv.eval.measure_commands import (
-    MeasureOptions,
-    fidelity_command,
-    funnel_command,
-    perplexity_command,
-    run_measure,
-)
+from pyramidkv.eval.measure import MeasureOptions, run_measure
 from pyramidkv.eval.perplexity import (
     PerplexityTask,
     kl_divergence,

@@ -11,10 +11,11 @@ import pytest
 import torch
 from rich.console import Console
 
+from pyramidkv.cli.evaluate import report_command
 from pyramidkv.errors import PyramidKVError
-from pyramidkv.eval.commands import EvalOptions, parse_lengths, report_command, run_eval
 from pyramidkv.eval.results import RESULTS, read_records
 from pyramidkv.eval.runner import Config, evaluate, make_configs
+from pyramidkv.eval.sweep import EvalOptions, parse_lengths, run_eval
 from pyramidkv.eval.tasks import make_samples
 
 from .conftest import make_tiny
@@ -151,7 +152,7 @@ def test_lengths_and_configs_parse():
 
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "pyramidkv.eval.commands", "eval", "passkey", "--lengths", "3q"],
+        [sys.executable, "-m", "pyramidkv", "eval", "passkey", "--lengths", "3q"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -110,3 +110,30 @@ def test_graph_generation_stops_on_a_stop_token_and_refuses_sampling(tiny_llama)
     assert stopped == free[: free.index(free[2]) + 1]  # up to the first stop token, included
     with pytest.raises(PyramidKVError, match="cuda_graph"):
         generate(tiny_llama, tok, prompt, max_new_tokens=3, do_sample=True, cuda_graph=True)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_model_generate_takes_the_cache_under_either_keyword(tiny_llama, keyword):
+    """transformers 5.24+ names the argument ``cache=`` and still accepts ``past_key_values=`` (with a
+    deprecation warning): both reach the compressed cache, which then holds the kept prompt and the new
+    tokens, and both give the greedy tokens of the other."""
+    import inspect
+    import warnings
+
+    from pyramidkv import CompressedCache
+
+    if "cache" not in inspect.signature(type(tiny_llama).forward).parameters:
+        pytest.skip("this transformers release takes past_key_values= only")
+    tiny_llama.generation_config.eos_token_id = None
+    ids = torch.randint(
+        0, tiny_llama.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3)
+    )
+    tokens = {}
+    for name in ("cache", "past_key_values"):
+        with CompressedCache(tiny_llama, "snapkv", 8) as cache, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            out = tiny_llama.generate(ids, max_new_tokens=5, do_sample=False, **{name: cache})
+            # 8 kept prompt tokens per layer, then the 4 new tokens fed back (the last is never fed)
+            assert cache.kept_tokens().float().mean() == 8 + 4, name
+            tokens[name] = out[0, 40:].tolist()
+    assert tokens[keyword] == tokens["cache"]

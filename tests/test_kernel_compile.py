@@ -256,7 +256,7 @@ def test_epilogue_variant_compiles(ttir, key):
     assert _dot_operands(text) == [("f32", "f32")] * dots
     assert _dot_precisions(text) == ["tf32x3"] * dots
     # many splits load SPLIT_BLOCK at a time (maxima, sums, each row's output columns): 34.0 -> 17.5 us for
-    # 64 splits at batch 1 (d = 64, NOTES.md); a few load one per loop trip
+    # 64 splits at batch 1 (d = 64, docs/kernels.md); a few load one per loop trip
     sb, dc, rb = epilogue.SPLIT_BLOCK, min(epilogue.COLUMN_BLOCK, d), max(16, rows)
     loads = re.findall(
         r"%(m|weight|total_splits|block|rot)_\d+ = tt\.load .*?: tensor<([0-9x]+)x!tt", text

@@ -70,7 +70,7 @@ def test_a_plan_is_remembered_and_equals_a_fresh_one(fresh_plans):
 def test_a_refused_split_is_refused_every_time_and_not_remembered(fresh_plans):
     book = codec()
     for _ in range(2):
-        with pytest.raises(ValueError, match="split must be a positive integer"):
+        with pytest.raises(ValueError, match="split: got 0; expected an integer >= 1"):
             plan.plan_block((1, 1, 64), book, book, 4, plan.DEFAULT_TUNING, torch.device("cpu"), 0)
     assert fresh_plans._PLANS == {}
 

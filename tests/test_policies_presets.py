@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from pyramidkv.budgets import PyramidSchedule, UniformSchedule
 from pyramidkv.policies import (
     POLICY_NAMES,
     AccumulatedAttentionScorer,
@@ -15,6 +14,7 @@ from pyramidkv.policies import (
     WindowAttentionScorer,
     get_policy,
 )
+from pyramidkv.policies.schedules import PyramidSchedule, UniformSchedule
 
 EXPECTED = {
     "pyramidkv": (WindowAttentionScorer, PyramidSchedule),

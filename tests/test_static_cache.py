@@ -18,7 +18,8 @@ from transformers import DynamicCache
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.hook import installed
-from pyramidkv.static.cache import DecodeStep, StaticCompressedCache, StaticLayer
+from pyramidkv.static.buffers import StaticBufferLayer
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
 from pyramidkv.static.split_attention import ALIGN, DECODE_ROWS
 
 from .conftest import make_tiny
@@ -201,7 +202,7 @@ def test_attend_equals_a_float64_reference_on_ragged_rows(device, dtype, tol, q_
     visible = torch.zeros(batch, kv_heads, width, dtype=torch.bool)
     visible[0] = True
     visible[1, 0, 7] = visible[1, 1, width - 1] = True
-    layer = StaticLayer(
+    layer = StaticBufferLayer(
         0, kept_keys.to(device), kept_values.to(device), visible.to(device), width, 10
     )
     assert layer.keys.shape[2] // layer.chunk > 1  # the value sum is split: partial sums are merged
@@ -239,7 +240,7 @@ def test_a_wide_layer_rounds_its_capacity_to_its_chunk():
         + [(batch, kv_heads * groups, 1, dim)]
     )
     visible = torch.rand(batch, kv_heads, width, generator=generator) < 0.5
-    layer = StaticLayer(0, kept_keys, kept_values, visible, width, 10)
+    layer = StaticBufferLayer(0, kept_keys, kept_values, visible, width, 10)
     assert (layer.chunk, layer.keys.shape[2]) == (32, 2048)
     contextvars.copy_context().run(layer.update, keys, values)
     want = _attend_reference(query, kept_keys, kept_values, visible, keys, values, dim**-0.5)

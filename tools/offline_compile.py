@@ -292,10 +292,10 @@ def _power_of_two(value: int) -> bool:
 
 
 def decode_args(config: DecodeConfig) -> dict[str, object]:
-    """Arguments of ``_decode_split_kernel`` as ``fibquant_decode_attention`` launches it for ``config``: the
-    same constexpr formulas, the launcher's own ``packed_words`` for the GATHER 2 codebook, 16-byte aligned
-    tensors; every other argument (sizes, strides, offsets) a 32-bit integer, the split length ``chunk``
-    (whole tiles) divisible by 16."""
+    """Arguments of ``_decode_split_kernel`` as ``triton_decode.launch_triton_partials`` launches it for
+    ``config``: the same constexpr formulas, the launcher's own ``packed_words`` for the GATHER 2 codebook,
+    16-byte aligned tensors; every other argument (sizes, strides, offsets) a 32-bit integer, the split length
+    ``chunk`` (whole tiles) divisible by 16."""
     book = config._book()
     if config.gather == 2:
         book = packed_words(book)

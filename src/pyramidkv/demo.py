@@ -108,8 +108,8 @@ def needle_comparison(model, tokenizer, console: Console) -> None:
 
     910 FibQuant 2-bit tokens (2.25 bits per coordinate with the norm) take the bytes of 128 fp16 tokens.
     """
-    from pyramidkv.eval.commands import EvalOptions, run_eval
     from pyramidkv.eval.runner import Config
+    from pyramidkv.eval.sweep import EvalOptions, run_eval
 
     console.print("\n[bold]passkey retrieval[/bold] (5 depths, question inside the prompt)")
     shutil.rmtree(DEMO_OUT, ignore_errors=True)  # the showcase is measured afresh on every run

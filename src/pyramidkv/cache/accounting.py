@@ -14,13 +14,18 @@ def kv_geometry(config) -> tuple[int, int, int]:
     return text.num_hidden_layers, kv_heads, head_dim
 
 
+def token_nbytes(config, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of one token in one layer of an uncompressed cache: the key and value of every KV head."""
+    _, kv_heads, head_dim = kv_geometry(config)
+    return 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def full_cache_nbytes(
     config, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float16
 ) -> int:
     """Bytes of an uncompressed cache holding ``tokens`` positions for ``batch`` sequences in ``dtype``."""
-    layers, kv_heads, head_dim = kv_geometry(config)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * layers * batch * kv_heads * tokens * head_dim * itemsize
+    layers, _, _ = kv_geometry(config)
+    return layers * batch * tokens * token_nbytes(config, dtype)
 
 
 def cache_nbytes(cache) -> int:

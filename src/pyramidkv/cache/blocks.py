@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 from pyramidkv.codecs import Codes, VectorCodes
 from pyramidkv.codecs.registry import CodecPair
@@ -140,3 +141,22 @@ class CodedBlocks:
                         key = "codes" if name in ("indices", "packed") else "side"
                         parts[key] += value.numel() * value.element_size()
         return parts
+
+
+def pad_slots(tensor: torch.Tensor, slots: int) -> torch.Tensor:
+    """Pad dim 2 (the token slots of a (batch, kv_heads, s, ...) tensor) with zeros up to ``slots``."""
+    missing = slots - tensor.shape[2]
+    if not missing:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 3) + [0, missing]
+    return F.pad(tensor, pad)
+
+
+def stack_codes(parts: list[VectorCodes], slots: int) -> VectorCodes:
+    """Per-token codes of several batches as one batch, each padded to ``slots`` token slots."""
+    tensors = {
+        f.name: torch.cat([pad_slots(getattr(p, f.name), slots) for p in parts])
+        for f in fields(VectorCodes)
+        if isinstance(getattr(parts[0], f.name), torch.Tensor)
+    }
+    return VectorCodes(dtype=parts[0].dtype, **tensors)

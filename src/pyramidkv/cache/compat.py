@@ -1,4 +1,4 @@
-"""Differences between the transformers 5.x releases this project supports (5.17 to 5.24 seen)."""
+"""Differences between the transformers 5.x releases this project supports (5.17 to 5.25 seen)."""
 
 from __future__ import annotations
 

@@ -16,30 +16,25 @@ garbage collected.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from pyramidkv.cache.protocol import CacheLayer, ModelAttention
 from pyramidkv.errors import UnsupportedModelError
-
-if TYPE_CHECKING:
-    from pyramidkv.cache.compressed import CompressedLayer
 
 NAME = "pyramidkv"
 
 # The compressed layer whose ``update`` ran last, waiting for its attention call.
-_PENDING: ContextVar[CompressedLayer | None] = ContextVar("pyramidkv_pending_layer", default=None)
+_PENDING: ContextVar[CacheLayer | None] = ContextVar("pyramidkv_pending_layer", default=None)
 
 
-def announce(layer: CompressedLayer) -> None:
+def announce(layer: CacheLayer) -> None:
     """Called by a compressed layer's ``update``: the next attention call of this layer is ours."""
     _PENDING.set(layer)
 
@@ -55,62 +50,28 @@ def _fallback(module) -> str:
 def pyramidkv_attention(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
 ):
-    """Attention for one layer: compress at prefill, read a ragged compressed cache at decode."""
+    """Attention for one layer: the model's own over the prompt, then ``layer.compress``; at decode,
+    ``layer.attend`` (:mod:`.protocol`)."""
     layer = _PENDING.get()
-    fallback = AttentionInterface._global_mapping.get(_fallback(module), sdpa_attention_forward)
+    name = _fallback(module)
+    own = ModelAttention(
+        module,
+        AttentionInterface._global_mapping.get(name, sdpa_attention_forward),
+        float_mask=name != "sdpa",
+        dropout=dropout,
+        kwargs=kwargs,
+    )
     if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
-        return fallback(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return own.prefill(query, key, value, attention_mask, scaling)
     _PENDING.set(None)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if layer.is_fresh():
-        output = fallback(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    if layer.prefilling:
+        output = own.prefill(query, key, value, attention_mask, scaling)
         layer.compress(
             query, valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device), scaling
         )
         return output
-    if hasattr(layer, "attend"):  # a static-shape layer (static_cache.py) reads its own buffers
-        return layer.attend(query, scaling), None
-    if layer.coded is not None:
-        return layer.attend_codes(query, scaling), None
-    keys, values, mask = layer.attention_inputs(
-        query.shape[-2], query.shape[1], as_float=_fallback(module) != "sdpa"
-    )
-    kwargs.pop("is_causal", None)
-    with decode_backends(query.device):
-        return fallback(
-            module,
-            query,
-            keys,
-            values,
-            mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=False,
-            **kwargs,
-        )
-
-
-def decode_backends(device: torch.device) -> contextlib.AbstractContextManager:
-    """SDPA backends for decoding over a compressed cache: every one but cuDNN's on CUDA.
-
-    Each layer of a PyramidKV cache holds its own number of tokens, and that number grows at every step, so a
-    decode step asks for a new key length in every layer. cuDNN's attention builds an execution graph per
-    shape (hundreds of milliseconds: sgl-project/sglang#4650, ml-explore/mlx#2743); on the H200 a PyramidKV
-    decode step took 0.8-2.4 s against 0.08 s for the full cache, whose layers share one length.
-
-    Entered in every layer of every eager step, so nothing is entered where cuDNN's attention is already
-    off (a caller that wraps its whole decode in this context, as the benchmarks do): entering and leaving
-    took ~1.5 ms of host time per step of the embedded model on the H200's host (benchmarks/README.md).
-    """
-    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
-        return contextlib.nullcontext()
-    return sdpa_kernel(
-        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
+    return layer.attend(query, scaling, own), None
 
 
 def valid_keys(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -186,3 +147,22 @@ def release(model_ref: weakref.ref) -> None:
 
 def installed(model) -> bool:
     return model in _INSTALLED
+
+
+class HookedCache:
+    """What a pyramidkv cache shares: while it is alive the model routes attention through pyramidkv;
+    :meth:`close` (or leaving a ``with`` block, or garbage collection) restores the model's own."""
+
+    def _hook(self, model) -> None:
+        install(model)
+        self._release = weakref.finalize(self, release, weakref.ref(model))
+
+    def close(self) -> None:
+        """Restore the model's own attention implementation (idempotent)."""
+        self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from pyramidkv.errors import PyramidKVError
+
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -46,19 +48,6 @@ class Codec(ABC):
         """Stored bits per coordinate; ``include_norm`` adds the per-vector or per-group side information."""
 
 
-def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]``, else a ValueError naming ``name``, the value and the range."""
-    accepted = f"[{low}, {high}]" if high is not None else f">= {low}"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        raise ValueError(f"{name} must be an integer {accepted}, got {value!r}")
-    return value
-
-
 def check_input(x: object, width: int | None = None, name: str = "x") -> torch.Tensor:
     """Reject what no codec can store: a non-tensor, a non-float tensor, a wrong last dimension, NaN or Inf."""
     if not isinstance(x, torch.Tensor):
@@ -67,7 +56,7 @@ def check_input(x: object, width: int | None = None, name: str = "x") -> torch.T
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0 or (width is not None and x.shape[-1] != width):
         expected = "at least one dimension" if width is None else f"shape (..., {width})"
-        raise ValueError(f"{name} must have {expected}, got shape {tuple(x.shape)}")
+        raise PyramidKVError(f"{name} must have {expected}, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf; only finite values can be encoded")
+        raise PyramidKVError(f"{name} contains NaN or Inf; only finite values can be encoded")
     return x

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pyramidkv.codecs.base import check_int
+from pyramidkv.checks import check_int
 from pyramidkv.codecs.rotated import RotatedBlockCodec
+from pyramidkv.errors import PyramidKVError
 
 MAX_BLOCK = 8  # k
 MAX_CODEWORDS = 1 << 12  # N; Lloyd's cost grows as N^2
@@ -42,7 +43,7 @@ def choose_block(d: int, bits: float) -> tuple[int, int]:
         near = sorted(
             {rate for rate, _, _ in achievable_rates(d)}, key=lambda rate: abs(rate - bits)
         )[:6]
-        raise ValueError(
+        raise PyramidKVError(
             f"bits={bits!r} is not a rate log2(N)/k with k in 1..{MAX_BLOCK} dividing d={d} and N a power of "
             f"two in [2, {MAX_CODEWORDS}]; nearest rates: {', '.join(f'{r:g}' for r in sorted(near))}"
         )
@@ -56,7 +57,7 @@ def resolve_block(
     """Check and complete the ``(k, N)`` of a FibQuant from whichever of k, n, bits were given."""
     if isinstance(bits, tuple):
         if k is not None or n is not None or len(bits) != 2:
-            raise ValueError(
+            raise PyramidKVError(
                 f"bits as a (k, N) pair excludes k and n, got bits={bits!r}, k={k!r}, n={n!r}"
             )
         k, n = bits
@@ -64,13 +65,13 @@ def resolve_block(
     if bits is not None and (
         isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0
     ):
-        raise ValueError(
+        raise PyramidKVError(
             f"bits must be a positive rate in bits per coordinate or a (k, N) pair, got {bits!r}"
         )
     if k is not None:
         check_int("k", k, 1, MAX_BLOCK)
         if d % k:
-            raise ValueError(
+            raise PyramidKVError(
                 f"k must divide d: d={d} is not a multiple of k={k}; choose k among "
                 f"{[j for j in range(1, MAX_BLOCK + 1) if d % j == 0]}"
             )
@@ -78,26 +79,26 @@ def resolve_block(
         check_int("n", n, 2, MAX_CODEWORDS)
     if bits is None:
         if k is None or n is None:
-            raise ValueError(f"give k and n, or bits; got k={k!r}, n={n!r}, bits=None")
+            raise PyramidKVError(f"give k and n, or bits; got k={k!r}, n={n!r}, bits=None")
         return k, n
     if k is None and n is None:
         return choose_block(d, float(bits))
     if k is None:
         exponent = _power_of_two_exponent(math.log2(n) / bits)
         if exponent is None or not 1 <= exponent <= MAX_BLOCK or d % exponent:
-            raise ValueError(
+            raise PyramidKVError(
                 f"no block size k gives bits={bits!r} with n={n} (k = log2(n)/bits = "
                 f"{math.log2(n) / bits:g} must be an integer in 1..{MAX_BLOCK} dividing d={d})"
             )
         return exponent, n
     exponent = _power_of_two_exponent(bits * k)
     if exponent is None or not 1 <= exponent <= math.log2(MAX_CODEWORDS):
-        raise ValueError(
+        raise PyramidKVError(
             f"bits={bits!r} with k={k} needs N = 2^(bits k) = 2^{bits * k:g}, which must be a "
             f"power of two in [2, {MAX_CODEWORDS}]"
         )
     if n is not None and n != 1 << exponent:
-        raise ValueError(
+        raise PyramidKVError(
             f"bits={bits!r}, k={k} and n={n} disagree: log2(n)/k = {math.log2(n) / k:g}"
         )
     return k, 1 << exponent

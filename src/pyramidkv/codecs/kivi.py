@@ -15,8 +15,10 @@ from typing import Literal
 
 import torch
 
-from pyramidkv.codecs.base import FP16_MAX, Codec, Codes, check_input, check_int
+from pyramidkv.checks import check_int
+from pyramidkv.codecs.base import FP16_MAX, Codec, Codes, check_input
 from pyramidkv.codecs.packing import pack_bits, unpack_bits
+from pyramidkv.errors import PyramidKVError
 
 AXES = ("channel", "token")
 
@@ -45,7 +47,7 @@ class KIVI(Codec):
         check_int("bits", self.bits, 1, 8)
         check_int("group", self.group, 1)
         if self.axis not in AXES:
-            raise ValueError(
+            raise PyramidKVError(
                 f"axis must be one of {AXES} (keys: 'channel', values: 'token'), got {self.axis!r}"
             )
 
@@ -64,7 +66,7 @@ class KIVI(Codec):
         """Quantize ``x``; for ``axis="channel"`` the last two dimensions are (tokens, channels)."""
         x = check_input(x)
         if self.axis == "channel" and x.dim() < 2:
-            raise ValueError(
+            raise PyramidKVError(
                 f"x must have shape (..., seq, d) for axis='channel', got {tuple(x.shape)}"
             )
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -73,7 +75,7 @@ class KIVI(Codec):
         levels = (1 << self.bits) - 1
         scale, zero = ((high - low) / levels).to(torch.float16), low.to(torch.float16)
         if bool(torch.isinf(scale).any() or torch.isinf(zero).any()):
-            raise ValueError(
+            raise PyramidKVError(
                 f"x has values beyond the fp16 range ({FP16_MAX:g}) its scales and zero-points are "
                 "stored in; scale the input down"
             )

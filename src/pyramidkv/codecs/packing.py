@@ -12,17 +12,15 @@ import math
 
 import torch
 
+from pyramidkv.checks import check_int
+from pyramidkv.errors import PyramidKVError
+
 MAX_BITS = 16
-
-
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer in [1, {MAX_BITS}], got {bits!r}")
 
 
 def packed_bytes(count: int, bits: int) -> int:
     """Bytes that ``count`` indices of ``bits`` bits each occupy once packed (rounded up to a byte)."""
-    _check_bits(bits)
+    check_int("bits", bits, 1, MAX_BITS)
     return (count * bits + 7) // 8
 
 
@@ -40,7 +38,7 @@ def pack_bits(indices: torch.Tensor, bits: int, check: bool = True) -> torch.Ten
     ``argmin`` and are in range by construction; there a decode step packs two codes per layer, so the
     number of operations counts (:func:`_pack_groups`: 4 for 2- and 4-bit indices, 7 for 3- and 6-bit ones).
     """
-    _check_bits(bits)
+    check_int("bits", bits, 1, MAX_BITS)
     check_indices(indices, bits, check)
     *lead, count = indices.shape
     flat = indices.reshape(-1, count)
@@ -54,9 +52,9 @@ def check_indices(indices: torch.Tensor, bits: int, in_range: bool = True) -> No
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     if indices.dim() == 0:
-        raise ValueError("indices must have at least one dimension (the indices of one vector)")
+        raise PyramidKVError("indices must have at least one dimension (the indices of one vector)")
     if in_range and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 1 << bits):
-        raise ValueError(
+        raise PyramidKVError(
             f"indices must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
             f"got values in [{int(indices.min())}, {int(indices.max())}]"
         )
@@ -109,12 +107,12 @@ def _pack_spans(flat: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``uint8[..., packed_bytes]`` back to ``int64[..., count]``."""
-    _check_bits(bits)
+    check_int("bits", bits, 1, MAX_BITS)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got dtype {packed.dtype}")
     nbytes = packed_bytes(count, bits)
     if packed.dim() == 0 or packed.shape[-1] != nbytes:
-        raise ValueError(
+        raise PyramidKVError(
             f"packed must end in a dimension of {nbytes} bytes for count={count}, bits={bits}, "
             f"got shape {tuple(packed.shape)}"
         )

@@ -2,8 +2,8 @@
 
 In the stream layout (:mod:`.packing`) a 3-bit code starts at every bit offset of a byte in turn, so putting four
 codes into the four bytes of an int8 register (an operand of ``mma.m16n8k32.s8``) takes a different shift per
-code. Planes store the low 2 bits and the high bit of each code apart, each where its register needs it (NOTES.md,
-fifteenth session):
+code. Planes store the low 2 bits and the high bit of each code apart, each where its register needs it
+(docs/kernels.md, section 2):
 
 * A vector's d coordinates form 4 chunks of d / 4, one per lane of the quad that reads one key in the kernel;
   chunk t is bytes [t 3d/32, (t + 1) 3d/32).
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from pyramidkv.checks import check_int
 from pyramidkv.codecs.packing import check_indices
+from pyramidkv.errors import PyramidKVError
 
 BITS = 3  # bits per code that planes hold
 ALIGN = 64  # head dims planes take: 4 chunks of whole 16-coordinate groups
@@ -30,8 +32,10 @@ ALIGN = 64  # head dims planes take: 4 chunks of whole 16-coordinate groups
 
 def check_dim(d: int, name: str = "d") -> None:
     """Raise, naming ``name``, unless ``d`` is a head dim planes lay out (a positive multiple of ``ALIGN``)."""
-    if isinstance(d, bool) or not isinstance(d, int) or d < ALIGN or d % ALIGN:
-        raise ValueError(f"{name}: planes need a head dim that is a multiple of {ALIGN}, got {d!r}")
+    if check_int(name, d, ALIGN) % ALIGN:
+        raise PyramidKVError(
+            f"{name}: planes need a head dim that is a multiple of {ALIGN}, got {d!r}"
+        )
 
 
 def plane_bytes(d: int) -> int:
@@ -46,7 +50,7 @@ def pack_planes(indices: torch.Tensor, d: int, check: bool = True) -> torch.Tens
     check_dim(d)
     check_indices(indices, BITS, check)
     if indices.shape[-1] != d:
-        raise ValueError(
+        raise PyramidKVError(
             f"indices must end in a dimension of {d}, got shape {tuple(indices.shape)}"
         )
     lead, chunk, device = indices.shape[:-1], d // 4, indices.device
@@ -72,7 +76,7 @@ def unpack_planes(packed: torch.Tensor, d: int) -> torch.Tensor:
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got dtype {packed.dtype}")
     if packed.dim() == 0 or packed.shape[-1] != nbytes:
-        raise ValueError(
+        raise PyramidKVError(
             f"packed must end in a dimension of {nbytes} bytes for d={d}, got shape {tuple(packed.shape)}"
         )
     chunk, device = d // 4, packed.device

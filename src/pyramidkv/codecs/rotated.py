@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pyramidkv.checks import check_int
 from pyramidkv.codecs.base import FP16_MAX, Codec, Codes, check_input
 from pyramidkv.codecs.lloyd import nearest_codeword, score_budget
 from pyramidkv.codecs.packing import pack_bits, packed_bytes, unpack_bits
 from pyramidkv.codecs.planes import pack_planes, unpack_planes
 from pyramidkv.codecs.rotation import haar_rotation
 from pyramidkv.codecs.store import load_codebook
+from pyramidkv.errors import PyramidKVError
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,13 @@ class RotatedBlockCodec(Codec):
         group index_bits bits into this table. That is how the CUDA decode kernel, which gathers codewords of
         2 or 4 coordinates by 5- to 8-bit indices, reads TurboQuant's scalar codes: at 2 bits four coordinates
         per byte, at 4 bits two per byte, at 3 bits two per 6 bits (:mod:`pyramidkv.kernels.cuda_decode`)."""
-        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-            raise ValueError(f"group must be a positive integer, got {group!r}")
+        check_int("group", group, 1)
         if group > 1 and not self.full_indices:
-            raise ValueError(
+            raise PyramidKVError(
                 f"group: indices of N = {self.n} codewords (not a power of two) cannot be read {group} at once"
             )
         if group > 1 and self.layout != "stream":
-            raise ValueError(
+            raise PyramidKVError(
                 f"group: codes in {self.layout} are not a bit stream, so not read {group} at once"
             )
         key = (group, torch.device(device), dtype)
@@ -166,7 +167,7 @@ class RotatedBlockCodec(Codec):
             nu, nearest = self.quantize(flat[start : start + rows].to(compute), rotation, codebook)
             stored = nu.to(torch.float16)
             if bool(torch.isinf(stored).any()):
-                raise ValueError(
+                raise PyramidKVError(
                     f"x has a vector of norm {float(nu.max()):.4g}, beyond the fp16 range ({FP16_MAX:g}) "
                     "its norm is stored in; scale the input down"
                 )

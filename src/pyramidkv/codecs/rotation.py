@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from pyramidkv.errors import PyramidKVError
+
 
 @functools.lru_cache(maxsize=32)
 def _haar_rotation(d: int, seed: int) -> torch.Tensor:
@@ -30,7 +32,7 @@ def haar_rotation(d: int, seed: int = 0) -> torch.Tensor:
     ``u @ Pi``. The returned tensor is a fresh copy, so callers may move or modify it.
     """
     if not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be a positive integer (the head dimension), got {d!r}")
+        raise PyramidKVError(f"d must be a positive integer (the head dimension), got {d!r}")
     if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise PyramidKVError(f"seed must be a non-negative integer, got {seed!r}")
     return _haar_rotation(d, seed).clone()

@@ -68,9 +68,9 @@ def uniform_scalar(d: int, n: int) -> np.ndarray:
     one coordinate of a uniform unit vector in R^d (ascending, float64).
 
     A grid's level is affine in its index, so a decoder can use the index itself as the value (an int8 in a
-    tensor-core mma) and apply the step and offset once per dot product: the CUDA decode kernel reads 2-bit keys
-    so, with no codebook (docs/kernels.md). At 2 bits it costs ~1% MSE over Lloyd-Max (the Gaussian limit: 0.1188 against
-    0.1175, Max 1960), more at higher rates (8% at 3 bits, 20% at 4).
+    tensor-core mma) and apply the step and offset once per dot product: the CUDA decode kernel reads 2- and
+    3-bit keys so, with no codebook (docs/kernels.md, section 2). At 2 bits it costs ~1% MSE over Lloyd-Max (the
+    Gaussian limit: 0.1188 against 0.1175, Max 1960), more at higher rates (8% at 3 bits, 20% at 4).
     """
     centred = np.arange(n) - (n - 1) / 2
     top = 1.0 / max(centred[-1], 0.5)  # the top level within [-1, 1], where the coordinate lives

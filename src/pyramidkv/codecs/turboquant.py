@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pyramidkv.codecs.base import check_int
+from pyramidkv.checks import check_int
 from pyramidkv.codecs.planes import BITS as PLANE_BITS
 from pyramidkv.codecs.planes import check_dim
 from pyramidkv.codecs.rotated import LAYOUTS, RotatedBlockCodec
 from pyramidkv.codecs.scalar import uniform_scalar
+from pyramidkv.errors import PyramidKVError
 
 MAX_BITS = 8
 GRIDS = ("lloyd", "uniform")
@@ -43,12 +44,12 @@ class TurboQuant(RotatedBlockCodec):
         check_int("bits", self.bits, 1, MAX_BITS)
         check_int("seed", self.seed, 0, 2**63 - 1)
         if self.grid not in GRIDS:
-            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+            raise PyramidKVError(f"grid must be one of {GRIDS}, got {self.grid!r}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise PyramidKVError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.layout == "planes":
             if self.bits != PLANE_BITS:
-                raise ValueError(
+                raise PyramidKVError(
                     f"layout: planes hold {PLANE_BITS}-bit codes, got bits={self.bits}"
                 )
             check_dim(self.d, "layout")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.prefill import prefill
 
@@ -44,13 +45,9 @@ def attention_funnel(
     kv_heads = keys.shape[1]
     if q_heads % kv_heads:
         raise PyramidKVError(f"keys: {kv_heads} KV heads do not divide {q_heads} query heads")
-    if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= n - 1:
-        raise PyramidKVError(
-            f"queries: got {last!r}; expected an integer in 1..{n - 1} (prompt - 1)"
-        )
+    check_int("queries", last, 1, n - 1)
     for x in percents:
-        if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 100:
-            raise PyramidKVError(f"percents: got {x!r}; expected integers in 1..100")
+        check_int("percents", x, 1, 100)
     keys = keys.double().repeat_interleave(q_heads // kv_heads, dim=1)
     q = queries[..., n - last :, :].double()
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # (b, h, last, n)

@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.longbench_metrics import base_dataset, metric_of
 from pyramidkv.eval.tasks.base import MODE_CHOICES, MODES, Draft, Sample, samples_of
@@ -150,8 +151,7 @@ def _check(path: Path, line: int, row: object) -> LongBenchRecord:
     ):
         raise PyramidKVError(f"{where}: field 'all_classes' must be a list of strings or null")
     length = row.get("length", 0)
-    if isinstance(length, bool) or not isinstance(length, int):
-        raise PyramidKVError(f"{where}: field 'length' is {length!r}, expected an integer")
+    check_int(f"{where}: field 'length'", length)
     return LongBenchRecord(
         input=row["input"],
         context=row["context"],
@@ -234,10 +234,9 @@ def longbench_samples(
     """
     if mode not in MODE_CHOICES:
         raise PyramidKVError(f"mode: got {mode!r}; expected one of {', '.join(MODE_CHOICES)}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise PyramidKVError(f"samples: got {n!r}; expected an integer >= 1 or None for all")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise PyramidKVError(f"max_length: got {max_length!r}; expected a number of tokens >= 1")
+    if n is not None:
+        check_int("samples", n, 1)
+    check_int("max_length", max_length, 1)
     records = read_longbench(path)[:n]
     for record in records:
         try:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval import corpus
 from pyramidkv.eval.prefill import prefill
@@ -48,9 +49,8 @@ def text_windows(tokenizer, length: int, samples: int, seed: int = 0) -> list[to
     Windows are consecutive slices of one tokenization, so they start at different text offsets and share
     no token. When the tokenizer starts a text with a BOS token, each window starts with it as well.
     """
-    for name, value, low in (("length", length, 2), ("samples", samples, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise PyramidKVError(f"{name}: got {value!r}; expected an integer >= {low}")
+    check_int("length", length, 2)
+    check_int("samples", samples, 1)
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = tokenizer("")["input_ids"][:1]
     prefix = prefix if prefix and prefix[0] == bos else []
@@ -93,8 +93,7 @@ class PerplexityTask:
             ("continuation", self.continuation, 1),
             ("chunk", self.chunk, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PyramidKVError(f"{name}: got {value!r}; expected an integer >= {low}")
+            check_int(name, value, low)
 
     @property
     def length(self) -> int:

@@ -15,21 +15,23 @@ import torch
 
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.selection import Selection
 
 
-class _CapturingCache(CompressedCache):
-    """Keeps the whole prompt and records, per layer, the queries the prefill computed."""
+class _Recorder:
+    """Stands in for the selection of a full cache's layers: records each layer's prefill queries, then keeps
+    every token as the full policy does."""
 
-    def __init__(self, model):
-        super().__init__(model, policy="full", budget="100%")
-        self.queries: list[torch.Tensor | None] = [None] * self.num_layers
+    def __init__(self, selection: Selection, layers: int):
+        self.selection = selection
+        self.queries: list[torch.Tensor | None] = [None] * layers
         self.valid: torch.Tensor | None = None
         self.scaling = 1.0
 
     def choose(self, layer_idx, queries, keys, valid, scaling):
         self.queries[layer_idx] = queries
         self.valid, self.scaling = valid, scaling
-        return super().choose(layer_idx, queries, keys, valid, scaling)
+        return self.selection.choose(layer_idx, queries, keys, valid, scaling)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Prefill:
     ) -> CompressedCache:
         """The cache a fresh prefill with ``policy`` and ``budget`` would hold, built from the capture."""
         cache = CompressedCache(self.model, policy=policy, budget=budget, **options)
-        cache.score_memo = self.scores
+        cache.selection.score_memo = self.scores
         for layer, keys, values, queries in zip(
             cache.layers, self.keys, self.values, self.queries, strict=True
         ):
@@ -74,7 +76,10 @@ def prefill(
     """Run the prompt once with the full cache and capture what every policy needs."""
     import time
 
-    capture = _CapturingCache(model)
+    capture = CompressedCache(model, policy="full", budget="100%")
+    recorder = _Recorder(capture.selection, len(capture.layers))
+    for layer in capture.layers:
+        layer.selection = recorder
     try:
         start = time.perf_counter()
         with torch.inference_mode():
@@ -89,9 +94,9 @@ def prefill(
             logits=out.logits[:, -1].float(),
             keys=[layer.kept_keys for layer in capture.layers],
             values=[layer.kept_values for layer in capture.layers],
-            queries=list(capture.queries),
-            valid=capture.valid,
-            scaling=capture.scaling,
+            queries=list(recorder.queries),
+            valid=recorder.valid,
+            scaling=recorder.scaling,
             seconds=seconds,
         )
     finally:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pyramidkv.codecs.rotated import RotatedBlockCodec, VectorCodes
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.cuda_module import CudaKernel, compile_cubin, nvrtc_found
 
 SOURCE = Path(__file__).with_name("cuda") / "mma_decode.cu"
@@ -42,12 +43,12 @@ WARPS = (1, 2, 4, 8, 16)  # warps per block the launch bounds allow
 FILL_WARPS = (8, 4)
 # tiles in a warp's ring: one being read, at least one in flight
 STAGES = range(2, 9)
-# the default ring: 2, 3 and 4 slots measured the same at 2 and 3 bits, 3 would cost a block per SM at 4 bits
-# (NOTES.md, v9)
+# the default ring: more slots measured no faster at 2 and 3 bits, and 3 would cost a block per SM at 4 bits
+# (docs/kernels.md, section 11)
 RING = 2
 # tiles a ring slot may hold (the default: default_slot_tiles); a slot's wait, barriers and commit serve them all
 SLOT_TILES = (1, 2)
-# bytes per codeword row of the kernel's table, in order of preference (NOTES.md, v8)
+# bytes per codeword row of the kernel's table, in order of preference (docs/kernels.md, section 4)
 ROW_SIZES = (256, 128)
 BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block (sm_80 and later)
 # tokens per head-dim coordinate a block reads while the epilogue merges one tile of splits (:func:`merge_split_cap`)
@@ -55,11 +56,11 @@ MERGE_TOKENS_PER_DIM = 14
 # The ring slots' swizzle per (head dim, k, N, row cap): the slot row of tile tokens 0..7 (8..15 follow 8 rows on)
 # and the XOR applied to the index of a row's CHUNK-byte copy chunk, per token. Found by an offline search over row
 # permutations and chunk XORs linear in the token's bits, for the fewest shared-memory wavefronts of a warp's index
-# reads per tile (tests/test_ring_banks.py counts them): 12 -> 8 at 2 bits and 40 -> 16 at 4 bits (d = 128). Kept
-# where it measured faster on the H200 (NOTES.md, v10): 2 bits with up to 4 rows (0.226 -> 0.219 ms at the
-# headline; with 8 rows the second value offset costs ~12 instructions and it lost, 0.243 -> 0.250), 4 bits with up
-# to 4 or 8 rows (0.332 -> 0.283, 0.333 -> 0.308). Not at d = 64: 4 bits went 0.326 -> 0.341 ms (9/3 x 64, batch
-# 32) for 12 -> 8 wavefronts; none helps at 3 bits, or at 2 bits with d = 64 (6, the least there is).
+# reads per tile (tests/test_ring_banks.py counts them): 8 instead of 12 at 2 bits and 16 instead of 40 at 4 bits
+# (d = 128). Applied only where it also measured faster (docs/kernels.md, sections 4 and 11): 2 bits with up to 4
+# rows (with 8 rows the second value offset costs ~12 instructions, more than the saved wavefronts), 4 bits with up
+# to 4 or 8 rows. Not at d = 64, where the swizzle (8 instead of 12 wavefronts) measured slower at 4 bits; none
+# helps at 3 bits, or at 2 bits with d = 64 (6, the least there is).
 NO_SWIZZLE = (tuple(range(8)), (0,) * 8)  # rows in token order, chunks in place
 # 2 bits: a token's row has its bit 0 flipped by its bit 2; 4 bits: by its bit 1, and the chunk's bit 1 by its bit 2
 _SWIZZLE_2BIT = ((0, 1, 2, 3, 5, 4, 7, 6), NO_SWIZZLE[1])
@@ -91,16 +92,16 @@ def check_launch(
     """Raise naming ``names`` unless ``warps`` and ``stages`` (None: chosen per launch) are a launch the
     kernel takes."""
     if warps is not None and warps not in WARPS:
-        raise ValueError(f"{names[0]} must be one of {', '.join(map(str, WARPS))}, got {warps}")
+        raise PyramidKVError(f"{names[0]} must be one of {', '.join(map(str, WARPS))}, got {warps}")
     if stages is not None and stages not in STAGES:
-        raise ValueError(f"{names[1]} must be in {STAGES[0]}..{STAGES[-1]}, got {stages}")
+        raise PyramidKVError(f"{names[1]} must be in {STAGES[0]}..{STAGES[-1]}, got {stages}")
 
 
 @dataclass(frozen=True)
 class MmaVariant:
     """The kernel's compile-time constants: head dim, codeword length k, the most query rows per KV head
     it holds (``ROW_CAPS``: up to 4 rows leave half of the value mma's columns to a second coordinate,
-    NOTES.md v10; 9-16 take a second n-tile), warps per block, whether keys and values share one
+    docs/kernels.md section 4; 9-16 take a second n-tile), warps per block, whether keys and values share one
     codebook, the codebook's size N (2^index bits), the tiles (index bytes and norms) each warp's ring
     holds (cp.async), the bytes per codeword row of the table (256: an 8-bit index is its row's
     address byte; 128: half the shared memory), and whether the keys are codes of a uniform grid, read as int8
@@ -119,27 +120,27 @@ class MmaVariant:
 
     def __post_init__(self) -> None:
         if self.dim not in (64, 128):
-            raise ValueError(f"dim must be 64 or 128, got {self.dim}")
+            raise PyramidKVError(f"dim must be 64 or 128, got {self.dim}")
         if self.k not in (2, 4):
-            raise ValueError(f"k must be 2 or 4, got {self.k}")
+            raise PyramidKVError(f"k must be 2 or 4, got {self.k}")
         if (self.k, self.n) not in CODES:
-            raise ValueError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
+            raise PyramidKVError(f"(k, n) must be one of {sorted(CODES)}, got {(self.k, self.n)}")
         if not whole_bytes(self.dim, self.k, self.n):
-            raise ValueError(
+            raise PyramidKVError(
                 f"(k, n) = {(self.k, self.n)} at dim {self.dim}: a lane's index bits are not whole bytes"
             )
         if self.rows not in ROW_CAPS:
-            raise ValueError(f"rows must be one of {ROW_CAPS}, got {self.rows}")
+            raise PyramidKVError(f"rows must be one of {ROW_CAPS}, got {self.rows}")
         check_launch(self.warps, self.stages)
         if self.row_bytes not in ROW_SIZES:
-            raise ValueError(f"row_bytes must be one of {ROW_SIZES}, got {self.row_bytes}")
+            raise PyramidKVError(f"row_bytes must be one of {ROW_SIZES}, got {self.row_bytes}")
         if self.slot_tiles not in SLOT_TILES or not ring_divides(self.stages, self.slot_tiles):
-            raise ValueError(
+            raise PyramidKVError(
                 f"slot_tiles must be one of {SLOT_TILES} and divide stages into at least two slots, got "
                 f"{self.slot_tiles} with stages={self.stages}"
             )
         if self.keys_affine and (self.k, self.n) not in AFFINE_CODES.values():
-            raise ValueError(
+            raise PyramidKVError(
                 f"keys_affine reads 2- or 3-bit codes beside values of (k, n) in {sorted(AFFINE_CODES.values())}, "
                 f"got {(self.k, self.n)}"
             )
@@ -207,9 +208,9 @@ def gathered(codec: object) -> tuple[int, int, int] | None:
 def affine_keys(codec: object) -> bool:
     """Whether the kernel reads ``codec``'s codes as keys with no codebook: codes of a uniform grid (TurboQuant
     ``grid="uniform"``), whose level step (c - (N - 1) / 2) is affine in the code c, so the codes are the int8
-    operand of the score mma and the step and offset apply once per score (NOTES.md, fourteenth session: the key
-    gathers were half the shared-memory traffic of a tile). 2-bit codes four to a byte of the stream; 3-bit
-    codes in planes (:mod:`pyramidkv.codecs.planes`, fifteenth session), whose registers cost two shifts and two
+    operand of the score mma and the step and offset apply once per score: no key codebook, so none of the key
+    gathers that are half of a codebook tile's (docs/kernels.md, section 2). 2-bit codes four to a byte of the
+    stream; 3-bit codes in planes (:mod:`pyramidkv.codecs.planes`), whose registers cost two shifts and two
     masks where the stream's would cost a shift per code."""
     if (
         not isinstance(codec, RotatedBlockCodec)
@@ -248,14 +249,14 @@ def tables(
                 if view is None
                 else f"(k, N) = {view[:2]} at head dim {codec.d}"
             )
-            raise ValueError(
+            raise PyramidKVError(
                 f"{name}: the kernel variant reads (k, N) = {(kernel.k, kernel.n)} at head dim {kernel.dim}, "
                 f"got {got}"
             )
     book_v = codec_v.grouped_codebook(value[2], device, torch.float16).view(torch.int32)
     if kernel.keys_affine:  # the keys' grid step, the one number the kernel reads of their codec
         if not affine_keys(codec_k):
-            raise ValueError(
+            raise PyramidKVError(
                 "key codec: the kernel variant reads keys as int8 codes of a uniform grid"
             )
         return _grid_step(codec_k.step, device), book_v
@@ -327,9 +328,10 @@ def variant(
     slot_tiles: int | None = None,
 ) -> MmaVariant:
     """The kernel variant that reads these codes: 256-byte table rows, or 128-byte rows where those keep more
-    blocks per SM (an SM with less shared memory than the H200's), with a ring of ``stages`` tiles in slots of
-    ``slot_tiles`` (None: :func:`default_slot_tiles`; the ring then ``RING`` slots). Measured at the headline
-    (NOTES.md, v8): 256-byte rows 11% faster than 128 at 3 bits, within 3% at 2 and 4."""
+    blocks per SM (an SM with less shared memory than the H200's, e.g. an A100's), with a ring of ``stages``
+    tiles in slots of ``slot_tiles`` (None: :func:`default_slot_tiles`; the ring then ``RING`` slots). 256-byte
+    rows need no shift or add to address a codeword (an 8-bit index is the row's address byte) and measured
+    faster than 128-byte ones at 3 bits, the same at 2 and 4 (docs/kernels.md, section 4)."""
     cap = next(cap for cap in ROW_CAPS if rows <= cap)
     k, n = key_view(codec_k)
     affine = affine_keys(codec_k)
@@ -342,10 +344,9 @@ def variant(
 
 
 def default_slot_tiles(keys_affine: bool, dim: int) -> int:
-    """Tiles per ring slot by default: 2 for keys of a uniform grid, where the shorter loop measured 9% faster
-    (0.193 -> 0.176 ms at the headline, H200, NOTES.md, fourteenth session), and for codebook keys at head dim 64
-    (9/3 x 64, 128k: 3.5-9% faster at batch 32 and 2, 3, 4 bits, 5-7% at batch 1 and 8, fifteenth session); 1 for
-    codebook keys at head dim 128, where it did not help (0.218 -> 0.221 ms at the headline)."""
+    """Tiles per ring slot by default: 2 for keys of a uniform grid and for codebook keys at head dim 64, where
+    the slot's wait, barriers and commit serving 32 tokens measured faster; 1 for codebook keys at head dim 128,
+    where two-tile slots measured slower (docs/kernels.md, sections 4 and 11)."""
     return 2 if keys_affine or dim == 64 else 1
 
 
@@ -363,8 +364,8 @@ def filling_variant(
     (:func:`mma_split`): with ``warps`` per block, or (None) of ``FILL_WARPS`` warps the one whose split fills
     the largest share of the SMs' block slots in its last wave, the first on a tie. Blocks of 8 warps leave slots
     empty where the (sequence, KV head) rows do not divide them: 9/3 x 64 at batch 32 (96 rows) runs 192 blocks
-    on 264 slots (73%); 4-warp blocks run 384 on 396 or 512 on 528, and took 0.251 against 0.281 ms at 128k
-    tokens (H200, 2 bits, NOTES.md)."""
+    on 264 slots (73%); 4-warp blocks run 384 on 396 or 512 on 528, and measured faster (docs/kernels.md,
+    section 3)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best, best_fill = None, -1.0
     for w in FILL_WARPS if warps is None else (warps,):
@@ -386,7 +387,7 @@ def _variant(
     options = [MmaVariant(*key, stages, row, keys_affine, slot_tiles) for row in ROW_SIZES]
     most = max(kernel.blocks_per_sm(device) for kernel in options)
     if most == 0:
-        raise ValueError(
+        raise PyramidKVError(
             f"mma_warps={key[3]} with mma_stages={stages} need more shared memory than an SM of {device} has "
             f"({options[-1].shared_bytes} bytes at least); take fewer warps or stages"
         )
@@ -414,11 +415,10 @@ def _kernel(variant: MmaVariant, device: torch.device) -> CudaKernel:
 def mma_split(shape: tuple[int, int, int], device: torch.device, kernel: MmaVariant) -> int:
     """Sequence ranges for codes of ``shape`` (batch, kv_heads, s) read by ``kernel``: the most blocks that
     still run in one wave (:meth:`MmaVariant.blocks_per_sm` per SM), so no second wave runs a few blocks alone
-    (measured at 32/8 x 128, batch 8, 128k, 2 bits: split 4, 0.415 ms, against 0.555 ms at split 5); at least
-    one tile per warp in each block. Where :func:`merge_split_cap` is less (small batches: past it the
-    epilogue's merge of the splits costs more than the kernel saves), that, and no more blocks than SMs: at
-    32/8 x 128, batch 1, 128k, 17 splits (136 blocks, four SMs running two) took 57.5 us of kernel time
-    against 40.1 at 16, and 24 splits 44.5 against 39.7 (``benchmarks/decode_split_time.py``)."""
+    (a second wave costs more than the extra split saves); at least one tile per warp in each block. Where
+    :func:`merge_split_cap` is less (small batches: past it the epilogue's merge of the splits costs more than
+    the kernel saves), that, and no more blocks than SMs, since a few SMs running two blocks set the kernel's
+    time (docs/kernels.md, section 3; ``benchmarks/decode_split_time.py``)."""
     split = one_wave_split(shape, device, kernel)
     cap = merge_split_cap(shape[2], kernel.dim)
     if cap < split:
@@ -440,14 +440,14 @@ def merge_split_cap(tokens: int, dim: int) -> int:
     where the kernel's blocks all run at once (small batches).
 
     The epilogue (:mod:`.epilogue`) merges the splits ``SPLIT_BLOCK`` (16) at a time, at about the same cost
-    for 2 splits as for 16 (H200, batch 1: ~6.7 us per call at d = 64, ~11 us at d = 128) and ~2.4 / ~5 us for
-    each further tile. A block reads its tokens at ~TOKEN_NS each, so the kernel takes ~TOKEN_NS tokens /
-    split: a k-th tile pays while the kernel time it saves, tokens TOKEN_NS (1 / (16 (k - 1)) - 1 / (16 k)),
-    is more than a tile's merge, i.e. while (k - 1) k < tokens / (16 M d), where M d tokens take a block as
-    long as a tile's merge (``MERGE_TOKENS_PER_DIM``). M = 14 fits the sweep of
-    ``benchmarks/decode_split_time.py`` (9/3 x 64 at batch 1: least at 16, 32, 32 splits for 8k, 32k, 128k
-    tokens: 20.1, 24.4, 33.4 us of all kernels; it is ~10 by the per-token and per-tile costs alone, but the
-    kernel's time per block does not fall as 1 / split: each block also fills its 64 KiB codebook table).
+    for 2 splits as for 16, and a fixed cost for each further tile of 16 (figures: benchmarks/README.md). A
+    block reads its tokens at ~TOKEN_NS each, so the kernel takes ~TOKEN_NS tokens / split: a k-th tile pays
+    while the kernel time it saves, tokens TOKEN_NS (1 / (16 (k - 1)) - 1 / (16 k)), is more than a tile's
+    merge, i.e. while (k - 1) k < tokens / (16 M d), where M d tokens take a block as long as a tile's merge
+    (``MERGE_TOKENS_PER_DIM``). M = 14 fits the sweep of ``benchmarks/decode_split_time.py`` (9/3 x 64 at
+    batch 1: least at 16, 32 and 44 splits, the defaults, for 8k, 32k and 128k tokens; it is ~10 by the
+    per-token and per-tile costs alone, but the kernel's time per block does not fall as 1 / split: each block
+    also fills its 64 KiB codebook table).
     """
     from pyramidkv.kernels.epilogue import SPLIT_BLOCK
 
@@ -488,12 +488,12 @@ def launch_mma_partials(
     acc, row_max, row_sum = workspace
     batch, kv_heads, rows, dim = q_rot.shape
     if dim != kernel.dim or rows > kernel.rows:
-        raise ValueError(
+        raise PyramidKVError(
             f"q_rot: the kernel variant takes head dim {kernel.dim} and up to {kernel.rows} query rows per KV "
             f"head, got {dim} and {rows}"
         )
     if q_rot.dtype != torch.float16 or not q_rot.is_contiguous():
-        raise ValueError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
+        raise PyramidKVError(f"q_rot must be contiguous float16, got {q_rot.dtype}")
     device = q_rot.device
     book_k, book_v = tables(codec_k, codec_v, kernel, device)
     codes_k, codes_v = _aligned(codes_k), _aligned(codes_v)

@@ -1,7 +1,7 @@
 """Compile CUDA C with NVRTC and launch it on torch's stream, through ctypes: no build step, no nvcc.
 
-Triton cannot place gathered values into the registers an ``mma.sync`` fragment reads (docs/kernels.md), so the
-decode kernel on 8-bit codes is CUDA C (:mod:`.cuda_decode`). NVRTC, the CUDA runtime compiler, ships with
+Triton cannot place gathered values into the registers an ``mma.sync`` fragment reads (docs/kernels.md,
+section 4), so the decode kernel for the codes in everyday use is CUDA C (:mod:`.cuda_decode`). NVRTC, the CUDA runtime compiler, ships with
 every CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel) and needs no GPU, so the same :func:`compile_cubin`
 also checks the source on a CPU-only machine that has the library (``PYRAMIDKV_NVRTC`` names it).
 """

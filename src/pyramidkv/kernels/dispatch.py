@@ -1,9 +1,11 @@
-"""Which attention path a quantized cache uses: the torch reference or the fused Triton kernel.
+"""Which attention path a quantized cache uses, and the fused path's launches over a layer's blocks.
 
-The fused kernel (:mod:`.triton_decode`) reads FibQuant and TurboQuant codes straight from memory; the
-reference (:mod:`.reference`) decodes one block at a time. Both return the same attention (tested against
-each other under ``TRITON_INTERPRET=1`` on the CPU, and natively on CUDA). ``"auto"`` takes the kernel
-wherever it can run — a CUDA device, triton importable, codes it reads — and the reference elsewhere.
+The fused kernels read FibQuant and TurboQuant codes straight from memory: per block, the CUDA mma kernel
+(:mod:`.cuda_decode`) where its variants cover the codes, else the Triton kernel (:mod:`.triton_decode`), as
+:func:`pyramidkv.kernels.plan.plan_block` decides; then one epilogue (:mod:`.epilogue`). The torch references
+(:mod:`.reference`) return the same attention (tested against each other under ``TRITON_INTERPRET=1`` on the
+CPU, and natively on CUDA). ``"auto"`` takes the fused path wherever it can run — a CUDA device, triton
+importable, codes it reads — and the torch path elsewhere.
 """
 
 from __future__ import annotations
@@ -124,19 +126,19 @@ def fused_attention(
 
 def _check_shapes(query, codes_k, codes_v, lengths) -> None:
     if query.dim() != 4:
-        raise ValueError(
+        raise PyramidKVError(
             f"query must be (batch, q_heads, q_len, dim), got shape {tuple(query.shape)}"
         )
     batch, q_heads = query.shape[:2]
     kv_heads, s_kv = codes_k.shape[1], codes_k.shape[2]
     if codes_k.shape != (batch, kv_heads, s_kv) or codes_v.shape != codes_k.shape:
-        raise ValueError(
+        raise PyramidKVError(
             f"codes_k and codes_v must both be (batch={batch}, kv_heads, s), got {codes_k.shape} and {codes_v.shape}"
         )
     if q_heads % kv_heads:
-        raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
+        raise PyramidKVError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
     if lengths is not None and tuple(lengths.shape) != (batch, kv_heads):
-        raise ValueError(
+        raise PyramidKVError(
             f"lengths must be (batch, kv_heads) = ({batch}, {kv_heads}), got {tuple(lengths.shape)}"
         )
 
@@ -184,7 +186,7 @@ def fibquant_decode_attention(
         workspace = make_workspace(batch, kv_heads, rows, split, dim, query.device)
     acc, row_max, row_sum = workspace
     if tuple(acc.shape) != (batch, kv_heads, split, rows, dim) or not acc.is_contiguous():
-        raise ValueError(
+        raise PyramidKVError(
             f"workspace must come from make_workspace for these shapes and split={split}"
         )
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)

@@ -18,6 +18,7 @@ import torch
 from pyramidkv.codecs.base import FP16_MAX, check_input
 from pyramidkv.codecs.packing import packed_bytes
 from pyramidkv.codecs.rotated import RotatedBlockCodec, VectorCodes
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.launch import launch_device
 from pyramidkv.kernels.plan import check_codec, plane_chunk
 
@@ -186,7 +187,7 @@ def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor, few: bool = False) -
     indices, norms = encode_buffers(codec, flat.shape[0], x.device, few)
     launch_encode(codec, flat, encode_tables(codec, x.device), indices, norms, few)
     if bool(torch.isinf(norms).any()):
-        raise ValueError(
+        raise PyramidKVError(
             f"x has a vector whose norm is beyond the fp16 range ({FP16_MAX:g}) its norm is stored in; "
             "scale the input down"
         )

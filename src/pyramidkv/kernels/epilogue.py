@@ -1,11 +1,10 @@
 """The decode step's epilogue in one launch: merge every split of every coded block, attend over the fp16
 recent window, rotate back, normalise, and write the layout the model reads.
 
-In a model the per-call cost of the codes path, not the kernel, set the decode step: on the H200 a step of
-the embedded model with FibQuant codes took 58-69 ms at batch 1 against 18 ms for the full cache
-(benchmarks/README.md), i.e. 1.3-1.7 ms per layer, and the torch epilogue it replaces (split merge, window
-attention, merge of blocks and window, rotation back, transpose) dispatched ~80 torch operations per layer
-and step. Here one program per (sequence, KV head):
+In a model the per-call cost of the codes path, not the decode kernel, sets the time of a decode step
+(benchmarks/README.md): done in torch, this work (split merge, window attention, merge of blocks and window,
+rotation back, transpose) is ~80 torch operations per layer and step. Here one program per (sequence, KV
+head):
 
 1. reads the running maxima (base 2) of all splits of all blocks, as the decode kernel wrote them into one
    workspace;
@@ -15,26 +14,26 @@ and step. Here one program per (sequence, KV head):
    says so;
 3. merges the splits' unnormalised outputs, which live in the rotated space of FibQuant/TurboQuant
    (arXiv 2605.11478, 2504.19874), and rotates them back (x Pi_v) in column blocks of ``DC`` so the (d, d)
-   rotation never sits whole in registers (the previous merge kernel did, and spilled 1,658 registers at
-   d = 128). Two or more splits are merged ``SB`` at a time: one tile of their maxima and sums, and per row
-   one dot of the (rows, SB) weights by that row's (SB, DC) partials, whose row r is the row's sum; the
-   loads of SB splits are then in flight together. One split per loop trip cost ~0.45 us per split at
-   d = 64 (H200, batch 1: 44.6 us for 88 splits, now 17.8; 64 splits 34.6 -> 13.5; 4 splits at d = 128,
-   batch 8, 13.7 -> 11.3 us); summing a (SB, rows, DC) tile over SB instead took ~3 us per tile (a reduction
-   across threads). One split, nothing to merge across, keeps the loop (4.8 us at batch 1, d = 64);
+   rotation never sits whole in registers (held whole, it spills at d = 128: docs/kernels.md section 11).
+   Two or more splits are merged ``SB`` at a time: one tile of their maxima and sums, and per row one dot of
+   the (rows, SB) weights by that row's (SB, DC) partials, whose row r is the row's sum; the loads of SB
+   splits are then in flight together, where a loop of one split per trip waits on each split's loads in
+   turn, and no reduction across threads is needed, as summing a (SB, rows, DC) tile over SB would
+   (docs/kernels.md, sections 6 and 11). One split, nothing to merge across, keeps the plain loop;
 4. adds the window's output, divides by the common normaliser, and stores (batch, q_len, q_heads, d) in
    the query's dtype: what transformers' attention functions return.
 
 Its dots (window scores, window values, rotation back, the per-row merges) split each float32 operand into
 TF32 parts and sum three tensor-core products (``tf32x3``): float32-level accuracy without the FFMA loops of
-exact fp32 dots, which made up 818 of its 2,376 SASS instructions (d = 64). On the H200 a call took 8.9 against
-12.5 us at batch 1 (d = 64, 7 splits) and 13.6 against 26.2 us at batch 8 (d = 128, 4 splits): NOTES.md.
+exact fp32 (``ieee``) dots, which would be about a third of the kernel's SASS instructions at d = 64 and
+measured slower (docs/kernels.md, sections 6 and 11).
 """
 
 from __future__ import annotations
 
 import torch
 
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.launch import LOG2E, launch_device
 
 try:
@@ -50,9 +49,9 @@ SPLIT_BLOCK = 16
 ROW_DOTS_FROM = 1
 # Integer arguments that change from one decode step to the next (here the splits, with every flush of the window,
 # and the window's width; the decode and encode kernels' lengths and counts likewise). Triton would compile a kernel
-# for each of their specializations (equal to 1, divisible by 16): ~0.7 s each, in the middle of a generation (an
-# eager dynamic cache compiled the epilogue 6 times in its first 80 steps, H200). As loop bounds and masks their
-# specialization buys nothing.
+# for each of their specializations (equal to 1, divisible by 16), most of a second each, in the middle of a
+# generation (an eager dynamic cache would compile the epilogue several times in its first steps). As loop bounds
+# and masks their specialization buys nothing.
 RUN_LENGTHS = ("n_split", "width")
 
 if triton is not None:
@@ -124,7 +123,7 @@ if triton is not None:
         )  # rows nothing saw: every weight is 0
         w_window = tl.exp2(m_w - safe)
         # Each split weighed against the splits' own maximum, whose tensors have the loads' layout: against
-        # ``safe`` (the window's dot layout) every split's partial went through shared memory with two
+        # ``safe`` (the window's dot layout) every split's partial would go through shared memory with two
         # barriers (offline SASS); one rescale by exp2(top - safe) after the loops. Rows no split saw: 0.
         top_safe = tl.where(top == float("-inf"), 0.0, top)
         # top <= safe where a split saw the row; the minimum keeps exp2 finite where none did
@@ -216,17 +215,17 @@ def decode_epilogue(
     batch, kv_heads, split, rows, dim = acc.shape
     q_heads, q_len = query.shape[1], query.shape[2]
     if rows != (q_heads // kv_heads) * q_len or tuple(window_keys.shape[:2]) != (batch, kv_heads):
-        raise ValueError(
+        raise PyramidKVError(
             f"workspace rows {rows} and window {tuple(window_keys.shape)} do not match query "
             f"{tuple(query.shape)} with {kv_heads} KV heads"
         )
     if window_keys.stride(-1) != 1 or window_values.stride(-1) != 1 or query.stride(-1) != 1:
-        raise ValueError("query and window must be contiguous in their last (head) dimension")
+        raise PyramidKVError("query and window must be contiguous in their last (head) dimension")
     width = window_keys.shape[2]
     if window_visible is not None and (
         window_visible.dtype != torch.bool or tuple(window_visible.shape) != (width,)
     ):
-        raise ValueError(
+        raise PyramidKVError(
             f"window_visible: expected a bool tensor of shape ({width},), got "
             f"{window_visible.dtype} {tuple(window_visible.shape)}"
         )

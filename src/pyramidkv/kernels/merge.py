@@ -3,7 +3,7 @@
 Attention over keys split into sequence ranges is recovered exactly from each range's unnormalised output,
 running maximum and normaliser (Dao et al. 2023, "Flash-Decoding for long-context inference"). The layer
 path merges in its epilogue kernel (:mod:`.epilogue`); this is the merge of the standalone
-:func:`~.fibquant_decode.fibquant_decode_attention`, whose (out, lse) the benchmark and tests read.
+:func:`~.dispatch.fibquant_decode_attention`, whose (out, lse) the benchmark and tests read.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from pyramidkv.checks import check_int
 from pyramidkv.codecs.packing import MAX_BITS
 from pyramidkv.codecs.rotated import RotatedBlockCodec
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels import cuda_decode
 from pyramidkv.kernels.launch import LOG2E
 
@@ -62,20 +64,20 @@ class DecodeTuning:
 
     def __post_init__(self) -> None:
         if self.block < 16 or self.block & (self.block - 1):
-            raise ValueError(f"block must be a power of two >= 16, got {self.block}")
+            raise PyramidKVError(f"block must be a power of two >= 16, got {self.block}")
         if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+            raise PyramidKVError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
         if self.waves < 1:
-            raise ValueError(f"waves must be >= 1, got {self.waves}")
+            raise PyramidKVError(f"waves must be >= 1, got {self.waves}")
         if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+            raise PyramidKVError(f"num_stages must be >= 1, got {self.num_stages}")
         cuda_decode.check_launch(self.mma_warps, self.mma_stages, ("mma_warps", "mma_stages"))
         if self.mma_slot_tiles is not None and self.mma_slot_tiles not in cuda_decode.SLOT_TILES:
-            raise ValueError(
+            raise PyramidKVError(
                 f"mma_slot_tiles must be one of {cuda_decode.SLOT_TILES}, got {self.mma_slot_tiles}"
             )
         if self.codebook_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(
+            raise PyramidKVError(
                 f"codebook_dtype must be float16, bfloat16 or float32, got {self.codebook_dtype}"
             )
 
@@ -107,13 +109,13 @@ def check_codec(name: str, codec: object, dim: int) -> None:
             f"{name} must be a FibQuant or TurboQuant codec, got {type(codec).__name__}"
         )
     if codec.d != dim:
-        raise ValueError(f"{name}.d must equal the query's head dim {dim}, got {codec.d}")
+        raise PyramidKVError(f"{name}.d must equal the query's head dim {dim}, got {codec.d}")
     if codec.d < 16 or codec.d & (codec.d - 1):
-        raise ValueError(
+        raise PyramidKVError(
             f"{name}: the fused kernels read head dims that are powers of two >= 16; got d={codec.d}"
         )
     if codec.k & (codec.k - 1) or codec.index_bits > MAX_BITS:
-        raise ValueError(
+        raise PyramidKVError(
             f"{name}: the fused kernel reads blocks of k = a power of two with indices of at most "
             f"{MAX_BITS} bits; got k={codec.k}, N={codec.n}"
         )
@@ -162,9 +164,7 @@ def split_count(
     the device (``tuning.waves`` programs per SM)."""
     if split is None:
         split = default_split(shape[0], shape[1], tiles(shape[2], tuning), device, tuning.waves)
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-        raise ValueError(f"split must be a positive integer, got {split!r}")
-    return split
+    return check_int("split", split, 1)
 
 
 def plan_block(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.launch import launch_device
 
 try:
@@ -98,9 +99,11 @@ def commit(
         *(t for s in store for t in (s.indices, s.norms)),
     ]
     if not all(t.is_contiguous() for t in [*tensors, ring, lengths]):
-        raise ValueError("commit: codes, store, ring and lengths must be contiguous")
+        raise PyramidKVError("commit: codes, store, ring and lengths must be contiguous")
     if key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("commit: key and value must be contiguous in their last (head) dimension")
+        raise PyramidKVError(
+            "commit: key and value must be contiguous in their last (head) dimension"
+        )
     nbk, nbv = (pair[0].shape[-1] for pair in codes)
     with launch_device(ring.device):
         _commit_kernel[(batch * kv_heads,)](

@@ -13,7 +13,8 @@ One program handles one (sequence, KV head, split): the G * q_len query rows of 
 read of the codes (GQA), and the sequence is cut into ``split`` contiguous ranges (flash-decoding, Dao et
 al. 2023) merged by log-sum-exp (:mod:`.merge`). Indices are read from the bit-packed layout of
 :mod:`pyramidkv.codecs.packing` at any width from 1 to 16 bits, so 2, 3 and 4 bits per coordinate and
-TurboQuant all go through this one kernel. docs/kernels.md gives the byte and operation counts.
+TurboQuant all go through this one kernel. docs/kernels.md (sections 1 and 5) gives the byte and operation
+counts.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ if triton is not None:
 
         GATHER 0: every coordinate is a gather from global memory (L1) at ``cb_ptr``. 1 and 2 gather from
         ``book``, the codebook loaded once per program, with ``tl.gather`` (through shared memory): 1 from
-        the flat codebook, one entry per coordinate; 2 from the packed codewords (:func:`packed_words`), one
+        the flat codebook, one entry per coordinate; 2 from the packed codewords (:func:`.plan.packed_words`), one
         index and one gather per block of k coordinates, its k entries then cut out of the word by shifts.
         """
         if GATHER == 2:
@@ -232,9 +233,9 @@ def side_constexprs(
     side: str, k: int, bits: int, dim: int, book: torch.Tensor, planes: int = 0
 ) -> dict[str, int]:
     """The decode kernel's compile-time constants for keys (``side="K"``) or values (``"V"``): block size k,
-    index width, packed bytes per vector, bytes an index can straddle, ``planes`` (:func:`plane_chunk`) and the
+    index width, packed bytes per vector, bytes an index can straddle, ``planes`` (:func:`.plan.plane_chunk`) and the
     codebook's length (entries, or packed words for GATHER 2) padded to a power of two and real. The one
-    statement of them, shared by the launcher and the offline compile check (:mod:`.offline_compile`)."""
+    statement of them, shared by the launcher and the offline compile check (``tools/offline_compile.py``)."""
     return {
         f"K_{side}": k, f"W_{side}": bits, f"NB_{side}": packed_bytes(dim // k, bits),
         f"SPAN_{side}": _span(bits), f"PL_{side}": planes,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from pyramidkv.errors import PyramidKVError
+from pyramidkv.checks import check_int
 from pyramidkv.policies.base import attention_weights, check_inputs
 
 
@@ -31,14 +30,7 @@ class AccumulatedAttentionScorer:
     needs_all_queries: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, Integral)
-            or self.block_size < 1
-        ):
-            raise PyramidKVError(
-                f"block_size: got {self.block_size!r}; expected an integer >= 1 (256 by default)"
-            )
+        check_int("block_size", self.block_size, 1)
 
     def score(self, queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
         batch, kv_heads, groups, q_len, n = check_inputs(queries, keys, valid)

@@ -8,11 +8,13 @@ to gather. Everything here works on plain tensors shaped like transformers' cach
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from pyramidkv.checks import check_int
+from pyramidkv.errors import PyramidKVError
 
 
 class Scorer(Protocol):
@@ -37,21 +39,23 @@ class Scorer(Protocol):
 def check_inputs(queries: Tensor, keys: Tensor, valid: Tensor) -> tuple[int, int, int, int, int]:
     """Validate the shapes a scorer receives; return (batch, kv_heads, groups, Q, n)."""
     if queries.dim() != 4 or keys.dim() != 4:
-        raise ValueError(
+        raise PyramidKVError(
             f"queries/keys: got shapes {tuple(queries.shape)} and {tuple(keys.shape)}; expected "
             "(batch, heads, seq, head_dim) for both"
         )
     batch, q_heads, q_len, dim = queries.shape
     k_batch, kv_heads, n, k_dim = keys.shape
     if k_batch != batch or k_dim != dim or kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(
+        raise PyramidKVError(
             f"queries/keys: got shapes {tuple(queries.shape)} and {tuple(keys.shape)}; expected the "
             "same batch and head_dim, and query heads a multiple of KV heads"
         )
     if q_len > n:
-        raise ValueError(f"queries: got {q_len} query positions for {n} keys; expected at most {n}")
+        raise PyramidKVError(
+            f"queries: got {q_len} query positions for {n} keys; expected at most {n}"
+        )
     if valid.shape != (batch, n) or valid.dtype != torch.bool:
-        raise ValueError(
+        raise PyramidKVError(
             f"valid: got shape {tuple(valid.shape)} dtype {valid.dtype}; expected ({batch}, {n}) bool"
         )
     return batch, kv_heads, q_heads // kv_heads, q_len, n
@@ -98,21 +102,22 @@ def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple
     index (0 for a row that keeps nothing), so a gather never goes out of range.
     """
     if scores.dim() != 3:
-        raise ValueError(f"scores: got shape {tuple(scores.shape)}; expected (batch, kv_heads, n)")
+        raise PyramidKVError(
+            f"scores: got shape {tuple(scores.shape)}; expected (batch, kv_heads, n)"
+        )
     batch, kv_heads, n = scores.shape
     if valid.shape != (batch, n) or valid.dtype != torch.bool:
-        raise ValueError(
+        raise PyramidKVError(
             f"valid: got shape {tuple(valid.shape)} dtype {valid.dtype}; expected ({batch}, {n}) bool"
         )
     if budgets.shape != (batch,) or budgets.dtype.is_floating_point or budgets.dtype == torch.bool:
-        raise ValueError(
+        raise PyramidKVError(
             f"budgets: got shape {tuple(budgets.shape)} dtype {budgets.dtype}; expected ({batch},) integer"
         )
-    if isinstance(window, bool) or not isinstance(window, Integral) or window < 0:
-        raise ValueError(f"window: got {window!r}; expected an integer >= 0")
+    check_int("window", window, 0)
     budgets = budgets.to(device=scores.device, dtype=torch.long)
     if batch and int(budgets.min()) < 0:
-        raise ValueError(f"budgets: got {budgets.tolist()}; expected integers >= 0")
+        raise PyramidKVError(f"budgets: got {budgets.tolist()}; expected integers >= 0")
 
     valid = valid.to(scores.device)
     counts = valid.sum(dim=1)  # (batch,)

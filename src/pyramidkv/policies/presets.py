@@ -24,14 +24,15 @@ budget - 4 recent tokens), ``seed = 0``, ``block_size = 256`` (memory only, not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 
-from pyramidkv.budgets import Budget, PyramidSchedule, Schedule, UniformSchedule, parse_budget
+from pyramidkv.budgets import Budget, parse_budget
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.policies.accumulated_attention import AccumulatedAttentionScorer
 from pyramidkv.policies.base import Scorer
 from pyramidkv.policies.key_norm import KeyNormScorer
 from pyramidkv.policies.random import RandomScorer
+from pyramidkv.policies.schedules import PyramidSchedule, Schedule, UniformSchedule
 from pyramidkv.policies.sinks_recent import SinksRecentScorer
 from pyramidkv.policies.window_attention import WindowAttentionScorer
 
@@ -61,14 +62,7 @@ class Policy:
     window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.window, bool)
-            or not isinstance(self.window, Integral)
-            or self.window < 1
-        ):
-            raise PyramidKVError(
-                f"window: got {self.window!r}; expected an integer >= 1 ({DEFAULT_WINDOW} by default)"
-            )
+        check_int("window", self.window, 1)
         if self.scorer is not None and not callable(getattr(self.scorer, "score", None)):
             raise PyramidKVError(
                 f"scorer: got {self.scorer!r}; expected an object with a score() method"

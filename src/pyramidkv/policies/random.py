@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from pyramidkv.errors import PyramidKVError
+from pyramidkv.checks import check_int
 from pyramidkv.policies.base import check_inputs
 
 
@@ -28,8 +27,7 @@ class RandomScorer:
     needs_all_queries: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0:
-            raise PyramidKVError(f"seed: got {self.seed!r}; expected an integer >= 0")
+        check_int("seed", self.seed, 0)
 
     def score(self, queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
         batch, kv_heads, _, _, n = check_inputs(queries, keys, valid)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from pyramidkv.errors import PyramidKVError
+from pyramidkv.checks import check_int
 from pyramidkv.policies.base import check_inputs
 
 
@@ -30,10 +29,7 @@ class SinksRecentScorer:
     needs_all_queries: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, Integral) or self.sinks < 0:
-            raise PyramidKVError(
-                f"sinks: got {self.sinks!r}; expected an integer >= 0 (4 by default)"
-            )
+        check_int("sinks", self.sinks, 0)
 
     def score(self, queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
         batch, kv_heads, _, _, n = check_inputs(queries, keys, valid)

@@ -8,12 +8,12 @@ window* — already attend to the tokens generation will need. PyramidKV (Cai et
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.policies.base import attention_weights, check_inputs
 
@@ -42,12 +42,7 @@ class WindowAttentionScorer:
     needs_all_queries: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.kernel_size, bool)
-            or not isinstance(self.kernel_size, Integral)
-            or self.kernel_size < 1
-            or self.kernel_size % 2 == 0
-        ):
+        if check_int("kernel_size", self.kernel_size, 1) % 2 == 0:
             raise PyramidKVError(
                 f"kernel_size: got {self.kernel_size!r}; expected an odd integer >= 1 (7 by default)"
             )

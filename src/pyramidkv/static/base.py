@@ -2,7 +2,7 @@
 
 The layers of :class:`~pyramidkv.static.cache.StaticCompressedCache` hold their tokens in buffers allocated
 at build and count steps on the device, so that a decode step can be one CUDA graph. Both kinds — plain
-buffers (:class:`~pyramidkv.static.cache.StaticLayer`) and codes with an fp16 ring
+buffers (:class:`~pyramidkv.static.buffers.StaticBufferLayer`) and codes with an fp16 ring
 (:class:`~pyramidkv.static.coded.StaticCodedLayer`) — also keep a host copy of the count, to refuse a step
 past ``max_new_tokens`` and to report the sequence length; a replayed graph runs no Python, so whoever
 replays it counts the replays.
@@ -11,14 +11,17 @@ replays it counts the replays.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+
+from pyramidkv.cache.protocol import CacheLayer
+from pyramidkv.errors import PyramidKVError
 
 
-class StaticLayerBase(CacheLayerMixin):
+class StaticLayerBase(CacheLayer):
     """Host-side bookkeeping of a static layer: ``seen`` tokens of the sequence, of which ``appended`` since
     the build (``start`` = ``seen`` then), at most ``max_new_tokens`` of them. Subclasses implement
     ``update``, ``attend``, ``rewind`` and ``nbytes``."""
 
+    prefilling = False  # the prompt was prefilled (and compressed) in the source cache
     is_compileable = False  # lets transformers skip its decode mask (eager); attend masks by itself
     is_sliding = False
     is_croppable = False
@@ -33,7 +36,7 @@ class StaticLayerBase(CacheLayerMixin):
     def _reserve(self, q_len: int) -> None:
         """Raise unless ``q_len`` more new tokens fit; then count them as appended."""
         if self.appended + q_len > self.max_new_tokens:
-            raise ValueError(
+            raise PyramidKVError(
                 f"max_new_tokens: the cache was built for {self.max_new_tokens} new tokens and holds "
                 f"{self.appended}; {q_len} more do not fit (build it with a larger max_new_tokens)"
             )
@@ -47,9 +50,12 @@ class StaticLayerBase(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the buffers are allocated when the cache is built."""
 
-    def is_fresh(self) -> bool:
-        """Never: the prompt was prefilled (and compressed) in the source cache."""
-        return False
+    def compress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """Refused: a static layer is built from a prefilled cache and takes no prompt."""
+        raise PyramidKVError(
+            f"layer {self.layer_idx}: a static cache is built from a prefilled cache; prefill the prompt "
+            "into the source cache"
+        )
 
     def get_seq_length(self) -> int:
         return self.seen

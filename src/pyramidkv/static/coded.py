@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from pyramidkv.cache import hook as attention
+from pyramidkv.cache import hook
+from pyramidkv.cache.protocol import ModelAttention
 from pyramidkv.codecs import VectorCodes
 from pyramidkv.codecs.packing import packed_bytes
 from pyramidkv.codecs.rotated import RotatedBlockCodec
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.cuda_decode import MmaVariant
 from pyramidkv.kernels.dispatch import launch_partials
 from pyramidkv.kernels.encode import encode_buffers, encode_tables, launch_encode
@@ -90,7 +92,7 @@ def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:
     (b, h) holds its valid codes first, in order (the ragged prompt, then the flushed windows), then
     leftovers; and its (batch, kv_heads) lengths. Read once, when the static cache is built."""
     if not blocks or not all(isinstance(b.keys, VectorCodes) for b in blocks):
-        raise ValueError("source: expected a layer holding FibQuant or TurboQuant codes")
+        raise PyramidKVError("source: expected a layer holding FibQuant or TurboQuant codes")
     valid = []
     for block in blocks:
         slots = torch.arange(block.tokens, device=block.keys.norms.device)
@@ -132,7 +134,9 @@ class StaticCodedLayer(StaticLayerBase):
         w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels."""
         batch, kv_heads, held, dim = window_keys.shape
         if not residual >= 1 or held > residual:
-            raise ValueError(f"residual: got {residual!r}; expected an integer >= {max(1, held)}")
+            raise PyramidKVError(
+                f"residual: got {residual!r}; expected an integer >= {max(1, held)}"
+            )
         super().__init__(layer_idx, seen, max_new_tokens)
         self.codecs, self.fused, self.residual, self.held = codecs, fused, residual, held
         self.device, self.dtype, self.batch = window_keys.device, window_keys.dtype, batch
@@ -172,7 +176,7 @@ class StaticCodedLayer(StaticLayerBase):
         """Encode the token leaving the ring into the store, put the new one in its slot (module doc)."""
         q_len = key_states.shape[-2]
         if q_len != 1:
-            raise ValueError(
+            raise PyramidKVError(
                 f"key_states: got {q_len} tokens; a static cache with codes takes one per step "
                 "(feed longer inputs to the source cache before building it)"
             )
@@ -192,7 +196,7 @@ class StaticCodedLayer(StaticLayerBase):
         else:
             self._commit(codes, key_states, value_states)
         self.step.add_(1)
-        attention.announce(self)
+        hook.announce(self)
         return self.keys, self.values
 
     def _commit(self, codes, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -207,7 +211,9 @@ class StaticCodedLayer(StaticLayerBase):
         torch.le(self.order, self.step, out=self.visible)
         self.slot.copy_((self.step + 1 + self.held).remainder(self.residual))
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, scaling: float, model_attention: ModelAttention | None = None
+    ) -> torch.Tensor:
         """Attention of (batch, q_heads, 1, d) queries over the store and the ring; (batch, 1, q_heads, d)."""
         if self.fused:
             return self._attend_fused(query, scaling)
@@ -252,7 +258,7 @@ class StaticCodedLayer(StaticLayerBase):
         """Back to the state of the build (``appended`` = 0): the tokens that left the ring since are codes
         now, so no other step can be restored."""
         if appended:
-            raise ValueError(
+            raise PyramidKVError(
                 f"appended: got {appended}; a static cache with codes rewinds only to 0 (the tokens "
                 "that left its fp16 window are codes now)"
             )

@@ -1,8 +1,8 @@
 """Greedy decoding by CUDA-graph replay over a static copy of a prefilled cache.
 
-A decode step of a small model is bound by the host: on the H200 the embedded model takes 27-29 ms per step
-eagerly at batch 1, with or without compression, and 3.5 ms (5.6 ms with FibQuant codes) when one captured
-step is replayed (``benchmarks/cuda_graph_decode.py``). :class:`~pyramidkv.static.cache.StaticCompressedCache`
+A decode step of a small model is bound by the host: the embedded model's eager step at batch 1, with or
+without compression, takes several times as long as the replay of one captured step (figures in
+benchmarks/README.md, from ``benchmarks/cuda_graph_decode.py``). :class:`~pyramidkv.static.cache.StaticCompressedCache`
 gives the step static shapes; this module captures it and runs the loop: replay, read the greedy token (one
 host sync per token, which the stop check needs anyway), feed it back. On a CPU the same loop calls the step
 eagerly, which is what the tests compare with ``model.generate``.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
 
 WARMUP = (
@@ -71,11 +72,11 @@ def greedy_tokens(
     Stops after a token in ``stop_ids`` (included); ``on_token`` sees every token as it comes.
     """
     if first.shape != (1, 1):
-        raise ValueError(
+        raise PyramidKVError(
             f"first: expected the one (1, 1) token of a batch of one, got {tuple(first.shape)}"
         )
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+        raise PyramidKVError(f"steps: expected an integer >= 1, got {steps!r}")
     static = StaticCompressedCache(model, source, max_new_tokens=max(steps, WARMUP + 1))
     step = DecodeStep(model, static)
     tokens: list[int] = []

@@ -9,15 +9,13 @@ given, in 5.17) and the mask broadcasts over the group. Pure tensor code: the ca
 
 Why: a decode step has a few such rows against thousands of slots. Masked SDPA takes the memory-efficient
 kernel, which parallelises over (batch, heads, query blocks) and walks the slots serially: 3 thread blocks at
-batch 1 for the embedded model (3 KV heads, one block of rows each), ~0.5 ms a layer for 8k slots, a 16.9 ms
-CUDA-graph step on the H200 (30 layers). So up to ``DECODE_ROWS`` rows this module splits the work over the
-slots as flash-decoding does (Dao et al. 2023, "Flash-Decoding for long-context inference"): the scores by one
+batch 1 for the embedded model (3 KV heads, one block of rows each), so most of the GPU idles while they walk
+thousands of slots (docs/kernels.md, section 8). So up to ``DECODE_ROWS`` rows this module splits the work over
+the slots as flash-decoding does (Dao et al. 2023, "Flash-Decoding for long-context inference"): the scores by one
 batched matmul (its output spans every slot, so it fills the GPU at any batch), softmax in float32, then the
 value sum as one matmul per chunk of :func:`_chunk` slots (at least ``SPLIT_BLOCKS`` products at a small
-batch), the partial sums added. Measured on the H200 (benchmarks/cuda_graph_decode.py, 8000-token prompt,
-bfloat16): a graph-replayed step takes 3.5-3.7 ms at batch 1 against 27-29 ms for eager decoding, with the
-full cache and with PyramidKV at a 10% budget alike. More rows (tokens fed several at a time) keep SDPA, which
-has query blocks enough to parallelise over.
+batch), the partial sums added (step times: benchmarks/README.md, ``benchmarks/cuda_graph_decode.py``). More
+rows (tokens fed several at a time) keep SDPA, which has query blocks enough to parallelise over.
 
 Static shapes and no host reads on either path: fit for a CUDA graph.
 """
@@ -29,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from pyramidkv.errors import PyramidKVError
 
 ALIGN = 16  # slots: a chunk (and so the capacity) is a multiple of this
 # query rows per KV head (groups * q_len) up to which attend multiplies matrices instead of calling SDPA
@@ -79,11 +79,13 @@ def attend(
     batch, q_heads, q_len, dim = query.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     if q_heads % kv_heads:
-        raise ValueError(
+        raise PyramidKVError(
             f"query: got {q_heads} heads; expected a multiple of the buffers' {kv_heads} KV heads"
         )
     if chunk <= 0 or capacity % chunk:
-        raise ValueError(f"chunk: got {chunk}; expected a positive divisor of the {capacity} slots")
+        raise PyramidKVError(
+            f"chunk: got {chunk}; expected a positive divisor of the {capacity} slots"
+        )
     groups = q_heads // kv_heads
     packed = query.reshape(batch, kv_heads, groups * q_len, dim)
     if groups * q_len <= DECODE_ROWS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.tasks import needle, passkey, ruler
 from pyramidkv.eval.tasks.base import MODE_CHOICES, MODES, SCORERS, Draft, Sample, samples_of
@@ -56,10 +57,8 @@ def make_samples(
         return longbench_samples(task.removeprefix("longbench:"), tokenizer, length, n, mode)
     names = task_names(task)
     modes = _modes(mode)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PyramidKVError(f"samples: got {n!r}; expected an integer >= 1")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise PyramidKVError(f"length: got {length!r}; expected a number of tokens >= 1")
+    check_int("samples", n, 1)
+    check_int("length", length, 1)
     found: list[Sample] = []
     for name in names:
         for index in range(n):

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
+from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval import corpus
 from pyramidkv.eval.tasks.layout import encode
 
@@ -51,7 +52,7 @@ def pool(tokenizer, kind: str, tokens: int, seed: int) -> Pool:
         once = len(encode(tokenizer, FILLER + " ", first=False))
         return _pool(" ".join([FILLER] * (tokens // max(once, 1) + 2)))
     if kind != "prose":
-        raise ValueError(f"haystack: got {kind!r}; expected one of {', '.join(HAYSTACKS)}")
+        raise PyramidKVError(f"haystack: got {kind!r}; expected one of {', '.join(HAYSTACKS)}")
     kept, total = [], 0
     paragraphs = corpus.shuffled_paragraphs(seed)
     for i in range(

@@ -8,7 +8,7 @@
 //
 // Why CUDA and not Triton: a Triton kernel gathers codewords into a blocked layout and the compiler then
 // moves the tile through shared memory into the layout mma.sync reads (~16 instructions per coordinate,
-// NOTES.md). Here every lane gathers exactly the halves its own mma fragment holds, so a codeword costs a
+// docs/kernels.md section 5). Here every lane gathers exactly the halves its own mma fragment holds, so a codeword costs a
 // byte permute (its offset in the table) and one shared-memory load. Two facts make that possible:
 //  * the fragment a lane holds pairs coordinates (2t, 2t+1, 2t+8, 2t+9) of one key (mma B operand of
 //    S = Q K^T) and coordinates (g, g+8) of two tokens for values (A operand of O^T = V^T P^T), or, with at most
@@ -18,9 +18,10 @@
 // The codebook sits in shared memory in COPIES lane-private copies laid out so that the 32 lanes of a warp
 // always hit distinct banks, whatever indices they read (a random gather from one copy conflicts ~3-way).
 // Each warp streams its tiles (index bytes and norms, in token order) into a ring of shared memory with cp.async;
-// each lane's copies of a tile form one cp.async group, so waiting for a tile is a group count (NOTES.md, v9).
+// each lane's copies of a tile form one cp.async group, so waiting for a tile is a group count (docs/kernels.md
+// section 4; an mbarrier per slot is slower: section 11).
 //
-// Compile-time constants (prepended as #defines by kernels/mma_decode.py): D head dim (64 or 128), KC
+// Compile-time constants (prepended as #defines by kernels/cuda_decode.py): D head dim (64 or 128), KC
 // codeword length (2 or 4), W index bits (8: N = 256, 2 or 4 bits per coordinate; 6: N = 64, 3 bits at k = 2,
 // 1.5 at k = 4; 5 and 7: 2.5 and 3.5 bits at k = 2), ROWS_CAP (the most query rows per KV head the variant
 // holds: 4, 8 or 16), NW warps per block, SHARED_BOOK (1 when keys and values use the same codebook), STAGES (tiles per warp's ring, >= 2), ROW_BYTES (a
@@ -212,7 +213,7 @@ __device__ __forceinline__ int value_token(int j, int t) { return 2 * t + (j & 1
 
 // Where index byte b of tile token tok sits in its array of a ring slot: the rows of tokens 0..7 (and 8..15, 8 rows
 // on) permuted by ROW_PERM (3 bits per token) and the CHUNK-byte chunks of a row XORed with CHUNK_XOR (2 bits per
-// token), so that the warp's index reads spread over the banks (mma_decode.RING_SWIZZLE, NOTES.md v10). A lane's
+// token), so that the warp's index reads spread over the banks (cuda_decode.RING_SWIZZLE). A lane's
 // copies and reads each touch fixed places of a slot, so the swizzle costs no instruction in the loop.
 __device__ __forceinline__ u32 slot_byte(int tok, int b) {
     if (!SWIZZLED) return tok * NBYTES + b;  // offsets the compiler can fold
@@ -284,10 +285,10 @@ __device__ __forceinline__ void read_global(Tile& tile, Norms& n, const u8* krow
 // the register is codes 4i + j of the lane's word w, one shift and one AND. 3-bit codes in planes
 // (codecs/planes.py): the same from the KQ / 16 words of low bits, ORed with the high bits, bit m of byte i of the
 // lane's next word (d = 128; at d = 64 its 16 bits are spread a nibble per byte first), shifted to bit 2.
-// The query enters as two int8 parts, hi + lo / 256 (~15 bits; one part alone gave 0.6-4% output error, NOTES.md), each
+// The query enters as two int8 parts, hi + lo / 256 (~15 bits; one part alone gives 0.6-4% output error), each
 // summed in int32 from 1.5 x 2^23 so the sums read as floats exactly; S = hi + lo / 256 - cq in units of the row's
 // scale (attend applies it in the exponentials), cq carrying the starts and the grid's offset KEY_MID x sum(q). No
-// codebook, no shared-memory gather: the key half of the table's traffic is gone (NOTES.md, fourteenth session).
+// codebook, no shared-memory gather: of the table's traffic only the values' half is left (docs/kernels.md section 4).
 __device__ __forceinline__ void keys_affine(const u32* kidx, const u32 (&qa)[KSTEPS][4], const float (&cq)[2],
                                             float* c) {
     u32 kb[2 * KS];
@@ -327,7 +328,7 @@ __device__ __forceinline__ void keys_affine(const u32* kidx, const u32 (&qa)[KST
 }
 
 // One tile: S = Q K^T, the online softmax, O^T += V^T P^T. FULL: every token of the tile is visible (a ring
-// tile), so no key norm is the -inf mark of a missing token and the scores skip that check (-3% at 2 bits).
+// tile), so no key norm is the -inf mark of a missing token and the scores skip that check (measured faster).
 template <bool FULL>
 __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, const u32 (&qa)[KSTEPS][4],
                                        float (&acc)[VTILES][1 + ROWS2][4], float (&m_run)[2], float (&l_run)[2],
@@ -335,8 +336,8 @@ __device__ __forceinline__ void attend(const Tile& cur, const Norms& norms, cons
                                        const float (&qscale)[2], const float (&cq)[2]) {
     // S = Q K^T over two n-tiles of 8 tokens: mma B is key 8nt + g, one codeword load per k-step;
     // c[nt] = rows g (0, 1), g + 8 (2, 3) x tokens 8nt + 2t (+ 1); at k = 2 (3 and 4 bits) even and odd k-steps in
-    // two accumulators, halving the chain of dependent mma; at k = 4 one chain measured 2.5% faster at 2 bits (the
-    // 8 registers and 8 adds it saves end the 2-bit kernel's spill) and two 2% faster at 3 and 4 bits (NOTES.md, v9)
+    // two accumulators, halving the chain of dependent mma (measured faster at 3 and 4 bits); at k = 4 one chain,
+    // whose 8 fewer registers and adds keep the 2-bit kernel from spilling (docs/kernels.md section 11)
     float c[2][4], c_odd[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -465,7 +466,7 @@ __device__ __forceinline__ void cp_async(u32 dst, const u8* src) {
 // One lane's share of filling the ring: CHUNK-byte copies from its chunks of the key and the value index bytes
 // (the arrays share out the lanes: values start where the key chunks end, modulo 32) and, on the lanes after
 // them, of the key and value norms. Its sources run through the warp's tiles in order, NW TILE tokens apart, so a
-// fill is a few copies and three pointer increments (v8 recomputed every source from the tile's token).
+// fill is a few copies and three pointer increments, not a source recomputed from the tile's token.
 // A lane's second chunk of an array (64 chunks at 4 bits, 48 at 3) is 32 chunks on, which the swizzle leaves 32 chunks
 // on in the slot: its rows move by whole tokens (8 or 16), and the swizzle permutes rows 8..15 as 0..7.
 struct Feed {
@@ -687,8 +688,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, ROWS2 ? 1 : 16 / NW) fibqu
         }
     }
     // The tiles past the ring: full ones short of a slot, then the partial one. With one-tile slots there is only the
-    // partial one, and the loop stops after it: v10's single test, whose SASS this compiles to (a loop cost FibQuant
-    // 2% at d = 128, NOTES.md, fifteenth session).
+    // partial one, and the loop stops after it, so it compiles to a single test (a loop there measured slower for
+    // FibQuant at d = 128).
     const int left = units * TPS;
     for (int x = left; x * TILE < hi - lo && (TPS > 1 || x == left); ++x) {
         if (warp != x % NW) continue;

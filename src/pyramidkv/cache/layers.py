@@ -1,0 +1,316 @@
+"""The layers of a :class:`~pyramidkv.cache.compressed.CompressedCache`: what one attention layer keeps.
+
+Each layer stores two segments, both at KV-head size (batch, kv_heads, seq, head_dim) like transformers'
+own caches:
+
+* **kept** — the prompt tokens the policy kept, gathered at prefill. Every (sequence, KV head) row has its
+  own length (``lengths``): per-layer budgets (PyramidKV), per-row budgets of a left-padded batch and
+  per-head selection all fit this one layout, and a fused kernel reads it as a ragged array.
+* **recent** — tokens appended after the prompt (generated tokens, or a question appended to a compressed
+  context), the same count for every row.
+
+:class:`CompressedLayer` keeps its tokens in the model's dtype; :class:`CodedLayer` stores them as codes
+(:mod:`.blocks`) and encodes the recent window whenever it fills (KIVI, Liu et al. 2024, keeps the same
+fp16 residual window). Positions of new tokens continue from the original prompt length:
+``get_seq_length`` counts the tokens seen, not the tokens kept, so RoPE positions and masks line up with the
+uncompressed sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyramidkv.cache import hook
+from pyramidkv.cache.blocks import CodedBlocks, pad_slots, stack_codes
+from pyramidkv.cache.protocol import CacheLayer, ModelAttention
+from pyramidkv.cache.selection import Selection
+from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
+from pyramidkv.codecs.registry import CodecPair
+from pyramidkv.errors import UnsupportedModelError
+from pyramidkv.kernels import chunked_attention, fused_attention, use_fused
+from pyramidkv.kernels.reference import rotated_attention
+
+
+def _causal(recent: int, q_len: int, device) -> torch.Tensor:
+    """(q_len, recent) bool: appended slot ``r`` is visible to new query ``i`` when ``r <= recent - q_len + i``."""
+    steps = torch.arange(recent, device=device)
+    limit = recent - q_len + torch.arange(q_len, device=device)
+    return steps[None, :] <= limit[:, None]
+
+
+def _empty_window(states: torch.Tensor) -> torch.Tensor:
+    """An empty recent window shaped like ``states``, on a storage of its own: a ``[..., :0, :]`` slice would
+    keep the whole prompt's keys or values alive behind it until the next append."""
+    return states.new_empty(*states.shape[:-2], 0, states.shape[-1])
+
+
+def _bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class CompressedLayer(CacheLayer):
+    """One attention layer's compressed cache, kept tokens in the model's dtype (module docstring)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, selection: Selection):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.selection = selection
+        self.seen = 0
+        self.compressed = False
+        self.ragged = False  # whether kept rows have different lengths (then decode needs a mask)
+        self.kept_keys: torch.Tensor | None = None
+        self.kept_values: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept per row
+
+    @property
+    def prefilling(self) -> bool:
+        """True until the prompt has been compressed."""
+        return not self.compressed
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys, self.values = _empty_window(key_states), _empty_window(value_states)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif self.prefilling:
+            raise UnsupportedModelError(
+                f"model: layer {self.layer_idx} never called pyramidkv's attention function; its attention "
+                "does not go through transformers' AttentionInterface, so it cannot be compressed"
+            )
+        self._before_append()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        hook.announce(self)
+        return self.keys, self.values
+
+    def _before_append(self) -> None:
+        """What the layer does with its recent window before new tokens join it (a coded layer encodes it)."""
+
+    def compress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """Keep what the policy selects from the prompt just prefilled, and free the rest."""
+        indices, lengths = self.selection.choose(self.layer_idx, queries, self.keys, valid, scaling)
+        gather = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self._keep(self.keys.gather(2, gather), self.values.gather(2, gather), lengths)
+        self.lengths = lengths
+        # read once here, not at every decode step: a host sync per layer and step costs more than the step
+        self.ragged = bool((lengths != indices.shape[-1]).any())
+        self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
+        self.compressed = True
+
+    def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Store the kept tokens (batch, kv_heads, K, dim), row (b, h) valid up to ``lengths[b, h]``."""
+        self.kept_keys, self.kept_values = keys, values
+
+    def attend(
+        self, query: torch.Tensor, scaling: float, model_attention: ModelAttention
+    ) -> torch.Tensor:
+        """The model's own attention over the kept tokens, then the recent ones, under their mask."""
+        keys, values, mask = self.attention_inputs(
+            query.shape[-2], query.shape[1], model_attention.float_mask
+        )
+        return model_attention.decode(query, keys, values, mask, scaling)
+
+    def attention_inputs(self, q_len: int, q_heads: int, as_float: bool):
+        """Keys, values (kept then recent) and a mask for ``q_len`` new queries; ``None`` when nothing is masked.
+
+        Kept slot ``c`` of row (b, h) is visible when ``c < lengths[b, h]``; recent slot ``r`` is visible to
+        new query ``i`` when ``r <= R - q_len + i`` (causal among the new tokens).
+        """
+        keys = torch.cat([self.kept_keys, self.keys], dim=-2)
+        values = torch.cat([self.kept_values, self.values], dim=-2)
+        batch, kv_heads, capacity, _ = self.kept_keys.shape
+        recent = self.keys.shape[-2]
+        if q_len == 1 and not self.ragged:
+            return keys, values, None
+        slots = torch.arange(capacity, device=keys.device)
+        kept = (
+            (slots < self.lengths[..., None]).unsqueeze(-2).expand(batch, kv_heads, q_len, capacity)
+        )
+        causal = _causal(recent, q_len, keys.device).expand(batch, kv_heads, q_len, recent)
+        mask = torch.cat([kept, causal], dim=-1).repeat_interleave(q_heads // kv_heads, dim=1)
+        if as_float:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=keys.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min
+            )
+        return keys, values, mask
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def components(self) -> dict[str, int]:
+        """Bytes held per component: codes and their side information (norms, scales), kept tokens in the
+        model's dtype, the recent window, and the row lengths."""
+        return {
+            "codes": 0,
+            "side": 0,
+            "kept_fp": _bytes(self.kept_keys, self.kept_values),
+            "recent": _bytes(self.keys, self.values),
+            "lengths": _bytes(self.lengths),
+        }
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The uncoded tensors this layer holds (a coded layer's blocks count through :meth:`nbytes`)."""
+        found = [self.kept_keys, self.kept_values, self.lengths, self.keys, self.values]
+        return [t for t in found if isinstance(t, torch.Tensor)]
+
+    def nbytes(self) -> int:
+        return _bytes(*self.tensors())
+
+    def kept_tokens(self) -> torch.Tensor:
+        """(batch, kv_heads) tokens this layer holds: kept prompt tokens plus appended ones."""
+        recent = self.appended_tokens()
+        if self.lengths is None:
+            return torch.full((1, 1), recent, dtype=torch.long)
+        return self.lengths + recent
+
+    def appended_tokens(self) -> int:
+        """Tokens held after the prompt, the same for every row."""
+        return self.keys.shape[-2] if self.keys is not None else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for name in ("kept_keys", "kept_values", "lengths", "keys", "values"):
+            tensor = getattr(self, name)
+            if isinstance(tensor, torch.Tensor):
+                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows ``indices`` in that order, repeats allowed (transformers' ``Cache.batch_select_indices``;
+        a server repeating one prefilled prompt over a batch uses it): the reordering beam search does."""
+        self.reorder_cache(indices)
+
+    def stackable(self) -> bool:
+        """Whether :meth:`stack_rows` can take this layer as a row: compressed, batch 1, nothing appended."""
+        return self.compressed and self.lengths.shape[0] == 1 and not self.keys.shape[-2]
+
+    def stack_rows(self, rows: list[CompressedLayer]) -> None:
+        """Become the batch of ``rows`` (:meth:`stackable` layers of one prompt), row i holding what ``rows[i]``
+        kept: the evaluation decodes many configurations of one prompt as one batch."""
+        self.lazy_initialization(rows[0].keys, rows[0].values)
+        self.keys = torch.cat([r.keys for r in rows])
+        self.values = torch.cat([r.values for r in rows])
+        self.seen, self.compressed = rows[0].seen, True
+        self.lengths = torch.cat([r.lengths for r in rows])
+        slots = self._stack_kept(rows)
+        self.ragged = bool((self.lengths != slots).any())
+
+    def _stack_kept(self, rows: list[CompressedLayer]) -> int:
+        """The rows' kept tokens as one batch, padded to the longest; returns its slots."""
+        slots = max(r.kept_keys.shape[2] for r in rows)
+        self.kept_keys = torch.cat([pad_slots(r.kept_keys, slots) for r in rows])
+        self.kept_values = torch.cat([pad_slots(r.kept_values, slots) for r in rows])
+        return slots
+
+    def reset(self) -> None:
+        self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
+        self.is_initialized = self.compressed = self.ragged = False
+        self.seen = 0
+
+
+class CodedLayer(CompressedLayer):
+    """One attention layer's compressed cache with the kept tokens stored as codes (:mod:`.blocks`).
+
+    New tokens wait in a window of ``residual`` tokens in the model's dtype that is encoded as one block
+    when it fills. ``kernel`` / ``fused_ok``: the cache's choice of attention path
+    (:func:`pyramidkv.kernels.use_fused`).
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        selection: Selection,
+        codecs: CodecPair,
+        residual: int,
+        kernel: str,
+        fused_ok: bool,
+    ):
+        super().__init__(layer_idx, selection)
+        self.coded = CodedBlocks(codecs)
+        self.residual = residual
+        self.kernel, self.fused_ok = kernel, fused_ok
+
+    def _fused(self, device: torch.device) -> bool:
+        return use_fused(self.kernel, self.fused_ok, device)
+
+    def _before_append(self) -> None:
+        """Encode the recent window as one block when it is full."""
+        if self.compressed and self.keys.shape[-2] >= self.residual:
+            self.coded.add(self.keys, self.values, fused=self._fused(self.keys.device))
+            self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
+
+    def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.coded.add(keys, values, lengths, fused=self._fused(keys.device))
+
+    def attend(
+        self, query: torch.Tensor, scaling: float, model_attention: ModelAttention | None = None
+    ) -> torch.Tensor:
+        """Attention of (batch, q_heads, q_len, dim) queries over coded blocks, then the fp16 recent window.
+
+        The fused kernel reads the codes directly (on CUDA with ``kernel="auto"``, or when forced); elsewhere
+        FibQuant and TurboQuant codes are attended in torch in their rotated space
+        (:func:`pyramidkv.kernels.reference.rotated_attention`), and KIVI's decoded one block at a time.
+        Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
+        """
+        if self._fused(query.device):
+            return fused_attention(query, self.coded, self.keys, self.values, scaling)
+        q_len, recent = query.shape[-2], self.keys.shape[-2]
+        causal = _causal(recent, q_len, query.device)[None, None]
+        codecs = self.coded.codecs
+        if all(isinstance(c, RotatedBlockCodec) for c in (codecs.keys, codecs.values)):
+            blocks = [(b.keys, b.values, b.visible(query.device)) for b in self.coded.blocks]
+            out = rotated_attention(query, codecs, blocks, self.keys, self.values, causal, scaling)
+        else:
+            chunks = [*self.coded.chunks(q_len, self.dtype), (self.keys, self.values, causal)]
+            out = chunked_attention(query, chunks, scaling)
+        return out.transpose(1, 2).contiguous()
+
+    def components(self) -> dict[str, int]:
+        return {**super().components(), **self.coded.components()}
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.coded.nbytes()
+
+    def appended_tokens(self) -> int:
+        return super().appended_tokens() + self.coded.tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.coded.reorder(beam_idx, self.lengths)
+
+    def stackable(self) -> bool:
+        """Also: one block of per-token codes (the compressed prompt; nothing was flushed yet)."""
+        blocks = self.coded.blocks
+        return (
+            super().stackable()
+            and len(blocks) == 1
+            and isinstance(blocks[0].keys, VectorCodes)
+            and isinstance(blocks[0].values, VectorCodes)
+        )
+
+    def _stack_kept(self, rows: list[CompressedLayer]) -> int:
+        slots = max(r.coded.blocks[0].tokens for r in rows)
+        blocks = [r.coded.blocks[0] for r in rows]
+        self.coded.append(
+            stack_codes([b.keys for b in blocks], slots),
+            stack_codes([b.values for b in blocks], slots),
+            slots,
+            self.lengths,
+        )
+        return slots
+
+    def reset(self) -> None:
+        super().reset()
+        self.coded = CodedBlocks(self.coded.codecs)

@@ -1,0 +1,93 @@
+"""Which prompt tokens each layer of one cache keeps: the policy, the user's budget and the layer schedule.
+
+One :class:`Selection` serves every layer of a :class:`~pyramidkv.cache.compressed.CompressedCache`; each layer
+holds it and calls :meth:`Selection.choose` once, at prefill. It turns the budget (tokens, a fraction of the
+prompt, or bytes of KV memory) into one integer per layer through the policy's schedule, scores the prompt
+with the policy's scorer on the layer's observation-window queries, and selects per (sequence, KV head) row
+(:func:`pyramidkv.policies.select`). Pure tensor code apart from the byte figures the cache hands it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pyramidkv.budgets import Budget, MemoryBudget
+from pyramidkv.policies import Policy, select
+
+
+@dataclass
+class Selection:
+    """The policy and budget of one cache, and the per-layer budgets derived from them (module docstring).
+
+    ``token_bytes`` is what one kept token costs in one layer (all KV heads, key and value) as the cache
+    stores it; ``fp16_token_bytes`` the same in fp16; ``fixed_bytes`` what the cache holds whatever it keeps
+    (codebooks); ``row_bytes`` the length counter of one (sequence, KV head) row. A ``kv_memory`` budget
+    is turned into tokens from these.
+    """
+
+    policy: Policy
+    budget: Budget
+    kv_memory: MemoryBudget | None
+    num_layers: int
+    num_kv_heads: int
+    token_bytes: float
+    fp16_token_bytes: int
+    fixed_bytes: int
+    row_bytes: int = 8
+    # scores of one prompt, shared by caches built from one capture (pyramidkv.eval.prefill): a policy's
+    # scores do not depend on the budget, so four budgets of H2O score the prompt once, not four times
+    score_memo: dict | None = None
+    _schedules: dict[tuple[int, int], list[int]] = field(default_factory=dict, repr=False)
+
+    def average_budget(self, prompt_len: int, batch: int = 1) -> int:
+        """Average tokens per layer for one row: from ``budget``, or from ``kv_memory`` when it is set."""
+        if self.kv_memory is None:
+            return self.budget.tokens_for(prompt_len)
+        fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.row_bytes
+        return self.kv_memory.tokens_for(
+            prompt_len, batch, self.num_layers, self.token_bytes, self.fp16_token_bytes, fixed
+        )
+
+    def layer_budgets(self, prompt_len: int, batch: int = 1) -> list[int]:
+        """Tokens each layer keeps (window included) for one sequence of ``prompt_len`` real tokens."""
+        key = (prompt_len, batch)
+        if key not in self._schedules:
+            if self.policy.is_full():
+                budgets = [prompt_len] * self.num_layers
+            else:
+                budgets = self.policy.schedule.layer_budgets(
+                    self.average_budget(prompt_len, batch),
+                    self.num_layers,
+                    prompt_len,
+                    self.policy.window,
+                )
+            self._schedules[key] = budgets
+        return self._schedules[key]
+
+    def choose(
+        self,
+        layer_idx: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps."""
+        counts = valid.sum(dim=1).tolist()
+        kept = [self.layer_budgets(n, len(counts))[layer_idx] if n else 0 for n in counts]
+        budgets = torch.tensor(kept, device=keys.device)
+        scorer = self.policy.scorer
+        if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
+            scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+        else:
+            window = None if scorer.needs_all_queries else self.policy.window
+            memo_key = (scorer, window, layer_idx)
+            scores = self.score_memo.get(memo_key) if self.score_memo is not None else None
+            if scores is None:
+                window_queries = queries if window is None else queries[..., -window:, :]
+                scores = scorer.score(window_queries, keys, valid, scaling)
+                if self.score_memo is not None:
+                    self.score_memo[memo_key] = scores
+        return select(scores, valid, budgets, self.policy.window)

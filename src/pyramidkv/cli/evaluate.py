@@ -1,0 +1,52 @@
+"""`pyramidkv eval` and `pyramidkv report`: options parsed here, the sweep in :mod:`pyramidkv.eval.sweep`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.results import ResultsWriter
+from pyramidkv.eval.sweep import EvalOptions, run_eval, show_report
+
+
+def eval_command(
+    task: Annotated[str, typer.Argument(help="needle, passkey, ruler, or one RULER subtask (ruler:vt, ...).")],
+    policy: Annotated[str, typer.Option(help="Comma-separated policies to compare.")] = "pyramidkv,snapkv,h2o,streamingllm",
+    budget: Annotated[str, typer.Option(help="Comma-separated budgets: tokens per layer (128) or shares (10%).")] = "64,128,256,512",
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens (1k = 1000).")] = "1k,2k,4k",
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 20,
+    mode: Annotated[str, typer.Option(help="query-aware, context-only or both.")] = "query-aware",
+    out: Annotated[Path, typer.Option(help="Folder for results, summary and plots.")] = Path("results"),
+    resume: Annotated[bool, typer.Option(help="Skip (sample, configuration) pairs already in --out.")] = False,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+    naive: Annotated[bool, typer.Option(help="One prefill per configuration: the reference and timing baseline (use its own --out).")] = False,
+    full: Annotated[bool, typer.Option(help="Evaluate the full cache beside the policies.")] = True,
+    codec: Annotated[str, typer.Option(help="Comma-separated codecs for kept tokens: none, fibquant:2, turboquant:3, kivi:4 ...")] = "none",
+) -> None:  # fmt: skip
+    """Evaluate eviction policies and budgets on TASK; write JSON lines, a summary, a table and plots."""
+    from pyramidkv.models import load
+
+    options = EvalOptions(
+        task, policy, budget, lengths, samples, mode, out, seed, resume, naive, full, codec
+    )
+    ResultsWriter(
+        options.out, resume=options.resume
+    ).close()  # fail on existing results before loading
+    console = Console()
+    lm, tokenizer = load(model, device=device)
+    run_eval(lm, tokenizer, options, model or "embedded SmolLM2-135M-Instruct", console)
+
+
+def report_command(
+    folder: Annotated[Path, typer.Argument(help="A results folder written by `pyramidkv eval`.")] = Path("results"),
+) -> None:  # fmt: skip
+    """Redraw the summary table and plots of saved results."""
+    if not (folder / "results.jsonl").is_file():
+        raise PyramidKVError(f"folder: no results.jsonl in {str(folder)!r}")
+    show_report(folder, Console())

@@ -1,0 +1,82 @@
+"""`pyramidkv perplexity`, `fidelity` and `funnel`: options parsed here, the measurements in
+:mod:`pyramidkv.eval.measure`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pyramidkv.checks import check_int
+from pyramidkv.eval.measure import (
+    DEFAULT_MODEL,
+    MeasureOptions,
+    one_length,
+    run_funnel,
+    run_measure,
+)
+
+Policy = Annotated[str, typer.Option(help="Comma-separated policies (full, pyramidkv, snapkv, h2o, ...).")]  # fmt: skip
+Budget = Annotated[str, typer.Option(help="Comma-separated budgets: tokens per layer (128) or shares (10%).")]  # fmt: skip
+Codec = Annotated[str, typer.Option(help="Comma-separated codecs: none, fibquant:2, turboquant:3, kivi:4 ...")]  # fmt: skip
+Context = Annotated[str, typer.Option(help="Context tokens prefilled into the compressed cache (1k = 1000).")]  # fmt: skip
+Continuation = Annotated[str, typer.Option(help="Continuation tokens scored after the context.")]  # fmt: skip
+Chunk = Annotated[int, typer.Option(help="Continuation tokens fed per forward.")]
+Samples = Annotated[int, typer.Option(help="Text windows (different corpus offsets).")]
+Seed = Annotated[int, typer.Option(help="Seed of the corpus shuffle.")]
+ModelName = Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2].")]  # fmt: skip
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")]  # fmt: skip
+
+
+def perplexity_command(
+    policy: Policy = "full,pyramidkv", budget: Budget = "128,512", codec: Codec = "none",
+    context: Context = "1k", continuation: Continuation = "256", chunk: Chunk = 32, samples: Samples = 4,
+    seed: Seed = 0, out: Annotated[Path, typer.Option(help="Folder for perplexity.json and .png.")] = Path("results/ppl"),
+    model: ModelName = None, device: Device = None,
+) -> None:  # fmt: skip
+    """Perplexity, KL divergence from the full cache and top-1 agreement of real text read with a compressed past."""
+    from pyramidkv.models import load
+
+    options = MeasureOptions(
+        policy, budget, codec, context, continuation, chunk, samples, seed, out
+    )
+    lm, tokenizer = load(model, device=device)
+    run_measure("perplexity", lm, tokenizer, options, model or DEFAULT_MODEL, Console())
+
+
+def fidelity_command(
+    policy: Policy = "full,pyramidkv", budget: Budget = "128,512", codec: Codec = "none",
+    context: Context = "1k", continuation: Continuation = "256", chunk: Chunk = 32, samples: Samples = 4,
+    seed: Seed = 0, out: Annotated[Path, typer.Option(help="Folder for fidelity.json and .png.")] = Path("results/fidelity"),
+    isolate: Annotated[bool, typer.Option(help="Feed every layer the full run's inputs (per-layer error only); --no-isolate: end to end.")] = True,
+    model: ModelName = None, device: Device = None,
+) -> None:  # fmt: skip
+    """Per-layer cosine similarity of attention outputs with the compressed and the full cache."""
+    from pyramidkv.models import load
+
+    options = MeasureOptions(
+        policy, budget, codec, context, continuation, chunk, samples, seed, out
+    )
+    lm, tokenizer = load(model, device=device)
+    run_measure("fidelity", lm, tokenizer, options, model or DEFAULT_MODEL, Console(), isolate)
+
+
+def funnel_command(
+    length: Annotated[str, typer.Option(help="Prompt tokens (2k = 2000).")] = "2k",
+    queries: Annotated[int, typer.Option(help="Last prompt positions whose attention is measured.")] = 64,
+    samples: Samples = 4, seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="Folder for funnel.json and .png.")] = Path("results/funnel"),
+    model: ModelName = None, device: Device = None,
+) -> None:  # fmt: skip
+    """Attention entropy and top-1%/10% mass per layer: does attention scatter low and focus high?"""
+    from pyramidkv.models import load
+
+    tokens = one_length(length, "--length")
+    check_int("--samples", samples, 1)
+    check_int("--queries", queries, 1, tokens - 1)
+    lm, tokenizer = load(model, device=device)
+    run_funnel(
+        lm, tokenizer, tokens, queries, samples, seed, out, model or DEFAULT_MODEL, Console()
+    )

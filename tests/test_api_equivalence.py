@@ -1,0 +1,47 @@
+"""Every configuration of ``benchmarks/api_equivalence.py`` gives the greedy tokens and the held bytes recorded in
+``benchmarks/results/api_equivalence_cpu.json`` (slow: the embedded model, 41 configurations per batch).
+
+The record was written by the same script on this repository's 2-core CPU (float32, torch's CPU build); it
+is the behaviour the library must keep through restructurings. A change that alters what a configuration
+keeps, how it stores it or how it attends shows up here as different tokens or bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import load_benchmark
+
+RECORD = Path(__file__).parents[1] / "benchmarks" / "results" / "api_equivalence_cpu.json"
+
+
+def _recorded(batch: int) -> list[dict]:
+    return [row for row in json.loads(RECORD.read_text())["rows"] if row["batch"] == batch]
+
+
+def test_the_record_covers_every_configuration_and_tells_them_apart():
+    bench = load_benchmark("api_equivalence")
+    for batch in (1, 2):
+        rows = _recorded(batch)
+        assert [(r["policy"], r["budget"], r["codec"]) for r in rows] == bench.configurations()
+        assert all(len(tokens) == bench.NEW_TOKENS for r in rows for tokens in r["tokens"])
+    # the check can fail: almost every configuration generates its own tokens
+    assert len({json.dumps(r["tokens"]) for r in _recorded(1)}) > 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tokens_and_bytes_equal_the_record(smollm2, batch):
+    bench = load_benchmark("api_equivalence")
+    model, tokenizer = smollm2
+    got = bench.run(model, tokenizer, batch)
+    want = _recorded(batch)
+    assert len(got) == len(want)
+    for new, old in zip(got, want, strict=True):
+        name = f"{old['policy']} {old['budget']} {old['codec']} batch {batch}"
+        assert new["prompt_tokens"] == old["prompt_tokens"], name
+        assert new["nbytes"] == old["nbytes"], name
+        assert new["tokens"] == old["tokens"], name
