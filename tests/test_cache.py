@@ -13,7 +13,7 @@ from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.hook import installed
 from pyramidkv.cache.protocol import decode_backends
-from pyramidkv.errors import UnsupportedModelError
+from pyramidkv.errors import PyramidKVError, UnsupportedModelError
 from pyramidkv.policies import POLICY_NAMES
 
 from .conftest import make_tiny
@@ -240,3 +240,56 @@ def test_bad_budgets(tiny_llama, budget):
 def test_unknown_policy_lists_the_known_ones(tiny_llama):
     with pytest.raises(ValueError, match="snapkv"):
         CompressedCache(tiny_llama, policy="nope", budget=8)
+
+
+@pytest.mark.parametrize("codec", [None, "fibquant:2"])
+@pytest.mark.parametrize("share", ["50%", "20%", "7%"])
+def test_a_kv_memory_share_is_what_the_prompt_holds(tiny_llama, share, codec):
+    """``kv_memory="20%"`` is a share of the prompt's full cache in the model's dtype (float32 here), and the
+    compressed prompt holds it to within one token per layer: every byte counted, codebooks and lengths too
+    (or the whole prompt, when its codes take less)."""
+    asked = float(share.rstrip("%")) / 100
+    ids = torch.randint(3, 97, (1, 200), generator=torch.Generator().manual_seed(2))
+    with (
+        torch.no_grad(),
+        CompressedCache(tiny_llama, "pyramidkv", kv_memory=share, codec=codec) as cache,
+    ):
+        tiny_llama(ids, **cache_kwargs(tiny_llama, cache))
+        report = cache.memory_report()
+        assert (
+            report["prompt_full_bytes"] == 4 * 200 * 2 * 2 * 16 * 4
+        )  # layers x tokens x K,V x heads x dim x fp32
+        assert report["prompt_bytes"] == cache.nbytes()  # nothing generated yet
+        one_token_per_layer = 4 * cache.token_bytes() / report["prompt_full_bytes"]
+        if bool(
+            (cache.kept_tokens() == 200).all()
+        ):  # the share holds more than the whole prompt's codes
+            assert report["prompt_share"] <= asked and codec is not None
+        else:
+            assert asked - one_token_per_layer <= report["prompt_share"] <= asked
+
+
+def test_a_kv_memory_below_the_smallest_cache_says_by_how_much(tiny_llama):
+    ids = torch.randint(3, 97, (1, 50))
+    with (
+        torch.no_grad(),
+        CompressedCache(tiny_llama, "snapkv", kv_memory=100) as cache,
+        pytest.raises(
+            PyramidKVError, match=r"kv_memory: 100 bytes is less than the smallest .* short"
+        ),
+    ):
+        tiny_llama(ids, **cache_kwargs(tiny_llama, cache))
+
+
+def test_a_second_prompt_through_a_used_cache_is_refused_and_reset_starts_over(tiny_llama):
+    tiny_llama.generation_config.eos_token_id = None
+    first, second = torch.randint(3, 97, (1, 35)), torch.randint(3, 97, (1, 30))
+    with CompressedCache(tiny_llama, "snapkv", 8) as cache:
+        tiny_llama.generate(first, max_new_tokens=2, **cache_kwargs(tiny_llama, cache))
+        with pytest.raises(PyramidKVError, match="holds one sequence"):
+            tiny_llama.generate(second, max_new_tokens=2, **cache_kwargs(tiny_llama, cache))
+        cache.reset()
+        out = tiny_llama.generate(second, max_new_tokens=2, **cache_kwargs(tiny_llama, cache))
+    with CompressedCache(tiny_llama, "snapkv", 8) as fresh:
+        want = tiny_llama.generate(second, max_new_tokens=2, **cache_kwargs(tiny_llama, fresh))
+    assert torch.equal(out, want) and cache.get_seq_length() == 31

@@ -32,25 +32,6 @@ def test_help(command):
     assert done.returncode == 0 and "Usage" in done.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["generate", ""], "prompt is empty"),
-        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-        (["generate", "hi", "--max-new-tokens", "-4"], "--max-new-tokens"),
-        (["generate", "hi", "--model", "/no/such/model.gguf"], "no such file"),
-        (["generate", "--prompt-file", "/no/such/prompt.txt"], "--prompt-file"),
-        (["generate", "hi", "--kernel", "cuda-magic"], "--kernel"),
-        (["generate", "hi", "--codec", "kivi:2", "--kernel", "triton"], "--kernel"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(args, needle):
-    done = run(*args)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in done.stderr
-
-
 @pytest.mark.slow
 def test_generate_streams_an_answer_from_stdin():
     done = run(

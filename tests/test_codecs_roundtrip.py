@@ -178,7 +178,7 @@ def test_bad_turboquant_bits():
 def test_non_finite_input_is_refused(fib, bad):
     x = torch.randn(3, 32)
     x[1, 5] = bad
-    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+    with pytest.raises(ValueError, match="x: got NaN or Inf"):
         fib.encode(x)
 
 

@@ -76,3 +76,101 @@ def test_embedded_model_answers_and_is_cached(smollm2):
     again, _ = models.load(device="cpu")  # from the converted cache: same weights
     for a, b in zip(model.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("a bad device must be refused before any model loads")
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda_devices", "expected"),
+    [
+        ("nonsense", 0, "device: got 'nonsense'; expected cpu, cuda or cuda:N"),
+        ("mps", 0, "device: got 'mps'; expected cpu, cuda or cuda:N"),
+        ("cuda", None, "device: got 'cuda', but no CUDA device is available"),
+        ("cuda:5", None, "device: got 'cuda:5', but no CUDA device is available"),
+        (
+            "cuda:5",
+            2,
+            "device: got 'cuda:5', but this machine has 2 CUDA devices (cuda:0 to cuda:1)",
+        ),
+        ("cuda:1", 1, "device: got 'cuda:1', but this machine has 1 CUDA device (cuda:0)"),
+    ],
+    ids=["nonsense", "mps", "cuda-none", "cuda5-none", "cuda5-of-2", "cuda1-of-1"],
+)
+def test_bad_device_is_one_line_before_anything_loads(monkeypatch, device, cuda_devices, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(cuda_devices))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices or 0)
+    monkeypatch.setattr(models, "resolve", _no_loading)
+    with pytest.raises(ModelLoadError) as caught:
+        models.load(device=device)
+    message = str(caught.value)
+    assert message.startswith(expected) and "\n" not in message
+    if cuda_devices is None:
+        assert message.endswith("use device cpu")
+
+
+def test_good_devices_pass_the_check(monkeypatch):
+    assert models.check_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert models.check_device("cuda:1") == torch.device("cuda:1")
+    assert models.check_device(torch.device("cuda")) == torch.device("cuda")
+
+
+@pytest.mark.parametrize("size", [100, 1_000_000, pytest.param(50_000_000, marks=pytest.mark.slow)])
+def test_truncated_gguf_is_one_line_and_leaves_no_cache(monkeypatch, tmp_path, size):
+    monkeypatch.setenv("PYRAMIDKV_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "cut.gguf"
+    with models.embedded_model_path().open("rb") as source:
+        path.write_bytes(source.read(size))
+    with pytest.raises(ModelLoadError) as caught:
+        models.load(str(path), device="cpu")
+    message = str(caught.value)
+    assert message.startswith(f"model: {str(path)!r} is truncated or not a valid GGUF file (")
+    assert f"{size:,} bytes" in message and "\n" not in message
+    models_dir = tmp_path / "cache" / "models"
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
+def test_interrupted_save_leaves_no_half_written_folder(tmp_path):
+    class Model:
+        config = type("Config", (), {})()
+
+        def save_pretrained(self, folder):
+            (folder / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    folder = tmp_path / "models" / "m"
+    with pytest.raises(KeyboardInterrupt):
+        models._save_atomically(Model(), None, folder)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_damaged_converted_model_is_rebuilt(smollm2, monkeypatch, tmp_path, caplog):
+    import shutil
+
+    gguf = models.embedded_model_path()
+    seeded = models._converted_folder(gguf)  # the session fixture converted into the user cache
+    monkeypatch.setenv("PYRAMIDKV_CACHE_DIR", str(tmp_path))
+    folder = models._converted_folder(gguf)
+    if (seeded / "READY").is_file():
+        shutil.copytree(seeded, folder)  # a copy, not a second conversion
+    else:
+        models.load(device="cpu")
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+
+    model, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).logits
+        with caplog.at_level("WARNING", logger="pyramidkv.models"):
+            rebuilt, _ = models.load(device="cpu")
+        assert "does not load" in caplog.text
+        assert torch.equal(rebuilt(ids).logits, expected)
+        assert (folder / "READY").is_file() and weights.stat().st_size > 500_000_000
+        again, _ = models.load(device="cpu")  # the rebuilt folder reads back
+        assert torch.equal(again(ids).logits, expected)

@@ -144,19 +144,24 @@ _UNITS = {
     "kib": 2**10,
     "mib": 2**20,
     "gib": 2**30,
+    "tb": 10**12,
+    "tib": 2**40,
 }
 _MEMORY = re.compile(r"([0-9]*\.?[0-9]+)\s*([a-z]*)")
 _MEMORY_ACCEPTED = (
-    "a size such as '48MiB', '2GB' or 1000000 (bytes), or a share of the full cache in (0%, 100%]"
+    "a size in bytes with an optional unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB; e.g. '48MiB', '2GB', "
+    "1000000), or a share of the full cache in (0%, 100%]"
 )
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """KV memory a user allows: ``nbytes`` for the whole batch, or ``fraction`` of the full fp16 cache.
+    """KV memory a user allows: ``nbytes`` for the whole batch, or ``fraction`` of the full cache.
 
-    The cache turns it into a token budget once it knows the prompt and what one token costs in the chosen
-    codec (:meth:`tokens_for`), so eviction and quantization meet one memory target together.
+    The full cache is the uncompressed cache of the prompt in the model's own dtype: what the model would hold
+    without pyramidkv (float32 on a CPU, bf16 on a GPU by default). The cache turns the allowance into a token
+    budget once it knows the prompt and what one token costs in the chosen codec (:meth:`tokens_for`), so
+    eviction and quantization meet one memory target together, every byte it holds counted.
     """
 
     nbytes: int | None = None
@@ -168,24 +173,36 @@ class MemoryBudget:
         batch: int,
         layers: int,
         token_bytes: float,
-        fp16_token_bytes: float,
+        full_token_bytes: float,
         fixed_bytes: int = 0,
     ) -> int:
-        """Average tokens per layer for one of ``batch`` rows so that the batch's cache fits.
+        """Average tokens per layer for one of ``batch`` rows (of ``prompt_len`` real tokens) so that the
+        batch's cache fits: at most the prompt.
 
         ``token_bytes``: one token of one layer as stored (all KV heads, keys and values, side information);
-        ``fp16_token_bytes``: the same in the uncompressed fp16 cache; ``fixed_bytes``: what the cache holds
-        whatever it keeps (codebooks, row lengths). At least one token is kept, at most the prompt.
+        ``full_token_bytes``: the same in the uncompressed cache; ``fixed_bytes``: what the whole batch's cache
+        holds whatever it keeps (codebooks, row lengths), charged to the rows equally. Raises when not even
+        one token per layer fits, saying the smallest cache the configuration can hold.
         """
         if self.nbytes is not None:
             allowed = (self.nbytes - fixed_bytes) / batch
+            asked = f"{self.nbytes:,} bytes"
         else:
-            allowed = self.fraction * prompt_len * layers * fp16_token_bytes
-        return max(1, min(prompt_len, int(allowed // (layers * token_bytes))))
+            allowed = self.fraction * prompt_len * layers * full_token_bytes - fixed_bytes / batch
+            asked = f"{self.fraction:.4%} of the full cache ({self.fraction * prompt_len * layers * full_token_bytes * batch:,.0f} bytes)"
+        tokens = int(allowed // (layers * token_bytes))
+        if tokens < 1:
+            smallest = math.ceil(batch * layers * token_bytes + fixed_bytes)
+            raise PyramidKVError(
+                f"kv_memory: {asked} is less than the smallest cache this configuration holds: "
+                f"{smallest:,} bytes (one token per layer and row, {fixed_bytes:,} bytes of row lengths and "
+                f"codebooks), {smallest - (allowed * batch + fixed_bytes):,.0f} bytes short"
+            )
+        return min(prompt_len, tokens)
 
 
 def parse_memory(spec: str | int | MemoryBudget) -> MemoryBudget:
-    """``"48MiB"`` / ``"2GB"`` / ``1000000`` -> bytes; ``"5%"`` -> a fraction of the full fp16 cache."""
+    """``"48MiB"`` / ``"2GB"`` / ``1000000`` -> bytes; ``"5%"`` -> a fraction of the full cache."""
     if isinstance(spec, MemoryBudget):
         return spec
     error = PyramidKVError(f"kv_memory: got {spec!r}; expected {_MEMORY_ACCEPTED}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from pyramidkv.cache.accounting import cache_nbytes, full_cache_nbytes
+from pyramidkv.cache.accounting import cache_nbytes, check_positions, full_cache_nbytes
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 
@@ -112,6 +112,10 @@ def generate(
     from transformers import DynamicCache
 
     ids = prompt_ids(tokenizer, prompt, chat).to(model.device)
+    check_positions(
+        model.config, ids.shape[1] + max_new_tokens, "max_new_tokens",
+        f"the prompt's {ids.shape[1]:,} tokens and {max_new_tokens:,} new tokens",
+    )  # fmt: skip
     cache = cache if cache is not None else DynamicCache(config=model.config)
     streamer = _TimingStreamer(tokenizer, on_text)
     with torch.inference_mode():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pyramidkv.errors import PyramidKVError
+
 
 def kv_geometry(config) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a transformers decoder config."""
@@ -12,6 +14,19 @@ def kv_geometry(config) -> tuple[int, int, int]:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return text.num_hidden_layers, kv_heads, head_dim
+
+
+def max_positions(config) -> int | None:
+    """The most positions the model was trained for (``max_position_embeddings``), or None if it says none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def check_positions(config, tokens: int, option: str, what: str) -> None:
+    """Raise, naming ``option``, when ``tokens`` positions (``what`` they are) exceed the model's."""
+    limit = max_positions(config)
+    if limit is not None and tokens > limit:
+        raise PyramidKVError(f"{option}: {what} make {tokens:,} positions; the model has {limit:,}")
 
 
 def token_nbytes(config, dtype: torch.dtype = torch.float16) -> int:

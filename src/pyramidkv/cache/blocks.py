@@ -61,22 +61,26 @@ class CodedBlocks:
         values: torch.Tensor,
         lengths: torch.Tensor | None = None,
         fused: bool = False,
+        where: str = "layer",
     ) -> None:
         """Encode (batch, kv_heads, s, dim) keys and values as one block; ``lengths`` marks ragged rows.
 
-        ``fused``: encode in the Triton kernel (:func:`pyramidkv.kernels.encode.fused_encode`).
+        ``fused``: encode in the Triton kernel (:func:`pyramidkv.kernels.encode.fused_encode`); ``where``
+        names the layer in an error (NaN or Inf in the keys or values).
         """
         if keys.shape[-2] == 0:
             return
+        names = f"{where} keys", f"{where} values"
         if fused:
             from pyramidkv.kernels.encode import fused_encode
 
             codes_k, codes_v = (
-                fused_encode(self.codecs.keys, keys),
-                fused_encode(self.codecs.values, values),
+                fused_encode(self.codecs.keys, keys, name=names[0]),
+                fused_encode(self.codecs.values, values, name=names[1]),
             )
         else:
-            codes_k, codes_v = self.codecs.keys.encode(keys), self.codecs.values.encode(values)
+            codes_k = self.codecs.keys.encode(keys, names[0])
+            codes_v = self.codecs.values.encode(values, names[1])
         self.append(codes_k, codes_v, keys.shape[-2], lengths)
 
     def append(

@@ -8,6 +8,8 @@ prefill attention and reads the layer at decode. Byte accounting goes through :m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -17,10 +19,53 @@ from pyramidkv.cache.hook import HookedCache
 from pyramidkv.cache.layers import CodedLayer, CompressedLayer
 from pyramidkv.cache.selection import Selection
 from pyramidkv.checks import check_int
-from pyramidkv.codecs.registry import CodecPair, make_codecs
+from pyramidkv.codecs.registry import CodecPair, codec_rates, make_codecs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels import check_kernel
+from pyramidkv.kernels.dispatch import check_kernel_name
 from pyramidkv.policies import Policy, get_policy
+
+# tokens kept per layer on average when neither budget nor kv_memory is given
+DEFAULT_BUDGET = 128
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a :class:`CompressedCache` is asked to do, checked before any model is involved (the command line
+    checks its options with it before loading a model): every conflict is an error, none is ignored."""
+
+    policy: Policy
+    budget: Budget
+    kv_memory: MemoryBudget | None
+    codec: str
+
+    @classmethod
+    def parse(
+        cls,
+        policy: str | Policy = "pyramidkv",
+        budget: str | int | float | Budget | None = None,
+        kv_memory: str | int | MemoryBudget | None = None,
+        codec: str | None = None,
+        bits: float | None = None,
+        key_bits: float | None = None,
+        value_bits: float | None = None,
+        kernel: str = "auto",
+        **options,
+    ) -> Settings:
+        chosen = get_policy(policy, **options) if isinstance(policy, str) else policy
+        if budget is not None and kv_memory is not None:
+            raise PyramidKVError(
+                f"budget: got {budget!r} and kv_memory={kv_memory!r}; give one (kv_memory chooses the "
+                "token budget)"
+            )
+        memory = parse_memory(kv_memory) if kv_memory is not None else None
+        if memory is not None and chosen.is_full():
+            raise PyramidKVError(
+                "kv_memory: the full policy keeps every token; choose an eviction policy"
+            )
+        name, _, _ = codec_rates(codec, bits, key_bits, value_bits)
+        check_kernel_name(kernel, name)
+        return cls(chosen, parse_budget(DEFAULT_BUDGET if budget is None else budget), memory, name)
 
 
 class CompressedCache(HookedCache, Cache):
@@ -28,7 +73,7 @@ class CompressedCache(HookedCache, Cache):
 
     ``CompressedCache(model, policy="pyramidkv", budget=128)`` — ``policy`` is a preset name
     (:data:`pyramidkv.policies.POLICY_NAMES`) or a :class:`~pyramidkv.policies.Policy`; ``budget`` is the
-    average number of tokens kept per layer (``128``) or a fraction of the prompt (``"10%"``). Pass it to
+    average number of tokens kept per layer (``128``, the default) or a fraction of the prompt (``"10%"``). Pass it to
     ``model.generate`` or a forward call as ``cache=`` (transformers >= 5.24; ``past_key_values=`` before).
     The prompt (the first forward) is compressed; tokens after it are appended whole. A prompt no longer than
     the budget is kept whole.
@@ -37,7 +82,9 @@ class CompressedCache(HookedCache, Cache):
     apart: ``"uniform/fibquant"``) with ``bits`` (or separate ``key_bits`` / ``value_bits``) stores what is
     kept as codes (:mod:`pyramidkv.codecs.registry`); new tokens wait in an fp16 window of ``residual``
     tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
-    the full fp16 cache) replaces ``budget``: the token budget is chosen so the codes fit. ``kernel="auto"``
+    the prompt's full cache in the model's dtype) replaces ``budget``: the token budget is chosen so that
+    everything the cache holds for the prompt fits, codebooks and row lengths included.
+    A cache holds one sequence: a second prompt through a used cache is an error; :meth:`reset` it first. ``kernel="auto"``
     (default) reads FibQuant and TurboQuant codes in the fused kernels on CUDA and in torch elsewhere;
     ``"triton"`` or ``"torch"`` forces one path (:mod:`pyramidkv.kernels.dispatch`).
 
@@ -49,7 +96,7 @@ class CompressedCache(HookedCache, Cache):
         self,
         model,
         policy: str | Policy = "pyramidkv",
-        budget: str | int | float | Budget = 128,
+        budget: str | int | float | Budget | None = None,
         *,
         codec: str | None = None,
         bits: float | None = None,
@@ -60,13 +107,14 @@ class CompressedCache(HookedCache, Cache):
         kernel: str = "auto",
         **options,
     ):
-        self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
-        self.budget = parse_budget(budget)
-        self.kv_memory = parse_memory(kv_memory) if kv_memory is not None else None
-        if self.kv_memory is not None and self.policy.is_full():
-            raise PyramidKVError(
-                "kv_memory: the full policy keeps every token; choose an eviction policy"
-            )
+        settings = Settings.parse(
+            policy, budget, kv_memory, codec, bits, key_bits, value_bits, kernel, **options
+        )
+        self.policy, self.budget, self.kv_memory = (
+            settings.policy,
+            settings.budget,
+            settings.kv_memory,
+        )
         check_int("residual", residual, 1)
         self.model_config = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
@@ -84,7 +132,7 @@ class CompressedCache(HookedCache, Cache):
             self.num_layers,
             self.num_kv_heads,
             self.token_bytes(),
-            token_nbytes(model.config, torch.float16),
+            token_nbytes(model.config, self.dtype),
             self.codebook_nbytes(),
         )
         self._hook(model)
@@ -125,7 +173,9 @@ class CompressedCache(HookedCache, Cache):
         """Bytes per layer and per component beside the fp16 full cache of the same tokens, and the ratios.
 
         ``ratio`` counts everything the cache holds; ``ratio_codes_only`` leaves out the fp16 recent window,
-        row lengths and codebooks, and is labelled as such.
+        row lengths and codebooks, and is labelled as such. ``prompt_bytes`` is what the cache held right
+        after compressing the prompt (codebooks included), ``prompt_full_bytes`` the uncompressed cache of the
+        prompt in the model's dtype (the reference of a ``kv_memory`` share), ``prompt_share`` their ratio.
         """
         layers = [layer.components() for layer in self.layers]
         totals = {key: sum(parts[key] for parts in layers) for key in layers[0]}
@@ -134,6 +184,8 @@ class CompressedCache(HookedCache, Cache):
         full = full_cache_nbytes(self.model_config, self.get_seq_length(), batch, torch.float16)
         total = self.nbytes()
         codes_only = totals["codes"] + totals["side"] + totals["kept_fp"]
+        prompt = sum(layer.prompt_bytes for layer in self.layers) + self.codebook_nbytes()
+        prompt_full = full_cache_nbytes(self.model_config, first.prompt_tokens, batch, self.dtype)
         return {
             "codec": self.codecs.label() if self.codecs else "none",
             "policy": self.policy.name,
@@ -143,6 +195,9 @@ class CompressedCache(HookedCache, Cache):
             "full_fp16_bytes": full,
             "ratio": full / total if total else float("inf"),
             "ratio_codes_only": full / codes_only if codes_only else float("inf"),
+            "prompt_bytes": prompt,
+            "prompt_full_bytes": prompt_full,
+            "prompt_share": prompt / prompt_full if prompt_full else float("nan"),
         }
 
     def kept_tokens(self) -> torch.Tensor:

@@ -22,11 +22,12 @@ import torch
 
 from pyramidkv.cache import hook
 from pyramidkv.cache.blocks import CodedBlocks, pad_slots, stack_codes
+from pyramidkv.cache.compat import first_positions
 from pyramidkv.cache.protocol import CacheLayer, ModelAttention
 from pyramidkv.cache.selection import Selection
 from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
 from pyramidkv.codecs.registry import CodecPair
-from pyramidkv.errors import UnsupportedModelError
+from pyramidkv.errors import PyramidKVError, UnsupportedModelError
 from pyramidkv.kernels import chunked_attention, fused_attention, use_fused
 from pyramidkv.kernels.reference import rotated_attention
 
@@ -65,6 +66,9 @@ class CompressedLayer(CacheLayer):
         self.kept_keys: torch.Tensor | None = None
         self.kept_values: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept per row
+        self.prompt_tokens = self.prompt_bytes = (
+            0  # the prompt's length, and bytes held once compressed
+        )
 
     @property
     def prefilling(self) -> bool:
@@ -84,12 +88,26 @@ class CompressedLayer(CacheLayer):
                 f"model: layer {self.layer_idx} never called pyramidkv's attention function; its attention "
                 "does not go through transformers' AttentionInterface, so it cannot be compressed"
             )
+        elif key_states.shape[-2] > 1:
+            self._check_continues(args, kwargs)
         self._before_append()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
         hook.announce(self)
         return self.keys, self.values
+
+    def _check_continues(self, args: tuple, kwargs: dict) -> None:
+        """Refuse tokens that do not continue the held sequence (a second prompt through a used cache): a
+        compressed layer cannot take the prompt back. Checked for inputs of several tokens only, so a decode
+        step reads nothing on the host."""
+        positions = first_positions(args, kwargs)
+        if positions is not None and int(positions.max()) < self.seen:
+            raise PyramidKVError(
+                f"cache: layer {self.layer_idx} holds a sequence of {self.seen} tokens and the new input "
+                f"starts at position {int(positions.max())}; a CompressedCache holds one sequence: use a new "
+                "cache for a new prompt, or call cache.reset() first"
+            )
 
     def _before_append(self) -> None:
         """What the layer does with its recent window before new tokens join it (a coded layer encodes it)."""
@@ -104,6 +122,7 @@ class CompressedLayer(CacheLayer):
         self.ragged = bool((lengths != indices.shape[-1]).any())
         self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
         self.compressed = True
+        self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store the kept tokens (batch, kv_heads, K, dim), row (b, h) valid up to ``lengths[b, h]``."""
@@ -217,7 +236,7 @@ class CompressedLayer(CacheLayer):
     def reset(self) -> None:
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
         self.is_initialized = self.compressed = self.ragged = False
-        self.seen = 0
+        self.seen = self.prompt_tokens = self.prompt_bytes = 0
 
 
 class CodedLayer(CompressedLayer):
@@ -242,17 +261,23 @@ class CodedLayer(CompressedLayer):
         self.residual = residual
         self.kernel, self.fused_ok = kernel, fused_ok
 
+    @property
+    def _where(self) -> str:
+        return f"layer {self.layer_idx}"
+
     def _fused(self, device: torch.device) -> bool:
         return use_fused(self.kernel, self.fused_ok, device)
 
     def _before_append(self) -> None:
         """Encode the recent window as one block when it is full."""
         if self.compressed and self.keys.shape[-2] >= self.residual:
-            self.coded.add(self.keys, self.values, fused=self._fused(self.keys.device))
+            self.coded.add(
+                self.keys, self.values, fused=self._fused(self.keys.device), where=self._where
+            )
             self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.coded.add(keys, values, lengths, fused=self._fused(keys.device))
+        self.coded.add(keys, values, lengths, fused=self._fused(keys.device), where=self._where)
 
     def attend(
         self, query: torch.Tensor, scaling: float, model_attention: ModelAttention | None = None

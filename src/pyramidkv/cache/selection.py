@@ -22,9 +22,9 @@ class Selection:
     """The policy and budget of one cache, and the per-layer budgets derived from them (module docstring).
 
     ``token_bytes`` is what one kept token costs in one layer (all KV heads, key and value) as the cache
-    stores it; ``fp16_token_bytes`` the same in fp16; ``fixed_bytes`` what the cache holds whatever it keeps
-    (codebooks); ``row_bytes`` the length counter of one (sequence, KV head) row. A ``kv_memory`` budget
-    is turned into tokens from these.
+    stores it; ``full_token_bytes`` the same uncompressed, in the model's dtype; ``fixed_bytes`` what the
+    cache holds whatever it keeps (codebooks); ``row_bytes`` the length counter of one (sequence, KV head)
+    row. A ``kv_memory`` budget is turned into tokens from these.
     """
 
     policy: Policy
@@ -33,7 +33,7 @@ class Selection:
     num_layers: int
     num_kv_heads: int
     token_bytes: float
-    fp16_token_bytes: int
+    full_token_bytes: int
     fixed_bytes: int
     row_bytes: int = 8
     # scores of one prompt, shared by caches built from one capture (pyramidkv.eval.prefill): a policy's
@@ -47,7 +47,7 @@ class Selection:
             return self.budget.tokens_for(prompt_len)
         fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.row_bytes
         return self.kv_memory.tokens_for(
-            prompt_len, batch, self.num_layers, self.token_bytes, self.fp16_token_bytes, fixed
+            prompt_len, batch, self.num_layers, self.token_bytes, self.full_token_bytes, fixed
         )
 
     def layer_budgets(self, prompt_len: int, batch: int = 1) -> list[int]:

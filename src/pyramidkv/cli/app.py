@@ -46,11 +46,20 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt_file is None:
         return prompt or ""
     if prompt_file == "-":
-        return sys.stdin.read()
-    path = Path(prompt_file)
-    if not path.is_file():
-        raise PyramidKVError(f"--prompt-file: no such file: {prompt_file!r}")
-    return path.read_text(encoding="utf-8")
+        data, where = sys.stdin.buffer.read(), "standard input"
+    else:
+        path = Path(prompt_file)
+        if path.is_dir():
+            raise PyramidKVError(f"--prompt-file: {prompt_file!r} is a directory; give a text file")
+        if not path.is_file():
+            raise PyramidKVError(f"--prompt-file: no such file: {prompt_file!r}")
+        data, where = path.read_bytes(), repr(prompt_file)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PyramidKVError(
+            f"--prompt-file: {where} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
 
 
 ModelOption = Annotated[
@@ -85,11 +94,11 @@ def generate(
         ),
     ] = "full",
     budget: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Tokens kept per layer on average ('128') or a share of the prompt ('10%')."
+            help="Tokens kept per layer on average ('128', the default) or a share of the prompt ('10%')."
         ),
-    ] = "128",
+    ] = None,
     codec: Annotated[
         str,
         typer.Option(
@@ -98,12 +107,17 @@ def generate(
         ),
     ] = "none",
     bits: Annotated[
-        float | None, typer.Option(help="Bits per coordinate of the codec (FibQuant: 0.5-4).")
+        float | None,
+        typer.Option(
+            help="Bits per coordinate of the codec, when --codec gives none: FibQuant log2(N)/k "
+            "(1/8 to 12; the fused kernels read 1.5 to 4), TurboQuant 1-8, uniform 1-8, KIVI 1-8."
+        ),
     ] = None,
     kv_memory: Annotated[
         str | None,
         typer.Option(
-            help="KV memory instead of --budget: '48MiB' or a share of the full cache '5%'."
+            help="KV memory instead of --budget: bytes ('48MiB', '2GB') or a share of the prompt's full "
+            "cache in the model's dtype ('5%'); everything the cache holds is counted."
         ),
     ] = None,
     kernel: Annotated[
@@ -119,19 +133,14 @@ def generate(
     ] = False,
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
-    from pyramidkv.budgets import parse_budget, parse_memory
-    from pyramidkv.cache.compressed import CompressedCache
-    from pyramidkv.codecs.registry import parse_codec
+    from pyramidkv.cache.compressed import CompressedCache, Settings
     from pyramidkv.generation import generate as run
-    from pyramidkv.kernels.dispatch import check_kernel_name
     from pyramidkv.models import load
-    from pyramidkv.policies import get_policy
 
-    compress = get_policy(policy).name != "full" or parse_codec(codec)[0] != "none"
-    check_kernel_name(kernel, parse_codec(codec)[0], "--kernel")  # before the model loads
-    parse_budget(budget)
-    if kv_memory is not None:
-        parse_memory(kv_memory)
+    # every option is checked before the model loads; a compression option under the full policy and no
+    # codec is an error there, never ignored
+    settings = Settings.parse(policy, budget, kv_memory, codec, bits, kernel=kernel)
+    compress = not settings.policy.is_full() or settings.codec != "none" or kv_memory is not None
 
     text = _read_prompt(prompt, prompt_file)
     if not text.strip():
@@ -169,12 +178,14 @@ def generate(
         err=True,
     )
     if cache is not None:
-        held = result.held_tokens
+        report = cache.memory_report()
+        asked = f"kv-memory {kv_memory}" if kv_memory else f"budget {settings.budget}"
         typer.echo(
-            f"[{policy} {'kv-memory ' + kv_memory if kv_memory else 'budget ' + budget}, codec "
-            f"{cache.codecs.label() if cache.codecs else 'none'}: {held:.1f} tokens per layer and head on average, "
-            f"{result.kv_bytes:,} bytes vs {result.full_kv_bytes:,} for the full cache "
-            f"({result.full_kv_bytes / max(result.kv_bytes, 1):.1f}x smaller)]",
+            f"[{settings.policy.name} {asked}, codec {report['codec']}: the prompt's cache holds "
+            f"{report['prompt_bytes']:,} bytes, {report['prompt_share']:.1%} of its full cache "
+            f"({report['prompt_full_bytes']:,} bytes in {str(lm.dtype).removeprefix('torch.')}); "
+            f"{result.held_tokens:.1f} tokens per layer and head on average at the end, "
+            f"{result.kv_bytes:,} bytes with the generated tokens]",
             err=True,
         )
         cache.close()
@@ -210,7 +221,12 @@ def _describe(d: int, k: int | None, n: int | None, bits: float | None, seed: in
 CodebookD = Annotated[int, typer.Option("--d", help="Vector dimension (head dim).")]
 CodebookK = Annotated[int | None, typer.Option("--k", help="Coordinates per block (1-8).")]
 CodebookN = Annotated[int | None, typer.Option("--n", help="Codewords in the codebook.")]
-CodebookBits = Annotated[float | None, typer.Option("--bits", help="Rate in bits per coordinate.")]
+CodebookBits = Annotated[
+    float | None,
+    typer.Option(
+        "--bits", help="Rate in bits per coordinate [default: 2 when --k and --n are not given]."
+    ),
+]
 CodebookSeed = Annotated[int, typer.Option(help="Seed of the rotation and codebook.")]
 
 
@@ -218,11 +234,11 @@ def codebook_describe(
     d: CodebookD = 64,
     k: CodebookK = None,
     n: CodebookN = None,
-    bits: CodebookBits = 2.0,
+    bits: CodebookBits = None,
     seed: CodebookSeed = 0,
 ) -> None:
     """Build a codebook (or read it from the cache) and print its size, rate and distortion."""
-    _describe(d, k, n, None if (k and n) else bits, seed)
+    _describe(d, k, n, 2.0 if bits is None and k is None and n is None else bits, seed)
 
 
 codebook_app.command("build")(codebook_describe)

@@ -9,12 +9,12 @@ import typer
 from rich.console import Console
 
 from pyramidkv.errors import PyramidKVError
-from pyramidkv.eval.results import ResultsWriter
+from pyramidkv.eval.results import check_out
 from pyramidkv.eval.sweep import EvalOptions, run_eval, show_report
 
 
 def eval_command(
-    task: Annotated[str, typer.Argument(help="needle, passkey, ruler, or one RULER subtask (ruler:vt, ...).")],
+    task: Annotated[str, typer.Argument(help="needle, passkey, ruler, one RULER subtask (ruler:vt, ...), or longbench:PATH (a LongBench-format .jsonl file).")],
     policy: Annotated[str, typer.Option(help="Comma-separated policies to compare.")] = "pyramidkv,snapkv,h2o,streamingllm",
     budget: Annotated[str, typer.Option(help="Comma-separated budgets: tokens per layer (128) or shares (10%).")] = "64,128,256,512",
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens (1k = 1000).")] = "1k,2k,4k",
@@ -35,9 +35,7 @@ def eval_command(
     options = EvalOptions(
         task, policy, budget, lengths, samples, mode, out, seed, resume, naive, full, codec
     )
-    ResultsWriter(
-        options.out, resume=options.resume
-    ).close()  # fail on existing results before loading
+    check_out(options.out, options.resume)  # before the model loads; creates nothing
     console = Console()
     lm, tokenizer = load(model, device=device)
     run_eval(lm, tokenizer, options, model or "embedded SmolLM2-135M-Instruct", console)

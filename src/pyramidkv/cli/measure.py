@@ -17,6 +17,7 @@ from pyramidkv.eval.measure import (
     run_funnel,
     run_measure,
 )
+from pyramidkv.eval.results import check_out
 
 Policy = Annotated[str, typer.Option(help="Comma-separated policies (full, pyramidkv, snapkv, h2o, ...).")]  # fmt: skip
 Budget = Annotated[str, typer.Option(help="Comma-separated budgets: tokens per layer (128) or shares (10%).")]  # fmt: skip
@@ -42,6 +43,7 @@ def perplexity_command(
     options = MeasureOptions(
         policy, budget, codec, context, continuation, chunk, samples, seed, out
     )
+    check_out(options.out, resume=True)  # before the model loads; creates nothing
     lm, tokenizer = load(model, device=device)
     run_measure("perplexity", lm, tokenizer, options, model or DEFAULT_MODEL, Console())
 
@@ -59,6 +61,7 @@ def fidelity_command(
     options = MeasureOptions(
         policy, budget, codec, context, continuation, chunk, samples, seed, out
     )
+    check_out(options.out, resume=True)  # before the model loads; creates nothing
     lm, tokenizer = load(model, device=device)
     run_measure("fidelity", lm, tokenizer, options, model or DEFAULT_MODEL, Console(), isolate)
 
@@ -76,6 +79,7 @@ def funnel_command(
     tokens = one_length(length, "--length")
     check_int("--samples", samples, 1)
     check_int("--queries", queries, 1, tokens - 1)
+    check_out(out, resume=True)
     lm, tokenizer = load(model, device=device)
     run_funnel(
         lm, tokenizer, tokens, queries, samples, seed, out, model or DEFAULT_MODEL, Console()

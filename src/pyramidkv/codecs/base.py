@@ -36,8 +36,8 @@ class Codec(ABC):
     """``encode(x) -> Codes``, ``decode(codes) -> x_hat``; ``bits_per_coordinate`` is the storage rate."""
 
     @abstractmethod
-    def encode(self, x: torch.Tensor) -> Codes:
-        """Quantize ``x[..., d]`` into packed codes."""
+    def encode(self, x: torch.Tensor, name: str = "x") -> Codes:
+        """Quantize ``x[..., d]`` into packed codes; ``name`` names ``x`` in an error (``"layer 3 keys"``)."""
 
     @abstractmethod
     def decode(self, codes: Codes, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -58,5 +58,5 @@ def check_input(x: object, width: int | None = None, name: str = "x") -> torch.T
         expected = "at least one dimension" if width is None else f"shape (..., {width})"
         raise PyramidKVError(f"{name} must have {expected}, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
-        raise PyramidKVError(f"{name} contains NaN or Inf; only finite values can be encoded")
+        raise PyramidKVError(f"{name}: got NaN or Inf; only finite values can be encoded")
     return x

@@ -62,9 +62,9 @@ class KIVI(Codec):
             moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
         return moved.reshape(*moved.shape[:-1], -1, self.group)
 
-    def encode(self, x: torch.Tensor) -> GroupCodes:
+    def encode(self, x: torch.Tensor, name: str = "x") -> GroupCodes:
         """Quantize ``x``; for ``axis="channel"`` the last two dimensions are (tokens, channels)."""
-        x = check_input(x)
+        x = check_input(x, name=name)
         if self.axis == "channel" and x.dim() < 2:
             raise PyramidKVError(
                 f"x must have shape (..., seq, d) for axis='channel', got {tuple(x.shape)}"

@@ -84,16 +84,9 @@ def make_codecs(
     ``bits`` (or the ``name:bits`` suffix) sets both; ``key_bits`` / ``value_bits`` override one side.
     FibQuant takes fractional rates (0.75 bit comes from k=8, N=64); TurboQuant and KIVI whole bits.
     """
-    name, suffix = parse_codec(spec)
+    name, kb, vb = codec_rates(spec, bits, key_bits, value_bits)
     if name == "none":
-        if any(b is not None for b in (bits, key_bits, value_bits)):
-            raise PyramidKVError(
-                "bits: a rate needs a codec (--codec fibquant, turboquant or kivi)"
-            )
         return None
-    base = bits if bits is not None else suffix if suffix is not None else default_bits(name)
-    kb = key_bits if key_bits is not None else base
-    vb = value_bits if value_bits is not None else base
     try:
         if name == "kivi":
             whole = [_whole_bits(b, name) for b in (kb, vb)]
@@ -108,6 +101,35 @@ def make_codecs(
         raise  # already names its parameter
     except (TypeError, ValueError) as exc:
         raise PyramidKVError(f"bits: {exc}") from exc
+
+
+def codec_rates(
+    spec: str | None,
+    bits: float | None = None,
+    key_bits: float | None = None,
+    value_bits: float | None = None,
+) -> tuple[str, float | None, float | None]:
+    """The codec a spec names and the rates of its keys and values, from the spec's ``:bits`` suffix, ``bits``
+    and the per-side overrides: what can be checked before a model is known. A rate without a codec, or
+    two different rates for the same thing, is an error."""
+    name, suffix = parse_codec(spec)
+    if name == "none":
+        if any(b is not None for b in (bits, key_bits, value_bits)):
+            raise PyramidKVError(
+                "bits: a rate needs a codec (--codec fibquant, turboquant, uniform or kivi)"
+            )
+        return name, None, None
+    if bits is not None and suffix is not None and float(bits) != suffix:
+        raise PyramidKVError(
+            f"bits: the codec {spec!r} sets {suffix:g} bits and bits={bits!r} another rate; "
+            "give the rate once"
+        )
+    base = bits if bits is not None else suffix if suffix is not None else default_bits(name)
+    return (
+        name,
+        key_bits if key_bits is not None else base,
+        value_bits if value_bits is not None else base,
+    )
 
 
 def default_bits(name: str) -> float:

@@ -152,9 +152,10 @@ class RotatedBlockCodec(Codec):
         bits = 8 * packed_bytes(self.blocks, self.index_bits) + (16 if include_norm else 0)
         return bits / self.d
 
-    def encode(self, x: torch.Tensor) -> VectorCodes:
-        """Quantize ``x[..., d]`` (fp32, fp16, bf16 or fp64; CPU or CUDA) into packed codes on x's device."""
-        x = check_input(x, self.d)
+    def encode(self, x: torch.Tensor, name: str = "x") -> VectorCodes:
+        """Quantize ``x[..., d]`` (fp32, fp16, bf16 or fp64; CPU or CUDA) into packed codes on x's device;
+        ``name`` names ``x`` in an error."""
+        x = check_input(x, self.d, name)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         rotation, codebook = self.tensors(x.device, compute)
         flat = x.reshape(-1, self.d)

@@ -120,10 +120,16 @@ def _config_name(row: dict) -> str:
 
 def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str, console: Console, isolate: bool = True) -> dict:  # fmt: skip
     """Run ``kind`` (``perplexity`` or ``fidelity``) on a loaded model; write JSON and PNG; return the result."""
+    from pyramidkv.cache.accounting import check_positions
     from pyramidkv.eval import fidelity, perplexity
 
     module = perplexity if kind == "perplexity" else fidelity
     extra = {} if kind == "perplexity" else {"isolate": isolate}
+    task = options.task
+    check_positions(
+        model.config, task.context + task.continuation, "--context",
+        f"{task.context:,} context and {task.continuation:,} continuation tokens",
+    )  # fmt: skip
     windows = _windows(tokenizer, options.task.length, options.samples, options.seed)
     records = []
     with _progress(console) as progress:
@@ -135,7 +141,6 @@ def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str,
             records += found
             progress.advance(bar, len(found))
     rows = module.summarize(records)
-    task = options.task
     run = _run_info(
         model, name, samples=options.samples, seed=options.seed, context=task.context,
         continuation=task.continuation, chunk=task.chunk, **extra,
@@ -201,8 +206,10 @@ def funnel_table(rows: list[dict]) -> Table:
 
 def run_funnel(model, tokenizer, tokens: int, queries: int, samples: int, seed: int, out: Path, name: str, console: Console) -> dict:  # fmt: skip
     """Measure the funnel on ``samples`` corpus windows of ``tokens``; write JSON and PNG; return the result."""
+    from pyramidkv.cache.accounting import check_positions
     from pyramidkv.eval import funnel
 
+    check_positions(model.config, tokens, "--length", f"prompts of {tokens:,} tokens")
     windows = _windows(tokenizer, tokens, samples, seed)
     with _progress(console) as progress:
         bar = progress.add_task("funnel", total=len(windows))

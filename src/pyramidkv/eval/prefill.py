@@ -55,7 +55,7 @@ class Prefill:
         return self.keys[0].shape[-2]
 
     def cache(
-        self, policy: str = "pyramidkv", budget: str | int | float = 128, **options
+        self, policy: str = "pyramidkv", budget: str | int | float | None = None, **options
     ) -> CompressedCache:
         """The cache a fresh prefill with ``policy`` and ``budget`` would hold, built from the capture."""
         cache = CompressedCache(self.model, policy=policy, budget=budget, **options)

@@ -54,19 +54,43 @@ def done_pairs(records: list[dict]) -> set[tuple[str, str]]:
     return {(r["sample"], r["config"]) for r in records}
 
 
+def check_out(folder: str | os.PathLike, resume: bool = False, option: str = "--out") -> Path:
+    """Raise unless ``folder`` can receive results, creating nothing: it is a folder or does not exist yet, it
+    can be created and written, and without ``resume`` it holds no results."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PyramidKVError(f"{option}: {str(folder)!r} exists and is not a folder")
+    if not resume and (folder / RESULTS).is_file() and (folder / RESULTS).stat().st_size:
+        raise PyramidKVError(
+            f"{option}: {folder} already holds results; pass --resume to go on with them or choose "
+            "another folder"
+        )
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:  # create what is missing and remove it again: the only test of writability that is honest for root
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".pyramidkv-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise PyramidKVError(
+            f"{option}: cannot write to {str(folder)!r} ({exc.strerror or exc})"
+        ) from None
+    finally:
+        for path in missing:
+            if path.is_dir():
+                path.rmdir()
+    return folder
+
+
 class ResultsWriter:
     """Appends records to ``folder/results.jsonl``; with ``resume=False`` the file must not hold results."""
 
     def __init__(self, folder: str | os.PathLike, resume: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / RESULTS
+        check_out(self.folder, resume)
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and self.path.stat().st_size:
-            if not resume:
-                raise PyramidKVError(
-                    f"--out: {self.folder} already holds results; pass --resume to go on with them "
-                    "or choose another folder"
-                )
             with open(self.path, "r+b") as handle:  # drop a line cut short by a killed run
                 handle.truncate(_complete_size(self.path))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()

@@ -46,6 +46,7 @@ if (
 
 _LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kK]?)")
 _RUN_IDENTITY = ("task", "model", "seed", "runner")
+ANSWER_ROOM = 64  # new tokens a task's answer may take beyond its prompt
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -64,10 +65,10 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def items(text: str, option: str) -> list[str]:
-    items = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not items:
+    found = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not found:
         raise PyramidKVError(f"{option}: got {text!r}; expected a comma-separated list")
-    return items
+    return found
 
 
 @dataclass
@@ -108,10 +109,9 @@ class EvalOptions:
                 policies, budgets, full=self.full, codecs=items(self.codec, "--codec")
             )
         except PyramidKVError as exc:
-            option = {"budget": "--budget", "codec": "--codec"}.get(
-                str(exc).split(":")[0], "--policy"
-            )
-            raise PyramidKVError(f"{option}: {exc}") from None
+            name, _, rest = str(exc).partition(":")
+            option = {"budget": "--budget", "codec": "--codec", "bits": "--codec"}.get(name)
+            raise PyramidKVError(f"{option}:{rest}" if option else f"--policy: {exc}") from None
         self.out = Path(self.out)
 
 
@@ -128,6 +128,7 @@ def _check_resume(folder: Path, run: dict) -> dict:
 
 def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: Console) -> dict:
     """Evaluate ``options`` on a loaded model; write results, summary and plots; return the summary."""
+    from pyramidkv.cache.accounting import check_positions
     from pyramidkv.eval.runner import evaluate
     from pyramidkv.eval.tasks import make_samples
 
@@ -141,26 +142,35 @@ def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: C
         "device": str(model.device),
         "runner": "naive" if options.naive else "one-prefill",
     }
+    # the longest prompt plus its answer must fit the model's positions (room for the task's answer tokens)
+    longest = max(options.token_lengths)
+    check_positions(
+        model.config,
+        longest + ANSWER_ROOM,
+        "--lengths",
+        f"prompts of {longest:,} tokens and their answers",
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    samples = []  # built (and LongBench files checked) before anything is written to --out
+    with Progress(*columns, console=console) as progress:
+        building = progress.add_task("building prompts", total=len(options.token_lengths))
+        for length in options.token_lengths:
+            samples += make_samples(
+                options.task, tokenizer, length, options.samples, options.seed, options.mode
+            )
+            progress.advance(building)
     with ResultsWriter(options.out, resume=options.resume) as writer:
         run = _check_resume(options.out, run) if options.resume else {**run, "invocations": []}
         write_json(options.out / RUN, run)  # a killed run still says what it was
         done = done_pairs(read_records(options.out))
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
         with Progress(*columns, console=console) as progress:
-            samples = []
-            building = progress.add_task("building prompts", total=len(options.token_lengths))
-            for length in options.token_lengths:
-                samples += make_samples(
-                    options.task, tokenizer, length, options.samples, options.seed, options.mode
-                )
-                progress.advance(building)
             pending = sum((s.id, c.key) not in done for s in samples for c in options.configs)
             bar = progress.add_task("evaluating", total=pending)
 

@@ -176,13 +176,15 @@ def encode_buffers(codec: RotatedBlockCodec, count: int, device: torch.device, f
     return indices, torch.empty(count, dtype=torch.float16, device=device)
 
 
-def fused_encode(codec: RotatedBlockCodec, x: torch.Tensor, few: bool = False) -> VectorCodes:
+def fused_encode(
+    codec: RotatedBlockCodec, x: torch.Tensor, few: bool = False, name: str = "x"
+) -> VectorCodes:
     """Codes of ``x[..., d]`` equal to ``codec.encode(x)`` (up to ties at a cell border), from one kernel
-    (``few``: :func:`launch_encode`'s kernel for a handful of vectors)."""
+    (``few``: :func:`launch_encode`'s kernel for a handful of vectors); ``name`` names ``x`` in an error."""
     if triton is None:
         raise RuntimeError("fused_encode needs triton; use codec.encode instead")
     check_codec("codec", codec, codec.d)
-    x = check_input(x, codec.d)
+    x = check_input(x, codec.d, name)
     flat = x.reshape(-1, codec.d).contiguous()
     indices, norms = encode_buffers(codec, flat.shape[0], x.device, few)
     launch_encode(codec, flat, encode_tables(codec, x.device), indices, norms, few)
