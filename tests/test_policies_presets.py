@@ -14,11 +14,14 @@ from pyramidkv.policies import (
     WindowAttentionScorer,
     get_policy,
 )
+from pyramidkv.policies.adaptive import AdaptiveSchedule
 from pyramidkv.policies.schedules import PyramidSchedule, UniformSchedule
 
 EXPECTED = {
     "pyramidkv": (WindowAttentionScorer, PyramidSchedule),
     "snapkv": (WindowAttentionScorer, UniformSchedule),
+    "adakv": (WindowAttentionScorer, UniformSchedule),
+    "pyramidkv-adaptive": (WindowAttentionScorer, AdaptiveSchedule),
     "h2o": (AccumulatedAttentionScorer, UniformSchedule),
     "streamingllm": (SinksRecentScorer, UniformSchedule),
     "key-norm": (KeyNormScorer, UniformSchedule),
@@ -37,6 +40,7 @@ def test_presets_are_built_from_the_right_parts(name):
     assert not policy.is_full()
     assert type(policy.scorer) is scorer_cls and type(policy.schedule) is schedule_cls
     assert policy.scorer.needs_all_queries == (name == "h2o")
+    assert policy.heads == ("adaptive" if name in ("adakv", "pyramidkv-adaptive") else "uniform")
 
 
 def test_pyramidkv_and_snapkv_differ_only_in_the_schedule():

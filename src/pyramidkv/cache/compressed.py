@@ -175,7 +175,8 @@ class CompressedCache(HookedCache, Cache):
         ``ratio`` counts everything the cache holds; ``ratio_codes_only`` leaves out the fp16 recent window,
         row lengths and codebooks, and is labelled as such. ``prompt_bytes`` is what the cache held right
         after compressing the prompt (codebooks included), ``prompt_full_bytes`` the uncompressed cache of the
-        prompt in the model's dtype (the reference of a ``kv_memory`` share), ``prompt_share`` their ratio.
+        prompt in the model's dtype (the reference of a ``kv_memory`` share), ``prompt_share`` their ratio;
+        ``kept_tokens`` the tokens each layer holds per row and KV head (adaptive schedules and heads vary them).
         """
         layers = [layer.components() for layer in self.layers]
         totals = {key: sum(parts[key] for parts in layers) for key in layers[0]}
@@ -198,6 +199,7 @@ class CompressedCache(HookedCache, Cache):
             "prompt_bytes": prompt,
             "prompt_full_bytes": prompt_full,
             "prompt_share": prompt / prompt_full if prompt_full else float("nan"),
+            "kept_tokens": self.kept_tokens().tolist(),  # [layer][row][KV head]: where the tokens went
         }
 
     def kept_tokens(self) -> torch.Tensor:

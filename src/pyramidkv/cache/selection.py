@@ -15,6 +15,7 @@ import torch
 
 from pyramidkv.budgets import Budget, MemoryBudget
 from pyramidkv.policies import Policy, select
+from pyramidkv.policies.heads import head_budgets
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Selection:
     # scores do not depend on the budget, so four budgets of H2O score the prompt once, not four times
     score_memo: dict | None = None
     _schedules: dict[tuple[int, int], list[int]] = field(default_factory=dict, repr=False)
+    _progress: object = field(
+        default=None, repr=False
+    )  # an adaptive schedule's state in this prefill
 
     def average_budget(self, prompt_len: int, batch: int = 1) -> int:
         """Average tokens per layer for one row: from ``budget``, or from ``kv_memory`` when it is set."""
@@ -76,18 +80,44 @@ class Selection:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps."""
         counts = valid.sum(dim=1).tolist()
-        kept = [self.layer_budgets(n, len(counts))[layer_idx] if n else 0 for n in counts]
-        budgets = torch.tensor(kept, device=keys.device)
-        scorer = self.policy.scorer
+        policy, scorer = self.policy, self.policy.scorer
+        if scorer is not None and policy.schedule.adaptive:
+            budgets = self._adaptive_budgets(layer_idx, queries, keys, valid, scaling, counts)
+            kept = budgets.tolist()
+        else:
+            kept = [self.layer_budgets(n, len(counts))[layer_idx] if n else 0 for n in counts]
+            budgets = torch.tensor(kept, device=keys.device)
         if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-        else:
-            window = None if scorer.needs_all_queries else self.policy.window
-            memo_key = (scorer, window, layer_idx)
-            scores = self.score_memo.get(memo_key) if self.score_memo is not None else None
-            if scores is None:
-                window_queries = queries if window is None else queries[..., -window:, :]
-                scores = scorer.score(window_queries, keys, valid, scaling)
-                if self.score_memo is not None:
-                    self.score_memo[memo_key] = scores
-        return select(scores, valid, budgets, self.policy.window)
+            return select(scores, valid, budgets, policy.window)
+        window = None if scorer.needs_all_queries else policy.window
+        memo_key = (scorer, window, layer_idx)
+        scores = self.score_memo.get(memo_key) if self.score_memo is not None else None
+        if scores is None:
+            window_queries = queries if window is None else queries[..., -window:, :]
+            scores = scorer.score(window_queries, keys, valid, scaling)
+            if self.score_memo is not None:
+                self.score_memo[memo_key] = scores
+        if policy.heads == "adaptive":
+            budgets = head_budgets(scores, valid, budgets, policy.window, policy.head_floor)
+        return select(scores, valid, budgets, policy.window)
+
+    def _adaptive_budgets(self, layer_idx, queries, keys, valid, scaling, counts) -> torch.Tensor:
+        """(batch,) this layer's budgets from an adaptive schedule: the prefill's allocation so far, and this
+        layer's preference from its observation-window queries (:mod:`pyramidkv.policies.adaptive`)."""
+        schedule, batch = self.policy.schedule, len(counts)
+        if layer_idx == 0 or self._progress is None:
+            self._progress = schedule.start(batch, keys.device)
+        window = min(self.policy.window, queries.shape[-2])
+        preferences = schedule.preference(queries[..., -window:, :], keys, valid, scaling)
+        averages = torch.tensor(
+            [self.average_budget(n, batch) if n else 0 for n in counts], device=keys.device
+        )
+        return schedule.next_budgets(
+            self._progress,
+            preferences,
+            averages,
+            torch.tensor(counts, device=keys.device),
+            self.num_layers,
+            self.policy.window,
+        )

@@ -90,7 +90,8 @@ def generate(
     policy: Annotated[
         str,
         typer.Option(
-            help="Eviction policy: full, pyramidkv, snapkv, h2o, streamingllm, key-norm, random."
+            help="Eviction policy: full, pyramidkv, snapkv, adakv, pyramidkv-adaptive, h2o, streamingllm, "
+            "key-norm, random."
         ),
     ] = "full",
     budget: Annotated[

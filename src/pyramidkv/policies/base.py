@@ -89,7 +89,8 @@ def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple
     """Indices of the tokens to keep per (row, KV head), and how many there are.
 
     ``scores`` (batch, kv_heads, n), higher = keep; ``valid`` (batch, n) bool; ``budgets`` (batch,) long,
-    tokens to keep per row, window included; ``window`` >= 0. Rules:
+    tokens to keep per row, window included, or (batch, kv_heads) for a budget per KV head (head-adaptive
+    policies, :mod:`.heads`); ``window`` >= 0. Rules:
 
     * padding positions are never kept;
     * the last ``min(window, budget)`` valid tokens are always kept (the observation window);
@@ -110,34 +111,37 @@ def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple
         raise PyramidKVError(
             f"valid: got shape {tuple(valid.shape)} dtype {valid.dtype}; expected ({batch}, {n}) bool"
         )
-    if budgets.shape != (batch,) or budgets.dtype.is_floating_point or budgets.dtype == torch.bool:
+    integer = not (budgets.dtype.is_floating_point or budgets.dtype == torch.bool)
+    if budgets.shape not in ((batch,), (batch, kv_heads)) or not integer:
         raise PyramidKVError(
-            f"budgets: got shape {tuple(budgets.shape)} dtype {budgets.dtype}; expected ({batch},) integer"
+            f"budgets: got shape {tuple(budgets.shape)} dtype {budgets.dtype}; expected ({batch},) or "
+            f"({batch}, {kv_heads}) integer"
         )
     check_int("window", window, 0)
     budgets = budgets.to(device=scores.device, dtype=torch.long)
     if batch and int(budgets.min()) < 0:
         raise PyramidKVError(f"budgets: got {budgets.tolist()}; expected integers >= 0")
+    budgets = budgets.reshape(batch, -1).expand(batch, kv_heads)
 
     valid = valid.to(scores.device)
     counts = valid.sum(dim=1)  # (batch,)
-    keep = torch.minimum(budgets, counts)
+    keep = torch.minimum(budgets, counts[:, None])  # (batch, kv_heads)
     from_end = counts[:, None] - valid.long().cumsum(dim=1)  # valid tokens after position j
-    in_window = valid & (from_end < keep.clamp(max=int(window))[:, None])
+    in_window = valid[:, None] & (from_end[:, None] < keep.clamp(max=int(window))[..., None])
     # Rank: window first, then other valid tokens by score, then padding; ties to the more recent token.
-    tier = valid.long() + in_window.long()  # 2 window, 1 candidate, 0 padding
+    tier = valid[:, None].long() + in_window.long()  # 2 window, 1 candidate, 0 padding
     ranked = torch.nan_to_num(scores.float(), nan=float("-inf")).flip(-1)
     order = ranked.argsort(dim=-1, descending=True, stable=True)
-    tiers = tier.flip(-1)[:, None, :].expand(batch, kv_heads, n).gather(-1, order)
+    tiers = tier.flip(-1).gather(-1, order)
     order = order.gather(-1, tiers.argsort(dim=-1, descending=True, stable=True))
     chosen = (n - 1) - order  # positions, best first
 
     slots = torch.arange(n, device=scores.device)
     kept_mask = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=scores.device)
-    kept_mask.scatter_(-1, chosen, (slots < keep[:, None])[:, None, :].expand(batch, kv_heads, n))
+    kept_mask.scatter_(-1, chosen, slots < keep[..., None])
     width = int(keep.max()) if batch else 0
     ascending = torch.where(kept_mask, slots, n + slots).sort(dim=-1).values[..., :width]
-    lengths = keep[:, None].expand(batch, kv_heads).contiguous()
+    lengths = keep.contiguous()
     last = ascending.gather(-1, (lengths - 1).clamp(min=0)[..., None]) if width else ascending
     indices = torch.where(
         ascending < n, ascending, last.clamp(max=n - 1) * (lengths[..., None] > 0)

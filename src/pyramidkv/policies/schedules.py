@@ -13,13 +13,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from pyramidkv.checks import check_int, check_number
 
 
 class Schedule(Protocol):
-    """Spreads an average per-layer budget over the layers of a model."""
+    """Spreads an average per-layer budget over the layers of a model. An ``adaptive`` schedule
+    (:class:`~pyramidkv.policies.adaptive.AdaptiveSchedule`) sets each layer's budget during the prefill from
+    what that layer's attention shows; the others fix every layer's budget from the prompt's length."""
+
+    adaptive: ClassVar[bool]
 
     def layer_budgets(self, budget: int, n_layers: int, prompt_len: int, window: int) -> list[int]:
         """Tokens each layer keeps (window included), bottom layer first."""
@@ -39,6 +43,8 @@ def _check_schedule_args(budget: int, n_layers: int, prompt_len: int, window: in
 @dataclass(frozen=True)
 class UniformSchedule:
     """Every layer keeps the same ``budget`` tokens (clamped to the prompt): SnapKV, H2O, StreamingLLM."""
+
+    adaptive: ClassVar[bool] = False
 
     def layer_budgets(self, budget: int, n_layers: int, prompt_len: int, window: int) -> list[int]:
         _check_schedule_args(budget, n_layers, prompt_len, window)
@@ -73,6 +79,8 @@ class PyramidSchedule:
     ``beta`` must be >= 1: below 1, ``k_min > k_max`` and upper layers would get *more* than the bottom
     (kvpress asserts the same).
     """
+
+    adaptive: ClassVar[bool] = False
 
     beta: float = 20.0
 
