@@ -38,14 +38,10 @@ def perplexity_command(
     model: ModelName = None, device: Device = None,
 ) -> None:  # fmt: skip
     """Perplexity, KL divergence from the full cache and top-1 agreement of real text read with a compressed past."""
-    from pyramidkv.models import load
-
     options = MeasureOptions(
         policy, budget, codec, context, continuation, chunk, samples, seed, out
     )
-    check_out(options.out, resume=True)  # before the model loads; creates nothing
-    lm, tokenizer = load(model, device=device)
-    run_measure("perplexity", lm, tokenizer, options, model or DEFAULT_MODEL, Console())
+    _measure("perplexity", options, model, device)
 
 
 def fidelity_command(
@@ -56,14 +52,21 @@ def fidelity_command(
     model: ModelName = None, device: Device = None,
 ) -> None:  # fmt: skip
     """Per-layer cosine similarity of attention outputs with the compressed and the full cache."""
-    from pyramidkv.models import load
-
     options = MeasureOptions(
         policy, budget, codec, context, continuation, chunk, samples, seed, out
     )
-    check_out(options.out, resume=True)  # before the model loads; creates nothing
+    _measure("fidelity", options, model, device, isolate)
+
+
+def _measure(
+    kind: str, options: MeasureOptions, model: str | None, device: str | None, isolate: bool = True
+) -> None:
+    """Check ``--out`` (creating nothing), load the model, run the measurement."""
+    from pyramidkv.models import load
+
+    check_out(options.out, resume=True)
     lm, tokenizer = load(model, device=device)
-    run_measure("fidelity", lm, tokenizer, options, model or DEFAULT_MODEL, Console(), isolate)
+    run_measure(kind, lm, tokenizer, options, model or DEFAULT_MODEL, Console(), isolate)
 
 
 def funnel_command(
