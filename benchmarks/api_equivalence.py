@@ -43,14 +43,16 @@ def prompts() -> list[str]:
     return [text[:chars] for chars in PROMPT_CHARS]
 
 
-def run(model, tokenizer, batch: int) -> list[dict]:
-    """Every configuration on the first ``batch`` prompts (left-padded when two)."""
+def run(
+    model, tokenizer, batch: int, chosen: list[tuple[str, str, str]] | None = None
+) -> list[dict]:
+    """Every configuration (or those ``chosen``) on the first ``batch`` prompts (left-padded when two)."""
     from pyramidkv import CompressedCache
 
     tokenizer.padding_side = "left"
     inputs = tokenizer(prompts()[:batch], return_tensors="pt", padding=True).to(model.device)
     rows = []
-    for policy, budget, codec in configurations():
+    for policy, budget, codec in configurations() if chosen is None else chosen:
         with CompressedCache(model, policy=policy, budget=budget, codec=codec) as cache:
             with torch.inference_mode():
                 out = model.generate(

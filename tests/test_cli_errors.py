@@ -60,6 +60,8 @@ CASES = [
     Case("eval-out-is-file", ("eval", "passkey", "--out", "{file}"), r"--out.*not a folder"),
     Case("eval-out-unwritable", ("eval", "passkey", "--out", "/proc/pyramidkv-results"), r"--out.*cannot write"),
     Case("perplexity-out-is-file", ("perplexity", "--out", "{file}"), r"--out.*not a folder"),
+    Case("plan-out-is-folder", ("plan", "hi", "--out", "{dir}"), r"--out.*not a file path"),
+    Case("plan-kv-memory-shared-heads", ("plan", "hi", "--policy", "adakv", "--kv-memory", "5%"), r"kv_memory.*shares"),
     # known wrong only once the model is loaded
     Case("model-gguf-100-bytes", ("generate", "hi", "--model", "{gguf_100}"), r"model.*truncated|model.*not a valid GGUF"),
     Case("model-gguf-1mb", ("generate", "hi", "--model", "{gguf_1m}"), r"model.*truncated|model.*not a valid GGUF"),

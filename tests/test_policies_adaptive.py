@@ -141,18 +141,23 @@ def test_every_scorer_takes_the_adaptive_options():
 PROMPT = torch.randint(3, 97, (2, 90), generator=torch.Generator().manual_seed(9))
 
 
-@pytest.mark.parametrize("policy", ["adakv", "pyramidkv-adaptive"])
+@pytest.mark.parametrize("policy", ["adakv", "pyramidkv-adaptive", "adaptive-both"])
 @pytest.mark.parametrize("codec", [None, "fibquant:2"])
 def test_adaptive_caches_hold_the_budget_and_decode_as_their_static_copy(tiny_llama, policy, codec):
     """The layer totals are the uniform split's (20 x 2 heads per row; adaptive layers sum to 4 x 20 x 2), the
     rows are ragged per head, and the CUDA-graph path's static copy (run eagerly here) decodes the same
     greedy tokens as the dynamic cache."""
     tiny_llama.generation_config.eos_token_id = None
-    with torch.no_grad(), CompressedCache(tiny_llama, policy, 20, codec=codec) as cache:
+    options = {"heads": "adaptive"} if policy == "adaptive-both" else {}
+    name = "pyramidkv-adaptive" if policy == "adaptive-both" else policy
+    with torch.no_grad(), CompressedCache(tiny_llama, name, 20, codec=codec, **options) as cache:
         out = tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
         kept = cache.kept_tokens()  # (layers, batch, kv_heads)
         assert kept.sum(dim=(0, 2)).tolist() == [4 * 20 * 2] * 2
-        assert bool((kept != kept[..., :1]).any())  # some layer splits its budget unevenly
+        if policy != "pyramidkv-adaptive":  # shared heads: some layer splits its budget unevenly
+            assert bool((kept != kept[..., :1]).any())
+        if policy != "adakv":  # adaptive layers: some layer keeps more than another
+            assert bool((kept.sum(dim=2) != kept.sum(dim=2)[:1]).any())
         if policy == "adakv":
             assert kept.sum(dim=2).eq(40).all()
         static = StaticCompressedCache(tiny_llama, cache, max_new_tokens=4)
@@ -161,3 +166,17 @@ def test_adaptive_caches_hold_the_budget_and_decode_as_their_static_copy(tiny_ll
         dynamic = tiny_llama(token, position_ids=position, **cache_kwargs(tiny_llama, cache))
         replay = tiny_llama(token, position_ids=position, **cache_kwargs(tiny_llama, static))
         torch.testing.assert_close(replay.logits, dynamic.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_byte_budget_is_refused_for_shared_heads(tiny_llama):
+    with pytest.raises(
+        PyramidKVError, match="kv_memory: policy 'adakv' shares each layer's budget"
+    ):
+        CompressedCache(tiny_llama, "adakv", kv_memory="5%")
+    with (
+        torch.no_grad(),
+        CompressedCache(tiny_llama, "pyramidkv-adaptive", kv_memory="20%") as cache,
+    ):
+        tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
+        one_token_per_layer = 1 / PROMPT.shape[1]
+        assert 0.2 - one_token_per_layer <= cache.memory_report()["prompt_share"] <= 0.2

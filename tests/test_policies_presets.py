@@ -40,7 +40,7 @@ def test_presets_are_built_from_the_right_parts(name):
     assert not policy.is_full()
     assert type(policy.scorer) is scorer_cls and type(policy.schedule) is schedule_cls
     assert policy.scorer.needs_all_queries == (name == "h2o")
-    assert policy.heads == ("adaptive" if name in ("adakv", "pyramidkv-adaptive") else "uniform")
+    assert policy.heads == ("adaptive" if name == "adakv" else "uniform")
 
 
 def test_pyramidkv_and_snapkv_differ_only_in_the_schedule():

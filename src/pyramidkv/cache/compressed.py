@@ -63,6 +63,12 @@ class Settings:
             raise PyramidKVError(
                 "kv_memory: the full policy keeps every token; choose an eviction policy"
             )
+        if memory is not None and chosen.heads == "adaptive":
+            raise PyramidKVError(
+                f"kv_memory: policy {chosen.name!r} shares each layer's budget across heads, whose rows are "
+                "stored at the longest head's length, so a byte budget cannot be met; give a token budget "
+                "or a policy with uniform heads"
+            )
         name, _, _ = codec_rates(codec, bits, key_bits, value_bits)
         check_kernel_name(kernel, name)
         return cls(chosen, parse_budget(DEFAULT_BUDGET if budget is None else budget), memory, name)

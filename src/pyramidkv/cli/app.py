@@ -192,6 +192,44 @@ def generate(
         cache.close()
 
 
+@app.command()
+def plan(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt text.")] = None,
+    prompt_file: Annotated[
+        str | None,
+        typer.Option("--prompt-file", "-f", help="Read the prompt from this file ('-' for stdin)."),
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Eviction policy (see generate).")] = "pyramidkv",
+    budget: Annotated[str | None, typer.Option(help="Tokens per layer ('128') or a share ('10%').")] = None,
+    kv_memory: Annotated[str | None, typer.Option(help="KV memory instead of --budget (see generate).")] = None,
+    codec: Annotated[str, typer.Option(help="Codec of the kept tokens (see generate).")] = "none",
+    bits: Annotated[float | None, typer.Option(help="Bits per coordinate of the codec.")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Also draw the plan into this PNG file.")] = None,
+    model: ModelOption = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+) -> None:  # fmt: skip
+    """Compress PROMPT and show where the memory went: tokens per layer and KV head, bytes per layer."""
+    from rich.console import Console
+
+    from pyramidkv.cache.compressed import CompressedCache, Settings
+    from pyramidkv.eval.plan import measure_plan, plan_table, plot_plan
+    from pyramidkv.generation import prompt_ids
+    from pyramidkv.models import load
+
+    Settings.parse(policy, budget, kv_memory, codec, bits)
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise PyramidKVError(f"--out: {str(out)!r} is not a file path in an existing folder")
+    text = _read_prompt(prompt, prompt_file)
+    lm, tokenizer = load(model, device=device)
+    ids = prompt_ids(tokenizer, text, chat)
+    with CompressedCache(lm, policy, budget, codec=codec, bits=bits, kv_memory=kv_memory) as cache:
+        found = measure_plan(lm, ids, cache)
+    Console().print(plan_table(found))
+    if out is not None:
+        typer.echo(f"wrote {plot_plan(found, out)}")
+
+
 app.command("eval")(evaluate.eval_command)
 app.command("report")(evaluate.report_command)
 app.command("perplexity")(measure.perplexity_command)

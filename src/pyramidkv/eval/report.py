@@ -133,7 +133,7 @@ def plot_heatmaps(rows: list[dict], folder: Path) -> list[Path]:
     return written
 
 
-def _human_bytes(value: float, _position=None) -> str:
+def human_bytes(value: float, _position=None) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if value < 1000:
             return f"{value:g} {unit}"
@@ -179,7 +179,7 @@ def _lines(rows: list[dict], folder: Path, x_of: str) -> list[Path]:
                     ax.errorbar(xs, ys, yerr=errors, label=label, marker="o", capsize=3)
             if x_of == "bytes":
                 ax.set_xscale("log")
-                ax.xaxis.set_major_formatter(FuncFormatter(_human_bytes))
+                ax.xaxis.set_major_formatter(FuncFormatter(human_bytes))
                 ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.set_xlabel("KV bytes held (compressed prompt)")
             else:

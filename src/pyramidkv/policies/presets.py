@@ -7,8 +7,8 @@ pyramidkv      observation-window attention    pyramid         window, kernel_si
 snapkv         observation-window attention    uniform         window, kernel_size, pooling
 adakv          observation-window attention    uniform         window, kernel_size, pooling, head_floor
                                                + heads shared
-pyramidkv-     observation-window attention    adaptive        window, kernel_size, pooling, tau1, tau2,
-adaptive                                       + heads shared  head_floor
+pyramidkv-     observation-window attention    adaptive        window, kernel_size, pooling, tau1, tau2
+adaptive
 h2o            accumulated attention           uniform         window, block_size
 streamingllm   sinks + recent                  uniform         window, sinks
 key-norm       minus key L2 norm               uniform         window
@@ -20,7 +20,8 @@ Every preset with a scorer also takes ``schedule`` (``"uniform"``, ``"pyramid"``
 budgets from each layer's attention, :mod:`.adaptive`) and ``heads`` (``"uniform"``, or ``"adaptive"``: a
 layer's budget shared across its KV heads by a layer-wide top-k, :mod:`.heads`), so any scorer can take an
 adaptive schedule. ``adakv`` is Ada-KV over SnapKV's scores (Feng et al. 2024); ``pyramidkv-adaptive`` sizes
-layers by CAKE's preference (Qin et al. 2025) and shares each layer's budget across heads.
+layers by CAKE's preference (Qin et al. 2025). Shared heads store a layer's rows at its longest head's
+length, so they take a token budget, not a byte budget (``kv_memory``), which they could not meet.
 
 Defaults: ``window = 8``, ``kernel_size = 7``, ``pooling = "max"`` — the values the PyramidKV authors use
 for SnapKV, PyramidKV, H2O and L2-norm in their LongBench runs (KVCache-Factory ``run_longbench.py``:
@@ -74,7 +75,7 @@ _PRESETS: dict[str, tuple[type | None, tuple[str, ...], str, str]] = {
         WindowAttentionScorer,
         ("kernel_size", "pooling"),
         "adaptive",
-        "adaptive",
+        "uniform",
     ),
     "h2o": (AccumulatedAttentionScorer, ("block_size",), "uniform", "uniform"),
     "streamingllm": (SinksRecentScorer, ("sinks",), "uniform", "uniform"),
