@@ -184,14 +184,18 @@ class MemoryBudget:
         holds whatever it keeps (codebooks, row lengths), charged to the rows equally. Raises when not even
         one token per layer fits, saying the smallest cache the configuration can hold.
         """
+        full = prompt_len * layers * full_token_bytes  # one row's uncompressed cache
         if self.nbytes is not None:
             allowed = (self.nbytes - fixed_bytes) / batch
-            asked = f"{self.nbytes:,} bytes"
         else:
-            allowed = self.fraction * prompt_len * layers * full_token_bytes - fixed_bytes / batch
-            asked = f"{self.fraction:.4%} of the full cache ({self.fraction * prompt_len * layers * full_token_bytes * batch:,.0f} bytes)"
+            allowed = self.fraction * full - fixed_bytes / batch
         tokens = int(allowed // (layers * token_bytes))
         if tokens < 1:
+            asked = (
+                f"{self.nbytes:,} bytes"
+                if self.nbytes is not None
+                else f"{self.fraction:.4%} of the full cache ({self.fraction * full * batch:,.0f} bytes)"
+            )
             smallest = math.ceil(batch * layers * token_bytes + fixed_bytes)
             raise PyramidKVError(
                 f"kv_memory: {asked} is less than the smallest cache this configuration holds: "

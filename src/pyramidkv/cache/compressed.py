@@ -79,8 +79,9 @@ class CompressedCache(HookedCache, Cache):
 
     ``CompressedCache(model, policy="pyramidkv", budget=128)`` — ``policy`` is a preset name
     (:data:`pyramidkv.policies.POLICY_NAMES`) or a :class:`~pyramidkv.policies.Policy`; ``budget`` is the
-    average number of tokens kept per layer (``128``, the default) or a fraction of the prompt (``"10%"``). Pass it to
-    ``model.generate`` or a forward call as ``cache=`` (transformers >= 5.24; ``past_key_values=`` before).
+    average number of tokens kept per layer (``128``, the default) or a fraction of the prompt (``"10%"``).
+    Pass it to ``model.generate`` or a forward call as ``cache=`` (transformers >= 5.24; ``past_key_values=``
+    before).
     The prompt (the first forward) is compressed; tokens after it are appended whole. A prompt no longer than
     the budget is kept whole.
 
@@ -90,8 +91,8 @@ class CompressedCache(HookedCache, Cache):
     tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
     the prompt's full cache in the model's dtype) replaces ``budget``: the token budget is chosen so that
     everything the cache holds for the prompt fits, codebooks and row lengths included.
-    A cache holds one sequence: a second prompt through a used cache is an error; :meth:`reset` it first. ``kernel="auto"``
-    (default) reads FibQuant and TurboQuant codes in the fused kernels on CUDA and in torch elsewhere;
+    A cache holds one sequence: a second prompt through a used cache is an error; :meth:`reset` it first.
+    ``kernel="auto"`` (default) reads FibQuant and TurboQuant codes in the fused kernels on CUDA and in torch elsewhere;
     ``"triton"`` or ``"torch"`` forces one path (:mod:`pyramidkv.kernels.dispatch`).
 
     While the cache is alive the model routes attention through pyramidkv; :meth:`close` (or leaving a
