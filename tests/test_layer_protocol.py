@@ -1,8 +1,8 @@
 """Every cache layer kind through the one protocol the attention hook uses (pyramidkv.cache.protocol).
 
 At prefill the hook calls ``layer.compress`` once per layer and never ``attend``; at each decode step it calls
-``layer.attend`` once per layer and never ``compress``. The kinds: the dynamic CompressedLayer and CodedLayer,
-and the static StaticBufferLayer and StaticCodedLayer. Any concrete CacheLayer of the package that this test
+``layer.attend`` once per layer and never ``compress``. The kinds: the dynamic CompressedLayer, CodedLayer and
+PlannedLayer, and the static StaticBufferLayer and StaticCodedLayer. Any concrete CacheLayer of the package that this test
 does not run fails it, so a new kind of layer joins the matrix.
 """
 
@@ -23,10 +23,11 @@ from pyramidkv.errors import PyramidKVError
 
 PROMPT = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(5))
 KINDS = {
-    "CompressedLayer": dict(codec=None, static=False),
-    "CodedLayer": dict(codec="fibquant:2", static=False),
-    "StaticBufferLayer": dict(codec=None, static=True),
-    "StaticCodedLayer": dict(codec="fibquant:2", static=True),
+    "CompressedLayer": dict(options=dict(budget=16), static=False),
+    "CodedLayer": dict(options=dict(budget=16, codec="fibquant:2"), static=False),
+    "PlannedLayer": dict(options=dict(kv_memory="60%", plan="auto"), static=False),
+    "StaticBufferLayer": dict(options=dict(budget=16), static=True),
+    "StaticCodedLayer": dict(options=dict(budget=16, codec="fibquant:2"), static=True),
 }
 
 
@@ -63,7 +64,7 @@ def test_the_hook_calls_compress_at_prefill_and_attend_at_decode(tiny_llama, kin
     setup = KINDS[kind]
     layers = tiny_llama.config.num_hidden_layers
     calls: Counter = Counter()
-    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", 16, codec=setup["codec"]) as source:
+    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", **setup["options"]) as source:
         assert all(layer.prefilling for layer in source.layers)
         if not setup["static"]:
             _spy(source.layers, calls)
@@ -86,7 +87,7 @@ def test_the_hook_calls_compress_at_prefill_and_attend_at_decode(tiny_llama, kin
 def test_attend_returns_the_models_layout(tiny_llama, kind):
     """attend(query, scaling, model_attention) -> (batch, q_len, q_heads, dim), as transformers' functions do."""
     setup = KINDS[kind]
-    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", 16, codec=setup["codec"]) as source:
+    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", **setup["options"]) as source:
         tiny_llama(PROMPT, **cache_kwargs(tiny_llama, source))
         cache = StaticCompressedCache(tiny_llama, source, 4) if setup["static"] else source
         layer = cache.layers[0]

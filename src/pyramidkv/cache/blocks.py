@@ -27,6 +27,7 @@ class _Block:
     lengths: (
         torch.Tensor | None
     )  # (batch, kv_heads) for the ragged prompt block, else every slot is valid
+    codecs: CodecPair  # what encoded this block (a planned layer holds blocks of several rates)
 
     def visible(self, device: torch.device) -> torch.Tensor | None:
         """(batch, kv_heads, 1, tokens) bool, which slots of a ragged block hold a token; None when all do."""
@@ -62,29 +63,37 @@ class CodedBlocks:
         lengths: torch.Tensor | None = None,
         fused: bool = False,
         where: str = "layer",
+        codecs: CodecPair | None = None,
     ) -> None:
         """Encode (batch, kv_heads, s, dim) keys and values as one block; ``lengths`` marks ragged rows.
 
         ``fused``: encode in the Triton kernel (:func:`pyramidkv.kernels.encode.fused_encode`); ``where``
-        names the layer in an error (NaN or Inf in the keys or values).
+        names the layer in an error (NaN or Inf in the keys or values); ``codecs``: this block's codecs when
+        they are not the layer's (a rate of a planned layer, :mod:`.planned`).
         """
         if keys.shape[-2] == 0:
             return
+        codecs = codecs or self.codecs
         names = f"{where} keys", f"{where} values"
         if fused:
             from pyramidkv.kernels.encode import fused_encode
 
             codes_k, codes_v = (
-                fused_encode(self.codecs.keys, keys, name=names[0]),
-                fused_encode(self.codecs.values, values, name=names[1]),
+                fused_encode(codecs.keys, keys, name=names[0]),
+                fused_encode(codecs.values, values, name=names[1]),
             )
         else:
-            codes_k = self.codecs.keys.encode(keys, names[0])
-            codes_v = self.codecs.values.encode(values, names[1])
-        self.append(codes_k, codes_v, keys.shape[-2], lengths)
+            codes_k = codecs.keys.encode(keys, names[0])
+            codes_v = codecs.values.encode(values, names[1])
+        self.append(codes_k, codes_v, keys.shape[-2], lengths, codecs)
 
     def append(
-        self, keys: Codes, values: Codes, tokens: int, lengths: torch.Tensor | None = None
+        self,
+        keys: Codes,
+        values: Codes,
+        tokens: int,
+        lengths: torch.Tensor | None = None,
+        codecs: CodecPair | None = None,
     ) -> None:
         """Add codes made elsewhere (e.g. rows of several caches stacked) as one block of ``tokens`` slots.
 
@@ -93,17 +102,20 @@ class CodedBlocks:
         Each block costs a kernel launch per decode step; the copy costs one pass over the generated codes
         per flush of the window.
         """
+        codecs = codecs or self.codecs
         last = self.blocks[-1] if self.blocks else None
-        if lengths is None and last is not None and last.lengths is None:
+        if lengths is None and last is not None and last.lengths is None and last.codecs == codecs:
             joined_keys, joined_values = _join(last.keys, keys), _join(last.values, values)
             if joined_keys is not None and joined_values is not None:
-                self.blocks[-1] = _Block(joined_keys, joined_values, last.tokens + tokens, None)
+                self.blocks[-1] = _Block(
+                    joined_keys, joined_values, last.tokens + tokens, None, codecs
+                )
                 return
-        self.blocks.append(_Block(keys, values, tokens, lengths))
+        self.blocks.append(_Block(keys, values, tokens, lengths, codecs))
 
-    def reorder(self, rows: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    def reorder(self, rows: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Keep rows ``rows`` of every block, in that order (beam search); ``lengths``: the layer's reordered
-        row lengths, which the ragged prompt block shares."""
+        row lengths, which the ragged prompt block shares (None: each ragged block reorders its own)."""
         for block in self.blocks:
             for name in ("keys", "values"):
                 codes = getattr(block, name)
@@ -115,7 +127,11 @@ class CodedBlocks:
                 }
                 setattr(block, name, replace(codes, **picked))
             if block.lengths is not None:
-                block.lengths = lengths
+                block.lengths = (
+                    lengths
+                    if lengths is not None
+                    else block.lengths.index_select(0, rows.to(block.lengths.device))
+                )
 
     @property
     def tokens(self) -> int:
@@ -127,8 +143,8 @@ class CodedBlocks:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Decoded (keys, values, visible) per block, for :func:`~pyramidkv.kernels.chunked_attention`."""
         for block in self.blocks:
-            keys = self.codecs.keys.decode(block.keys, dtype)
-            values = self.codecs.values.decode(block.values, dtype)
+            keys = block.codecs.keys.decode(block.keys, dtype)
+            values = block.codecs.values.decode(block.values, dtype)
             yield keys, values, block.visible(keys.device)
 
     def nbytes(self) -> int:

@@ -17,6 +17,8 @@ from pyramidkv.budgets import Budget, MemoryBudget, parse_budget, parse_memory
 from pyramidkv.cache.accounting import full_cache_nbytes, kv_geometry, token_nbytes
 from pyramidkv.cache.hook import HookedCache
 from pyramidkv.cache.layers import CodedLayer, CompressedLayer
+from pyramidkv.cache.planned import PlannedLayer
+from pyramidkv.cache.planner import Plan, Planner, Tier, parse_plan
 from pyramidkv.cache.selection import Selection
 from pyramidkv.checks import check_int
 from pyramidkv.codecs.registry import CodecPair, codec_rates, make_codecs
@@ -38,6 +40,7 @@ class Settings:
     budget: Budget
     kv_memory: MemoryBudget | None
     codec: str
+    plan: Plan | None = None
 
     @classmethod
     def parse(
@@ -50,9 +53,11 @@ class Settings:
         key_bits: float | None = None,
         value_bits: float | None = None,
         kernel: str = "auto",
+        plan: str | Plan | None = None,
         **options,
     ) -> Settings:
         chosen = get_policy(policy, **options) if isinstance(policy, str) else policy
+        planned = parse_plan(plan)
         if budget is not None and kv_memory is not None:
             raise PyramidKVError(
                 f"budget: got {budget!r} and kv_memory={kv_memory!r}; give one (kv_memory chooses the "
@@ -70,8 +75,25 @@ class Settings:
                 "or a policy with uniform heads"
             )
         name, _, _ = codec_rates(codec, bits, key_bits, value_bits)
+        if planned is not None:
+            name = _planned_codec(name, memory)
         check_kernel_name(kernel, name)
-        return cls(chosen, parse_budget(DEFAULT_BUDGET if budget is None else budget), memory, name)
+        budget_ = parse_budget(DEFAULT_BUDGET if budget is None else budget)
+        return cls(chosen, budget_, memory, name, planned)
+
+
+def _planned_codec(name: str, memory: MemoryBudget | None) -> str:
+    """The codec family a plan chooses rates of (FibQuant when none is named); a plan needs a byte budget."""
+    if memory is None:
+        raise PyramidKVError(
+            "plan: 'auto' chooses tokens and bits under a byte budget; give kv_memory (e.g. '5%' or '48MiB')"
+        )
+    if name == "kivi":
+        raise PyramidKVError(
+            "plan: 'auto' plans rates of fibquant, turboquant or uniform codes (their blocks share one "
+            "rotation); got codec 'kivi'"
+        )
+    return "fibquant" if name == "none" else name
 
 
 class CompressedCache(HookedCache, Cache):
@@ -91,6 +113,8 @@ class CompressedCache(HookedCache, Cache):
     tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
     the prompt's full cache in the model's dtype) replaces ``budget``: the token budget is chosen so that
     everything the cache holds for the prompt fits, codebooks and row lengths included.
+    ``plan="auto"`` (with ``kv_memory``) chooses per layer how many tokens to keep whole, as 4-, 3- or 2-bit
+    codes of the codec family (FibQuant when ``codec`` is not given) or not at all (:mod:`.planner`).
     A cache holds one sequence: a second prompt through a used cache is an error; :meth:`reset` it first.
     ``kernel="auto"`` (default) reads FibQuant and TurboQuant codes in the fused kernels on CUDA and in torch elsewhere;
     ``"triton"`` or ``"torch"`` forces one path (:mod:`pyramidkv.kernels.dispatch`).
@@ -112,11 +136,13 @@ class CompressedCache(HookedCache, Cache):
         residual: int = 64,  # measured knee: benchmarks/residual_window.py
         kv_memory: str | int | MemoryBudget | None = None,
         kernel: str = "auto",
+        plan: str | Plan | None = None,
         **options,
     ):
         settings = Settings.parse(
-            policy, budget, kv_memory, codec, bits, key_bits, value_bits, kernel, **options
+            policy, budget, kv_memory, codec, bits, key_bits, value_bits, kernel, plan, **options
         )
+        self.plan = settings.plan
         self.policy, self.budget, self.kv_memory = (
             settings.policy,
             settings.budget,
@@ -126,12 +152,17 @@ class CompressedCache(HookedCache, Cache):
         self.model_config = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
         self.codecs: CodecPair | None = make_codecs(
-            codec, self.head_dim, bits, key_bits, value_bits
-        )
+            codec if self.plan is None or codec is not None else settings.codec,
+            self.head_dim, bits, key_bits, value_bits,
+        )  # fmt: skip
         self.residual = residual
         self.kernel = kernel
-        self.fused_ok = check_kernel(kernel, self.codecs, self.head_dim)
         self.dtype = next(model.parameters()).dtype
+        self.tiers = self._tiers(model.config) if self.plan is not None else []
+        self.fused_ok = all(
+            check_kernel(kernel, codecs, self.head_dim)
+            for codecs in [self.codecs, *(t.codecs for t in self.tiers if t.codecs is not None)]
+        )
         self.selection = Selection(
             self.policy,
             self.budget,
@@ -142,10 +173,35 @@ class CompressedCache(HookedCache, Cache):
             token_nbytes(model.config, self.dtype),
             self.codebook_nbytes(),
         )
+        self.planner = (
+            None
+            if self.plan is None
+            else Planner(
+                self.selection, self.kv_memory, self.tiers, token_nbytes(model.config, self.dtype),
+                self.codebook_nbytes(), self.plan.samples, self.plan.weight,
+            )
+        )  # fmt: skip
         self._hook(model)
         super().__init__(layers=[self._layer(i) for i in range(self.num_layers)])
 
+    def _tiers(self, config) -> list[Tier]:
+        """The rates a plan chooses from: the codec family at each of its bit widths, and whole tokens."""
+        tiers = []
+        for bits in self.plan.bits:
+            codecs = make_codecs(self.codecs.name, self.head_dim, bits=bits)
+            tiers.append(
+                Tier(float(bits), codecs, self.num_kv_heads * codecs.bytes_per_token(self.head_dim))
+            )
+        if self.plan.whole:
+            tiers.append(Tier(None, None, float(token_nbytes(config, self.dtype))))
+        return tiers
+
     def _layer(self, index: int) -> CompressedLayer:
+        if self.planner is not None:
+            return PlannedLayer(
+                index, self.selection, self.planner, self.codecs, self.residual, self.kernel,
+                self.fused_ok,
+            )  # fmt: skip
         if self.codecs is None:
             return CompressedLayer(index, self.selection)
         return CodedLayer(
@@ -162,8 +218,9 @@ class CompressedCache(HookedCache, Cache):
         """Bytes of the shared rotations and codebooks (held once per cache, whatever it keeps)."""
         if self.codecs is None:
             return 0
+        pairs = [self.codecs, *(t.codecs for t in self.tiers if t.codecs is not None)]
         distinct: list = []  # keys and values share one table when their codecs are equal
-        for codec in (self.codecs.keys, self.codecs.values):
+        for codec in (c for pair in pairs for c in (pair.keys, pair.values)):
             if hasattr(codec, "codebook") and codec not in distinct:
                 distinct.append(codec)
         return sum((c.rotation.numel() + c.codebook.numel()) * 4 for c in distinct)
@@ -207,6 +264,7 @@ class CompressedCache(HookedCache, Cache):
             "prompt_full_bytes": prompt_full,
             "prompt_share": prompt / prompt_full if prompt_full else float("nan"),
             "kept_tokens": self.kept_tokens().tolist(),  # [layer][row][KV head]: where the tokens went
+            "rates": [layer.rates() for layer in self.layers],  # [layer][rate]: bits, tokens, bytes
         }
 
     def kept_tokens(self) -> torch.Tensor:

@@ -181,6 +181,18 @@ class CompressedLayer(CacheLayer):
             "lengths": _bytes(self.lengths),
         }
 
+    def rates(self) -> list[dict]:
+        """What the prompt is kept as, per rate: ``bits`` (None: the model's dtype), ``tokens`` per (row, KV
+        head) and ``bytes`` held (:meth:`CompressedCache.memory_report` lists it per layer)."""
+        if self.kept_keys is None:
+            return []
+        tokens = self._kept_lengths().tolist()
+        return [{"bits": None, "tokens": tokens, "bytes": _bytes(self.kept_keys, self.kept_values)}]
+
+    def _kept_lengths(self) -> torch.Tensor:
+        """(batch, kv_heads) tokens held in ``kept_keys``."""
+        return self.lengths
+
     def tensors(self) -> list[torch.Tensor]:
         """The uncoded tensors this layer holds (a coded layer's blocks count through :meth:`nbytes`)."""
         found = [self.kept_keys, self.kept_values, self.lengths, self.keys, self.values]
@@ -304,6 +316,15 @@ class CodedLayer(CompressedLayer):
 
     def components(self) -> dict[str, int]:
         return {**super().components(), **self.coded.components()}
+
+    def rates(self) -> list[dict]:
+        """Also each block of prompt codes (the ragged blocks; generated tokens are not the prompt's)."""
+        found = super().rates()
+        for block in self.coded.blocks:
+            if block.lengths is not None:
+                tokens, held = block.lengths.tolist(), block.keys.nbytes + block.values.nbytes
+                found.append({"bits": block.codecs.bits, "tokens": tokens, "bytes": held})
+        return found
 
     def nbytes(self) -> int:
         return super().nbytes() + self.coded.nbytes()

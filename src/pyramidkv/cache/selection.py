@@ -90,7 +90,16 @@ class Selection:
         if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
             return select(scores, valid, budgets, policy.window)
-        window = None if scorer.needs_all_queries else policy.window
+        scores = self.scores(layer_idx, queries, keys, valid, scaling)
+        if policy.heads == "adaptive":
+            budgets = head_budgets(scores, valid, budgets, policy.window, policy.head_floor)
+        return select(scores, valid, budgets, policy.window)
+
+    def scores(self, layer_idx: int, queries, keys, valid, scaling: float) -> torch.Tensor:
+        """(batch, kv_heads, n) the policy scorer's importance of each prompt token of layer ``layer_idx``
+        (memoised in ``score_memo`` when it is set)."""
+        scorer, window = self.policy.scorer, self.policy.window
+        window = None if scorer.needs_all_queries else window
         memo_key = (scorer, window, layer_idx)
         scores = self.score_memo.get(memo_key) if self.score_memo is not None else None
         if scores is None:
@@ -98,9 +107,7 @@ class Selection:
             scores = scorer.score(window_queries, keys, valid, scaling)
             if self.score_memo is not None:
                 self.score_memo[memo_key] = scores
-        if policy.heads == "adaptive":
-            budgets = head_budgets(scores, valid, budgets, policy.window, policy.head_floor)
-        return select(scores, valid, budgets, policy.window)
+        return scores
 
     def _adaptive_budgets(self, layer_idx, queries, keys, valid, scaling, counts) -> torch.Tensor:
         """(batch,) this layer's budgets from an adaptive schedule: the prefill's allocation so far, and this

@@ -121,6 +121,14 @@ def generate(
             "cache in the model's dtype ('5%'); everything the cache holds is counted."
         ),
     ] = None,
+    plan: Annotated[
+        str,
+        typer.Option(
+            "--plan",
+            help="auto: choose per layer how many tokens to keep whole, as 4/3/2-bit codes or not at all, "
+            "under --kv-memory (codec family from --codec, fibquant by default); none: the fixed policy.",
+        ),
+    ] = "none",
     kernel: Annotated[
         str,
         typer.Option(help="Attention over codes: auto (fused kernels on CUDA), torch or triton."),
@@ -140,7 +148,7 @@ def generate(
 
     # every option is checked before the model loads; a compression option under the full policy and no
     # codec is an error there, never ignored
-    settings = Settings.parse(policy, budget, kv_memory, codec, bits, kernel=kernel)
+    settings = Settings.parse(policy, budget, kv_memory, codec, bits, kernel=kernel, plan=plan)
     compress = not settings.policy.is_full() or settings.codec != "none" or kv_memory is not None
 
     text = _read_prompt(prompt, prompt_file)
@@ -161,6 +169,7 @@ def generate(
             bits=bits,
             kv_memory=kv_memory,
             kernel=kernel,
+            plan=plan,
         )
 
     def show(piece: str) -> None:
@@ -204,12 +213,13 @@ def plan(
     kv_memory: Annotated[str | None, typer.Option(help="KV memory instead of --budget (see generate).")] = None,
     codec: Annotated[str, typer.Option(help="Codec of the kept tokens (see generate).")] = "none",
     bits: Annotated[float | None, typer.Option(help="Bits per coordinate of the codec.")] = None,
+    plan: Annotated[str, typer.Option("--plan", help="auto: tokens x bits under --kv-memory (see generate).")] = "none",
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")] = True,
     out: Annotated[Path | None, typer.Option(help="Also draw the plan into this PNG file.")] = None,
     model: ModelOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
 ) -> None:  # fmt: skip
-    """Compress PROMPT and show where the memory went: tokens per layer and KV head, bytes per layer."""
+    """Compress PROMPT and show where the memory went: tokens per layer and KV head at each rate, bytes per layer."""
     from rich.console import Console
 
     from pyramidkv.cache.compressed import CompressedCache, Settings
@@ -217,13 +227,15 @@ def plan(
     from pyramidkv.generation import prompt_ids
     from pyramidkv.models import load
 
-    Settings.parse(policy, budget, kv_memory, codec, bits)
+    Settings.parse(policy, budget, kv_memory, codec, bits, plan=plan)
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise PyramidKVError(f"--out: {str(out)!r} is not a file path in an existing folder")
     text = _read_prompt(prompt, prompt_file)
     lm, tokenizer = load(model, device=device)
     ids = prompt_ids(tokenizer, text, chat)
-    with CompressedCache(lm, policy, budget, codec=codec, bits=bits, kv_memory=kv_memory) as cache:
+    with CompressedCache(
+        lm, policy, budget, codec=codec, bits=bits, kv_memory=kv_memory, plan=plan
+    ) as cache:
         found = measure_plan(lm, ids, cache)
     Console().print(plan_table(found))
     if out is not None:

@@ -29,17 +29,18 @@ Samples = Annotated[int, typer.Option(help="Text windows (different corpus offse
 Seed = Annotated[int, typer.Option(help="Seed of the corpus shuffle.")]
 ModelName = Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2].")]  # fmt: skip
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")]  # fmt: skip
+Text = Annotated[Path | None, typer.Option(help="Read the windows from this text file instead of the shipped corpus.")]  # fmt: skip
 
 
 def perplexity_command(
     policy: Policy = "full,pyramidkv", budget: Budget = "128,512", codec: Codec = "none",
     context: Context = "1k", continuation: Continuation = "256", chunk: Chunk = 32, samples: Samples = 4,
     seed: Seed = 0, out: Annotated[Path, typer.Option(help="Folder for perplexity.json and .png.")] = Path("results/ppl"),
-    model: ModelName = None, device: Device = None,
+    model: ModelName = None, device: Device = None, text: Text = None,
 ) -> None:  # fmt: skip
     """Perplexity, KL divergence from the full cache and top-1 agreement of real text read with a compressed past."""
     options = MeasureOptions(
-        policy, budget, codec, context, continuation, chunk, samples, seed, out
+        policy, budget, codec, context, continuation, chunk, samples, seed, out, text
     )
     _measure("perplexity", options, model, device)
 
@@ -49,11 +50,11 @@ def fidelity_command(
     context: Context = "1k", continuation: Continuation = "256", chunk: Chunk = 32, samples: Samples = 4,
     seed: Seed = 0, out: Annotated[Path, typer.Option(help="Folder for fidelity.json and .png.")] = Path("results/fidelity"),
     isolate: Annotated[bool, typer.Option(help="Feed every layer the full run's inputs (per-layer error only); --no-isolate: end to end.")] = True,
-    model: ModelName = None, device: Device = None,
+    model: ModelName = None, device: Device = None, text: Text = None,
 ) -> None:  # fmt: skip
     """Per-layer cosine similarity of attention outputs with the compressed and the full cache."""
     options = MeasureOptions(
-        policy, budget, codec, context, continuation, chunk, samples, seed, out
+        policy, budget, codec, context, continuation, chunk, samples, seed, out, text
     )
     _measure("fidelity", options, model, device, isolate)
 

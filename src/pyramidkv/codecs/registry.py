@@ -37,6 +37,11 @@ class CodecPair:
         bits = self.keys.bits_per_coordinate(True) + self.values.bits_per_coordinate(True)
         return bits * head_dim / 8
 
+    @property
+    def bits(self) -> float:
+        """The keys' rate in bits per coordinate (the rate a spec names)."""
+        return _rate(self.keys)
+
     def label(self) -> str:
         return f"{self.name}:{_rate(self.keys):g}" + (
             "" if _rate(self.keys) == _rate(self.values) else f"/{_rate(self.values):g}"

@@ -55,6 +55,7 @@ class MeasureOptions:
     samples: int = 4
     seed: int = 0
     out: Path = Path("results")
+    text: Path | None = None  # windows of this file instead of the corpus
     configs: list[Config] = field(init=False)
     task: PerplexityTask = field(init=False)
 
@@ -85,14 +86,20 @@ class MeasureOptions:
                 str(exc) if name.startswith("--") else f"{option}: {exc}"
             ) from None
         self.out = Path(self.out)
+        if self.text is not None:
+            self.text = Path(self.text)
+            if not self.text.is_file():
+                raise PyramidKVError(f"--text: {str(self.text)!r} is not a readable file")
 
 
-def _windows(tokenizer, length: int, samples: int, seed: int):
-    """Corpus windows; a corpus too short for ``samples`` windows is reported against ``--samples``."""
+def _windows(tokenizer, length: int, samples: int, seed: int, text: Path | None = None):
+    """Windows of the corpus (or of ``text``); a text too short for ``samples`` windows is reported against
+    ``--samples``."""
     from pyramidkv.eval.perplexity import text_windows
 
+    words = None if text is None else text.read_text(encoding="utf-8", errors="replace")
     try:
-        return text_windows(tokenizer, length, samples, seed)
+        return text_windows(tokenizer, length, samples, seed, words)
     except PyramidKVError as exc:
         raise PyramidKVError(f"--{exc}") from None
 
@@ -130,7 +137,7 @@ def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str,
         model.config, task.context + task.continuation, "--context",
         f"{task.context:,} context and {task.continuation:,} continuation tokens",
     )  # fmt: skip
-    windows = _windows(tokenizer, options.task.length, options.samples, options.seed)
+    windows = _windows(tokenizer, options.task.length, options.samples, options.seed, options.text)
     records = []
     with _progress(console) as progress:
         bar = progress.add_task(kind, total=len(windows) * len(options.configs))
@@ -143,7 +150,8 @@ def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str,
     rows = module.summarize(records)
     run = _run_info(
         model, name, samples=options.samples, seed=options.seed, context=task.context,
-        continuation=task.continuation, chunk=task.chunk, **extra,
+        continuation=task.continuation, chunk=task.chunk,
+        text=str(options.text) if options.text else None, **extra,
     )  # fmt: skip
     result = {"run": run, "rows": rows, "records": records}
     options.out.mkdir(parents=True, exist_ok=True)

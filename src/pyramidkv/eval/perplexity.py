@@ -43,8 +43,11 @@ from pyramidkv.eval.runner import Config
 REFERENCE = Config("full")  # policy full, codec none: the KL reference
 
 
-def text_windows(tokenizer, length: int, samples: int, seed: int = 0) -> list[torch.Tensor]:
-    """``samples`` non-overlapping (1, ``length``) windows of the corpus, its paragraphs shuffled by ``seed``.
+def text_windows(
+    tokenizer, length: int, samples: int, seed: int = 0, text: str | None = None
+) -> list[torch.Tensor]:
+    """``samples`` non-overlapping (1, ``length``) windows of the corpus, its paragraphs shuffled by ``seed``,
+    or of ``text`` (a user's file, read in order) when it is given.
 
     Windows are consecutive slices of one tokenization, so they start at different text offsets and share
     no token. When the tokenizer starts a text with a BOS token, each window starts with it as well.
@@ -54,12 +57,13 @@ def text_windows(tokenizer, length: int, samples: int, seed: int = 0) -> list[to
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = tokenizer("")["input_ids"][:1]
     prefix = prefix if prefix and prefix[0] == bos else []
-    text = "\n\n".join(corpus.shuffled_paragraphs(seed))
+    source = "the corpus" if text is None else "the text"
+    text = "\n\n".join(corpus.shuffled_paragraphs(seed)) if text is None else text
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     step = length - len(prefix)
     if samples * step > len(ids):
         raise PyramidKVError(
-            f"samples: {samples} windows of {length} tokens need {samples * step} tokens of text; the corpus "
+            f"samples: {samples} windows of {length} tokens need {samples * step} tokens of text; {source} "
             f"has {len(ids)} (ask for fewer samples or shorter windows)"
         )
     return [torch.tensor([prefix + ids[i * step : (i + 1) * step]]) for i in range(samples)]
@@ -103,7 +107,7 @@ class PerplexityTask:
         return text_windows(tokenizer, self.length, samples, seed)
 
 
-def _score(model, cache, inputs, targets, chunk, reference) -> dict:
+def score(model, cache, inputs, targets, chunk, reference) -> dict:
     """Teacher-force ``inputs`` through ``cache``: NLL, KL and top-1 agreement against ``reference`` logits."""
     nll, kl, agree, done = [], [], [], 0
     for logits in teacher_force(model, cache, inputs, chunk):
@@ -150,7 +154,7 @@ def measure_sample(
             start = time.perf_counter()
             with captured.cache(config.policy, config.cache_budget(), codec=config.codec) as cache:
                 memory = cache.memory_report()
-                found = _score(model, cache, inputs, targets, task.chunk, reference)
+                found = score(model, cache, inputs, targets, task.chunk, reference)
             records.append(
                 {
                     "sample": sample,

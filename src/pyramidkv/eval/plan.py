@@ -1,8 +1,9 @@
 """Where a cache's memory goes: tokens and bytes per layer and KV head after one prompt is compressed.
 
-``pyramidkv plan -f document.txt --policy pyramidkv-adaptive --kv-memory 5%`` prefills the prompt into the
-cache it describes and prints, per layer, the tokens each KV head keeps and the bytes the layer holds, then
-draws the layers x heads map of kept tokens. Adaptive schedules and shared heads decide these numbers from
+``pyramidkv plan -f document.txt --policy snapkv --kv-memory 5% --plan auto`` prefills the prompt into the
+cache it describes and prints, per layer, the tokens each KV head keeps, the bytes the layer holds and the
+tokens at each rate (whole, 4/3/2-bit codes), then draws the layers x heads map of kept tokens beside the
+bytes per layer and rate. Adaptive schedules and shared heads decide these numbers from
 the prompt's own attention, so the plan differs from prompt to prompt: this is how a user sees it.
 """
 
@@ -31,7 +32,22 @@ def measure_plan(model, ids: torch.Tensor, cache) -> dict:
         "prompt_bytes": report["prompt_bytes"],
         "prompt_full_bytes": report["prompt_full_bytes"],
         "prompt_share": report["prompt_share"],
+        # [layer] -> {rate: [tokens per head of the first row], bytes}: what each rate holds
+        "rates": [
+            {_rate_name(r["bits"]): {"tokens": r["tokens"][0], "bytes": r["bytes"]} for r in layer}
+            for layer in report["rates"]
+        ],
     }
+
+
+def _rate_name(bits: float | None) -> str:
+    return "whole" if bits is None else f"{bits:g}-bit"
+
+
+def _rates_text(rates: dict) -> str:
+    """``whole 14 | 4-bit 20 | 2-bit 143``: tokens per rate (the first KV head's; heads share the counts of a
+    planned layer)."""
+    return " | ".join(f"{name} {found['tokens'][0]}" for name, found in rates.items())
 
 
 def plan_table(plan: dict) -> Table:
@@ -44,8 +60,10 @@ def plan_table(plan: dict) -> Table:
     for head in range(heads):
         table.add_column(f"head {head}", justify="right")
     table.add_column("bytes", justify="right")
-    for index, (kept, nbytes) in enumerate(zip(plan["kept"], plan["layer_bytes"], strict=True)):
-        table.add_row(str(index), *map(str, kept), f"{nbytes:,}")
+    table.add_column("tokens per rate")
+    rows = zip(plan["kept"], plan["layer_bytes"], plan["rates"], strict=True)
+    for index, (kept, nbytes, rates) in enumerate(rows):
+        table.add_row(str(index), *map(str, kept), f"{nbytes:,}", _rates_text(rates))
     return table
 
 
@@ -67,9 +85,16 @@ def plot_plan(plan: dict, path: Path) -> Path:
     left.set(xlabel="KV head", ylabel="layer", title="tokens kept")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=left)
-    right.barh(range(len(plan["layer_bytes"])), plan["layer_bytes"])
+    names = list(dict.fromkeys(name for layer in plan["rates"] for name in layer))
+    left_edge = [0] * len(plan["rates"])
+    for name in names:  # the prompt's bytes per layer, stacked by rate
+        held = [layer[name]["bytes"] if name in layer else 0 for layer in plan["rates"]]
+        right.barh(range(len(held)), held, left=left_edge, label=name)
+        left_edge = [a + b for a, b in zip(left_edge, held, strict=True)]
+    if names:
+        right.legend(fontsize=7)
     right.invert_yaxis()
-    right.set(xlabel="bytes", title="per layer")
+    right.set(xlabel="prompt bytes", title="per layer and rate")
     right.xaxis.set_major_formatter(FuncFormatter(human_bytes))
     right.xaxis.set_major_locator(MaxNLocator(3))
     fig.suptitle(f"{plan['policy']}, {plan['codec']}: {plan['prompt_share']:.1%} of the full cache")

@@ -117,7 +117,7 @@ def greedy_rows(
     from their last logits. A row ends at its first stop token, which is included in its result, as
     ``generate`` does; the batch steps on until every row has ended or ``max_new_tokens`` are out.
     """
-    rows = cache.layers[0].lengths.shape[0] if cache.layers[0].lengths is not None else 1
+    rows = cache.layers[0].keys.shape[0]
     device = model.device
     tokens: list[list[int]] = [[] for _ in range(rows)]
     ended = [False] * rows

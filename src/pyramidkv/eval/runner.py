@@ -121,7 +121,11 @@ def _prompt_nbytes(cache: CompressedCache) -> int:
 
 def _prompt_kept(cache: CompressedCache) -> float:
     """Prompt tokens kept, averaged over layers and KV heads (appended tokens left out)."""
-    return sum(layer.lengths.float().mean().item() for layer in cache.layers) / len(cache.layers)
+    kept = [
+        layer.kept_tokens().float().mean().item() - layer.appended_tokens()
+        for layer in cache.layers
+    ]
+    return sum(kept) / len(kept)
 
 
 def _record(

@@ -108,16 +108,18 @@ def fused_attention(
     kv_heads = recent_keys.shape[1]
     rows = (q_heads // kv_heads) * q_len
     plans = [
-        plan_block(b.keys.shape, codec_k, codec_v, rows, tuning, query.device) for b in coded.blocks
+        plan_block(b.keys.shape, b.codecs.keys, b.codecs.values, rows, tuning, query.device)
+        for b in coded.blocks
     ]
     # no coded block yet: zero splits, and the epilogue attends over the window alone
     workspace = make_workspace(batch, kv_heads, rows, sum(s for _, s in plans), dim, query.device)
+    # blocks of several rates (a planned layer) share the rotation, so the query is rotated once
     q_rot = rotate_query(query, codec_k, scaling, kv_heads, tuning.codebook_dtype)
     offset = 0
     for block, (kernel, split) in zip(coded.blocks, plans, strict=True):
         launch_partials(
-            q_rot, block.keys, block.values, codec_k, codec_v, block.lengths, workspace, offset,
-            split, tuning, kernel,
+            q_rot, block.keys, block.values, block.codecs.keys, block.codecs.values, block.lengths,
+            workspace, offset, split, tuning, kernel,
         )  # fmt: skip
         offset += split
     rotation = codec_v.tensors(query.device, torch.float32)[0]

@@ -1,0 +1,251 @@
+"""The memory planner: how many tokens each layer keeps, and at which rate, under one byte budget.
+
+``CompressedCache(model, kv_memory="5%", plan="auto")`` stores every prompt token of a layer either whole (the
+model's dtype), as codes of 2, 3 or 4 bits, or not at all, so that the cache holds at most the stated bytes and
+the attention output moves as little as the budget allows:
+
+1. **Layer shares.** Layer ``l`` takes a share of the bytes still unspent when its prefill ends: the policy's
+   schedule (uniform for SnapKV, the pyramid for PyramidKV), or, for an adaptive schedule, the causal CAKE
+   share of its observation-window attention (:mod:`pyramidkv.policies.adaptive`). Whatever a layer leaves
+   unspent passes to the layers above, and the last layer takes what remains, so the total is exact.
+2. **Distortion of each rate, measured.** On up to ``samples`` tokens of the layer, each rate's codecs encode
+   and decode the keys and values; the relative output error of a token kept at that rate against evicting
+   it is ``E[delta^2] + E|v_hat - v|^2 / E|v - o|^2`` (``delta`` the logit error under the window's queries,
+   ``o`` the window's attention output): evicting token ``i`` moves the output by ``p_i (v_i - o)``,
+   quantizing it by ``p_i (delta_i (v_i - o) + v_hat_i - v_i)`` to first order.
+3. **Tokens x rates.** :func:`pyramidkv.policies.rates.assign_rates` cuts the tokens, ranked by the policy's
+   scores, into tiers (whole, 4, 3, 2 bits, evicted) at the least modelled distortion that fits the layer's
+   bytes; ``weight`` scales the quantization term against eviction's (1: as measured).
+
+A layer's KV heads (and a batch's rows) share the count of tokens at each rate, each head keeping its own
+tokens, so every block is dense and the bytes planned are the bytes held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pyramidkv.budgets import MemoryBudget
+from pyramidkv.cache.selection import Selection
+from pyramidkv.checks import check_int
+from pyramidkv.codecs.registry import CodecPair
+from pyramidkv.errors import PyramidKVError
+from pyramidkv.policies.rates import RatePoint, assign_rates, attention_shares, rank_order
+
+PLAN_NAMES = ("none", "auto")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the planner may choose from: codes of ``bits`` (of the cache's codec family), and the model's dtype
+    when ``whole``; ``samples`` tokens per layer measure each rate's distortion; ``weight`` scales it."""
+
+    bits: tuple[float, ...] = (2.0, 3.0, 4.0)
+    whole: bool = True
+    samples: int = 128
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.bits or any(not 0 < float(b) <= 8 for b in self.bits):
+            raise PyramidKVError(f"plan: bits must be rates in (0, 8], got {self.bits!r}")
+        check_int("samples", self.samples, 1)
+
+
+def parse_plan(value: str | Plan | None) -> Plan | None:
+    """``"auto"`` -> the default :class:`Plan`; ``"none"`` or ``None`` -> no planning; a Plan passes."""
+    if value is None or isinstance(value, Plan):
+        return value
+    text = str(value).strip().lower()
+    if text not in PLAN_NAMES:
+        raise PyramidKVError(f"plan: got {value!r}; expected one of {', '.join(PLAN_NAMES)}")
+    return Plan() if text == "auto" else None
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One rate a planned layer can store tokens at: ``bits`` (None: the model's dtype), its ``codecs`` (None
+    when whole) and ``cost`` in bytes per token of one row, all KV heads, key and value."""
+
+    bits: float | None
+    codecs: CodecPair | None
+    cost: float
+
+
+@dataclass
+class Planner:
+    """Plans each layer of one cache as its prefill ends (module docstring).
+
+    ``full_token_bytes``: one token of one layer uncompressed in the model's dtype (the reference of a share);
+    ``fixed_bytes``: codebooks, held whatever is kept; ``row_bytes``: one (row, KV head) length counter.
+    """
+
+    selection: Selection
+    memory: MemoryBudget
+    tiers: list[Tier]
+    full_token_bytes: int
+    fixed_bytes: int
+    samples: int = 128
+    weight: float = 1.0
+    row_bytes: int = 8
+    _remaining: float = field(default=0.0, repr=False)
+    _preferences: list[float] = field(default_factory=list, repr=False)
+
+    def allowance(self, counts: list[int]) -> float:
+        """Bytes the whole batch's planned prompt may hold (rows of ``counts`` valid tokens), fixed bytes and
+        every tier's row lengths taken off; raises when not even each layer's window fits at the cheapest rate."""
+        layers, heads = self.selection.num_layers, self.selection.num_kv_heads
+        batch = len(counts)
+        fixed = self.fixed_bytes + layers * len(self.tiers) * batch * heads * self.row_bytes
+        if self.memory.nbytes is not None:
+            asked, allowed = f"{self.memory.nbytes:,} bytes", self.memory.nbytes - fixed
+        else:
+            full = sum(counts) * layers * self.full_token_bytes
+            asked = f"{self.memory.fraction:.4%} of the full cache ({self.memory.fraction * full:,.0f} bytes)"
+            allowed = self.memory.fraction * full - fixed
+        window = min(self.selection.policy.window, max(counts))
+        smallest = layers * batch * window * min(t.cost for t in self.tiers)
+        if allowed < smallest:
+            raise PyramidKVError(
+                f"kv_memory: {asked} is less than the smallest planned cache: {smallest + fixed:,.0f} bytes "
+                f"(each layer's {window}-token window at the cheapest rate, and {fixed:,} bytes of codebooks "
+                "and row lengths)"
+            )
+        return allowed
+
+    def layer_bytes(
+        self, layer_idx: int, queries, keys, valid, scaling, counts: list[int]
+    ) -> float:
+        """Bytes layer ``layer_idx`` may spend: its share of what is left (module docstring, step 1)."""
+        selection = self.selection
+        layers, policy = selection.num_layers, selection.policy
+        if layer_idx == 0:
+            self._remaining, self._preferences = self.allowance(counts), []
+        later = layers - 1 - layer_idx
+        if later == 0:
+            return self._remaining
+        if policy.schedule.adaptive:
+            window = min(policy.window, queries.shape[-2])
+            found = policy.schedule.preference(queries[..., -window:, :], keys, valid, scaling)
+            self._preferences.append(float(found.mean()))
+            here = self._preferences[-1]
+            mean = sum(self._preferences) / len(self._preferences)
+            return self._remaining * here / max(here + later * mean, 1e-30)
+        longest = max(counts)
+        nominal = max(1, min(longest, longest // 10))
+        shares = policy.schedule.layer_budgets(nominal, layers, longest, policy.window)
+        return self._remaining * shares[layer_idx] / max(sum(shares[layer_idx:]), 1)
+
+    def plan(
+        self,
+        layer_idx: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+    ) -> list[tuple[Tier, torch.Tensor, torch.Tensor]]:
+        """The tiers layer ``layer_idx`` keeps: ``(tier, indices (batch, kv_heads, K), lengths (batch,
+        kv_heads))`` per tier holding tokens, indices ascending and valid up to ``lengths``."""
+        counts = valid.sum(dim=1).tolist()
+        budget = self.layer_bytes(layer_idx, queries, keys, valid, scaling, counts)
+        scores = self.selection.scores(layer_idx, queries, keys, valid, scaling)
+        shares = attention_shares(scores, valid)
+        batch = shares.shape[0]
+        window = min(self.selection.policy.window, max(counts))
+        order = rank_order(shares, valid, _window_mask(valid, window))
+        profile = shares.gather(-1, order).mean(dim=(0, 1))[: max(counts)]
+        points = [
+            RatePoint(tier.bits, tier.cost * batch, 0.0)
+            if tier.codecs is None
+            else RatePoint(
+                tier.bits,
+                tier.cost * batch,
+                self.distortion(tier.codecs, queries, keys, values, valid, shares, scaling),
+            )
+            for tier in self.tiers
+        ]
+        rates = assign_rates(profile, window, points, budget, _gap(values, shares, valid, order))
+        spent = 0.0
+        found = []
+        lengths = torch.tensor(counts, device=order.device)
+        for index, tier in enumerate(self.tiers):
+            ranks = torch.nonzero(rates == index).flatten().to(order.device)
+            if len(ranks):
+                spent += len(ranks) * tier.cost * batch
+                found.append((tier, *_gather_ranks(order, ranks, lengths)))
+        self._remaining -= spent
+        return found
+
+    def distortion(
+        self,
+        codecs: CodecPair,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        shares: torch.Tensor,
+        scaling: float,
+    ) -> float:
+        """Output error of a token stored by ``codecs`` relative to evicting it, on sampled tokens of this
+        layer (module docstring, step 2), times ``weight``. ``shares`` (batch, kv_heads, n): each token's
+        attention share."""
+        n = keys.shape[-2]
+        picked = (
+            torch.linspace(0, n - 1, min(self.samples, n), device=keys.device)
+            .round()
+            .long()
+            .unique()
+        )
+        k, v = keys[:, :, picked].float(), values[:, :, picked].float()
+        ok = valid[:, picked].to(keys.device)[:, None].float()  # (batch, 1, s)
+        k_hat = codecs.keys.decode(codecs.keys.encode(k, "planner keys"), torch.float32)
+        v_hat = codecs.values.decode(codecs.values.encode(v, "planner values"), torch.float32)
+        window = min(self.selection.policy.window, queries.shape[-2])
+        batch, _q_heads, _, dim = queries.shape
+        heads = keys.shape[1]
+        grouped = queries[..., -window:, :].float().reshape(batch, heads, -1, dim)
+        delta = torch.einsum("bhqd,bhsd->bhqs", grouped, k_hat - k) * scaling
+        key_term = (delta.square().mean(dim=2) * ok).sum() / ok.sum().clamp_min(1) / heads
+        out = torch.einsum("bhn,bhnd->bhd", shares.float(), values.float())
+        spread = ((v - out[:, :, None]).square().sum(-1) * ok).sum()
+        error = ((v_hat - v).square().sum(-1) * ok).sum()
+        return float(self.weight * (key_term + error / spread.clamp_min(1e-30)))
+
+
+def _gap(
+    values: torch.Tensor, shares: torch.Tensor, valid: torch.Tensor, order: torch.Tensor
+) -> float:
+    """How far evicting the less attended half moves the output, relative to the spread of single values:
+    ``|o_tail - o|^2 / E_p |v - o|^2``, ``o`` the share-weighted output and ``o_tail`` the share-weighted mean
+    of the values ranked in the lower half (evicted tokens are averaged, so they move it less than one)."""
+    values = values.float()
+    weights = shares.float()
+    out = torch.einsum("bhn,bhnd->bhd", weights, values)
+    spread = (weights * (values - out[:, :, None]).square().sum(-1)).sum(-1)
+    half = valid.sum(dim=1).min().item() // 2
+    tail = torch.zeros_like(weights).scatter(-1, order[..., half:], 1.0) * weights * valid[:, None]
+    tail_out = torch.einsum("bhn,bhnd->bhd", tail, values) / tail.sum(-1, keepdim=True).clamp_min(
+        1e-30
+    )
+    return float((tail_out - out).square().sum(-1).mean() / spread.mean().clamp_min(1e-30))
+
+
+def _window_mask(valid: torch.Tensor, window: int) -> torch.Tensor:
+    """(batch, n) the last ``window`` valid tokens of each row."""
+    from_end = valid.sum(dim=1, keepdim=True) - valid.long().cumsum(dim=1)
+    return valid & (from_end < window)
+
+
+def _gather_ranks(
+    order: torch.Tensor, ranks: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of ``ranks`` in each row's rank ``order``, ascending, padding (ranks past a row's valid count)
+    last; and how many of them each (row, head) holds."""
+    n = order.shape[-1]
+    positions = order[:, :, ranks]  # (batch, heads, c)
+    real = (ranks[None, :] < counts[:, None])[:, None].expand_as(positions)
+    key = torch.where(real, positions, positions + n)
+    indices = positions.gather(-1, key.argsort(dim=-1))
+    return indices, real.sum(dim=-1)
