@@ -129,6 +129,17 @@ def test_windows_are_disjoint_slices_of_the_corpus_starting_with_bos():
         text_windows(tok, 100_000, 5)
 
 
+def test_windows_of_a_users_text_read_it_in_order(tmp_path):
+    tok = CharTokenizer()
+    text = "".join(chr(97 + i % 26) for i in range(1000))
+    windows = text_windows(tok, 200, 4, text=text)
+    assert tok.decode(torch.cat([w[0] for w in windows]).tolist()) == text[:800]
+    with pytest.raises(PyramidKVError, match="the text has"):
+        text_windows(tok, 400, 4, text=text)
+    with pytest.raises(PyramidKVError, match=r"--text: .* is not a readable file"):
+        MeasureOptions(text=tmp_path / "missing.txt")
+
+
 def test_summary_pools_nll_and_pairs_the_gap():
     base = dict(policy="snapkv", budget="8", codec="none", config="snapkv/8/none", context=4)
     base.update(continuation=2, kv_bytes=10, full_fp16_bytes=40, ratio=4.0, ratio_codes_only=4.0)
