@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,14 +40,17 @@ PLANNED = "snapkv,pyramidkv-adaptive"
 
 
 def configurations(fixed: str, planned: str) -> list[tuple[str, dict]]:
-    """(name, cache options) of each fixed ``policy/codec`` and each planned policy."""
+    """(name, cache options) of each fixed ``policy/codec`` and each planned ``policy`` or ``policy@plan``
+    (``snapkv@auto:3+4``)."""
     found = []
     for item in filter(None, fixed.split(",")):
         policy, _, codec = item.partition("/")
         name = policy if codec in ("", "none") else f"{policy} + {codec}"
         found.append((name, {"policy": policy, "codec": None if codec in ("", "none") else codec}))
-    for policy in filter(None, planned.split(",")):
-        found.append((f"plan {policy}", {"policy": policy, "plan": "auto"}))
+    for item in filter(None, planned.split(",")):
+        policy, _, plan = item.partition("@")
+        name = f"plan {policy}" + (f" {plan}" if plan else "")
+        found.append((name, {"policy": policy, "plan": plan or "auto"}))
     return found
 
 
@@ -69,7 +73,7 @@ def measure_window(model, window, context, continuation, chunk, budgets, configs
     records = []
     with torch.inference_mode():
         captured = prefill(model, window[:, :context])
-        with captured.cache(REFERENCE.policy, REFERENCE.cache_budget()) as cache:
+        with captured.cache(**REFERENCE.cache_options()) as cache:
             reference = torch.cat([x.float() for x in teacher_force(model, cache, inputs, chunk)])
         for share in budgets:
             for name, options in configs:
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--fixed", default=FIXED, help="comma-separated policy/codec")
     parser.add_argument(
-        "--planned", default=PLANNED, help="comma-separated policies run with plan='auto'"
+        "--planned", default=PLANNED, help="comma-separated policies (plan auto) or policy@auto:3+4"
     )
     parser.add_argument(
         "--text", type=Path, default=None, help="windows of this file, not the corpus"
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = summarize(records, planned)
     out = args.out or RESULTS / f"frontier_{model.device.type}.json"
     result = {
-        "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else []),
+        "command": "python benchmarks/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine.describe(model.device),
         "context": context, "continuation": args.continuation, "samples": args.samples,
         "text": str(args.text) if args.text else "corpus", "seconds": time.perf_counter() - started,

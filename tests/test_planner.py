@@ -169,7 +169,7 @@ def test_a_budget_above_the_prompt_keeps_it_whole():
             {"plan": "auto", "kv_memory": "5%", "codec": "kivi"},
             "plan: 'auto' plans rates of fibquant",
         ),
-        ({"plan": "bogus", "kv_memory": "5%"}, "plan: got 'bogus'; expected one of none, auto"),
+        ({"plan": "bogus", "kv_memory": "5%"}, "plan: got 'bogus'; expected 'none', 'auto'"),
     ],
 )
 def test_bad_plans_are_refused(options, message):
@@ -180,6 +180,14 @@ def test_bad_plans_are_refused(options, message):
 
 def test_parse_plan():
     assert parse_plan("auto") == Plan() and parse_plan("none") is None and parse_plan(None) is None
+    assert parse_plan("auto:4,3") == Plan(bits=(3.0, 4.0), whole=False)
+    assert parse_plan(" Auto:2+ 4 ,whole") == Plan(bits=(2.0, 4.0), whole=True)
+    assert parse_plan("auto:2,16") == Plan(bits=(2.0,), whole=True)
+    for bad in ("auto:", "auto:whole", "auto:two", "none:3", "max"):
+        with pytest.raises(PyramidKVError, match="plan: got"):
+            parse_plan(bad)
+    with pytest.raises(PyramidKVError, match=r"plan: bits must be rates in \(0, 8\]"):
+        parse_plan("auto:2,9")
     with pytest.raises(PyramidKVError, match=r"plan: bits must be rates in \(0, 8\], got \(0.0,\)"):
         Plan(bits=(0.0,))
 

@@ -23,6 +23,7 @@ tokens, so every block is dense and the bytes planned are the bytes held.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -53,14 +54,40 @@ class Plan:
         check_int("samples", self.samples, 1)
 
 
+_PLAN_ACCEPTED = (
+    "'none', 'auto' (4, 3 and 2 bits and whole tokens), or 'auto:' and the rates to choose from, e.g. "
+    "'auto:3,4' or 'auto:2+4+whole' (bits in (0, 8], separated by ',' or '+'; 'whole' or 16 keeps tokens in the "
+    "model's dtype)"
+)
+
+
 def parse_plan(value: str | Plan | None) -> Plan | None:
-    """``"auto"`` -> the default :class:`Plan`; ``"none"`` or ``None`` -> no planning; a Plan passes."""
+    """``"auto"`` -> the default :class:`Plan`; ``"auto:3,4,whole"`` -> a plan over those rates; ``"none"`` or
+    ``None`` -> no planning; a Plan passes."""
     if value is None or isinstance(value, Plan):
         return value
     text = str(value).strip().lower()
-    if text not in PLAN_NAMES:
-        raise PyramidKVError(f"plan: got {value!r}; expected one of {', '.join(PLAN_NAMES)}")
-    return Plan() if text == "auto" else None
+    name, colon, rates = text.partition(":")
+    if name not in PLAN_NAMES or (colon and (name == "none" or not rates)):
+        raise PyramidKVError(f"plan: got {value!r}; expected {_PLAN_ACCEPTED}")
+    if name == "none":
+        return None
+    if not colon:
+        return Plan()
+    bits, whole = [], False
+    for item in (part.strip() for part in re.split(r"[,+]", rates)):
+        if item in ("whole", "16"):
+            whole = True
+            continue
+        try:
+            bits.append(float(item))
+        except ValueError:
+            raise PyramidKVError(f"plan: got {value!r}; expected {_PLAN_ACCEPTED}") from None
+    if not bits:
+        raise PyramidKVError(
+            f"plan: got {value!r}; at least one code rate is needed ({_PLAN_ACCEPTED})"
+        )
+    return Plan(bits=tuple(sorted(set(bits))), whole=whole)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,8 @@ def generate(
         typer.Option(
             "--plan",
             help="auto: choose per layer how many tokens to keep whole, as 4/3/2-bit codes or not at all, "
-            "under --kv-memory (codec family from --codec, fibquant by default); none: the fixed policy.",
+            "under --kv-memory (codec family from --codec, fibquant by default); auto:3+4 (or auto:2+4+whole ...) "
+            "limits the rates it chooses from; none: the fixed policy.",
         ),
     ] = "none",
     kernel: Annotated[

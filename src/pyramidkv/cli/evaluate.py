@@ -27,17 +27,31 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
     naive: Annotated[bool, typer.Option(help="One prefill per configuration: the reference and timing baseline (use its own --out).")] = False,
     full: Annotated[bool, typer.Option(help="Evaluate the full cache beside the policies.")] = True,
-    codec: Annotated[str, typer.Option(help="Comma-separated codecs for kept tokens: none, fibquant:2, turboquant:3, kivi:4 ...")] = "none",
+    codec: Annotated[str, typer.Option(help="Comma-separated codecs for kept tokens: none, fibquant:2, turboquant:3, kivi:4 ..., or plan (tokens x bits chosen by the planner, under --kv-memory; plan:3+4 limits its rates).")] = "none",
+    dtype: Annotated[str | None, typer.Option(help="Model dtype: float32, bfloat16 or float16 [default: bfloat16 on CUDA, float32 on CPU]; a --kv-memory share is of the full cache in this dtype.")] = None,
+    kv_memory: Annotated[str, typer.Option("--kv-memory", help="Comma-separated KV memory budgets swept beside --budget: shares of the prompt's full cache (3%) or bytes (48MiB).")] = "",
 ) -> None:  # fmt: skip
     """Evaluate eviction policies and budgets on TASK; write JSON lines, a summary, a table and plots."""
     from pyramidkv.models import load
 
     options = EvalOptions(
-        task, policy, budget, lengths, samples, mode, out, seed, resume, naive, full, codec
+        task,
+        policy,
+        budget,
+        lengths,
+        samples,
+        mode,
+        out,
+        seed,
+        resume,
+        naive,
+        full,
+        codec,
+        kv_memory,
     )
     check_out(options.out, options.resume)  # before the model loads; creates nothing
     console = Console()
-    lm, tokenizer = load(model, device=device)
+    lm, tokenizer = load(model, device=device, dtype=dtype)
     run_eval(lm, tokenizer, options, model or "embedded SmolLM2-135M-Instruct", console)
 
 

@@ -109,7 +109,7 @@ def measure_sample(
     with torch.inference_mode():
         captured = prefill(model, window[:, : task.context])
         with (
-            captured.cache(REFERENCE.policy, REFERENCE.cache_budget()) as cache,
+            captured.cache(**REFERENCE.cache_options()) as cache,
             _hooked(modules, keep, None),
         ):
             for _ in teacher_force(model, cache, inputs, task.chunk):
@@ -125,7 +125,7 @@ def measure_sample(
                 return full_in[layer][len(cosines[layer])]
 
             start = time.perf_counter()
-            with captured.cache(config.policy, config.cache_budget(), codec=config.codec) as cache:
+            with captured.cache(**config.cache_options()) as cache:
                 ratio = cache.memory_report()["ratio"]
                 with _hooked(modules, compare, fed if isolate else None):
                     for _ in teacher_force(model, cache, inputs, task.chunk):

@@ -144,7 +144,7 @@ def measure_sample(
     records = []
     with torch.inference_mode():
         captured = prefill(model, window[:, : task.context])
-        with captured.cache(REFERENCE.policy, REFERENCE.cache_budget()) as cache:
+        with captured.cache(**REFERENCE.cache_options()) as cache:
             reference = torch.cat(
                 [x.float() for x in teacher_force(model, cache, inputs, task.chunk)]
             )
@@ -152,7 +152,7 @@ def measure_sample(
         full_nll = -torch.log_softmax(reference.double(), -1).gather(-1, picked).mean().item()
         for config in configs:
             start = time.perf_counter()
-            with captured.cache(config.policy, config.cache_budget(), codec=config.codec) as cache:
+            with captured.cache(**config.cache_options()) as cache:
                 memory = cache.memory_report()
                 found = score(model, cache, inputs, targets, task.chunk, reference)
             records.append(

@@ -19,12 +19,18 @@ from rich.table import Table
 
 
 def budget_order(budget: str) -> tuple[int, float]:
-    """Token budgets ascending, then percentages ascending, then ``all`` (the full cache)."""
+    """Token budgets ascending, then percentages, then memory budgets (``kv3%``, ``kv48MiB``), then ``all``
+    (the full cache)."""
     if budget.isdigit():
         return (0, float(budget))
-    if budget.endswith("%"):
+    if budget.endswith("%") and not budget.startswith("kv"):
         return (1, float(budget[:-1]))
-    return (2, 0.0)
+    if budget.startswith("kv"):
+        from pyramidkv.budgets import parse_memory
+
+        memory = parse_memory(budget[2:])
+        return (2, memory.fraction) if memory.fraction is not None else (3, float(memory.nbytes))
+    return (4, 0.0)
 
 
 def config_name(policy: str, codec: str) -> str:

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from pyramidkv.budgets import parse_budget
+from pyramidkv.budgets import parse_budget, parse_memory
 from pyramidkv.cache.accounting import full_cache_nbytes
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.planner import parse_plan
 from pyramidkv.codecs.registry import default_bits, parse_codec
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.prefill import greedy_rows, prefill
@@ -38,10 +39,17 @@ from pyramidkv.policies import get_policy
 FULL_BUDGET = "all"
 
 
+PLANNED = "plan"  # the codec of a planned configuration (plan, plan:3+4): tokens x bits chosen by the planner
+MEMORY = "kv"  # the prefix of a memory budget: kv5% (of the full cache), kv48MiB
+
+
 @dataclass(frozen=True)
 class Config:
     """One evaluated configuration. ``full`` keeps everything, so its budget is always ``"all"`` (it may
-    still be quantized); ``codec`` is ``"none"`` or ``name:bits`` (``fibquant:2``, ``kivi:4``)."""
+    still be quantized); ``budget`` is tokens per layer (``128``), a share of the prompt (``10%``) or, after
+    ``kv``, KV memory (``kv5%``, ``kv48MiB``); ``codec`` is ``"none"``, ``name:bits`` (``fibquant:2``,
+    ``kivi:4``) or ``"plan"`` (the memory planner, :mod:`pyramidkv.cache.planner`, under a memory budget), with
+    its rates after a colon if not the default (``plan:3+4``, ``plan:2+4+whole``)."""
 
     policy: str
     budget: str = FULL_BUDGET
@@ -50,12 +58,23 @@ class Config:
     def __post_init__(self) -> None:
         name = get_policy(self.policy).name
         object.__setattr__(self, "policy", name)
+        budget = str(self.budget)
         if name == "full":
             object.__setattr__(self, "budget", FULL_BUDGET)
-        elif str(self.budget) == FULL_BUDGET:
+        elif budget == FULL_BUDGET:
             raise PyramidKVError(f"budget: policy {name!r} needs a budget, got {self.budget!r}")
+        elif budget.startswith(MEMORY):
+            parse_memory(budget[len(MEMORY) :])
         else:
-            object.__setattr__(self, "budget", str(parse_budget(str(self.budget))))
+            object.__setattr__(self, "budget", str(parse_budget(budget)))
+        if _planned(self.codec):
+            if not self.budget.startswith(MEMORY):
+                raise PyramidKVError(
+                    f"codec: {self.codec!r} chooses tokens x bits under a memory budget (kv5%, --kv-memory); "
+                    f"got budget {self.budget!r}"
+                )
+            parse_plan(_plan_spec(self.codec))
+            return
         name, bits = parse_codec(self.codec)
         object.__setattr__(
             self, "codec", "none" if name == "none" else f"{name}:{bits or default_bits(name):g}"
@@ -74,8 +93,18 @@ class Config:
             "config": self.key,
         }
 
-    def cache_budget(self) -> str:
-        return "100%" if self.budget == FULL_BUDGET else self.budget
+    def cache_options(self) -> dict:
+        """The :class:`~pyramidkv.cache.compressed.CompressedCache` arguments of this configuration."""
+        options: dict = {"policy": self.policy}
+        if self.budget.startswith(MEMORY):
+            options["kv_memory"] = self.budget[len(MEMORY) :]
+        else:
+            options["budget"] = "100%" if self.budget == FULL_BUDGET else self.budget
+        if _planned(self.codec):
+            options["plan"] = _plan_spec(self.codec)
+        elif self.codec != "none":
+            options["codec"] = self.codec
+        return options
 
 
 def make_configs(
@@ -84,15 +113,36 @@ def make_configs(
     full: bool = True,
     codecs: Iterable[str] = ("none",),
 ) -> list[Config]:
-    """``full`` once (when asked, unquantized), then each other policy at each budget and codec, in order."""
+    """``full`` once (when asked, unquantized), then each other policy at each budget and codec, in order
+    (the planner, codec ``plan``, at the memory budgets only)."""
     found = [Config("full")] if full else []
     for codec in codecs:
         for policy in policies:
             if get_policy(policy).name == "full":
                 found.append(Config("full", codec=codec))
                 continue
-            found.extend(Config(policy, budget, codec) for budget in budgets)
+            found.extend(
+                Config(policy, budget, codec)
+                for budget in budgets
+                if _applies(budget, codec, budgets)
+            )
     return list(dict.fromkeys(found))
+
+
+def _planned(codec: str) -> bool:
+    return codec == PLANNED or codec.startswith(PLANNED + ":")
+
+
+def _plan_spec(codec: str) -> str:
+    """The cache's ``plan`` argument of a planned codec: ``plan`` -> ``auto``, ``plan:3+4`` -> ``auto:3+4``."""
+    return "auto" + codec[len(PLANNED) :]
+
+
+def _applies(budget: str, codec: str, budgets: Iterable[str]) -> bool:
+    """Whether a budget goes with a codec: the planner takes the memory budgets of a sweep that has some (a
+    sweep with none gets Config's error)."""
+    memory = str(budget).startswith(MEMORY)
+    return memory or not _planned(codec) or not any(str(b).startswith(MEMORY) for b in budgets)
 
 
 def _clock(model) -> float:
@@ -178,9 +228,7 @@ def run_one_prefill(
         try:
             for config in group:
                 start = _clock(model)
-                caches.append(
-                    captured.cache(config.policy, config.cache_budget(), codec=config.codec)
-                )
+                caches.append(captured.cache(**config.cache_options()))
                 cache_s = _clock(model) - start
                 measured.append(
                     dict(
@@ -233,9 +281,7 @@ def run_naive(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterat
     stops = stop_ids(model)
     pad = model.generation_config.pad_token_id
     for config in configs:
-        with CompressedCache(
-            model, policy=config.policy, budget=config.cache_budget(), codec=config.codec
-        ) as cache:
+        with CompressedCache(model, **config.cache_options()) as cache:
             streamer = _FirstToken(model)
             start = _clock(model)
             with torch.inference_mode():

@@ -87,6 +87,7 @@ class EvalOptions:
     naive: bool = False
     full: bool = True
     codec: str = "none"
+    kv_memory: str = ""  # comma-separated memory budgets, swept beside --budget
     configs: list[Config] = field(init=False)
     token_lengths: list[int] = field(init=False)
 
@@ -103,14 +104,20 @@ class EvalOptions:
             )
         self.token_lengths = parse_lengths(self.lengths)
         policies = items(self.policy, "--policy")
-        budgets = items(self.budget, "--budget")
+        budgets = items(self.budget, "--budget") if self.budget else []
+        if self.kv_memory:
+            budgets += [f"kv{b}" for b in items(self.kv_memory, "--kv-memory")]
+        if not budgets:
+            raise PyramidKVError("--budget: give budgets, --kv-memory budgets, or both")
         try:
             self.configs = make_configs(
                 policies, budgets, full=self.full, codecs=items(self.codec, "--codec")
             )
         except PyramidKVError as exc:
             name, _, rest = str(exc).partition(":")
-            option = {"budget": "--budget", "codec": "--codec", "bits": "--codec"}.get(name)
+            option = {
+                "budget": "--budget", "codec": "--codec", "bits": "--codec", "kv_memory": "--kv-memory"
+            }.get(name)  # fmt: skip
             raise PyramidKVError(f"{option}:{rest}" if option else f"--policy: {exc}") from None
         self.out = Path(self.out)
 

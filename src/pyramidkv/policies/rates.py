@@ -97,7 +97,10 @@ def assign_rates(
     losses = torch.tensor([points[i].distortion for i in order], dtype=torch.float64, device=device)
     p = profile.double()
     first = torch.zeros(1, dtype=torch.float64, device=device)
-    mass, square = torch.cat([first, p.cumsum(0)]), torch.cat([first, p.square().cumsum(0)])
+    # a logit error moves a token's weight by p (1 - p) delta, and v - o shrinks by (1 - p) as the token
+    # dominates the output, so the most attended tokens (attention sinks) gain less from precision than p^2
+    damped = (p * (1 - p)).square()
+    mass, square = torch.cat([first, p.cumsum(0)]), torch.cat([first, damped.cumsum(0)])
     if n < grid:
         steps = torch.arange(n + 1)
     else:
