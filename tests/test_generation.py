@@ -112,6 +112,28 @@ def test_graph_generation_stops_on_a_stop_token_and_refuses_sampling(tiny_llama)
         generate(tiny_llama, tok, prompt, max_new_tokens=3, do_sample=True, cuda_graph=True)
 
 
+def test_min_new_tokens_suppresses_stop_tokens_as_transformers_does(tiny_llama):
+    from pyramidkv.generation import generate
+
+    tok, prompt = _CharTokenizer(), "keep going"
+    tiny_llama.generation_config.eos_token_id = None
+    free = generate(tiny_llama, tok, prompt, max_new_tokens=8).token_ids
+    stop = free[0]
+    tiny_llama.generation_config.eos_token_id = [stop]
+    assert generate(tiny_llama, tok, prompt, max_new_tokens=8).token_ids == [stop]
+    for least in (3, 8):
+        eager = generate(tiny_llama, tok, prompt, max_new_tokens=8, min_new_tokens=least)
+        graph = generate(
+            tiny_llama, tok, prompt, max_new_tokens=8, min_new_tokens=least, cuda_graph=True
+        )
+        assert graph.token_ids == eager.token_ids  # the graph path suppresses as transformers does
+        assert len(eager.token_ids) >= least and stop not in eager.token_ids[:least]
+    with pytest.raises(
+        PyramidKVError, match=r"min_new_tokens: must be an integer in \[0, max_new_tokens=8\]"
+    ):
+        generate(tiny_llama, tok, prompt, max_new_tokens=8, min_new_tokens=9)
+
+
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_model_generate_takes_the_cache_under_either_keyword(tiny_llama, keyword):
     """transformers 5.24+ names the argument ``cache=`` and still accepts ``past_key_values=`` (with a

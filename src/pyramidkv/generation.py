@@ -93,12 +93,16 @@ def generate(
     do_sample: bool = False,
     on_text: Callable[[str], None] | None = None,
     cuda_graph: bool = False,
+    min_new_tokens: int = 0,
 ) -> GenerationResult:
     """Generate an answer to ``prompt`` with ``model``, the past held in ``cache`` (a fresh DynamicCache if None).
 
     Greedy by default. The prefill time is the time to the first new token; decode tokens/s counts the tokens
     after it. ``kv_bytes`` is what the cache holds at the end, ``full_kv_bytes`` the uncompressed cache of the
     tokens it holds (the prompt and every new token but the last, which is never fed back) in the model's dtype.
+
+    ``min_new_tokens``: stop tokens are suppressed until this many new tokens are out (transformers'
+    ``min_new_tokens``), so decode speed can be timed over a fixed length.
 
     ``cuda_graph``: after the prefill, decode greedily over a static copy of the cache, each step one replay
     of a captured CUDA graph (:mod:`pyramidkv.static.graph`; on a CPU the same steps run eagerly).
@@ -107,6 +111,10 @@ def generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise PyramidKVError(f"max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+        raise PyramidKVError(
+            f"min_new_tokens: must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}"
+        )
     if cuda_graph and do_sample:
         raise PyramidKVError("cuda_graph: graph decoding is greedy; do_sample must be False")
     from transformers import DynamicCache
@@ -120,12 +128,15 @@ def generate(
     streamer = _TimingStreamer(tokenizer, on_text)
     with torch.inference_mode():
         if cuda_graph:
-            new, kv_bytes = _graph_generate(model, ids, cache, max_new_tokens, streamer)
+            new, kv_bytes = _graph_generate(
+                model, ids, cache, max_new_tokens, streamer, min_new_tokens
+            )
         else:
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 do_sample=do_sample,
                 streamer=streamer,
                 **cache_kwargs(model, cache),
@@ -156,7 +167,9 @@ def _held_tokens(cache, extra: int) -> float | None:
     return float(cache.kept_tokens().float().mean()) + extra
 
 
-def _graph_generate(model, ids, cache, max_new_tokens: int, streamer) -> tuple[list[int], int]:
+def _graph_generate(
+    model, ids, cache, max_new_tokens: int, streamer, min_new_tokens: int = 0
+) -> tuple[list[int], int]:
     """Prefill into ``cache``, then greedy steps by graph replay (:func:`pyramidkv.static.graph.greedy_tokens`),
     stopping on the generation config's stop ids as ``model.generate`` does: (new token ids, KV bytes)."""
     from pyramidkv.static.graph import greedy_tokens
@@ -165,13 +178,17 @@ def _graph_generate(model, ids, cache, max_new_tokens: int, streamer) -> tuple[l
     stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
     streamer.put(ids)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache))
-    first = logits.logits[:, -1].argmax(-1, keepdim=True)
+    last = logits.logits[:, -1].float()
+    if min_new_tokens > 0 and stop:
+        last[:, stop] = float("-inf")
+    first = last.argmax(-1, keepdim=True)
     streamer.put(first)
     new, kv_bytes = [int(first[0, 0])], cache_nbytes(cache)
     if max_new_tokens > 1 and new[0] not in stop:
         decoded = greedy_tokens(
             model, cache, first, max_new_tokens - 1, stop,
             on_token=lambda token: streamer.put(torch.tensor([token])),
+            min_tokens=min_new_tokens - 1,
         )  # fmt: skip
         new, kv_bytes = new + decoded.tokens, decoded.cache_bytes
     streamer.end()

@@ -113,8 +113,9 @@ class CompressedCache(HookedCache, Cache):
     tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
     the prompt's full cache in the model's dtype) replaces ``budget``: the token budget is chosen so that
     everything the cache holds for the prompt fits, codebooks and row lengths included.
-    ``plan="auto"`` (with ``kv_memory``) chooses per layer how many tokens to keep whole, as 4-, 3- or 2-bit
-    codes of the codec family (FibQuant when ``codec`` is not given) or not at all (:mod:`.planner`).
+    ``plan="auto"`` (with ``kv_memory``) chooses per layer how many tokens to keep as 4-, 3- or 2-bit codes of
+    the codec family (FibQuant when ``codec`` is not given) or not at all; ``plan="auto:2+3+4+whole"`` also
+    offers whole tokens (:mod:`.planner`).
     A cache holds one sequence: a second prompt through a used cache is an error; :meth:`reset` it first.
     ``kernel="auto"`` (default) reads FibQuant and TurboQuant codes in the fused kernels on CUDA and in torch elsewhere;
     ``"triton"`` or ``"torch"`` forces one path (:mod:`pyramidkv.kernels.dispatch`).
@@ -178,22 +179,22 @@ class CompressedCache(HookedCache, Cache):
             if self.plan is None
             else Planner(
                 self.selection, self.kv_memory, self.tiers, token_nbytes(model.config, self.dtype),
-                self.codebook_nbytes(), self.plan.samples, self.plan.weight,
+                self.codebook_nbytes(), self.plan.samples, self.plan.weight, whole=self.plan.whole,
             )
         )  # fmt: skip
         self._hook(model)
         super().__init__(layers=[self._layer(i) for i in range(self.num_layers)])
 
     def _tiers(self, config) -> list[Tier]:
-        """The rates a plan chooses from: the codec family at each of its bit widths, and whole tokens."""
+        """The rates a planned layer can hold: the codec family at each of the plan's bit widths, then whole
+        tokens (chosen when the plan offers them, or when a layer's bytes hold its whole prompt)."""
         tiers = []
         for bits in self.plan.bits:
             codecs = make_codecs(self.codecs.name, self.head_dim, bits=bits)
             tiers.append(
                 Tier(float(bits), codecs, self.num_kv_heads * codecs.bytes_per_token(self.head_dim))
             )
-        if self.plan.whole:
-            tiers.append(Tier(None, None, float(token_nbytes(config, self.dtype))))
+        tiers.append(Tier(None, None, float(token_nbytes(config, self.dtype))))
         return tiers
 
     def _layer(self, index: int) -> CompressedLayer:

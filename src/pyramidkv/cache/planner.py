@@ -1,8 +1,8 @@
 """The memory planner: how many tokens each layer keeps, and at which rate, under one byte budget.
 
-``CompressedCache(model, kv_memory="5%", plan="auto")`` stores every prompt token of a layer either whole (the
-model's dtype), as codes of 2, 3 or 4 bits, or not at all, so that the cache holds at most the stated bytes and
-the attention output moves as little as the budget allows:
+``CompressedCache(model, kv_memory="5%", plan="auto")`` stores every prompt token of a layer as codes of 4, 3 or
+2 bits or not at all (and, with ``plan="auto:2+3+4+whole"``, whole in the model's dtype), so that the cache
+holds at most the stated bytes and the attention output moves as little as the budget allows:
 
 1. **Layer shares.** Layer ``l`` takes a share of the bytes still unspent when its prefill ends: the policy's
    schedule (uniform for SnapKV, the pyramid for PyramidKV), or, for an adaptive schedule, the causal CAKE
@@ -44,7 +44,9 @@ class Plan:
     when ``whole``; ``samples`` tokens per layer measure each rate's distortion; ``weight`` scales it."""
 
     bits: tuple[float, ...] = (2.0, 3.0, 4.0)
-    whole: bool = True
+    whole: bool = (
+        False  # measured: whole tokens cost more KL than they save at 2-5% (benchmarks/README.md)
+    )
     samples: int = 128
     weight: float = 1.0
 
@@ -55,7 +57,7 @@ class Plan:
 
 
 _PLAN_ACCEPTED = (
-    "'none', 'auto' (4, 3 and 2 bits and whole tokens), or 'auto:' and the rates to choose from, e.g. "
+    "'none', 'auto' (codes of 4, 3 and 2 bits), or 'auto:' and the rates to choose from, e.g. "
     "'auto:3,4' or 'auto:2+4+whole' (bits in (0, 8], separated by ',' or '+'; 'whole' or 16 keeps tokens in the "
     "model's dtype)"
 )
@@ -106,6 +108,8 @@ class Planner:
 
     ``full_token_bytes``: one token of one layer uncompressed in the model's dtype (the reference of a share);
     ``fixed_bytes``: codebooks, held whatever is kept; ``row_bytes``: one (row, KV head) length counter.
+    ``tiers``: the code rates, then whole tokens last; ``whole``: whether the search may choose whole tokens
+    (a layer whose bytes hold its whole prompt keeps it whole in any case).
     """
 
     selection: Selection
@@ -116,6 +120,7 @@ class Planner:
     samples: int = 128
     weight: float = 1.0
     row_bytes: int = 8
+    whole: bool = False
     _remaining: float = field(default=0.0, repr=False)
     _preferences: list[float] = field(default_factory=list, repr=False)
 
@@ -182,18 +187,14 @@ class Planner:
         batch = shares.shape[0]
         window = min(self.selection.policy.window, max(counts))
         order = rank_order(shares, valid, _window_mask(valid, window))
-        profile = shares.gather(-1, order).mean(dim=(0, 1))[: max(counts)]
-        points = [
-            RatePoint(tier.bits, tier.cost * batch, 0.0)
-            if tier.codecs is None
-            else RatePoint(
-                tier.bits,
-                tier.cost * batch,
-                self.distortion(tier.codecs, queries, keys, values, valid, shares, scaling),
+        longest = max(counts)
+        whole = len(self.tiers) - 1  # the last tier keeps tokens in the model's dtype
+        if budget >= longest * self.tiers[whole].cost * batch:  # the budget covers the prompt
+            rates = torch.full((longest,), whole, dtype=torch.long)
+        else:
+            rates = self._search(
+                order, shares, budget, window, queries, keys, values, valid, scaling
             )
-            for tier in self.tiers
-        ]
-        rates = assign_rates(profile, window, points, budget, _gap(values, shares, valid, order))
         spent = 0.0
         found = []
         lengths = torch.tensor(counts, device=order.device)
@@ -204,6 +205,29 @@ class Planner:
                 found.append((tier, *_gather_ranks(order, ranks, lengths)))
         self._remaining -= spent
         return found
+
+    def _search(
+        self, order, shares, budget, window, queries, keys, values, valid, scaling
+    ) -> torch.Tensor:
+        """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers."""
+        offered = [i for i, t in enumerate(self.tiers) if t.codecs is not None or self.whole]
+        batch = shares.shape[0]
+        points = [
+            RatePoint(
+                self.tiers[i].bits,
+                self.tiers[i].cost * batch,
+                0.0
+                if self.tiers[i].codecs is None
+                else self.distortion(
+                    self.tiers[i].codecs, queries, keys, values, valid, shares, scaling
+                ),
+            )
+            for i in offered
+        ]
+        profile = shares.gather(-1, order).mean(dim=(0, 1))[: int(valid.sum(dim=1).max())]
+        chosen = assign_rates(profile, window, points, budget, _gap(values, shares, valid, order))
+        index = torch.tensor(offered, dtype=torch.long, device=chosen.device)
+        return torch.where(chosen >= 0, index[chosen.clamp_min(0)], chosen)
 
     def distortion(
         self,

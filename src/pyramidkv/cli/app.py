@@ -125,7 +125,7 @@ def generate(
         str,
         typer.Option(
             "--plan",
-            help="auto: choose per layer how many tokens to keep whole, as 4/3/2-bit codes or not at all, "
+            help="auto: choose per layer how many tokens to keep as 4/3/2-bit codes or not at all, "
             "under --kv-memory (codec family from --codec, fibquant by default); auto:3+4 (or auto:2+4+whole ...) "
             "limits the rates it chooses from; none: the fixed policy.",
         ),
@@ -247,6 +247,7 @@ app.command("eval")(evaluate.eval_command)
 app.command("report")(evaluate.report_command)
 app.command("perplexity")(measure.perplexity_command)
 app.command("fidelity")(measure.fidelity_command)
+app.command("frontier")(measure.frontier_command)
 app.command("funnel")(measure.funnel_command)
 
 codebook_app = typer.Typer(

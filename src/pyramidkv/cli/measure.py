@@ -1,5 +1,5 @@
-"""`pyramidkv perplexity`, `fidelity` and `funnel`: options parsed here, the measurements in
-:mod:`pyramidkv.eval.measure`."""
+"""`pyramidkv perplexity`, `fidelity`, `frontier` and `funnel`: options parsed here, the measurements in
+:mod:`pyramidkv.eval.measure` and :mod:`pyramidkv.eval.frontier`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from pyramidkv.checks import check_int
+from pyramidkv.eval.frontier import FIXED, PLANNED, SHARES, FrontierOptions, run_frontier
 from pyramidkv.eval.measure import (
     DEFAULT_MODEL,
     MeasureOptions,
@@ -68,6 +69,25 @@ def _measure(
     check_out(options.out, resume=True)
     lm, tokenizer = load(model, device=device)
     run_measure(kind, lm, tokenizer, options, model or DEFAULT_MODEL, Console(), isolate)
+
+
+def frontier_command(
+    fixed: Annotated[str, typer.Option(help="Comma-separated fixed configurations, policy/codec: snapkv/none, snapkv/fibquant:3 ...")] = FIXED,
+    planned: Annotated[str, typer.Option(help="Comma-separated policies run with the planner (plan auto), or policy@auto:3+4.")] = PLANNED,
+    shares: Annotated[str, typer.Option(help="Byte budgets, comma-separated % of the prompt's fp16 cache.")] = SHARES,
+    context: Context = "2k", continuation: Continuation = "64", chunk: Chunk = 32, samples: Samples = 20,
+    seed: Seed = 0, out: Annotated[Path, typer.Option(help="Folder for frontier.json and .png.")] = Path("results/frontier"),
+    model: ModelName = None, device: Device = None, text: Text = None,
+) -> None:  # fmt: skip
+    """Quality against bytes: KL, top-1 and perplexity of fixed configurations and the planner at equal bytes."""
+    from pyramidkv.models import load
+
+    options = FrontierOptions(
+        fixed, planned, shares, context, continuation, chunk, samples, seed, text
+    )
+    check_out(out, resume=True)
+    lm, tokenizer = load(model, device=device)
+    run_frontier(lm, tokenizer, options, model or DEFAULT_MODEL, out / "frontier.json", Console())
 
 
 def funnel_command(

@@ -164,9 +164,10 @@ class DecodeStep:
     """One greedy decode step over a :class:`StaticCompressedCache`, its input in a buffer of fixed address.
 
     Copy the tokens to feed into :attr:`input_ids` (batch, 1), call the step: it returns the next-token
-    logits (batch, vocab) and the greedy tokens (batch, 1). Nothing the host computes changes between calls
-    (positions come from the cache's device counter), so the call can be captured once as a CUDA graph and
-    replayed, its outputs read from the tensors the captured call returned.
+    logits (batch, vocab) and the greedy tokens (batch, 1), the argmax of the logits plus :attr:`bias` (vocab,),
+    zero unless tokens are to be suppressed (stop tokens before a minimum length). Nothing the host computes
+    changes between calls (positions come from the cache's device counter), so the call can be captured once
+    as a CUDA graph and replayed, its outputs read from the tensors the captured call returned.
     """
 
     def __init__(self, model, cache: StaticCompressedCache):
@@ -174,6 +175,8 @@ class DecodeStep:
         batch = cache.layers[0].batch
         with torch.inference_mode(False):  # a normal tensor: copied into under any grad mode
             self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=cache.layers[0].device)
+            vocab = model.get_output_embeddings().weight.shape[0]
+            self.bias = torch.zeros(vocab, dtype=torch.float32, device=self.input_ids.device)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(
@@ -182,4 +185,4 @@ class DecodeStep:
             **cache_kwargs(self.model, self.cache),
         )
         logits = out.logits[:, -1]
-        return logits, logits.argmax(dim=-1, keepdim=True)
+        return logits, (logits.float() + self.bias).argmax(dim=-1, keepdim=True)

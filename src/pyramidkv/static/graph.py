@@ -64,12 +64,14 @@ def greedy_tokens(
     steps: int,
     stop_ids: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
+    min_tokens: int = 0,
 ) -> GraphDecode:
     """Up to ``steps`` greedy tokens after ``first`` (1, 1), the token the prefill of ``source`` produced.
 
     ``source``: the prefilled cache (a ``CompressedCache``, with or without codes, or a ``DynamicCache``); it
     is read, not changed. On CUDA every step is one replay of a captured graph; elsewhere it runs eagerly.
-    Stops after a token in ``stop_ids`` (included); ``on_token`` sees every token as it comes.
+    Stops after a token in ``stop_ids`` (included); before ``min_tokens`` tokens are out the stop tokens are
+    suppressed, as transformers' ``min_new_tokens`` does. ``on_token`` sees every token as it comes.
     """
     if first.shape != (1, 1):
         raise PyramidKVError(
@@ -79,6 +81,8 @@ def greedy_tokens(
         raise PyramidKVError(f"steps: expected an integer >= 1, got {steps!r}")
     static = StaticCompressedCache(model, source, max_new_tokens=max(steps, WARMUP + 1))
     step = DecodeStep(model, static)
+    if min_tokens > 0 and stop_ids:
+        step.bias[list(stop_ids)] = float("-inf")
     tokens: list[int] = []
     token = first
     with static:  # restores the model's attention however this ends, a failed capture included
@@ -96,6 +100,8 @@ def greedy_tokens(
             tokens.append(value)
             if on_token is not None:
                 on_token(value)
+            if len(tokens) == min_tokens:
+                step.bias.zero_()
             if value in stop_ids:
                 break
         cache_bytes = static.nbytes()
