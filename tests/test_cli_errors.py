@@ -51,6 +51,8 @@ CASES = [
     ),
     Case("codebook-k-n-and-bits", ("codebook", "show", "--d", "64", "--k", "2", "--n", "16", "--bits", "3"), r"bits.*disagree"),
     Case("kv-memory-unit", ("generate", "hi", "--policy", "pyramidkv", "--kv-memory", "1XB"), r"kv_memory.*TiB"),
+    Case("prefill-chunk-0", ("generate", "hi", "--policy", "snapkv", "--prefill-chunk", "0"), r"prefill_chunk.*>= 1"),
+    Case("prefill-chunk-adakv", ("generate", "hi", "--policy", "adakv", "--prefill-chunk", "64"), r"prefill_chunk.*adakv"),
     Case("fibquant-17", ("generate", "hi", "--codec", "fibquant:17"), r"bits.*nearest rates"),
     Case("prompt-file-is-dir", ("generate", "-f", "{dir}"), r"--prompt-file.*is a directory"),
     Case("prompt-file-binary", ("generate", "-f", "{bin}"), r"--prompt-file.*not UTF-8"),

@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from pyramidkv.cache.accounting import cache_nbytes, check_positions, full_cache_nbytes
 from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 
 
@@ -94,6 +95,7 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     cuda_graph: bool = False,
     min_new_tokens: int = 0,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Generate an answer to ``prompt`` with ``model``, the past held in ``cache`` (a fresh DynamicCache if None).
 
@@ -103,6 +105,10 @@ def generate(
 
     ``min_new_tokens``: stop tokens are suppressed until this many new tokens are out (transformers'
     ``min_new_tokens``), so decode speed can be timed over a fixed length.
+
+    ``prefill_chunk``: feed the prompt in chunks of at most this many tokens (transformers' chunked prefill);
+    a :class:`~pyramidkv.cache.compressed.CompressedCache` made with the same ``prefill_chunk`` compresses
+    after each chunk. Defaults to the cache's own ``prefill_chunk``.
 
     ``cuda_graph``: after the prefill, decode greedily over a static copy of the cache, each step one replay
     of a captured CUDA graph (:mod:`pyramidkv.static.graph`; on a CPU the same steps run eagerly).
@@ -115,6 +121,11 @@ def generate(
         raise PyramidKVError(
             f"min_new_tokens: must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}"
         )
+    prefill_chunk = (
+        prefill_chunk if prefill_chunk is not None else getattr(cache, "prefill_chunk", None)
+    )
+    if prefill_chunk is not None:
+        check_int("prefill_chunk", prefill_chunk, 1)
     if cuda_graph and do_sample:
         raise PyramidKVError("cuda_graph: graph decoding is greedy; do_sample must be False")
     from transformers import DynamicCache
@@ -129,7 +140,7 @@ def generate(
     with torch.inference_mode():
         if cuda_graph:
             new, kv_bytes = _graph_generate(
-                model, ids, cache, max_new_tokens, streamer, min_new_tokens
+                model, ids, cache, max_new_tokens, streamer, min_new_tokens, prefill_chunk
             )
         else:
             out = model.generate(
@@ -137,6 +148,7 @@ def generate(
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
+                prefill_chunk_size=prefill_chunk,
                 do_sample=do_sample,
                 streamer=streamer,
                 **cache_kwargs(model, cache),
@@ -168,7 +180,13 @@ def _held_tokens(cache, extra: int) -> float | None:
 
 
 def _graph_generate(
-    model, ids, cache, max_new_tokens: int, streamer, min_new_tokens: int = 0
+    model,
+    ids,
+    cache,
+    max_new_tokens: int,
+    streamer,
+    min_new_tokens: int = 0,
+    chunk: int | None = None,
 ) -> tuple[list[int], int]:
     """Prefill into ``cache``, then greedy steps by graph replay (:func:`pyramidkv.static.graph.greedy_tokens`),
     stopping on the generation config's stop ids as ``model.generate`` does: (new token ids, KV bytes)."""
@@ -177,7 +195,10 @@ def _graph_generate(
     stop = model.generation_config.eos_token_id
     stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
     streamer.put(ids)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache))
+    for piece in ids.split(chunk or ids.shape[1], dim=1):
+        done = cache.get_seq_length()
+        mask = torch.ones(ids.shape[0], done + piece.shape[1], dtype=torch.long, device=ids.device)
+        logits = model(input_ids=piece, attention_mask=mask, **cache_kwargs(model, cache))
     last = logits.logits[:, -1].float()
     if min_new_tokens > 0 and stop:
         last[:, stop] = float("-inf")

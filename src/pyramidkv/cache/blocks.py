@@ -37,7 +37,7 @@ class _Block:
         return (slots < self.lengths[..., None]).unsqueeze(-2)
 
 
-def _join(first: Codes, then: Codes) -> Codes | None:
+def join_codes(first: Codes, then: Codes) -> Codes | None:
     """``first`` followed by ``then`` along the token axis, for codes stored per token (FibQuant, TurboQuant);
     None for codes grouped across tokens (KIVI's keys), which stay separate blocks."""
     if not (isinstance(first, VectorCodes) and isinstance(then, VectorCodes)):
@@ -74,18 +74,42 @@ class CodedBlocks:
         if keys.shape[-2] == 0:
             return
         codecs = codecs or self.codecs
+        codes_k, codes_v = self.encode(keys, values, fused, where, codecs)
+        self.append(codes_k, codes_v, keys.shape[-2], lengths, codecs)
+
+    def encode(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        fused: bool = False,
+        where: str = "layer",
+        codecs: CodecPair | None = None,
+    ) -> tuple[Codes, Codes]:
+        """Codes of (batch, kv_heads, s, dim) keys and values (arguments as :meth:`add`), not stored."""
+        codecs = codecs or self.codecs
         names = f"{where} keys", f"{where} values"
         if fused:
             from pyramidkv.kernels.encode import fused_encode
 
-            codes_k, codes_v = (
+            return (
                 fused_encode(codecs.keys, keys, name=names[0]),
                 fused_encode(codecs.values, values, name=names[1]),
             )
-        else:
-            codes_k = codecs.keys.encode(keys, names[0])
-            codes_v = codecs.values.encode(values, names[1])
-        self.append(codes_k, codes_v, keys.shape[-2], lengths, codecs)
+        return codecs.keys.encode(keys, names[0]), codecs.values.encode(values, names[1])
+
+    def joined(self) -> tuple[Codes, Codes] | None:
+        """Every block's key and value codes joined along the tokens, slots as :meth:`chunks` yields them;
+        None without blocks, or when a block's codes are not per token or not of the layer's codecs."""
+        if not self.blocks or any(b.codecs != self.codecs for b in self.blocks):
+            return None
+        keys, values = self.blocks[0].keys, self.blocks[0].values
+        for block in self.blocks[1:]:
+            keys, values = join_codes(keys, block.keys), join_codes(values, block.values)
+            if keys is None or values is None:
+                return None
+        if not isinstance(keys, VectorCodes) or not isinstance(values, VectorCodes):
+            return None
+        return keys, values
 
     def append(
         self,
@@ -105,7 +129,10 @@ class CodedBlocks:
         codecs = codecs or self.codecs
         last = self.blocks[-1] if self.blocks else None
         if lengths is None and last is not None and last.lengths is None and last.codecs == codecs:
-            joined_keys, joined_values = _join(last.keys, keys), _join(last.values, values)
+            joined_keys, joined_values = (
+                join_codes(last.keys, keys),
+                join_codes(last.values, values),
+            )
             if joined_keys is not None and joined_values is not None:
                 self.blocks[-1] = _Block(
                     joined_keys, joined_values, last.tokens + tokens, None, codecs
@@ -170,6 +197,16 @@ def pad_slots(tensor: torch.Tensor, slots: int) -> torch.Tensor:
         return tensor
     pad = [0, 0] * (tensor.dim() - 3) + [0, missing]
     return F.pad(tensor, pad)
+
+
+def gather_codes(codes: VectorCodes, indices: torch.Tensor) -> VectorCodes:
+    """The per-token codes at ``indices`` (batch, kv_heads, K) of each row: the same codes, not re-encoded (a
+    vector codebook's decoded vector does not encode back to its own code: its codewords are not unit vectors)."""
+    index = indices.to(codes.norms.device)
+    packed = index.unsqueeze(-1).expand(*index.shape, codes.indices.shape[-1])
+    return replace(
+        codes, indices=codes.indices.gather(2, packed), norms=codes.norms.gather(2, index)
+    )
 
 
 def stack_codes(parts: list[VectorCodes], slots: int) -> VectorCodes:

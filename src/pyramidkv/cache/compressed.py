@@ -54,6 +54,7 @@ class Settings:
         value_bits: float | None = None,
         kernel: str = "auto",
         plan: str | Plan | None = None,
+        prefill_chunk: int | None = None,
         **options,
     ) -> Settings:
         chosen = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -77,6 +78,19 @@ class Settings:
         name, _, _ = codec_rates(codec, bits, key_bits, value_bits)
         if planned is not None:
             name = _planned_codec(name, memory)
+        if prefill_chunk is not None:
+            check_int("prefill_chunk", prefill_chunk, 1)
+            if chosen.heads == "adaptive":
+                raise PyramidKVError(
+                    f"prefill_chunk: policy {chosen.name!r} shares each layer's budget across heads; "
+                    "a chunked prefill needs the KV heads of a row to keep equally many tokens"
+                )
+            if planned is not None or "kivi" in name.split("/"):
+                what = "plan='auto'" if planned is not None else "codec 'kivi'"
+                raise PyramidKVError(
+                    f"prefill_chunk: not with {what}: a chunk re-selects kept tokens by their own codes, "
+                    "which needs per-token codes of one rate (fibquant, turboquant, uniform, or none)"
+                )
         check_kernel_name(kernel, name)
         budget_ = parse_budget(DEFAULT_BUDGET if budget is None else budget)
         return cls(chosen, budget_, memory, name, planned)
@@ -116,6 +130,11 @@ class CompressedCache(HookedCache, Cache):
     ``plan="auto"`` (with ``kv_memory``) chooses per layer how many tokens to keep as 4-, 3- or 2-bit codes of
     the codec family (FibQuant when ``codec`` is not given) or not at all; ``plan="auto:2+3+4+whole"`` also
     offers whole tokens (:mod:`.planner`).
+    ``prefill_chunk=4096``: the prompt comes in chunks of at most that many tokens (``pyramidkv.generate(...,
+    prefill_chunk=)``, or transformers' ``model.generate(..., prefill_chunk_size=)``); each chunk attends to
+    what the cache holds plus itself, then every layer selects again from its kept tokens and the chunk what
+    the budget of the prompt so far keeps (scores from the chunk's queries), so the cache never holds more
+    than the budget and one chunk, and the model's activations never span more than one chunk.
     A cache holds one sequence: a second prompt through a used cache is an error; :meth:`reset` it first.
     ``kernel="auto"`` (default) reads FibQuant and TurboQuant codes in the fused kernels on CUDA and in torch elsewhere;
     ``"triton"`` or ``"torch"`` forces one path (:mod:`pyramidkv.kernels.dispatch`).
@@ -138,11 +157,13 @@ class CompressedCache(HookedCache, Cache):
         kv_memory: str | int | MemoryBudget | None = None,
         kernel: str = "auto",
         plan: str | Plan | None = None,
+        prefill_chunk: int | None = None,
         **options,
     ):
         settings = Settings.parse(
-            policy, budget, kv_memory, codec, bits, key_bits, value_bits, kernel, plan, **options
-        )
+            policy, budget, kv_memory, codec, bits, key_bits, value_bits, kernel, plan, prefill_chunk,
+            **options,
+        )  # fmt: skip
         self.plan = settings.plan
         self.policy, self.budget, self.kv_memory = (
             settings.policy,
@@ -150,6 +171,7 @@ class CompressedCache(HookedCache, Cache):
             settings.kv_memory,
         )
         check_int("residual", residual, 1)
+        self.prefill_chunk = prefill_chunk
         self.model_config = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
         self.codecs: CodecPair | None = make_codecs(
@@ -184,6 +206,8 @@ class CompressedCache(HookedCache, Cache):
         )  # fmt: skip
         self._hook(model)
         super().__init__(layers=[self._layer(i) for i in range(self.num_layers)])
+        for layer in self.layers:
+            layer.chunked = prefill_chunk is not None
 
     def _tiers(self, config) -> list[Tier]:
         """The rates a planned layer can hold: the codec family at each of the plan's bit widths, then whole

@@ -60,6 +60,7 @@ def pyramidkv_attention(
         float_mask=name != "sdpa",
         dropout=dropout,
         kwargs=kwargs,
+        mask=attention_mask,
     )
     if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
         return own.prefill(query, key, value, attention_mask, scaling)
@@ -71,7 +72,14 @@ def pyramidkv_attention(
             query, valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device), scaling
         )
         return output
-    return layer.attend(query, scaling, own), None
+    output = layer.attend(query, scaling, own)
+    if layer.chunked and query.shape[-2] > 1:  # a chunk of the prompt: back to the budget
+        layer.recompress(
+            query,
+            valid_keys(attention_mask, query.shape[0], query.shape[-2], query.device),
+            scaling,
+        )
+    return output, None
 
 
 def valid_keys(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:

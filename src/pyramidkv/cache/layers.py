@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from pyramidkv.cache import hook
-from pyramidkv.cache.blocks import CodedBlocks, pad_slots, stack_codes
+from pyramidkv.cache.blocks import CodedBlocks, gather_codes, join_codes, pad_slots, stack_codes
 from pyramidkv.cache.compat import first_positions
 from pyramidkv.cache.protocol import CacheLayer, ModelAttention
 from pyramidkv.cache.selection import Selection
@@ -69,6 +69,10 @@ class CompressedLayer(CacheLayer):
         self.prompt_tokens = self.prompt_bytes = (
             0  # the prompt's length, and bytes held once compressed
         )
+        self.chunked = (
+            False  # whether inputs of several tokens after the first are chunks of the prompt
+        )
+        self.real: list[int] | None = None  # real (unpadded) prompt tokens per row so far
 
     @property
     def prefilling(self) -> bool:
@@ -112,11 +116,19 @@ class CompressedLayer(CacheLayer):
     def _before_append(self) -> None:
         """What the layer does with its recent window before new tokens join it (a coded layer encodes it)."""
 
-    def compress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+    def compress(
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        seen: list[int] | None = None,
+    ) -> None:
         """Keep what the policy selects from the prompt just prefilled, and free the rest."""
-        indices, lengths = self.selection.choose(self.layer_idx, queries, self.keys, valid, scaling)
-        gather = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self._keep(self.keys.gather(2, gather), self.values.gather(2, gather), lengths)
+        self.real = valid.sum(dim=1).tolist() if seen is None else seen
+        indices, lengths = self.selection.choose(
+            self.layer_idx, queries, self.keys, valid, scaling, self.real
+        )
+        self._keep_selected(indices, lengths)
         self.lengths = lengths
         # read once here, not at every decode step: a host sync per layer and step costs more than the step
         self.ragged = bool((lengths != indices.shape[-1]).any())
@@ -124,24 +136,86 @@ class CompressedLayer(CacheLayer):
         self.compressed = True
         self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()
 
+    def _keep_selected(self, indices: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Keep the tokens at ``indices`` (batch, kv_heads, K) of the window, row (b, h) valid up to
+        ``lengths[b, h]``."""
+        gather = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self._keep(self.keys.gather(2, gather), self.values.gather(2, gather), lengths)
+
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store the kept tokens (batch, kv_heads, K, dim), row (b, h) valid up to ``lengths[b, h]``."""
         self.kept_keys, self.kept_values = keys, values
+
+    def recompress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """After a chunk of the prompt (``valid`` (batch, q_len): its real tokens) has attended to what the
+        layer holds: select again, from the kept tokens and the chunk, what the budget of the prompt so far
+        keeps (chunked prefill, :class:`~pyramidkv.cache.compressed.CompressedCache`'s ``prefill_chunk``).
+
+        Kept codes are decoded to be scored and the survivors keep their codes (:meth:`CodedLayer.recompress`).
+        A layer holds at most its budget plus one chunk at any time."""
+        keys, values, held = self._held()
+        earlier = (
+            self.keys.shape[-2] - valid.shape[1]
+        )  # tokens appended one at a time since (all real)
+        recent = torch.cat([valid.new_ones(valid.shape[0], earlier), valid], dim=1).to(held.device)
+        candidates = torch.cat([held, recent], dim=1)
+        seen = [a + b for a, b in zip(self.real, recent.sum(dim=1).tolist(), strict=True)]
+        self._drop_kept()
+        self.keys = torch.cat([keys, self.keys], dim=-2)
+        self.values = torch.cat([values, self.values], dim=-2)
+        self.compress(queries, candidates, scaling, seen)
+
+    def _held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tokens kept of the prompt and flushed since, in the model's dtype: keys and values (batch,
+        kv_heads, n, dim) and which slots hold a token (batch, n). Every KV head of a row holds as many."""
+        parts = self._held_parts()
+        batch, heads, _, dim = self.keys.shape
+        if not parts:
+            empty = self.keys.new_zeros(batch, heads, 0, dim)
+            return empty, empty, torch.zeros(batch, 0, dtype=torch.bool, device=self.keys.device)
+        keys = torch.cat([k.to(self.dtype) for k, _, _ in parts], dim=-2)
+        values = torch.cat([v.to(self.dtype) for _, v, _ in parts], dim=-2)
+        held = torch.cat(
+            [
+                torch.ones(batch, k.shape[-2], dtype=torch.bool, device=k.device)
+                if visible is None
+                else visible.reshape(batch, heads, -1)[:, 0]
+                for k, _, visible in parts
+            ],
+            dim=1,
+        )
+        return keys, values, held
+
+    def _held_parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(keys, values, visible slots or None) of each part of what :meth:`_held` joins."""
+        if self.kept_keys is None:
+            return []
+        slots = torch.arange(self.kept_keys.shape[-2], device=self.kept_keys.device)
+        return [(self.kept_keys, self.kept_values, slots < self._kept_lengths()[..., None])]
+
+    def _drop_kept(self) -> None:
+        """Forget the kept tokens (:meth:`recompress` has read them)."""
+        self.kept_keys = self.kept_values = self.lengths = None
 
     def attend(
         self, query: torch.Tensor, scaling: float, model_attention: ModelAttention
     ) -> torch.Tensor:
         """The model's own attention over the kept tokens, then the recent ones, under their mask."""
+        q_len = query.shape[-2]
         keys, values, mask = self.attention_inputs(
-            query.shape[-2], query.shape[1], model_attention.float_mask
-        )
+            q_len, query.shape[1], model_attention.float_mask,
+            model_attention.padding(self.keys.shape[-2], q_len),
+        )  # fmt: skip
         return model_attention.decode(query, keys, values, mask, scaling)
 
-    def attention_inputs(self, q_len: int, q_heads: int, as_float: bool):
+    def attention_inputs(
+        self, q_len: int, q_heads: int, as_float: bool, padding: torch.Tensor | None = None
+    ):
         """Keys, values (kept then recent) and a mask for ``q_len`` new queries; ``None`` when nothing is masked.
 
         Kept slot ``c`` of row (b, h) is visible when ``c < lengths[b, h]``; recent slot ``r`` is visible to
-        new query ``i`` when ``r <= R - q_len + i`` (causal among the new tokens).
+        new query ``i`` when ``r <= R - q_len + i`` (causal among the new tokens) and ``padding`` (batch, 1,
+        q_len, R), when given, lets it.
         """
         keys = torch.cat([self.kept_keys, self.keys], dim=-2)
         values = torch.cat([self.kept_values, self.values], dim=-2)
@@ -154,6 +228,8 @@ class CompressedLayer(CacheLayer):
             (slots < self.lengths[..., None]).unsqueeze(-2).expand(batch, kv_heads, q_len, capacity)
         )
         causal = _causal(recent, q_len, keys.device).expand(batch, kv_heads, q_len, recent)
+        if padding is not None:
+            causal = causal & padding.to(keys.device)
         mask = torch.cat([kept, causal], dim=-1).repeat_interleave(q_heads // kv_heads, dim=1)
         if as_float:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=keys.device).masked_fill(
@@ -249,6 +325,7 @@ class CompressedLayer(CacheLayer):
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
         self.is_initialized = self.compressed = self.ragged = False
         self.seen = self.prompt_tokens = self.prompt_bytes = 0
+        self.real = None
 
 
 class CodedLayer(CompressedLayer):
@@ -270,6 +347,7 @@ class CodedLayer(CompressedLayer):
     ):
         super().__init__(layer_idx, selection)
         self.coded = CodedBlocks(codecs)
+        self._candidates: tuple | None = None  # codes of every candidate during a recompress
         self.residual = residual
         self.kernel, self.fused_ok = kernel, fused_ok
 
@@ -291,6 +369,34 @@ class CodedLayer(CompressedLayer):
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
         self.coded.add(keys, values, lengths, fused=self._fused(keys.device), where=self._where)
 
+    def recompress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """As :meth:`CompressedLayer.recompress`; the candidates' codes (every block's, and the recent
+        window's, encoded once) are set aside so that the tokens kept keep their own codes."""
+        held = self.coded.joined()
+        fused = self._fused(self.keys.device)
+        recent = self.coded.encode(self.keys, self.values, fused, self._where)
+        if held is None:
+            self._candidates = recent
+        else:
+            self._candidates = join_codes(held[0], recent[0]), join_codes(held[1], recent[1])
+        super().recompress(queries, valid, scaling)
+
+    def _keep_selected(self, indices: torch.Tensor, lengths: torch.Tensor) -> None:
+        """From the candidates' own codes after a chunk (:meth:`recompress`), else encoded."""
+        candidates, self._candidates = self._candidates, None
+        if candidates is None:
+            return super()._keep_selected(indices, lengths)
+        keys, values = (gather_codes(codes, indices) for codes in candidates)
+        self.coded.append(keys, values, indices.shape[-1], lengths)
+
+    def _held_parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Every block of codes, decoded, then what the base layer keeps."""
+        return [*self.coded.chunks(1, self.dtype), *super()._held_parts()]
+
+    def _drop_kept(self) -> None:
+        super()._drop_kept()
+        self.coded = CodedBlocks(self.coded.codecs)
+
     def attend(
         self, query: torch.Tensor, scaling: float, model_attention: ModelAttention | None = None
     ) -> torch.Tensor:
@@ -301,10 +407,13 @@ class CodedLayer(CompressedLayer):
         (:func:`pyramidkv.kernels.reference.rotated_attention`), and KIVI's decoded one block at a time.
         Returns (batch, q_len, q_heads, dim) as transformers' attention functions do.
         """
-        if self._fused(query.device):
-            return fused_attention(query, self.coded, self.keys, self.values, scaling)
         q_len, recent = query.shape[-2], self.keys.shape[-2]
+        padding = None if model_attention is None else model_attention.padding(recent, q_len)
+        if self._fused(query.device) and padding is None:
+            return fused_attention(query, self.coded, self.keys, self.values, scaling)
         causal = _causal(recent, q_len, query.device)[None, None]
+        if padding is not None:
+            causal = causal & padding.to(query.device)
         codecs = self.coded.codecs
         if all(isinstance(c, RotatedBlockCodec) for c in (codecs.keys, codecs.values)):
             blocks = [(b.keys, b.values, b.visible(query.device)) for b in self.coded.blocks]

@@ -36,9 +36,18 @@ class PlannedLayer(CodedLayer):
         self.planner = planner
         self.whole_lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept whole
 
-    def compress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+    def compress(
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        seen: list[int] | None = None,
+    ) -> None:
         """Keep the planner's tiers of the prompt just prefilled, and free the rest."""
-        tiers = self.planner.plan(self.layer_idx, queries, self.keys, self.values, valid, scaling)
+        self.real = valid.sum(dim=1).tolist() if seen is None else seen
+        tiers = self.planner.plan(
+            self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real
+        )
         dim = self.keys.shape[-1]
         for tier, indices, lengths in tiers:
             gather = indices.unsqueeze(-1).expand(-1, -1, -1, dim)
@@ -64,19 +73,23 @@ class PlannedLayer(CodedLayer):
     def attend(self, query: torch.Tensor, scaling: float, model_attention=None) -> torch.Tensor:
         """Attention of (batch, q_heads, q_len, dim) queries over every rate's block, the whole tokens and the
         recent window: (batch, q_len, q_heads, dim)."""
-        if self._fused(query.device) and self._whole_dense():
+        q_len, recent = query.shape[-2], self.keys.shape[-2]
+        padding = None if model_attention is None else model_attention.padding(recent, q_len)
+        if self._fused(query.device) and self._whole_dense() and padding is None:
             keys, values = self.keys, self.values
             if self.kept_keys is not None:
                 keys = torch.cat([self.kept_keys, keys], dim=-2)
                 values = torch.cat([self.kept_values, values], dim=-2)
             return fused_attention(query, self.coded, keys, values, scaling)
-        q_len, recent = query.shape[-2], self.keys.shape[-2]
         chunks = list(self.coded.chunks(q_len, self.dtype))
         if self.kept_keys is not None:
             slots = torch.arange(self.kept_keys.shape[-2], device=query.device)
             visible = (slots < self.whole_lengths[..., None]).unsqueeze(-2)
             chunks.append((self.kept_keys, self.kept_values, visible))
-        chunks.append((self.keys, self.values, _causal(recent, q_len, query.device)[None, None]))
+        causal = _causal(recent, q_len, query.device)[None, None]
+        if padding is not None:
+            causal = causal & padding.to(query.device)
+        chunks.append((self.keys, self.values, causal))
         return chunked_attention(query, chunks, scaling).transpose(1, 2).contiguous()
 
     def tensors(self) -> list[torch.Tensor]:
@@ -110,6 +123,10 @@ class PlannedLayer(CodedLayer):
     def stackable(self) -> bool:
         """Planned caches are decoded one configuration at a time (their blocks differ per prompt)."""
         return False
+
+    def _drop_kept(self) -> None:
+        super()._drop_kept()
+        self.whole_lengths = None
 
     def reset(self) -> None:
         super().reset()

@@ -177,11 +177,16 @@ class Planner:
         values: torch.Tensor,
         valid: torch.Tensor,
         scaling: float,
+        seen: list[int] | None = None,
     ) -> list[tuple[Tier, torch.Tensor, torch.Tensor]]:
         """The tiers layer ``layer_idx`` keeps: ``(tier, indices (batch, kv_heads, K), lengths (batch,
-        kv_heads))`` per tier holding tokens, indices ascending and valid up to ``lengths``."""
+        kv_heads))`` per tier holding tokens, indices ascending and valid up to ``lengths``. ``valid`` marks the
+        candidates, ``seen`` the real tokens of each row's prompt so far, which the bytes follow (as in
+        :meth:`Selection.choose <pyramidkv.cache.selection.Selection.choose>`)."""
         counts = valid.sum(dim=1).tolist()
-        budget = self.layer_bytes(layer_idx, queries, keys, valid, scaling, counts)
+        budget = self.layer_bytes(
+            layer_idx, queries, keys, valid, scaling, counts if seen is None else seen
+        )
         scores = self.selection.scores(layer_idx, queries, keys, valid, scaling)
         shares = attention_shares(scores, valid)
         batch = shares.shape[0]

@@ -24,6 +24,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import CacheLayerMixin
 
+from pyramidkv.errors import PyramidKVError
+
 
 def decode_backends(device: torch.device) -> contextlib.AbstractContextManager:
     """SDPA backends for decoding over a compressed cache: every one but cuDNN's on CUDA.
@@ -58,6 +60,16 @@ class ModelAttention:
     )
     dropout: float = 0.0
     kwargs: dict = field(default_factory=dict)
+    mask: torch.Tensor | None = None  # the model's 4-D mask of this call (None: causal, no padding)
+
+    def padding(self, recent: int, q_len: int) -> torch.Tensor | None:
+        """(batch, 1, q_len, recent) bool: which of the last ``recent`` keys the model's mask lets each of
+        ``q_len`` new queries see, for inputs of several tokens (a chunk of a padded batch); None for one
+        token (decoded tokens are never padding) or when the model passed no mask."""
+        if self.mask is None or q_len == 1 or self.mask.shape[-2] != q_len:
+            return None
+        found = self.mask[..., -recent:]
+        return found if found.dtype == torch.bool else found > torch.finfo(found.dtype).min / 2
 
     def prefill(self, query, key, value, mask, scaling) -> tuple:
         """The model's attention as the model called it: (output, weights)."""
@@ -99,6 +111,9 @@ class CacheLayer(CacheLayerMixin):
     """
 
     layer_idx: int
+    chunked: bool = (
+        False  # inputs of several tokens after the prompt are chunks of it (then recompress)
+    )
 
     @property
     @abstractmethod
@@ -118,3 +133,10 @@ class CacheLayer(CacheLayerMixin):
         the last ``update`` included (causal among them): (batch, q_len, q_heads, dim) as transformers'
         attention functions return it. ``model_attention`` is the model's own implementation, for a layer that
         assembles plain keys and values; layers that read their own stores do not need it."""
+
+    def recompress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """After a chunk of the prompt (``chunked`` layers only): select again from what is held. A layer
+        kind that cannot says so here."""
+        raise PyramidKVError(
+            f"prefill_chunk: a {type(self).__name__} cannot take the prompt in chunks"
+        )

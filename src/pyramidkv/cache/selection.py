@@ -77,15 +77,24 @@ class Selection:
         keys: torch.Tensor,
         valid: torch.Tensor,
         scaling: float,
+        seen: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps."""
+        """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps.
+
+        ``valid`` (batch, n) marks the candidates; ``seen`` the real tokens of each row's prompt so far, which
+        the budgets follow (the candidates' counts when None; fewer than ``seen`` in a chunked prefill, where
+        earlier chunks were already compressed)."""
         counts = valid.sum(dim=1).tolist()
+        seen = counts if seen is None else seen
         policy, scorer = self.policy, self.policy.scorer
         if scorer is not None and policy.schedule.adaptive:
-            budgets = self._adaptive_budgets(layer_idx, queries, keys, valid, scaling, counts)
+            budgets = self._adaptive_budgets(layer_idx, queries, keys, valid, scaling, counts, seen)
             kept = budgets.tolist()
         else:
-            kept = [self.layer_budgets(n, len(counts))[layer_idx] if n else 0 for n in counts]
+            kept = [
+                min(self.layer_budgets(s, len(seen))[layer_idx], n) if n else 0
+                for n, s in zip(counts, seen, strict=True)
+            ]
             budgets = torch.tensor(kept, device=keys.device)
         if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
@@ -109,7 +118,9 @@ class Selection:
                 self.score_memo[memo_key] = scores
         return scores
 
-    def _adaptive_budgets(self, layer_idx, queries, keys, valid, scaling, counts) -> torch.Tensor:
+    def _adaptive_budgets(
+        self, layer_idx, queries, keys, valid, scaling, counts, seen
+    ) -> torch.Tensor:
         """(batch,) this layer's budgets from an adaptive schedule: the prefill's allocation so far, and this
         layer's preference from its observation-window queries (:mod:`pyramidkv.policies.adaptive`)."""
         schedule, batch = self.policy.schedule, len(counts)
@@ -118,7 +129,8 @@ class Selection:
         window = min(self.policy.window, queries.shape[-2])
         preferences = schedule.preference(queries[..., -window:, :], keys, valid, scaling)
         averages = torch.tensor(
-            [self.average_budget(n, batch) if n else 0 for n in counts], device=keys.device
+            [self.average_budget(s, batch) if n else 0 for n, s in zip(counts, seen, strict=True)],
+            device=keys.device,
         )
         return schedule.next_budgets(
             self._progress,

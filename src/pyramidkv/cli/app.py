@@ -141,6 +141,14 @@ def generate(
             help="Decode greedily by replaying one captured CUDA graph step over a static cache.",
         ),
     ] = False,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            "--prefill-chunk",
+            help="Feed the prompt in chunks of this many tokens; a compressed cache goes back to its "
+            "budget after each, so it never holds more than the budget and one chunk.",
+        ),
+    ] = None,
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
     from pyramidkv.cache.compressed import CompressedCache, Settings
@@ -149,7 +157,16 @@ def generate(
 
     # every option is checked before the model loads; a compression option under the full policy and no
     # codec is an error there, never ignored
-    settings = Settings.parse(policy, budget, kv_memory, codec, bits, kernel=kernel, plan=plan)
+    settings = Settings.parse(
+        policy,
+        budget,
+        kv_memory,
+        codec,
+        bits,
+        kernel=kernel,
+        plan=plan,
+        prefill_chunk=prefill_chunk,
+    )
     compress = not settings.policy.is_full() or settings.codec != "none" or kv_memory is not None
 
     text = _read_prompt(prompt, prompt_file)
@@ -171,6 +188,7 @@ def generate(
             kv_memory=kv_memory,
             kernel=kernel,
             plan=plan,
+            prefill_chunk=prefill_chunk,
         )
 
     def show(piece: str) -> None:
@@ -179,7 +197,7 @@ def generate(
 
     result = run(
         lm, tokenizer, text, max_new_tokens=max_new_tokens, chat=chat, cache=cache, on_text=show,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
     )  # fmt: skip
     sys.stdout.write("\n")
     typer.echo(

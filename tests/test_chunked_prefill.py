@@ -1,0 +1,192 @@
+"""Chunked prefill (``prefill_chunk``): a prompt fed in chunks attends exactly as one forward does while nothing
+is evicted; otherwise every layer holds at most its budget plus one chunk, StreamingLLM (which selects by
+position) keeps exactly the tokens of a one-shot prefill, codes that survive a chunk stay the same codes, and
+generation through transformers' chunked prefill, pyramidkv's generate and the graph path agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from pyramidkv import CompressedCache
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.errors import PyramidKVError
+
+from .conftest import make_tiny
+from .test_eval_runner import context_sensitive_tiny
+
+
+def _prompt(model, length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=gen)
+
+
+def _feed(model, cache, ids, chunk: int, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Logits of every chunk of ``ids`` fed through ``cache``."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1], chunk):
+            end = min(start + chunk, ids.shape[1])
+            seen = None if mask is None else mask[:, :end]
+            logits = model(
+                ids[:, start:end], attention_mask=seen, **cache_kwargs(model, cache)
+            ).logits
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("codec", [None, "fibquant:4"])
+def test_chunks_attend_as_one_forward_while_nothing_is_evicted(family, codec):
+    model = make_tiny(family)
+    ids = _prompt(model, 200)
+    with torch.inference_mode():
+        whole = model(ids).logits
+    cache = CompressedCache(model, policy="snapkv", budget=1000, codec=codec, prefill_chunk=64)
+    chunked = torch.cat(_feed(model, cache, ids, 64), dim=1)
+    if codec is None:  # the kept tokens are the model's own: exact
+        assert torch.allclose(chunked, whole, atol=1e-4)
+    else:  # the first chunk is exact, later ones read 4-bit codes of the earlier chunks
+        assert torch.allclose(chunked[:, :64], whole[:, :64], atol=1e-4)
+        assert (chunked.argmax(-1) == whole.argmax(-1)).float().mean() > 0.9
+    assert int(cache.layers[0].kept_tokens().min()) == 200
+    cache.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(policy="snapkv", budget=32),
+        dict(policy="pyramidkv", budget="10%"),
+        dict(policy="h2o", budget=40, codec="fibquant:2"),
+        dict(policy="pyramidkv-adaptive", budget="15%"),
+    ],
+)
+def test_every_layer_holds_at_most_its_budget_after_each_chunk(options):
+    model = make_tiny("llama")
+    ids = _prompt(model, 400)
+    cache = CompressedCache(model, prefill_chunk=64, **options)
+    with torch.inference_mode():
+        for end in range(64, 401, 64):
+            start = end - 64
+            model(ids[:, start:end], **cache_kwargs(model, cache))
+            budgets = cache.layer_budgets(end)
+            held = [int(layer.kept_tokens().max()) for layer in cache.layers]
+            assert all(
+                layer.appended_tokens() == 0 for layer in cache.layers
+            )  # the chunk was folded in
+            if (
+                options["policy"] == "pyramidkv-adaptive"
+            ):  # its schedule moves tokens between layers
+                assert sum(held) <= sum(budgets), end
+            else:
+                assert all(h <= b for h, b in zip(held, budgets, strict=True)), (end, held, budgets)
+    assert cache.layers[0].seen == 384
+    total = sum(cache.layer_budgets(384))
+    kept = sum(int(layer.kept_tokens()[0, 0]) for layer in cache.layers)
+    if (
+        options["policy"] != "pyramidkv-adaptive"
+    ):  # the adaptive schedule moves tokens between layers
+        assert kept == total
+    cache.close()
+
+
+@pytest.mark.parametrize("codec", [None, "fibquant:3"])
+def test_streamingllm_keeps_the_one_shot_tokens(codec):
+    model = make_tiny("llama")
+    ids = _prompt(model, 300, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :70] = 0  # row 1 left-padded: only its own 230 tokens are candidates
+    one = CompressedCache(model, policy="streamingllm", budget=64, codec=codec)
+    _feed(model, one, ids, 300, mask)
+    chunked = CompressedCache(
+        model, policy="streamingllm", budget=64, codec=codec, prefill_chunk=50
+    )
+    _feed(model, chunked, ids, 50, mask)
+    for a, b in zip(one.layers, chunked.layers, strict=True):
+        keys_a, _, held_a = a._held()
+        keys_b, _, held_b = b._held()
+        assert torch.equal(held_a, held_b)
+        if (
+            codec and a.layer_idx
+        ):  # above layer 0 the chunks read codes of earlier chunks: other states
+            continue
+        for row in range(2):
+            got, want = keys_b[row][:, held_b[row]], keys_a[row][:, held_a[row]]
+            assert torch.allclose(got, want, atol=2e-3), (a.layer_idx, row)
+    one.close()
+    chunked.close()
+
+
+def test_codes_that_survive_a_chunk_keep_their_own_codes():
+    model = make_tiny("llama")
+    ids = _prompt(model, 300)
+    cache = CompressedCache(
+        model, policy="snapkv", budget=64, codec="fibquant:2", prefill_chunk=100
+    )
+    _feed(model, cache, ids, 100)
+    keys, _, held = cache.layers[0]._held()
+    full = CompressedCache(model, policy="full", budget="100%", codec="fibquant:2")
+    _feed(model, full, ids, 300)  # layer 0's keys depend on the tokens alone: their one-shot codes
+    reference, _, _ = full.layers[0]._held()
+    full.close()
+    # every kept key is exactly the one-shot code of some prompt token (a re-encoded code would shrink)
+    for head in range(keys.shape[1]):
+        kept = keys[0, head][held[0]]
+        distance = torch.cdist(kept.double(), reference[0, head].double()).min(dim=-1).values
+        assert float(distance.max()) < 1e-3, head
+    cache.close()
+
+
+def test_generation_agrees_through_every_chunked_path():
+    from pyramidkv.generation import generate
+
+    model = context_sensitive_tiny()
+    tok = _CharTokenizer()
+    prompt = "".join(chr(97 + i % 26) for i in range(250))
+    runs = {}
+    for name, options in {
+        "eager": dict(),
+        "graph": dict(cuda_graph=True),
+        "argument": dict(prefill_chunk=60),
+    }.items():
+        chunk = None if name == "argument" else 60
+        cache = CompressedCache(model, policy="snapkv", budget=48, prefill_chunk=chunk)
+        runs[name] = generate(model, tok, prompt, max_new_tokens=6, cache=cache, **options)
+        cache.close()
+    assert runs["eager"].token_ids == runs["graph"].token_ids
+    assert runs["argument"].token_ids == runs["eager"].token_ids
+    full = generate(model, tok, prompt, max_new_tokens=6, cache=DynamicCache(config=model.config))
+    covered = CompressedCache(model, policy="snapkv", budget=1000, prefill_chunk=60)
+    assert generate(model, tok, prompt, max_new_tokens=6, cache=covered).token_ids == full.token_ids
+    covered.close()
+
+
+class _CharTokenizer:
+    chat_template = None
+    eos_token_id = 2
+
+    def __call__(self, text, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[3 + (b % 90) for b in text.encode()]])}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(prefill_chunk=0), "prefill_chunk"),
+        (dict(prefill_chunk="4k"), "prefill_chunk"),
+        (dict(policy="adakv", prefill_chunk=64), "prefill_chunk: policy 'adakv' shares"),
+        (dict(codec="kivi:2", prefill_chunk=64), "prefill_chunk: not with codec 'kivi'"),
+        (
+            dict(budget=None, kv_memory="5%", plan="auto", prefill_chunk=64),
+            "prefill_chunk: not with plan='auto'",
+        ),
+    ],
+)
+def test_bad_chunks_are_refused(options, message):
+    with pytest.raises(PyramidKVError, match=message):
+        CompressedCache(make_tiny("llama"), **{"policy": "snapkv", "budget": 32, **options})
