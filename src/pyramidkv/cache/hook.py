@@ -32,6 +32,8 @@ NAME = "pyramidkv"
 
 # The compressed layer whose ``update`` ran last, waiting for its attention call.
 _PENDING: ContextVar[CacheLayer | None] = ContextVar("pyramidkv_pending_layer", default=None)
+# the valid-token counts of the last mask read: (weak reference to the mask, key length, counts per row)
+_COUNTS: ContextVar[tuple | None] = ContextVar("pyramidkv_valid_counts", default=None)
 
 
 def announce(layer: CacheLayer) -> None:
@@ -68,9 +70,8 @@ def pyramidkv_attention(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer.prefilling:
         output = own.prefill(query, key, value, attention_mask, scaling)
-        layer.compress(
-            query, valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device), scaling
-        )
+        valid = valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device)
+        layer.compress(query, valid, scaling, counts=valid_counts(attention_mask, valid))
         return output
     output = layer.attend(query, scaling, own)
     if layer.chunked and query.shape[-2] > 1:  # a chunk of the prompt: back to the budget
@@ -80,6 +81,20 @@ def pyramidkv_attention(
             scaling,
         )
     return output, None
+
+
+def valid_counts(mask: torch.Tensor | None, valid: torch.Tensor) -> list[int]:
+    """Valid tokens of each row, on the host: every token without a mask; with one, read from the device once
+    per forward (its layers share the mask object), so the per-layer compression waits for nothing."""
+    batch, length = valid.shape
+    if mask is None:
+        return [length] * batch
+    memo = _COUNTS.get()
+    if memo is not None and memo[0]() is mask and memo[1] == length:
+        return memo[2]
+    counts = valid.sum(dim=1).tolist()
+    _COUNTS.set((weakref.ref(mask), length, counts))
+    return counts
 
 
 def valid_keys(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:

@@ -122,16 +122,18 @@ class CompressedLayer(CacheLayer):
         valid: torch.Tensor,
         scaling: float,
         seen: list[int] | None = None,
+        counts: list[int] | None = None,
     ) -> None:
-        """Keep what the policy selects from the prompt just prefilled, and free the rest."""
-        self.real = valid.sum(dim=1).tolist() if seen is None else seen
-        indices, lengths = self.selection.choose(
-            self.layer_idx, queries, self.keys, valid, scaling, self.real
+        """Keep what the policy selects from the prompt just prefilled, and free the rest. ``counts``: the
+        valid tokens of each row, when the caller read them on the host."""
+        counts = valid.sum(dim=1).tolist() if counts is None else counts
+        self.real = counts if seen is None else seen
+        chosen = self.selection.choose(
+            self.layer_idx, queries, self.keys, valid, scaling, self.real, counts
         )
-        self._keep_selected(indices, lengths)
-        self.lengths = lengths
-        # read once here, not at every decode step: a host sync per layer and step costs more than the step
-        self.ragged = bool((lengths != indices.shape[-1]).any())
+        self._keep_selected(chosen.indices, chosen.lengths)
+        self.lengths = chosen.lengths
+        self.ragged = chosen.ragged  # known here, so no decode step reads it from the device
         self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
         self.compressed = True
         self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()

@@ -42,9 +42,11 @@ class PlannedLayer(CodedLayer):
         valid: torch.Tensor,
         scaling: float,
         seen: list[int] | None = None,
+        counts: list[int] | None = None,
     ) -> None:
         """Keep the planner's tiers of the prompt just prefilled, and free the rest."""
-        self.real = valid.sum(dim=1).tolist() if seen is None else seen
+        counts = valid.sum(dim=1).tolist() if counts is None else counts
+        self.real = counts if seen is None else seen
         tiers = self.planner.plan(
             self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real
         )

@@ -121,9 +121,16 @@ class CacheLayer(CacheLayerMixin):
         """True while the next attention call is the prompt's, to be compressed after it runs."""
 
     @abstractmethod
-    def compress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+    def compress(
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        counts: list[int] | None = None,
+    ) -> None:
         """Keep what the policy selects of the prompt just attended: ``queries`` (batch, q_heads, n, dim) the
-        prompt's queries, ``valid`` (batch, n) bool which keys are real tokens (left padding is not)."""
+        prompt's queries, ``valid`` (batch, n) bool which keys are real tokens (left padding is not),
+        ``counts`` how many per row when the caller read them on the host."""
 
     @abstractmethod
     def attend(

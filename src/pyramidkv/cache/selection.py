@@ -10,12 +10,22 @@ with the policy's scorer on the layer's observation-window queries, and selects 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from pyramidkv.budgets import Budget, MemoryBudget
 from pyramidkv.policies import Policy, select
 from pyramidkv.policies.heads import head_budgets
+
+
+class Chosen(NamedTuple):
+    """What :meth:`Selection.choose` keeps: ``indices`` (batch, kv_heads, K), ``lengths`` (batch, kv_heads), and
+    whether rows keep different counts (``ragged``), known on the host."""
+
+    indices: torch.Tensor
+    lengths: torch.Tensor
+    ragged: bool
 
 
 @dataclass
@@ -78,13 +88,16 @@ class Selection:
         valid: torch.Tensor,
         scaling: float,
         seen: list[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices (batch, kv_heads, K) and lengths (batch, kv_heads) of the tokens layer ``layer_idx`` keeps.
+        counts: list[int] | None = None,
+    ) -> Chosen:
+        """The tokens layer ``layer_idx`` keeps.
 
-        ``valid`` (batch, n) marks the candidates; ``seen`` the real tokens of each row's prompt so far, which
-        the budgets follow (the candidates' counts when None; fewer than ``seen`` in a chunked prefill, where
-        earlier chunks were already compressed)."""
-        counts = valid.sum(dim=1).tolist()
+        ``valid`` (batch, n) marks the candidates, ``counts`` how many each row has when the caller knows it
+        on the host (read from ``valid`` otherwise); ``seen`` the real tokens of each row's prompt so far,
+        which the budgets follow (the candidates' counts when None; more in a chunked prefill, where earlier
+        chunks were already compressed). With both given and a schedule and heads that are not adaptive,
+        nothing here waits for the device."""
+        counts = valid.sum(dim=1).tolist() if counts is None else counts
         seen = counts if seen is None else seen
         policy, scorer = self.policy, self.policy.scorer
         if scorer is not None and policy.schedule.adaptive:
@@ -96,13 +109,16 @@ class Selection:
                 for n, s in zip(counts, seen, strict=True)
             ]
             budgets = torch.tensor(kept, device=keys.device)
+        ragged = len(set(kept)) > 1
         if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-            return select(scores, valid, budgets, policy.window)
+            return Chosen(*select(scores, valid, budgets, policy.window, kept), ragged)
         scores = self.scores(layer_idx, queries, keys, valid, scaling)
         if policy.heads == "adaptive":
             budgets = head_budgets(scores, valid, budgets, policy.window, policy.head_floor)
-        return select(scores, valid, budgets, policy.window)
+            indices, lengths = select(scores, valid, budgets, policy.window)
+            return Chosen(indices, lengths, bool((lengths != indices.shape[-1]).any()))
+        return Chosen(*select(scores, valid, budgets, policy.window, kept), ragged)
 
     def scores(self, layer_idx: int, queries, keys, valid, scaling: float) -> torch.Tensor:
         """(batch, kv_heads, n) the policy scorer's importance of each prompt token of layer ``layer_idx``

@@ -28,10 +28,10 @@ class _Recorder:
         self.valid: torch.Tensor | None = None
         self.scaling = 1.0
 
-    def choose(self, layer_idx, queries, keys, valid, scaling, seen=None):
+    def choose(self, layer_idx, queries, keys, valid, scaling, seen=None, counts=None):
         self.queries[layer_idx] = queries
         self.valid, self.scaling = valid, scaling
-        return self.selection.choose(layer_idx, queries, keys, valid, scaling, seen)
+        return self.selection.choose(layer_idx, queries, keys, valid, scaling, seen, counts)
 
 
 @dataclass

@@ -85,7 +85,9 @@ def attention_weights(
     return torch.softmax(logits, dim=-1).mul_(sees)
 
 
-def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple[Tensor, Tensor]:
+def select(
+    scores: Tensor, valid: Tensor, budgets: Tensor, window: int, kept: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
     """Indices of the tokens to keep per (row, KV head), and how many there are.
 
     ``scores`` (batch, kv_heads, n), higher = keep; ``valid`` (batch, n) bool; ``budgets`` (batch,) long,
@@ -97,6 +99,9 @@ def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple
     * the rest of the budget goes to the highest-scoring other valid tokens, exact ties going to the more
       recent token; NaN scores count as lowest;
     * a row whose valid length is at most its budget keeps all its valid tokens.
+
+    ``kept``: the tokens each row keeps, ``min(budget, valid count)``, when the caller knows them on the host
+    (then the output's width is read from it, not from the device: no host synchronisation).
 
     Returns ``indices`` (batch, kv_heads, K) long, ascending within each row, with K the largest count
     kept, and ``lengths`` (batch, kv_heads) long. Slots at and past ``lengths[b, h]`` repeat the last kept
@@ -119,7 +124,12 @@ def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple
         )
     check_int("window", window, 0)
     budgets = budgets.to(device=scores.device, dtype=torch.long)
-    if batch and int(budgets.min()) < 0:
+    if (
+        kept is not None
+    ):  # the caller's budgets, read on the host: nothing here waits for the device
+        if len(kept) != batch or any(k < 0 for k in kept):
+            raise PyramidKVError(f"kept: got {kept}; expected {batch} integers >= 0")
+    elif batch and int(budgets.min()) < 0:
         raise PyramidKVError(f"budgets: got {budgets.tolist()}; expected integers >= 0")
     budgets = budgets.reshape(batch, -1).expand(batch, kv_heads)
 
@@ -139,7 +149,8 @@ def select(scores: Tensor, valid: Tensor, budgets: Tensor, window: int) -> tuple
     slots = torch.arange(n, device=scores.device)
     kept_mask = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=scores.device)
     kept_mask.scatter_(-1, chosen, slots < keep[..., None])
-    width = int(keep.max()) if batch else 0
+    # the caller's counts when given; else one read of the device
+    width = min(max(kept, default=0), n) if kept is not None else int(keep.max()) if batch else 0
     ascending = torch.where(kept_mask, slots, n + slots).sort(dim=-1).values[..., :width]
     lengths = keep.contiguous()
     last = ascending.gather(-1, (lengths - 1).clamp(min=0)[..., None]) if width else ascending

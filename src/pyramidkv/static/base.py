@@ -50,7 +50,13 @@ class StaticLayerBase(CacheLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the buffers are allocated when the cache is built."""
 
-    def compress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+    def compress(
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        counts: list[int] | None = None,
+    ) -> None:
         """Refused: a static layer is built from a prefilled cache and takes no prompt."""
         raise PyramidKVError(
             f"layer {self.layer_idx}: a static cache is built from a prefilled cache; prefill the prompt "
