@@ -105,8 +105,8 @@ def test_streamingllm_keeps_the_one_shot_tokens(codec):
     )
     _feed(model, chunked, ids, 50, mask)
     for a, b in zip(one.layers, chunked.layers, strict=True):
-        keys_a, _, held_a = a._held()
-        keys_b, _, held_b = b._held()
+        keys_a, _, held_a = a.held()
+        keys_b, _, held_b = b.held()
         assert torch.equal(held_a, held_b)
         if (
             codec and a.layer_idx
@@ -126,10 +126,10 @@ def test_codes_that_survive_a_chunk_keep_their_own_codes():
         model, policy="snapkv", budget=64, codec="fibquant:2", prefill_chunk=100
     )
     _feed(model, cache, ids, 100)
-    keys, _, held = cache.layers[0]._held()
+    keys, _, held = cache.layers[0].held()
     full = CompressedCache(model, policy="full", budget="100%", codec="fibquant:2")
     _feed(model, full, ids, 300)  # layer 0's keys depend on the tokens alone: their one-shot codes
-    reference, _, _ = full.layers[0]._held()
+    reference, _, _ = full.layers[0].held()
     full.close()
     # every kept key is exactly the one-shot code of some prompt token (a re-encoded code would shrink)
     for head in range(keys.shape[1]):

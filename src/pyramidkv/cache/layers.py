@@ -155,7 +155,7 @@ class CompressedLayer(CacheLayer):
 
         Kept codes are decoded to be scored and the survivors keep their codes (:meth:`CodedLayer.recompress`).
         A layer holds at most its budget plus one chunk at any time."""
-        keys, values, held = self._held()
+        keys, values, held = self.held()
         earlier = (
             self.keys.shape[-2] - valid.shape[1]
         )  # tokens appended one at a time since (all real)
@@ -167,7 +167,7 @@ class CompressedLayer(CacheLayer):
         self.values = torch.cat([values, self.values], dim=-2)
         self.compress(queries, candidates, scaling, seen)
 
-    def _held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tokens kept of the prompt and flushed since, in the model's dtype: keys and values (batch,
         kv_heads, n, dim) and which slots hold a token (batch, n). Every KV head of a row holds as many."""
         parts = self._held_parts()
@@ -189,7 +189,7 @@ class CompressedLayer(CacheLayer):
         return keys, values, held
 
     def _held_parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """(keys, values, visible slots or None) of each part of what :meth:`_held` joins."""
+        """(keys, values, visible slots or None) of each part of what :meth:`held` joins."""
         if self.kept_keys is None:
             return []
         slots = torch.arange(self.kept_keys.shape[-2], device=self.kept_keys.device)
