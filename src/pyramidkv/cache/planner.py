@@ -44,9 +44,8 @@ class Plan:
     when ``whole``; ``samples`` tokens per layer measure each rate's distortion; ``weight`` scales it."""
 
     bits: tuple[float, ...] = (2.0, 3.0, 4.0)
-    whole: bool = (
-        False  # measured: whole tokens cost more KL than they save at 2-5% (benchmarks/README.md)
-    )
+    # measured (benchmarks/README.md, frontier): whole tokens cost more KL than they save at 2-5% of the bytes
+    whole: bool = False
     samples: int = 128
     weight: float = 1.0
 
