@@ -67,8 +67,8 @@ def main() -> None:
         for label, options in (
             ("pyramidkv 10%", {"policy": "pyramidkv", "budget": "10%"}),
             ("pyramidkv 10% + fibquant 2-bit", {"policy": "pyramidkv", "budget": "10%", "codec": "fibquant:2"}),
-            ("snapkv + fibquant 3-bit, 3% bytes", {"policy": "snapkv", "kv_memory": "3%", "codec": "fibquant:3"}),
-            ("planner (snapkv), 3% bytes", {"policy": "snapkv", "kv_memory": "3%", "plan": "auto"}),
+            ("fibquant 3-bit, 3% of bytes", {"policy": "snapkv", "kv_memory": "3%", "codec": "fibquant:3"}),
+            ("planner, 3% of bytes", {"policy": "snapkv", "kv_memory": "3%", "plan": "auto"}),
         )
     ]  # fmt: skip
     rows: list[tuple[str, str, GenerationResult, float]] = []
