@@ -15,6 +15,7 @@ from pyramidkv.errors import PyramidKVError
 
 from .conftest import make_tiny
 from .test_eval_runner import context_sensitive_tiny
+from .test_generation import _CharTokenizer
 
 
 def _prompt(model, length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -161,17 +162,6 @@ def test_generation_agrees_through_every_chunked_path():
     covered = CompressedCache(model, policy="snapkv", budget=1000, prefill_chunk=60)
     assert generate(model, tok, prompt, max_new_tokens=6, cache=covered).token_ids == full.token_ids
     covered.close()
-
-
-class _CharTokenizer:
-    chat_template = None
-    eos_token_id = 2
-
-    def __call__(self, text, return_tensors="pt"):
-        return {"input_ids": torch.tensor([[3 + (b % 90) for b in text.encode()]])}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + i % 90) for i in ids)
 
 
 @pytest.mark.parametrize(

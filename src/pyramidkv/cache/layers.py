@@ -125,18 +125,25 @@ class CompressedLayer(CacheLayer):
         counts: list[int] | None = None,
     ) -> None:
         """Keep what the policy selects from the prompt just prefilled, and free the rest. ``counts``: the
-        valid tokens of each row, when the caller read them on the host."""
+        valid tokens of each row, when the caller read them on the host; ``seen``: the real tokens of each
+        row's prompt so far, when more than the candidates (a chunked prefill)."""
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         self.real = counts if seen is None else seen
+        self._select(queries, valid, scaling, counts)
+        self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
+        self.compressed = True
+        self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()
+
+    def _select(
+        self, queries: torch.Tensor, valid: torch.Tensor, scaling: float, counts: list[int]
+    ) -> None:
+        """Keep, of the window, what the policy selects."""
         chosen = self.selection.choose(
             self.layer_idx, queries, self.keys, valid, scaling, self.real, counts
         )
         self._keep_selected(chosen.indices, chosen.lengths)
         self.lengths = chosen.lengths
         self.ragged = chosen.ragged  # known here, so no decode step reads it from the device
-        self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
-        self.compressed = True
-        self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()
 
     def _keep_selected(self, indices: torch.Tensor, lengths: torch.Tensor) -> None:
         """Keep the tokens at ``indices`` (batch, kv_heads, K) of the window, row (b, h) valid up to

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pyramidkv.cache.layers import CodedLayer, _bytes, _causal, _empty_window
+from pyramidkv.cache.layers import CodedLayer, _bytes, _causal
 from pyramidkv.cache.planner import Planner
 from pyramidkv.cache.selection import Selection
 from pyramidkv.codecs.registry import CodecPair
@@ -36,17 +36,10 @@ class PlannedLayer(CodedLayer):
         self.planner = planner
         self.whole_lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept whole
 
-    def compress(
-        self,
-        queries: torch.Tensor,
-        valid: torch.Tensor,
-        scaling: float,
-        seen: list[int] | None = None,
-        counts: list[int] | None = None,
+    def _select(
+        self, queries: torch.Tensor, valid: torch.Tensor, scaling: float, counts: list[int]
     ) -> None:
-        """Keep the planner's tiers of the prompt just prefilled, and free the rest."""
-        counts = valid.sum(dim=1).tolist() if counts is None else counts
-        self.real = counts if seen is None else seen
+        """Keep, of the window, the planner's tiers."""
         tiers = self.planner.plan(
             self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real
         )
@@ -62,9 +55,6 @@ class PlannedLayer(CodedLayer):
                     keys, values, lengths, fused=fused, where=self._where, codecs=tier.codecs
                 )
         self.ragged = True
-        self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
-        self.compressed = True
-        self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()
 
     def _whole_dense(self) -> bool:
         """Whether every row keeps all its whole-token slots (so they can join the fused epilogue's window)."""
