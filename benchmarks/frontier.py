@@ -17,7 +17,6 @@ from rich.console import Console
 
 import machine  # sibling script
 from pyramidkv.eval.frontier import FIXED, PLANNED, SHARES, FrontierOptions, run_frontier
-from pyramidkv.eval.results import write_json
 from pyramidkv.models import load
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,11 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load(args.model, device=args.device)
     out = args.out or RESULTS / f"frontier_{model.device.type}.json"
     name = args.model or "embedded SmolLM2-135M-Instruct"
-    result = run_frontier(model, tokenizer, options, name, out, Console(width=140))
     command = ["python", "benchmarks/frontier.py", *(sys.argv[1:] if argv is None else argv)]
-    result.update(command=shlex.join(command), machine=machine.describe(model.device))
-    write_json(out, result)
-    return result
+    extra = {"command": shlex.join(command), "machine": machine.describe(model.device)}
+    return run_frontier(model, tokenizer, options, name, out, Console(width=140), extra)
 
 
 if __name__ == "__main__":

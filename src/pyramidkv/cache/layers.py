@@ -69,9 +69,8 @@ class CompressedLayer(CacheLayer):
         self.prompt_tokens = self.prompt_bytes = (
             0  # the prompt's length, and bytes held once compressed
         )
-        self.chunked = (
-            False  # whether inputs of several tokens after the first are chunks of the prompt
-        )
+        # whether inputs of several tokens after the first are chunks of the prompt
+        self.chunked = False
         self.real: list[int] | None = None  # real (unpadded) prompt tokens per row so far
 
     @property
@@ -163,9 +162,8 @@ class CompressedLayer(CacheLayer):
         Kept codes are decoded to be scored and the survivors keep their codes (:meth:`CodedLayer.recompress`).
         A layer holds at most its budget plus one chunk at any time."""
         keys, values, held = self.held()
-        earlier = (
-            self.keys.shape[-2] - valid.shape[1]
-        )  # tokens appended one at a time since (all real)
+        # tokens appended one at a time since the last compression: all real
+        earlier = self.keys.shape[-2] - valid.shape[1]
         recent = torch.cat([valid.new_ones(valid.shape[0], earlier), valid], dim=1).to(held.device)
         candidates = torch.cat([held, recent], dim=1)
         seen = [a + b for a, b in zip(self.real, recent.sum(dim=1).tolist(), strict=True)]

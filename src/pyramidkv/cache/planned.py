@@ -41,7 +41,7 @@ class PlannedLayer(CodedLayer):
     ) -> None:
         """Keep, of the window, the planner's tiers."""
         tiers = self.planner.plan(
-            self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real
+            self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real, counts
         )
         dim = self.keys.shape[-1]
         for tier, indices, lengths in tiers:

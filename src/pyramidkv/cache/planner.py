@@ -177,12 +177,14 @@ class Planner:
         valid: torch.Tensor,
         scaling: float,
         seen: list[int] | None = None,
+        counts: list[int] | None = None,
     ) -> list[tuple[Tier, torch.Tensor, torch.Tensor]]:
         """The tiers layer ``layer_idx`` keeps: ``(tier, indices (batch, kv_heads, K), lengths (batch,
         kv_heads))`` per tier holding tokens, indices ascending and valid up to ``lengths``. ``valid`` marks the
         candidates, ``seen`` the real tokens of each row's prompt so far, which the bytes follow (as in
-        :meth:`Selection.choose <pyramidkv.cache.selection.Selection.choose>`)."""
-        counts = valid.sum(dim=1).tolist()
+        :meth:`Selection.choose <pyramidkv.cache.selection.Selection.choose>`); ``counts`` the candidates of
+        each row when the caller read them on the host."""
+        counts = valid.sum(dim=1).tolist() if counts is None else counts
         budget = self.layer_bytes(
             layer_idx, queries, keys, valid, scaling, counts if seen is None else seen
         )
@@ -197,7 +199,7 @@ class Planner:
             rates = torch.full((longest,), whole, dtype=torch.long)
         else:
             rates = self._search(
-                order, shares, budget, window, queries, keys, values, valid, scaling
+                order, shares, budget, window, longest, queries, keys, values, valid, scaling
             )
         spent = 0.0
         found = []
@@ -211,7 +213,7 @@ class Planner:
         return found
 
     def _search(
-        self, order, shares, budget, window, queries, keys, values, valid, scaling
+        self, order, shares, budget, window, longest, queries, keys, values, valid, scaling
     ) -> torch.Tensor:
         """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers."""
         offered = [i for i, t in enumerate(self.tiers) if t.codecs is not None or self.whole]
@@ -228,7 +230,7 @@ class Planner:
             )
             for i in offered
         ]
-        profile = shares.gather(-1, order).mean(dim=(0, 1))[: int(valid.sum(dim=1).max())]
+        profile = shares.gather(-1, order).mean(dim=(0, 1))[:longest]
         chosen = assign_rates(profile, window, points, budget, _gap(values, shares, valid, order))
         index = torch.tensor(offered, dtype=torch.long, device=chosen.device)
         return torch.where(chosen >= 0, index[chosen.clamp_min(0)], chosen)

@@ -243,9 +243,16 @@ def frontier_table(rows: list[dict]) -> Table:
 
 
 def run_frontier(
-    model, tokenizer, options: FrontierOptions, name: str, path: Path, console: Console
+    model,
+    tokenizer,
+    options: FrontierOptions,
+    name: str,
+    path: Path,
+    console: Console,
+    extra: dict | None = None,
 ) -> dict:
-    """Measure every window, write the JSON to ``path`` and the plot beside it, print the table."""
+    """Measure every window, write the JSON to ``path`` (with ``extra``'s fields, e.g. the command) and the
+    plot beside it, print the table."""
     from pyramidkv.cache.accounting import check_positions
 
     task = options.task
@@ -268,7 +275,7 @@ def run_frontier(
         continuation=task.continuation, chunk=task.chunk, shares=options.shares,
         text=str(options.text) if options.text else None, seconds=time.perf_counter() - started,
     )  # fmt: skip
-    result = {"run": run, "rows": rows, "records": records}
+    result = {**(extra or {}), "run": run, "rows": rows, "records": records}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
     plot(rows, path.with_suffix(".png"))
