@@ -58,6 +58,7 @@ from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.protocol import decode_backends
 from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
 from pyramidkv.static.graph import WARMUP, capture
+from shapes import random_model  # sibling script
 
 MODES = ("eager_dynamic", "eager_static", "graph")
 CODEC = "fibquant:2"
@@ -274,24 +275,12 @@ def save_result(record: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def smollm2_shaped():
-    """SmolLM2-135M-Instruct's architecture with random weights, bf16 on the GPU: a decode step's launches and
-    their times do not depend on the weights, so GPU timings need no model file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(torch.bfloat16).to("cuda").eval()
-
-
 def step_model(args: argparse.Namespace, rows: int):
     """The model a step benchmark runs, ``rows`` prompts of ``args.prompt`` tokens for it, the model's name and
     the prompts' source: the tiny random llama (``--smoke``) or SmolLM2's shape with random weights (``--random``,
     where a script has it) on random token ids, else ``--model`` (default: the embedded model) on prose."""
     if args.smoke or getattr(args, "random", False):
-        model = tiny_model() if args.smoke else smollm2_shaped()
+        model = tiny_model() if args.smoke else random_model("smollm2")
         name = "tiny random llama" if args.smoke else "SmolLM2-135M-shaped, random weights"
         generator = torch.Generator().manual_seed(0)
         prompts = torch.randint(

@@ -1,18 +1,24 @@
-"""How much does compression add to prefill? Prefill time of the embedded model with the full cache and with
-each eviction policy, plus the bytes each cache holds afterwards.
+"""How much does compression add to prefill? Prefill time with the full cache and with each policy, the bytes
+each cache holds afterwards, and on a GPU the prefill's peak memory.
 
     python benchmarks/prefill_overhead.py --lengths 1024,2048,4096 --budget 128 --repeats 3
+    python benchmarks/prefill_overhead.py --model random:llama3-8b --lengths 8192,32768 --profile
 
-Writes benchmarks/results/prefill_overhead_<device>.json and prints a table.
+``--model random:<shape>`` (:mod:`shapes`: ``smollm2``, ``llama3-8b``) times random weights of a real
+architecture on random token ids: a prefill's kernels do not depend on the weights. A policy entry is a preset
+name, or ``<preset>+plan`` for the memory planner under ``--kv-memory``, either with ``@layer`` to compress each
+layer after its attention instead of all layers at the end of the forward (``compress_after``). Every forward asks for the last
+position's logits only, as generation does. ``--profile`` also records, per policy at the first length, the
+kernels the compressed prefill launches beyond the full one and the operators that take the most host time.
+
+Writes benchmarks/results/prefill_overhead_<device>[_<shape>].json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -25,91 +31,182 @@ from pyramidkv.cache.accounting import cache_nbytes
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.eval.corpus import shuffled_paragraphs
+from pyramidkv.eval.results import write_json
 from pyramidkv.models import load
+from shapes import NAMES, random_model  # sibling script
 
-POLICIES = ("full", "pyramidkv", "snapkv", "h2o", "streamingllm")
+POLICIES = (
+    "full,pyramidkv,pyramidkv@layer,snapkv,snapkv@layer,pyramidkv-adaptive,pyramidkv-adaptive@layer,"
+    "streamingllm,streamingllm@layer,h2o,snapkv+plan"
+)
 
 
-def prompt(tokenizer, length: int) -> torch.Tensor:
+def load_model(name: str | None, device: str | None):
+    """(model, prompt builder, model name): a random shape on random ids, or a real model on prose."""
+    if name and name.startswith("random:"):
+        shape = name.split(":", 1)[1]
+        model = random_model(shape, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        generator = torch.Generator().manual_seed(0)
+
+        def prompt(length: int) -> torch.Tensor:
+            return torch.randint(3, model.config.vocab_size, (1, length), generator=generator)
+
+        return model, prompt, NAMES[shape]
+    model, tokenizer = load(name, device=device)
     text = " ".join(shuffled_paragraphs(0))
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :length]
-    if ids.shape[1] < length:
-        raise SystemExit(f"corpus has only {ids.shape[1]} tokens")
-    return ids
+
+    def prompt(length: int) -> torch.Tensor:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :length]
+        if ids.shape[1] < length:
+            raise SystemExit(f"corpus has only {ids.shape[1]} tokens")
+        return ids
+
+    return model, prompt, model.config.name_or_path or "embedded"
 
 
-def timed_prefill(model, ids, policy: str, budget: str) -> tuple[float, int]:
-    cache = (
-        DynamicCache(config=model.config)
-        if policy == "full"
-        else CompressedCache(model, policy, budget)
-    )
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    sync()
+def make_cache(model, entry: str, args):
+    if entry == "full":
+        return DynamicCache(config=model.config)
+    entry, _, after = entry.partition("@")
+    policy, _, plan = entry.partition("+")
+    options = {"compress_after": after} if after else {}
+    if plan:
+        return CompressedCache(model, policy, kv_memory=args.kv_memory, plan="auto", **options)
+    return CompressedCache(model, policy, args.budget, **options)
+
+
+def timed_prefill(model, ids, entry: str, args) -> tuple[float, int, int | None]:
+    """Seconds of one prefill, the bytes the cache holds after it, and the prefill's peak device memory above
+    what was allocated before it (None on a CPU)."""
+    cache = make_cache(model, entry, args)
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     with torch.inference_mode():
-        model(ids, **cache_kwargs(model, cache))
-    sync()
+        model(ids, logits_to_keep=1, **cache_kwargs(model, cache))
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - before if cuda else None
     nbytes = cache_nbytes(cache)
-    if policy != "full":
+    if entry != "full":
         cache.close()
-    return seconds, nbytes
+    return seconds, nbytes, peak
 
 
-def main() -> None:
+def profile(model, ids, entry: str, args) -> dict:
+    """Kernel launches and their device time, operator calls on the host (nested ones included), the kernels
+    that take the most device time and the operators that take the most host time, of one prefill
+    (torch.profiler)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if ids.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        timed_prefill(model, ids, entry, args)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    operators = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    device_kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "kernels": kernels,
+        "host_operators": operators,
+        "device_ms": sum(e.self_device_time_total for e in device_kernels) / 1e3,
+        "top_kernels": [
+            {"name": e.key[:120], "count": e.count, "device_ms": e.self_device_time_total / 1e3}
+            for e in device_kernels[:15]
+        ],
+        "top_host_ops": [
+            {"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+            for e in busiest
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--budget", default="128")
+    parser.add_argument("--kv-memory", default="3%", help="the byte budget of '+plan' entries")
+    parser.add_argument("--policies", default=POLICIES)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    model, tokenizer = load(args.model)
-    device = str(model.device)
-    rows = []
+    parser.add_argument(
+        "--model", default=None, help="a model, or random:<shape> (smollm2, llama3-8b)"
+    )
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    model, prompt, name = load_model(args.model, args.device)
+    entries = args.policies.split(",")
+    if "full" not in entries:
+        entries.insert(0, "full")
+    rows, profiles = [], {}
     for length in map(int, args.lengths.split(",")):
-        ids = prompt(tokenizer, length).to(model.device)
-        timed_prefill(model, ids, "full", args.budget)  # warm-up
-        for policy in POLICIES:
-            runs = [timed_prefill(model, ids, policy, args.budget) for _ in range(args.repeats)]
+        ids = prompt(length).to(model.device)
+        for entry in entries:
+            timed_prefill(model, ids, entry, args)  # warm-up
+            runs = [timed_prefill(model, ids, entry, args) for _ in range(args.repeats)]
             rows.append(
                 {
                     "length": length,
-                    "policy": policy,
+                    "policy": entry,
                     "budget": args.budget,
-                    "prefill_s_median": statistics.median(s for s, _ in runs),
+                    "prefill_s_median": statistics.median(s for s, _, _ in runs),
+                    "prefill_s_runs": [s for s, _, _ in runs],
                     "kv_bytes": runs[0][1],
+                    "peak_bytes": runs[0][2],
                 }
             )
+            if args.profile and length == int(args.lengths.split(",")[0]):
+                profiles[entry] = profile(model, ids, entry, args)
+            print(f"{length} {entry}: {rows[-1]['prefill_s_median'] * 1e3:.1f} ms", flush=True)
     for row in rows:
         base = next(r for r in rows if r["length"] == row["length"] and r["policy"] == "full")
         row["overhead_vs_full"] = row["prefill_s_median"] / base["prefill_s_median"] - 1
     record = {
-        "question": "prefill time and cache bytes with and without compression",
-        "date": date.today().isoformat(),
-        "machine": machine.describe(device),
-        "dtype": str(next(model.parameters()).dtype),
+        **machine.header(
+            "prefill time, cache bytes and peak memory with and without compression",
+            "prefill_overhead.py",
+            argv,
+            model.device,
+        ),
+        "model": name,
+        "dtype": str(model.dtype),
         "rows": rows,
+        "profiles": profiles,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     gpu = record["machine"]["gpu"]
-    path = out / f"prefill_overhead_{'cuda' if gpu else 'cpu'}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    table = Table(title=f"prefill on {gpu or 'CPU'} ({record['dtype']}), budget {args.budget}")
-    for col in ("length", "policy", "prefill ms", "overhead", "KV bytes"):
+    suffix = (
+        f"_{args.model.split(':', 1)[1]}" if args.model and args.model.startswith("random:") else ""
+    )
+    path = args.out / f"prefill_overhead_{'cuda' if gpu else 'cpu'}{suffix}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    table = Table(
+        title=f"prefill of {name} on {gpu or 'CPU'} ({record['dtype']}), budget {args.budget}"
+    )
+    for col in ("length", "policy", "prefill ms", "overhead", "KV bytes", "peak MB", "kernels"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(
-            str(r["length"]),
-            r["policy"],
-            f"{r['prefill_s_median'] * 1e3:.1f}",
-            f"{r['overhead_vs_full'] * 100:+.1f}%",
-            f"{r['kv_bytes']:,}",
+        peak = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e6:.0f}"
+        kernels = (
+            profiles.get(r["policy"], {}).get("kernels")
+            if r["length"] == rows[0]["length"]
+            else None
         )
+        table.add_row(
+            str(r["length"]), r["policy"], f"{r['prefill_s_median'] * 1e3:.1f}",
+            f"{r['overhead_vs_full'] * 100:+.1f}%", f"{r['kv_bytes']:,}", peak,
+            "" if kernels is None else str(kernels),
+        )  # fmt: skip
     Console().print(table)
     print(f"wrote {path}")
+    return record
 
 
 if __name__ == "__main__":

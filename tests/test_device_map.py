@@ -137,7 +137,8 @@ def layer_tensors(layer) -> list[tuple[str, torch.Tensor]]:
     """Every tensor a compressed layer holds: kept / recent keys and values, lengths, each block's codes."""
     found = [(name, getattr(layer, name)) for name in ("kept_keys", "kept_values", "lengths")]
     found += [("keys", layer.keys), ("values", layer.values)]
-    for number, block in enumerate(layer.coded.blocks if layer.coded is not None else []):
+    coded = getattr(layer, "coded", None)
+    for number, block in enumerate(coded.blocks if coded is not None else []):
         found.append((f"block {number} lengths", block.lengths))
         for side, codes in (("keys", block.keys), ("values", block.values)):
             found += [
@@ -150,7 +151,7 @@ def assert_on_layer_devices(cache, devices: list[torch.device]) -> None:
     for index, (layer, device) in enumerate(zip(cache.layers, devices, strict=True)):
         held = layer_tensors(layer)
         assert any(name == "lengths" for name, _ in held), f"layer {index} was never compressed"
-        if layer.coded is not None:
+        if getattr(layer, "coded", None) is not None:
             assert layer.coded.blocks, f"layer {index} holds no codes"
         for name, tensor in held:
             assert tensor.device == device, (

@@ -47,9 +47,12 @@ def test_every_layer_kind_of_the_package_is_in_the_matrix():
 
 
 def _spy(layers, calls: Counter) -> None:
-    """Count each layer's compress and attend calls, by instance attributes wrapping the bound methods."""
+    """Count each layer's compress, adopt and attend calls, by instance attributes wrapping the bound
+    methods."""
     for layer in layers:
-        for name in ("compress", "attend"):
+        for name in ("compress", "adopt", "attend"):
+            if not hasattr(layer, name):
+                continue
             method = getattr(layer, name)
 
             def counted(*args, _method=method, _name=name, **kwargs):
@@ -64,7 +67,8 @@ def test_the_hook_calls_compress_at_prefill_and_attend_at_decode(tiny_llama, kin
     setup = KINDS[kind]
     layers = tiny_llama.config.num_hidden_layers
     calls: Counter = Counter()
-    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", **setup["options"]) as source:
+    options = {**setup["options"], "compress_after": "layer"}
+    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", **options) as source:
         assert all(layer.prefilling for layer in source.layers)
         if not setup["static"]:
             _spy(source.layers, calls)
@@ -108,3 +112,15 @@ def test_a_static_layer_refuses_a_prompt(tiny_llama):
         assert not layer.prefilling
         with pytest.raises(PyramidKVError, match="prefilled cache"):
             layer.compress(torch.zeros(1, 4, 2, 16), torch.ones(1, 2, dtype=torch.bool), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["CompressedLayer", "CodedLayer"])
+def test_compressed_after_the_forward_each_layer_adopts_its_part(tiny_llama, kind):
+    """With ``compress_after="forward"`` the hook compresses no layer itself: the batch hands each its part."""
+    layers = tiny_llama.config.num_hidden_layers
+    calls: Counter = Counter()
+    with torch.no_grad(), CompressedCache(tiny_llama, "snapkv", **KINDS[kind]["options"]) as cache:
+        _spy(cache.layers, calls)
+        tiny_llama(PROMPT, **cache_kwargs(tiny_llama, cache))
+        assert calls == Counter(adopt=layers)
+        assert not any(layer.prefilling for layer in cache.layers)

@@ -99,18 +99,11 @@ def test_the_preference_is_entropy_times_variance_of_the_window_attention():
 
 def _allocate(preferences: list[float], average: int, n: int, window: int = 2) -> list[int]:
     schedule = AdaptiveSchedule()
-    progress = schedule.start(1, torch.device("cpu"))
+    progress = schedule.start(1)
     found = []
     for p in preferences:
-        budget = schedule.next_budgets(
-            progress,
-            torch.tensor([p]),
-            torch.tensor([average]),
-            torch.tensor([n]),
-            len(preferences),
-            window,
-        )
-        found.append(int(budget))
+        (budget,) = schedule.next_budgets(progress, [p], [average], [n], len(preferences), window)
+        found.append(budget)
     return found
 
 

@@ -52,7 +52,8 @@ def _fallback(module) -> str:
 def pyramidkv_attention(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
 ):
-    """Attention for one layer: the model's own over the prompt, then ``layer.compress``; at decode,
+    """Attention for one layer: the model's own over the prompt, then ``layer.compress`` (or, when the cache
+    compresses every layer at the end of the forward, ``layer.batched_prefill.observe``, :mod:`.batched`); at decode,
     ``layer.attend`` (:mod:`.protocol`)."""
     layer = _PENDING.get()
     name = _fallback(module)
@@ -70,6 +71,10 @@ def pyramidkv_attention(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer.prefilling:
         output = own.prefill(query, key, value, attention_mask, scaling)
+        batch = layer.batched_prefill
+        if batch is not None and batch.holds(layer):  # compressed with every layer, at the end
+            batch.observe(layer, query, attention_mask, scaling)
+            return output
         valid = valid_keys(attention_mask, key.shape[0], key.shape[-2], key.device)
         layer.compress(query, valid, scaling, counts=valid_counts(attention_mask, valid))
         return output
@@ -80,6 +85,8 @@ def pyramidkv_attention(
             valid_keys(attention_mask, query.shape[0], query.shape[-2], query.device),
             scaling,
         )
+    elif layer.decoding is not None:  # generation under a decode budget
+        layer.decoding.after_step(layer, query, scaling)
     return output, None
 
 

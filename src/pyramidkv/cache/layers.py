@@ -21,8 +21,10 @@ from __future__ import annotations
 import torch
 
 from pyramidkv.cache import hook
+from pyramidkv.cache.batched import BatchedPrefill, LayerChoice
 from pyramidkv.cache.blocks import CodedBlocks, gather_codes, join_codes, pad_slots, stack_codes
 from pyramidkv.cache.compat import first_positions
+from pyramidkv.cache.decoding import DecodeCompression
 from pyramidkv.cache.protocol import CacheLayer, ModelAttention
 from pyramidkv.cache.selection import Selection
 from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
@@ -72,6 +74,11 @@ class CompressedLayer(CacheLayer):
         # whether inputs of several tokens after the first are chunks of the prompt
         self.chunked = False
         self.real: list[int] | None = None  # real (unpadded) prompt tokens per row so far
+        self.batched_prefill: BatchedPrefill | None = None
+        self.decoding: DecodeCompression | None = None
+        # generation under a decode budget: queries and tokens since the last compression
+        self.queries_since: torch.Tensor | None = None
+        self.appended_since = 0
 
     @property
     def prefilling(self) -> bool:
@@ -94,8 +101,16 @@ class CompressedLayer(CacheLayer):
         elif key_states.shape[-2] > 1:
             self._check_continues(args, kwargs)
         self._before_append()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        stored = (
+            self.batched_prefill.store(self, key_states, value_states)
+            if self.batched_prefill is not None and self.prefilling
+            else None
+        )
+        if stored is None:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self.keys, self.values = stored
         self.seen += key_states.shape[-2]
         hook.announce(self)
         return self.keys, self.values
@@ -122,22 +137,41 @@ class CompressedLayer(CacheLayer):
         scaling: float,
         seen: list[int] | None = None,
         counts: list[int] | None = None,
+        selection: Selection | None = None,
     ) -> None:
         """Keep what the policy selects from the prompt just prefilled, and free the rest. ``counts``: the
         valid tokens of each row, when the caller read them on the host; ``seen``: the real tokens of each
-        row's prompt so far, when more than the candidates (a chunked prefill)."""
+        row's prompt so far, when more than the candidates (a chunked prefill, or generation);
+        ``selection``: the budgets to keep, when not the prompt's (generation's ``decode_budget``)."""
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         self.real = counts if seen is None else seen
-        self._select(queries, valid, scaling, counts)
-        self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
+        self._select(queries, valid, scaling, counts, selection or self.selection)
+        self._finish(_empty_window(self.keys), _empty_window(self.values))
+
+    def adopt(self, choice: LayerChoice, counts: list[int], empty: torch.Tensor) -> None:
+        """Hold what the batched compression of every layer chose for this one (:mod:`.batched`); ``empty``:
+        an empty recent window every layer may share."""
+        self.real = counts
+        self._keep(choice.keys, choice.values, choice.lengths)
+        self.lengths, self.ragged = choice.lengths, choice.ragged
+        self._finish(empty, empty)
+
+    def _finish(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The prompt is compressed: the recent window starts as ``keys``/``values`` (empty)."""
+        self.keys, self.values = keys, values
         self.compressed = True
         self.prompt_tokens, self.prompt_bytes = self.seen, self.nbytes()
 
     def _select(
-        self, queries: torch.Tensor, valid: torch.Tensor, scaling: float, counts: list[int]
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        counts: list[int],
+        selection: Selection,
     ) -> None:
         """Keep, of the window, what the policy selects."""
-        chosen = self.selection.choose(
+        chosen = selection.choose(
             self.layer_idx, queries, self.keys, valid, scaling, self.real, counts
         )
         self._keep_selected(chosen.indices, chosen.lengths)
@@ -161,16 +195,47 @@ class CompressedLayer(CacheLayer):
 
         Kept codes are decoded to be scored and the survivors keep their codes (:meth:`CodedLayer.recompress`).
         A layer holds at most its budget plus one chunk at any time."""
-        keys, values, held = self.held()
         # tokens appended one at a time since the last compression: all real
         earlier = self.keys.shape[-2] - valid.shape[1]
-        recent = torch.cat([valid.new_ones(valid.shape[0], earlier), valid], dim=1).to(held.device)
-        candidates = torch.cat([held, recent], dim=1)
+        recent = torch.cat([valid.new_ones(valid.shape[0], earlier), valid], dim=1)
         seen = [a + b for a, b in zip(self.real, recent.sum(dim=1).tolist(), strict=True)]
+        self._reselect(queries, recent, scaling, seen, self.selection)
+
+    def remember(self, query: torch.Tensor, limit: int) -> None:
+        """Keep this step's queries (batch, q_heads, q_len, dim) among the last ``limit`` since the last
+        compression: generation's recompression scores with them (:mod:`.decoding`)."""
+        held = self.queries_since
+        joined = query if held is None else torch.cat([held, query], dim=-2)
+        self.queries_since = joined[..., -limit:, :]
+        self.appended_since += query.shape[-2]
+
+    def decode_compress(self, scaling: float, selection: Selection) -> None:
+        """Select again, from every token held, what ``selection``'s budget keeps, scored by the queries kept
+        since the last compression (generation's bounded memory, :mod:`.decoding`). The tokens generated
+        since then are all real."""
+        recent = torch.ones(
+            self.keys.shape[0], self.keys.shape[-2], dtype=torch.bool, device=self.keys.device
+        )
+        seen = [real + self.appended_since for real in self.real]
+        queries, self.queries_since, self.appended_since = self.queries_since, None, 0
+        self._reselect(queries, recent, scaling, seen, selection)
+
+    def _reselect(
+        self,
+        queries: torch.Tensor,
+        recent: torch.Tensor,
+        scaling: float,
+        seen: list[int],
+        selection: Selection,
+    ) -> None:
+        """Compress again what the layer holds and its ``recent`` window ((batch, r) bool: real tokens), the
+        queries sitting on the last candidates."""
+        keys, values, held = self.held()
+        candidates = torch.cat([held, recent.to(held.device)], dim=1)
         self._drop_kept()
         self.keys = torch.cat([keys, self.keys], dim=-2)
         self.values = torch.cat([values, self.values], dim=-2)
-        self.compress(queries, candidates, scaling, seen)
+        self.compress(queries, candidates, scaling, seen, selection=selection)
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tokens kept of the prompt and flushed since, in the model's dtype: keys and values (batch,
@@ -291,6 +356,11 @@ class CompressedLayer(CacheLayer):
             return torch.full((1, 1), recent, dtype=torch.long)
         return self.lengths + recent
 
+    def slots(self) -> int:
+        """Token slots a row holds at most (known on the host): kept slots plus the recent window."""
+        kept = self.kept_keys.shape[-2] if self.kept_keys is not None else 0
+        return kept + self.keys.shape[-2]
+
     def appended_tokens(self) -> int:
         """Tokens held after the prompt, the same for every row."""
         return self.keys.shape[-2] if self.keys is not None else 0
@@ -331,8 +401,8 @@ class CompressedLayer(CacheLayer):
     def reset(self) -> None:
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
         self.is_initialized = self.compressed = self.ragged = False
-        self.seen = self.prompt_tokens = self.prompt_bytes = 0
-        self.real = None
+        self.seen = self.prompt_tokens = self.prompt_bytes = self.appended_since = 0
+        self.real = self.queries_since = None
 
 
 class CodedLayer(CompressedLayer):
@@ -376,17 +446,17 @@ class CodedLayer(CompressedLayer):
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
         self.coded.add(keys, values, lengths, fused=self._fused(keys.device), where=self._where)
 
-    def recompress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
-        """As :meth:`CompressedLayer.recompress`; the candidates' codes (every block's, and the recent
+    def _reselect(self, queries, recent, scaling, seen, selection) -> None:
+        """As :meth:`CompressedLayer._reselect`; the candidates' codes (every block's, and the recent
         window's, encoded once) are set aside so that the tokens kept keep their own codes."""
         held = self.coded.joined()
         fused = self._fused(self.keys.device)
-        recent = self.coded.encode(self.keys, self.values, fused, self._where)
+        window = self.coded.encode(self.keys, self.values, fused, self._where)
         if held is None:
-            self._candidates = recent
+            self._candidates = window
         else:
-            self._candidates = join_codes(held[0], recent[0]), join_codes(held[1], recent[1])
-        super().recompress(queries, valid, scaling)
+            self._candidates = join_codes(held[0], window[0]), join_codes(held[1], window[1])
+        super()._reselect(queries, recent, scaling, seen, selection)
 
     def _keep_selected(self, indices: torch.Tensor, lengths: torch.Tensor) -> None:
         """From the candidates' own codes after a chunk (:meth:`recompress`), else encoded."""
@@ -444,6 +514,9 @@ class CodedLayer(CompressedLayer):
 
     def nbytes(self) -> int:
         return super().nbytes() + self.coded.nbytes()
+
+    def slots(self) -> int:
+        return super().slots() + sum(block.tokens for block in self.coded.blocks)
 
     def appended_tokens(self) -> int:
         return super().appended_tokens() + self.coded.tokens

@@ -37,9 +37,14 @@ class PlannedLayer(CodedLayer):
         self.whole_lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept whole
 
     def _select(
-        self, queries: torch.Tensor, valid: torch.Tensor, scaling: float, counts: list[int]
+        self,
+        queries: torch.Tensor,
+        valid: torch.Tensor,
+        scaling: float,
+        counts: list[int],
+        selection: Selection,
     ) -> None:
-        """Keep, of the window, the planner's tiers."""
+        """Keep, of the window, the planner's tiers (the planner holds the layer's selection)."""
         tiers = self.planner.plan(
             self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real, counts
         )

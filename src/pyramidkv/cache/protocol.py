@@ -111,9 +111,13 @@ class CacheLayer(CacheLayerMixin):
     """
 
     layer_idx: int
-    chunked: bool = (
-        False  # inputs of several tokens after the prompt are chunks of it (then recompress)
-    )
+    # inputs of several tokens after the prompt are chunks of it (then recompress)
+    chunked: bool = False
+    # the cache's compression of every layer after the prefill forward (:mod:`.batched`); None: this layer
+    # compresses right after its own attention
+    batched_prefill = None
+    # generation under a decode budget (:mod:`.decoding`): None, or what the hook calls after each attention
+    decoding = None
 
     @property
     @abstractmethod

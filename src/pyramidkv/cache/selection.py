@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from pyramidkv.budgets import Budget, MemoryBudget
+from pyramidkv.cache.host import to_device
 from pyramidkv.policies import Policy, select
 from pyramidkv.policies.heads import head_budgets
 
@@ -101,14 +102,13 @@ class Selection:
         seen = counts if seen is None else seen
         policy, scorer = self.policy, self.policy.scorer
         if scorer is not None and policy.schedule.adaptive:
-            budgets = self._adaptive_budgets(layer_idx, queries, keys, valid, scaling, counts, seen)
-            kept = budgets.tolist()
+            kept = self._adaptive_budgets(layer_idx, queries, keys, valid, scaling, counts, seen)
         else:
             kept = [
                 min(self.layer_budgets(s, len(seen))[layer_idx], n) if n else 0
                 for n, s in zip(counts, seen, strict=True)
             ]
-            budgets = torch.tensor(kept, device=keys.device)
+        budgets = to_device(kept, keys.device)
         ragged = len(set(kept)) > 1
         if scorer is None or all(k >= n for k, n in zip(kept, counts, strict=True)):
             scores = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
@@ -136,23 +136,26 @@ class Selection:
 
     def _adaptive_budgets(
         self, layer_idx, queries, keys, valid, scaling, counts, seen
-    ) -> torch.Tensor:
-        """(batch,) this layer's budgets from an adaptive schedule: the prefill's allocation so far, and this
+    ) -> list[int]:
+        """This layer's budget per row from an adaptive schedule: the prefill's allocation so far, and this
         layer's preference from its observation-window queries (:mod:`pyramidkv.policies.adaptive`)."""
         schedule, batch = self.policy.schedule, len(counts)
         if layer_idx == 0 or self._progress is None:
-            self._progress = schedule.start(batch, keys.device)
+            self._progress = schedule.start(batch)
         window = min(self.policy.window, queries.shape[-2])
-        preferences = schedule.preference(queries[..., -window:, :], keys, valid, scaling)
-        averages = torch.tensor(
-            [self.average_budget(s, batch) if n else 0 for n, s in zip(counts, seen, strict=True)],
-            device=keys.device,
-        )
+        preferences = schedule.preference(queries[..., -window:, :], keys, valid, scaling).tolist()
         return schedule.next_budgets(
             self._progress,
             preferences,
-            averages,
-            torch.tensor(counts, device=keys.device),
+            self.averages(counts, seen),
+            counts,
             self.num_layers,
             self.policy.window,
         )
+
+    def averages(self, counts: list[int], seen: list[int]) -> list[int]:
+        """Average tokens per layer of each row (0 for a row with no candidates)."""
+        return [
+            self.average_budget(s, len(counts)) if n else 0
+            for n, s in zip(counts, seen, strict=True)
+        ]

@@ -149,6 +149,21 @@ def generate(
             "budget after each, so it never holds more than the budget and one chunk.",
         ),
     ] = None,
+    decode_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--decode-budget",
+            help="Bound memory while generating: tokens kept per layer on average ('1024') or a share of "
+            "the tokens seen ('10%'); a layer over its share selects again every --compress-every tokens.",
+        ),
+    ] = None,
+    compress_every: Annotated[
+        int,
+        typer.Option(
+            "--compress-every",
+            help="Tokens generated between compressions under --decode-budget.",
+        ),
+    ] = 64,
 ) -> None:
     """Stream the model's answer to PROMPT, then print tokens/s and the KV-cache size in bytes."""
     from pyramidkv.cache.compressed import CompressedCache, Settings
@@ -166,6 +181,8 @@ def generate(
         kernel=kernel,
         plan=plan,
         prefill_chunk=prefill_chunk,
+        decode_budget=decode_budget,
+        compress_every=compress_every,
     )
     compress = not settings.policy.is_full() or settings.codec != "none" or kv_memory is not None
 
@@ -189,6 +206,8 @@ def generate(
             kernel=kernel,
             plan=plan,
             prefill_chunk=prefill_chunk,
+            decode_budget=decode_budget,
+            compress_every=compress_every,
         )
 
     def show(piece: str) -> None:

@@ -76,7 +76,7 @@ def prefill(
     """Run the prompt once with the full cache and capture what every policy needs."""
     import time
 
-    capture = CompressedCache(model, policy="full", budget="100%")
+    capture = CompressedCache(model, policy="full", budget="100%", compress_after="layer")
     recorder = _Recorder(capture.selection, len(capture.layers))
     for layer in capture.layers:
         layer.selection = recorder

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from pyramidkv.checks import check_number
@@ -48,10 +47,10 @@ def preference(
 
 @dataclass
 class _Progress:
-    """What the allocation has seen of one prefill: tokens given and preferences, per row."""
+    """What the allocation has seen of one prefill, per row: tokens given and the sum of preferences."""
 
-    spent: Tensor
-    preferences: Tensor
+    spent: list[int]
+    preferences: list[float]
     layers: int = 0
 
 
@@ -80,40 +79,41 @@ class AdaptiveSchedule:
         """(batch,) this layer's preference (:func:`preference`) at this schedule's temperatures."""
         return preference(queries, keys, valid, scaling, self.tau1, self.tau2)
 
-    def start(self, batch: int, device: torch.device) -> _Progress:
+    def start(self, batch: int) -> _Progress:
         """The state of a new prefill of ``batch`` rows."""
-        return _Progress(
-            torch.zeros(batch, dtype=torch.long, device=device),
-            torch.zeros(batch, dtype=torch.float64, device=device),
-        )
+        return _Progress([0] * batch, [0.0] * batch)
 
     def next_budgets(
         self,
         progress: _Progress,
-        preferences: Tensor,
-        averages: Tensor,
-        counts: Tensor,
+        preferences: list[float],
+        averages: list[int],
+        counts: list[int],
         n_layers: int,
         window: int,
-    ) -> Tensor:
-        """(batch,) tokens the next layer keeps, from its ``preferences`` (batch,), the rows' average budgets
-        ``averages`` and valid token ``counts`` (batch,); records them in ``progress``."""
+    ) -> list[int]:
+        """Tokens the next layer keeps per row, from its ``preferences``, the rows' average budgets
+        ``averages`` and valid token ``counts``; records them in ``progress``. Host arithmetic on one number per
+        row: the preferences are read from the device once per layer, or once for all layers when every layer
+        is compressed at the end of the forward."""
         layer = progress.layers
         later = n_layers - 1 - layer
-        total = averages.long() * n_layers
-        remaining = total - progress.spent
-        progress.preferences += preferences.double()
-        mean = progress.preferences / (layer + 1)
-        wanted = remaining.double() * preferences / (preferences + later * mean).clamp_min(1e-30)
-        least = torch.minimum(averages.long(), torch.full_like(averages.long(), window))
-        budgets = wanted.round().long()
-        budgets = torch.minimum(
-            budgets, remaining - later * least
-        )  # room for the later layers' windows
-        budgets = torch.maximum(budgets, least)
-        if later == 0:
-            budgets = remaining
-        budgets = torch.minimum(budgets, counts)
-        progress.spent += budgets
+        budgets = []
+        for row, (wish, average, count) in enumerate(
+            zip(preferences, averages, counts, strict=True)
+        ):
+            remaining = average * n_layers - progress.spent[row]
+            progress.preferences[row] += wish
+            mean = progress.preferences[row] / (layer + 1)
+            least = min(average, window)
+            if later == 0:
+                budget = remaining
+            else:
+                wanted = remaining * wish / max(wish + later * mean, 1e-30)
+                # room for the later layers' windows, and this layer's own
+                budget = max(min(round(wanted), remaining - later * least), least)
+            budget = min(budget, count)
+            progress.spent[row] += budget
+            budgets.append(budget)
         progress.layers += 1
         return budgets

@@ -98,6 +98,11 @@ def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None)
             )
             for i, layer in enumerate(source.layers)
         ]
+    if source.decode_budget is not None:
+        raise PyramidKVError(
+            "source: a CompressedCache with decode_budget compresses as it generates, and the static cache "
+            "of the CUDA-graph path keeps the capacity it was built with; decode eagerly (cuda_graph=False)"
+        )
     for layer in source.layers:
         if not layer.compressed:
             raise PyramidKVError(
