@@ -40,7 +40,8 @@ def make_tiny(family: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, **{**TINY, **overrides})
-    config._attn_implementation = "sdpa"
+    # SDPA where the family offers it (Gemma 2's soft-capping and gpt-oss's sinks need eager attention)
+    config._attn_implementation = "eager" if family in ("gemma2", "gpt_oss") else "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; a larger embedding scale makes greedy choices clear-cut, so a

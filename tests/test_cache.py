@@ -231,9 +231,10 @@ def test_model_whose_attention_cannot_be_hooked(tiny_llama):
         CompressedCache(tiny_llama, budget=8)
 
 
-def test_sliding_window_layers_are_refused():
-    model = make_tiny("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2)
-    with pytest.raises(UnsupportedModelError, match="sliding_attention"):
+def test_layer_kinds_other_than_full_and_sliding_are_refused():
+    model = make_tiny("llama")
+    model.config.layer_types = ["full_attention", "chunked_attention"] * 2
+    with pytest.raises(UnsupportedModelError, match="chunked_attention"):
         CompressedCache(model, budget=8)
 
 

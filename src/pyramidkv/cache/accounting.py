@@ -29,6 +29,42 @@ def check_positions(config, tokens: int, option: str, what: str) -> None:
         raise PyramidKVError(f"{option}: {what} make {tokens:,} positions; the model has {limit:,}")
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def layer_kinds(config) -> list[str]:
+    """Each decoder layer's attention: the config's ``layer_types``, else every layer sliding when the config
+    has a ``sliding_window`` (as transformers builds its caches), chunked with an ``attention_chunk_size``,
+    full otherwise."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(text, "layer_types", None)
+    if kinds is None:
+        if getattr(text, "sliding_window", None) is not None:
+            kind = SLIDING
+        elif getattr(text, "attention_chunk_size", None) is not None:
+            kind = "chunked_attention"
+        else:
+            kind = FULL
+        kinds = [kind] * text.num_hidden_layers
+    return list(kinds)
+
+
+def compressed_layers(config) -> list[bool]:
+    """Which layers a compressed cache compresses: the full-attention ones of a model that mixes them with
+    sliding-window layers (which keep their window, :mod:`.sliding`); every layer of a model whose layers are
+    all alike (a model whose every layer slides, as Mistral 7B v0.1 or Phi-3-mini, is compressed as full
+    attention: exact while prompt and answer fit the window, beyond it the kept tokens stay visible)."""
+    kinds = layer_kinds(config)
+    if SLIDING in kinds and FULL in kinds:
+        return [kind == FULL for kind in kinds]
+    return [True] * len(kinds)
+
+
+def sliding_window(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "sliding_window", None)
+
+
 def token_nbytes(config, dtype: torch.dtype = torch.float16) -> int:
     """Bytes of one token in one layer of an uncompressed cache: the key and value of every KV head."""
     _, kv_heads, head_dim = kv_geometry(config)
@@ -38,9 +74,14 @@ def token_nbytes(config, dtype: torch.dtype = torch.float16) -> int:
 def full_cache_nbytes(
     config, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float16
 ) -> int:
-    """Bytes of an uncompressed cache holding ``tokens`` positions for ``batch`` sequences in ``dtype``."""
-    layers, _, _ = kv_geometry(config)
-    return layers * batch * tokens * token_nbytes(config, dtype)
+    """Bytes of an uncompressed cache holding ``tokens`` positions for ``batch`` sequences in ``dtype``: every
+    position in a compressed layer, the window in a sliding-window layer of a mixed model."""
+    window = sliding_window(config)
+    held = sum(
+        tokens if compressed else min(tokens, window - 1)
+        for compressed in compressed_layers(config)
+    )
+    return held * batch * token_nbytes(config, dtype)
 
 
 def cache_nbytes(cache) -> int:

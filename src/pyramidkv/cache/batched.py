@@ -57,9 +57,15 @@ class LayerChoice:
 def gather_layers(store: Tensor, indices: Tensor, widths: list[int]) -> list[tuple[Tensor, Tensor]]:
     """Every layer's kept keys and values from ``store`` (2, g, batch, heads, n, dim) at ``indices`` (g x batch,
     heads, K), layer ``l`` keeping its first ``widths[l]`` slots per row: two gathers into one allocation.
-    Returns per layer (keys, values), each (batch, heads, widths[l], dim)."""
+    Returns per layer (keys, values), each (batch, heads, widths[l], dim). Layers of one width (a flat
+    schedule) take a plain gather; a pyramid's widths, a gather through a table of flat positions built on the
+    host."""
     _, layers, batch, heads, n, dim = store.shape
     width = indices.shape[-1]
+    if set(widths) == {width}:
+        grouped = indices.view(layers, batch, heads, width, 1).expand(-1, -1, -1, -1, dim)
+        keys, values = store[0].gather(3, grouped), store[1].gather(3, grouped)
+        return list(zip(keys.unbind(), values.unbind(), strict=True))
     rows = layers * batch * heads
     per_row = torch.tensor(widths, dtype=torch.long).repeat_interleave(batch * heads)
     total = batch * heads * sum(widths)
@@ -67,7 +73,7 @@ def gather_layers(store: Tensor, indices: Tensor, widths: list[int]) -> list[tup
     starts = per_row.cumsum(0) - per_row
     column = torch.arange(total) - starts[row]
     table = to_device(torch.stack([row * width + column, row * n]), indices.device)
-    take = indices.reshape(-1)[table[0]] + table[1]
+    take = indices.reshape(-1).index_select(0, table[0]) + table[1]
     keys = store[0].reshape(-1, dim).index_select(0, take)
     values = store[1].reshape(-1, dim).index_select(0, take)
     sizes = [batch * heads * w for w in widths]
@@ -94,7 +100,7 @@ class BatchedPrefill:
         """Copy one layer's prompt keys and values into the buffer and return its views; None when this
         prefill is compressed layer by layer (keys and values of different shapes, or a prompt cache above
         ``limit``)."""
-        index = layer.layer_idx
+        index = layer.rank
         if index == 0:
             self._drop()
             size = 2 * self.num_layers * keys.nbytes
@@ -126,7 +132,7 @@ class BatchedPrefill:
 
     def observe(self, layer, queries: Tensor, mask: Tensor | None, scaling: float) -> None:
         """Keep this layer's observation-window queries; after the last layer, compress every layer."""
-        index = layer.layer_idx
+        index = layer.rank
         window = min(self.selection.policy.window, queries.shape[-2])
         if index == 0:
             self.queries = queries.new_empty(

@@ -14,7 +14,13 @@ import torch
 from transformers.cache_utils import Cache
 
 from pyramidkv.budgets import Budget, MemoryBudget, parse_budget, parse_memory
-from pyramidkv.cache.accounting import full_cache_nbytes, kv_geometry, token_nbytes
+from pyramidkv.cache.accounting import (
+    compressed_layers,
+    full_cache_nbytes,
+    kv_geometry,
+    sliding_window,
+    token_nbytes,
+)
 from pyramidkv.cache.batched import BatchedPrefill
 from pyramidkv.cache.decoding import DecodeCompression
 from pyramidkv.cache.hook import HookedCache
@@ -22,6 +28,7 @@ from pyramidkv.cache.layers import CodedLayer, CompressedLayer
 from pyramidkv.cache.planned import PlannedLayer
 from pyramidkv.cache.planner import Plan, Planner, Tier, parse_plan
 from pyramidkv.cache.selection import Selection
+from pyramidkv.cache.sliding import SlidingLayer
 from pyramidkv.checks import check_int
 from pyramidkv.codecs.registry import CodecPair, codec_rates, make_codecs
 from pyramidkv.errors import PyramidKVError
@@ -155,6 +162,31 @@ def _compress_after(
     return "layer"
 
 
+def _check_model(model, compressed: list[bool], settings: Settings, codec, plan) -> None:
+    """Refuse what this model's attention rules out: byte budgets and plans beside sliding-window layers
+    (their windows are not in the byte accounting of the budget), and codes where the model's attention does
+    more than a softmax over ``q.k`` (Gemma 2's logit soft-capping, gpt-oss's attention sinks), which the
+    attention over codes does not apply."""
+    name = type(model).__name__
+    if not all(compressed) and (settings.kv_memory is not None or settings.plan is not None):
+        what = "kv_memory" if settings.kv_memory is not None else "plan"
+        raise PyramidKVError(
+            f"{what}: {name} keeps sliding-window layers beside its full-attention ones, and byte budgets "
+            "count the compressed layers only; give a token budget"
+        )
+    if settings.codec == "none":
+        return
+    text = model.config.get_text_config()
+    capped = getattr(text, "attn_logit_softcapping", None) is not None
+    sinks = any(hasattr(module, "sinks") for module in model.modules())
+    if capped or sinks:
+        what = "soft-caps its attention logits" if capped else "has attention sinks"
+        raise PyramidKVError(
+            f"codec: {name} {what}, which the attention over codes does not apply; compress it with "
+            "eviction only (codec 'none')"
+        )
+
+
 def _planned_codec(name: str, memory: MemoryBudget | None) -> str:
     """The codec family a plan chooses rates of (FibQuant when none is named); a plan needs a byte budget."""
     if memory is None:
@@ -245,6 +277,10 @@ class CompressedCache(HookedCache, Cache):
         self.prefill_chunk = prefill_chunk
         self.model_config = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
+        # which layers are compressed (the others slide within their window, :mod:`.sliding`)
+        self.compressed_layers = compressed_layers(model.config)
+        compressed = sum(self.compressed_layers)
+        _check_model(model, self.compressed_layers, settings, codec, plan)
         self.codecs: CodecPair | None = make_codecs(
             codec if self.plan is None or codec is not None else settings.codec,
             self.head_dim, bits, key_bits, value_bits,
@@ -261,7 +297,7 @@ class CompressedCache(HookedCache, Cache):
             self.policy,
             self.budget,
             self.kv_memory,
-            self.num_layers,
+            compressed,
             self.num_kv_heads,
             self.token_bytes(),
             token_nbytes(model.config, self.dtype),
@@ -276,7 +312,14 @@ class CompressedCache(HookedCache, Cache):
             )
         )  # fmt: skip
         self._hook(model)
-        super().__init__(layers=[self._layer(i) for i in range(self.num_layers)])
+        ranks = [sum(self.compressed_layers[:i]) for i in range(self.num_layers)]
+        window = sliding_window(model.config)
+        super().__init__(
+            layers=[
+                self._layer(i, ranks[i]) if kept else SlidingLayer(i, window)
+                for i, kept in enumerate(self.compressed_layers)
+            ]
+        )
         # one device for every layer, or each is compressed after its own attention
         after = (
             settings.compress_after if len({p.device for p in model.parameters()}) == 1 else "layer"
@@ -285,7 +328,7 @@ class CompressedCache(HookedCache, Cache):
         batch = None
         if after != "layer":
             limit = BATCH_LIMIT if after == "auto" else None
-            batch = BatchedPrefill(self.selection, self.num_layers, limit)
+            batch = BatchedPrefill(self.selection, compressed, limit)
         self.decode_budget, self.compress_every = settings.decode_budget, compress_every
         decoding = None
         if settings.decode_budget is not None:
@@ -312,16 +355,17 @@ class CompressedCache(HookedCache, Cache):
         tiers.append(Tier(None, None, float(token_nbytes(config, self.dtype))))
         return tiers
 
-    def _layer(self, index: int) -> CompressedLayer:
+    def _layer(self, index: int, rank: int) -> CompressedLayer:
+        """Layer ``index`` of the model, the ``rank``-th compressed one."""
         if self.planner is not None:
             return PlannedLayer(
                 index, self.selection, self.planner, self.codecs, self.residual, self.kernel,
                 self.fused_ok,
             )  # fmt: skip
         if self.codecs is None:
-            return CompressedLayer(index, self.selection)
+            return CompressedLayer(index, self.selection, rank)
         return CodedLayer(
-            index, self.selection, self.codecs, self.residual, self.kernel, self.fused_ok
+            index, self.selection, self.codecs, self.residual, self.kernel, self.fused_ok, rank
         )
 
     def token_bytes(self) -> float:

@@ -43,7 +43,7 @@ class DecodeCompression:
         if layer.appended_since < self.every:
             return
         seen = max(layer.real) + layer.appended_since
-        share = self.selection.layer_budgets(seen, len(layer.real))[layer.layer_idx]
+        share = self.selection.layer_budgets(seen, len(layer.real))[layer.rank]
         if layer.slots() > share:
             layer.decode_compress(scaling, self.selection)
         else:  # nothing to evict yet: start the next interval

@@ -16,6 +16,7 @@ garbage collected.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from pyramidkv.cache.accounting import FULL, SLIDING, layer_kinds
 from pyramidkv.cache.protocol import CacheLayer, ModelAttention
 from pyramidkv.errors import UnsupportedModelError
 
@@ -49,6 +51,17 @@ def _fallback(module) -> str:
     return _FALLBACK.get(id(getattr(module, "config", None)), "sdpa")
 
 
+def _own_function(module, name: str):
+    """The attention function the model would call: a registered one (SDPA, flash, ...), or for ``"eager"``
+    the ``eager_attention_forward`` of the module's own modeling file, which applies what the architecture adds
+    to a softmax (Gemma 2's logit soft-capping, gpt-oss's sinks)."""
+    if name == "eager":
+        found = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if found is not None:
+            return found
+    return AttentionInterface._global_mapping.get(name, sdpa_attention_forward)
+
+
 def pyramidkv_attention(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
 ):
@@ -59,7 +72,7 @@ def pyramidkv_attention(
     name = _fallback(module)
     own = ModelAttention(
         module,
-        AttentionInterface._global_mapping.get(name, sdpa_attention_forward),
+        _own_function(module, name),
         float_mask=name != "sdpa",
         dropout=dropout,
         kwargs=kwargs,
@@ -140,11 +153,11 @@ def check_hookable(model) -> None:
             f"model: {name} does not route attention through transformers' AttentionInterface, so pyramidkv "
             "cannot hook it; supported are decoders such as Llama, Qwen2/3, Mistral, Gemma, Phi-3"
         )
-    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    other = sorted({t for t in layer_kinds(model.config) if t not in (FULL, SLIDING)})
     if other:
         raise UnsupportedModelError(
-            f"model: {name} has {', '.join(other)} layers; pyramidkv compresses full-attention layers only"
+            f"model: {name} has {', '.join(other)} layers; pyramidkv compresses full-attention layers and "
+            "keeps sliding-window layers whole, and knows no other kind"
         )
 
 

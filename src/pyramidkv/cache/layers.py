@@ -58,9 +58,11 @@ class CompressedLayer(CacheLayer):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, selection: Selection):
+    def __init__(self, layer_idx: int, selection: Selection, rank: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        # position among the cache's compressed layers (sliding-window layers are not): the schedule's index
+        self.rank = layer_idx if rank is None else rank
         self.selection = selection
         self.seen = 0
         self.compressed = False
@@ -171,9 +173,7 @@ class CompressedLayer(CacheLayer):
         selection: Selection,
     ) -> None:
         """Keep, of the window, what the policy selects."""
-        chosen = selection.choose(
-            self.layer_idx, queries, self.keys, valid, scaling, self.real, counts
-        )
+        chosen = selection.choose(self.rank, queries, self.keys, valid, scaling, self.real, counts)
         self._keep_selected(chosen.indices, chosen.lengths)
         self.lengths = chosen.lengths
         self.ragged = chosen.ragged  # known here, so no decode step reads it from the device
@@ -421,8 +421,9 @@ class CodedLayer(CompressedLayer):
         residual: int,
         kernel: str,
         fused_ok: bool,
+        rank: int | None = None,
     ):
-        super().__init__(layer_idx, selection)
+        super().__init__(layer_idx, selection, rank)
         self.coded = CodedBlocks(codecs)
         self._candidates: tuple | None = None  # codes of every candidate during a recompress
         self.residual = residual

@@ -46,7 +46,7 @@ class PlannedLayer(CodedLayer):
     ) -> None:
         """Keep, of the window, the planner's tiers (the planner holds the layer's selection)."""
         tiers = self.planner.plan(
-            self.layer_idx, queries, self.keys, self.values, valid, scaling, self.real, counts
+            self.rank, queries, self.keys, self.values, valid, scaling, self.real, counts
         )
         dim = self.keys.shape[-1]
         for tier, indices, lengths in tiers:

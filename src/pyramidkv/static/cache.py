@@ -98,6 +98,11 @@ def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None)
             )
             for i, layer in enumerate(source.layers)
         ]
+    if not all(source.compressed_layers):
+        raise PyramidKVError(
+            "source: the model has sliding-window layers, which the static cache of the CUDA-graph path "
+            "does not hold yet; decode eagerly (cuda_graph=False)"
+        )
     if source.decode_budget is not None:
         raise PyramidKVError(
             "source: a CompressedCache with decode_budget compresses as it generates, and the static cache "

@@ -1,0 +1,116 @@
+"""The model families people run, as tiny random-weight models: greedy tokens equal transformers' own cache at a
+budget covering the prompt (alone and in a left-padded batch), compression at 10% that holds fewer bytes,
+sliding-window layers that keep their window (Gemma 2 and 3, gpt-oss, Qwen2 with sliding layers), and codecs
+where the family's attention allows them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from pyramidkv import CompressedCache
+from pyramidkv.cache.compat import cache_kwargs
+from pyramidkv.cache.sliding import SlidingLayer
+from pyramidkv.errors import PyramidKVError
+
+from .conftest import make_tiny
+
+WINDOW = 8
+FAMILIES = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "phi3": ("phi3", {}),
+    "gemma2": ("gemma2", dict(sliding_window=WINDOW, query_pre_attn_scalar=16)),
+    "gemma3": (
+        "gemma3_text",
+        dict(sliding_window=WINDOW, query_pre_attn_scalar=16, num_hidden_layers=6),
+    ),
+    "gpt-oss": ("gpt_oss", dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2-sliding": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+    ),
+}
+# families whose attention does more than a softmax of q.k: codes are refused
+NO_CODES = {"gemma2", "gpt-oss"}
+
+
+def _model(name: str):
+    family, overrides = FAMILIES[name]
+    model = make_tiny(family, **overrides)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _ids(batch: int = 1, length: int = 40) -> torch.Tensor:
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(5))
+
+
+def _greedy(model, cache, ids, mask=None, tokens: int = 10) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+            **cache_kwargs(model, cache),
+        )  # fmt: skip
+    return out[:, ids.shape[1] :]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_exact_at_a_budget_covering_the_prompt(name):
+    model = _model(name)
+    expected = _greedy(model, DynamicCache(config=model.config), _ids())
+    with CompressedCache(model, "snapkv", 10_000) as cache:
+        assert torch.equal(_greedy(model, cache, _ids()), expected)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_padded_batch_is_exact_at_full_budget(name):
+    model = _model(name)
+    ids = _ids(2)
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0
+    ids[1, :12] = 0
+    expected = _greedy(model, DynamicCache(config=model.config), ids, mask)
+    with CompressedCache(model, "pyramidkv", 10_000) as cache:
+        assert torch.equal(_greedy(model, cache, ids, mask), expected)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_ten_percent_compresses_the_full_layers_and_keeps_the_windows(name):
+    model = _model(name)
+    full = DynamicCache(config=model.config)
+    _greedy(model, full, _ids(), tokens=1)
+    with CompressedCache(model, "snapkv", "10%") as cache:
+        _greedy(model, cache, _ids(), tokens=1)
+        kept = cache.kept_tokens()  # (layers, batch, kv_heads)
+        for index, layer in enumerate(cache.layers):
+            if isinstance(layer, SlidingLayer):
+                assert int(kept[index].max()) == WINDOW - 1
+            else:
+                assert int(kept[index].max()) <= 8  # 10% of 40 prompt tokens, window 8 kept
+        full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)
+        assert cache.nbytes() < full_bytes
+        sliding = [isinstance(layer, SlidingLayer) for layer in cache.layers]
+        assert any(sliding) == (name in {"gemma2", "gemma3", "gpt-oss", "qwen2-sliding"})
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_codes_where_the_attention_allows_them(name):
+    model = _model(name)
+    if name in NO_CODES:
+        with pytest.raises(PyramidKVError, match=r"codec: .*(soft-caps|sinks)"):
+            CompressedCache(model, "snapkv", "25%", codec="fibquant:3")
+        return
+    with CompressedCache(model, "snapkv", "25%", codec="fibquant:3") as cache:
+        tokens = _greedy(model, cache, _ids())
+        assert tokens.shape == (1, 10)
+        assert any(getattr(layer, "coded", None) for layer in cache.layers)
+
+
+def test_byte_budgets_are_refused_beside_sliding_layers():
+    model = _model("gemma3")
+    with pytest.raises(PyramidKVError, match=r"kv_memory: .*sliding-window layers"):
+        CompressedCache(model, "snapkv", kv_memory="10%")
