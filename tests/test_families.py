@@ -114,3 +114,23 @@ def test_byte_budgets_are_refused_beside_sliding_layers():
     model = _model("gemma3")
     with pytest.raises(PyramidKVError, match=r"kv_memory: .*sliding-window layers"):
         CompressedCache(model, "snapkv", kv_memory="10%")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2-sliding"])
+def test_the_evaluations_capture_rebuilds_a_sliding_models_cache(name):
+    """One captured prefill rebuilds, per configuration, the cache a fresh prefill would hold: windows of the
+    sliding layers included, so the next token's logits agree."""
+    from pyramidkv.eval.prefill import prefill
+
+    model = _model(name)
+    ids = _ids()
+    step = torch.tensor([[7]])
+    captured = prefill(model, ids)
+    with torch.inference_mode(), captured.cache("snapkv", "25%") as rebuilt:
+        rebuilt_logits = model(step, **cache_kwargs(model, rebuilt)).logits
+        rebuilt_kept = rebuilt.kept_tokens()
+    with torch.inference_mode(), CompressedCache(model, "snapkv", "25%") as fresh:
+        model(ids, **cache_kwargs(model, fresh))
+        fresh_logits = model(step, **cache_kwargs(model, fresh)).logits
+        assert torch.equal(fresh.kept_tokens(), rebuilt_kept)
+    torch.testing.assert_close(rebuilt_logits, fresh_logits, rtol=0, atol=1e-5)

