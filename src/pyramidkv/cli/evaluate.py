@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 
 from pyramidkv.errors import PyramidKVError
-from pyramidkv.eval.results import check_out
+from pyramidkv.eval.distributed import from_environment, local_device
+from pyramidkv.eval.results import check_out, result_files
 from pyramidkv.eval.sweep import EvalOptions, run_eval, show_report
 
 
@@ -50,15 +51,18 @@ def eval_command(
         kv_memory,
     )
     check_out(options.out, options.resume)  # before the model loads; creates nothing
-    console = Console()
-    lm, tokenizer = load(model, device=device, dtype=dtype)
-    run_eval(lm, tokenizer, options, model or "embedded SmolLM2-135M-Instruct", console)
+    world = (
+        from_environment()
+    )  # several processes under torchrun: each takes its share of the samples
+    console = Console() if world.main else Console(quiet=True)
+    lm, tokenizer = load(model, device=device or local_device(world), dtype=dtype)
+    run_eval(lm, tokenizer, options, model or "embedded SmolLM2-135M-Instruct", console, world)
 
 
 def report_command(
     folder: Annotated[Path, typer.Argument(help="A results folder written by `pyramidkv eval`.")] = Path("results"),
 ) -> None:  # fmt: skip
     """Redraw the summary table and plots of saved results."""
-    if not (folder / "results.jsonl").is_file():
+    if not result_files(folder):
         raise PyramidKVError(f"folder: no results.jsonl in {str(folder)!r}")
     show_report(folder, Console())

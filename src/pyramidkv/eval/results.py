@@ -4,7 +4,8 @@ Folder layout (``--out``):
 
 * ``results.jsonl`` — one record per line, flushed and fsynced line by line. A run killed mid-line leaves at
   most one partial last line; :func:`read_records` ignores it and :class:`ResultsWriter` cuts it off before
-  appending, so ``--resume`` goes on from the last complete record.
+  appending, so ``--resume`` goes on from the last complete record. A sweep over several processes
+  (:mod:`.distributed`) writes ``results.rank<r>.jsonl`` per rank instead; every such file is read.
 * ``run.json`` — what was run (task, model, corpus source, ...) and the wall time of each invocation.
 * ``summary.json`` — accuracy per task x mode x configuration x length (and x depth for grid tasks), with
   sample counts and 95% Wilson intervals, rebuilt from the records by :func:`summarize`.
@@ -32,20 +33,33 @@ def _complete_size(path: Path) -> int:
     return data.rfind(b"\n") + 1
 
 
+def result_files(folder: str | os.PathLike) -> list[Path]:
+    """The records files of ``folder``: ``results.jsonl`` and one per rank of any multi-process run."""
+    folder = Path(folder)
+    return [
+        p for p in [folder / RESULTS, *sorted(folder.glob("results.rank*.jsonl"))] if p.is_file()
+    ]
+
+
 def read_records(folder: str | os.PathLike) -> list[dict]:
-    """Every complete record in ``folder/results.jsonl`` (a partial last line is skipped)."""
-    path = Path(folder) / RESULTS
-    if not path.is_file():
-        return []
-    records = []
-    text = path.read_bytes()[: _complete_size(path)].decode("utf-8")
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise PyramidKVError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+    """Every complete record of ``folder``'s results files (a partial last line is skipped), each
+    (sample, configuration) pair once."""
+    records, seen = [], set()
+    for path in result_files(folder):
+        text = path.read_bytes()[: _complete_size(path)].decode("utf-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PyramidKVError(
+                    f"{path}: line {number} is not valid JSON ({exc.msg})"
+                ) from None
+            key = (record.get("sample"), record.get("config"))
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
     return records
 
 
@@ -60,7 +74,7 @@ def check_out(folder: str | os.PathLike, resume: bool = False, option: str = "--
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise PyramidKVError(f"{option}: {str(folder)!r} exists and is not a folder")
-    if not resume and (folder / RESULTS).is_file() and (folder / RESULTS).stat().st_size:
+    if not resume and any(path.stat().st_size for path in result_files(folder)):
         raise PyramidKVError(
             f"{option}: {folder} already holds results; pass --resume to go on with them or choose "
             "another folder"
@@ -68,7 +82,7 @@ def check_out(folder: str | os.PathLike, resume: bool = False, option: str = "--
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:  # create what is missing and remove it again: the only test of writability that is honest for root
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".pyramidkv-write-test"
+        probe = folder / f".pyramidkv-write-test-{os.getpid()}"  # one per process of a sweep
         probe.touch()
         probe.unlink()
     except OSError as exc:
@@ -83,11 +97,12 @@ def check_out(folder: str | os.PathLike, resume: bool = False, option: str = "--
 
 
 class ResultsWriter:
-    """Appends records to ``folder/results.jsonl``; with ``resume=False`` the file must not hold results."""
+    """Appends records to ``folder/name`` (``results.jsonl``); with ``resume=False`` the folder must hold no
+    results."""
 
-    def __init__(self, folder: str | os.PathLike, resume: bool = False):
+    def __init__(self, folder: str | os.PathLike, resume: bool = False, name: str = RESULTS):
         self.folder = Path(folder)
-        self.path = self.folder / RESULTS
+        self.path = self.folder / name
         check_out(self.folder, resume)
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and self.path.stat().st_size:

@@ -29,9 +29,11 @@ from rich.progress import (
 
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval import corpus
+from pyramidkv.eval.distributed import World
 from pyramidkv.eval.results import (
     RUN,
     ResultsWriter,
+    check_out,
     done_pairs,
     read_json,
     read_records,
@@ -133,8 +135,18 @@ def _check_resume(folder: Path, run: dict) -> dict:
     return {**previous, **run, "invocations": previous.get("invocations", [])}
 
 
-def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: Console) -> dict:
-    """Evaluate ``options`` on a loaded model; write results, summary and plots; return the summary."""
+def run_eval(
+    model,
+    tokenizer,
+    options: EvalOptions,
+    model_name: str,
+    console: Console,
+    world: World | None = None,
+) -> dict:
+    """Evaluate ``options`` on a loaded model; write results, summary and plots; return the summary. In a
+    world of several processes (:mod:`.distributed`) this rank evaluates its share of the samples, and rank 0
+    writes the summary and plots once every rank is done (the others return an empty dict)."""
+    world = world or World()
     from pyramidkv.cache.accounting import check_positions
     from pyramidkv.eval.runner import evaluate
     from pyramidkv.eval.tasks import make_samples
@@ -173,9 +185,17 @@ def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: C
                 options.task, tokenizer, length, options.samples, options.seed, options.mode
             )
             progress.advance(building)
-    with ResultsWriter(options.out, resume=options.resume) as writer:
+    if (
+        world.main
+    ):  # once, before any rank writes a record; the folder is there for every rank's writer
+        check_out(options.out, options.resume)
+        options.out.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    samples = world.shard(samples)
+    with ResultsWriter(options.out, resume=True, name=world.results_name()) as writer:
         run = _check_resume(options.out, run) if options.resume else {**run, "invocations": []}
-        write_json(options.out / RUN, run)  # a killed run still says what it was
+        if world.main:
+            write_json(options.out / RUN, run)  # a killed run still says what it was
         done = done_pairs(read_records(options.out))
         with Progress(*columns, console=console) as progress:
             pending = sum((s.id, c.key) not in done for s in samples for c in options.configs)
@@ -190,12 +210,16 @@ def run_eval(model, tokenizer, options: EvalOptions, model_name: str, console: C
                 model, tokenizer, samples, options.configs, naive=options.naive, done=done,
                 on_record=on_record,
             )  # fmt: skip
+    world.barrier()
+    if not world.main:
+        return {}
     run["invocations"].append(
         {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "wall_s": round(time.time() - started, 3),
             "evaluate_s": round(time.perf_counter() - evaluating, 3),
             "pairs": len(records),
+            "processes": world.size,
         }
     )
     write_json(options.out / RUN, run)
