@@ -93,6 +93,8 @@ def test_ten_percent_compresses_the_full_layers_and_keeps_the_windows(name):
                 assert int(kept[index].max()) <= 8  # 10% of 40 prompt tokens, window 8 kept
         full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)
         assert cache.nbytes() < full_bytes
+        report = cache.memory_report()  # every layer kind reports its bytes
+        assert report["total_bytes"] == cache.nbytes() and "own attention" in report["attention"]
         sliding = [isinstance(layer, SlidingLayer) for layer in cache.layers]
         assert any(sliding) == (name in {"gemma2", "gemma3", "gpt-oss", "qwen2-sliding"})
 

@@ -33,7 +33,7 @@ from pyramidkv.checks import check_int
 from pyramidkv.codecs.registry import CodecPair, codec_rates, make_codecs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels import check_kernel
-from pyramidkv.kernels.dispatch import check_kernel_name
+from pyramidkv.kernels.dispatch import check_kernel_name, fused_error
 from pyramidkv.policies import Policy, get_policy
 
 # tokens kept per layer on average when neither budget nor kv_memory is given
@@ -413,6 +413,7 @@ class CompressedCache(HookedCache, Cache):
         prompt_full = full_cache_nbytes(self.model_config, first.prompt_tokens, batch, self.dtype)
         return {
             "codec": self.codecs.label() if self.codecs else "none",
+            "attention": self.attention_path(),
             "policy": self.policy.name,
             "layers": layers,
             "components": {**totals, "codebooks": self.codebook_nbytes()},
@@ -426,6 +427,17 @@ class CompressedCache(HookedCache, Cache):
             "kept_tokens": self.kept_tokens().tolist(),  # [layer][row][KV head]: where the tokens went
             "rates": [layer.rates() for layer in self.layers],  # [layer][rate]: bits, tokens, bytes
         }
+
+    def attention_path(self) -> str:
+        """How decoding reads what the layers keep: the model's own attention over kept tokens, the fused
+        kernels over codes (on CUDA; torch elsewhere), or torch over codes and why (a head dim or codec the
+        kernels do not read, or ``kernel="torch"``)."""
+        if self.codecs is None:
+            return "the model's own attention over the kept tokens"
+        if self.fused_ok:
+            return "fused kernels over the codes on CUDA, torch elsewhere"
+        reason = fused_error(self.codecs, self.head_dim) or "kernel='torch'"
+        return f"torch over the codes ({reason})"
 
     def kept_tokens(self) -> torch.Tensor:
         """(layers, batch, kv_heads) tokens held per layer and KV head, on the CPU.

@@ -236,6 +236,8 @@ def generate(
             f"{result.kv_bytes:,} bytes with the generated tokens]",
             err=True,
         )
+        if cache.codecs is not None and not cache.fused_ok:
+            typer.echo(f"[attention: {report['attention']}]", err=True)
         cache.close()
 
 

@@ -50,7 +50,7 @@ def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> N
         )
 
 
-def _fused_error(codecs, head_dim: int) -> str | None:
+def fused_error(codecs, head_dim: int) -> str | None:
     """Why the fused kernel cannot read these codecs' codes, or None when it can."""
 
     if codecs is None:
@@ -68,7 +68,7 @@ def check_kernel(kernel: str, codecs, head_dim: int) -> bool:
     check_kernel_name(kernel, codecs.name if codecs is not None else "none")
     if kernel == "torch":
         return False
-    reason = _fused_error(codecs, head_dim)
+    reason = fused_error(codecs, head_dim)
     if kernel == "triton":
         if reason is not None:
             raise PyramidKVError(f"kernel: 'triton' cannot be used: {reason}; use kernel='torch'")
