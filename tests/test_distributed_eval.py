@@ -5,7 +5,9 @@ sweep whose rank died, in a world of another size, without redoing or losing a p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -70,3 +72,39 @@ def test_resume_finishes_a_dead_ranks_share_in_another_world(tmp_path):
 
 def read_records_of(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _windows_rank(rank: int, size: int, folder: str, store: str) -> None:
+    """Perplexity and frontier over ``size`` processes (rank 0 writes both results)."""
+    from rich.console import Console
+
+    from pyramidkv.eval.frontier import FrontierOptions, run_frontier
+    from pyramidkv.eval.measure import MeasureOptions, run_measure
+
+    from .test_eval_frontier import sharp_tiny
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    try:
+        world = World(rank, size)
+        sink = Console(file=open("/dev/null", "w"))  # noqa: SIM115 - a throwaway console
+        measure = MeasureOptions("full,snapkv", "8", "none", "60", "20", 8, samples=3, out=folder)
+        run_measure("perplexity", sharp_tiny(), CharTokenizer(), measure, "tiny", sink, world=world)
+        frontier = FrontierOptions(
+            fixed="snapkv/none", planned="snapkv", shares="20,60", context="300", continuation="12",
+            chunk=6, samples=3,
+        )  # fmt: skip
+        path = Path(folder) / "frontier.json"
+        run_frontier(sharp_tiny(), CharTokenizer(), frontier, "tiny", path, sink, world=world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_windows_are_shared_and_gathered_in_order(tmp_path):
+    """Three windows over two processes give rank 0 the records of all three, as one process measures them."""
+    alone, pair = tmp_path / "alone", tmp_path / "pair"
+    _windows_rank(0, 1, str(alone), str(tmp_path / "store0"))
+    mp.spawn(_windows_rank, args=(2, str(pair), str(tmp_path / "store")), nprocs=2, join=True)
+    for name, key in (("perplexity.json", "kl"), ("frontier.json", "kl")):
+        one, two = (json.loads((folder / name).read_text())["records"] for folder in (alone, pair))
+        assert [r["sample"] for r in two] == [r["sample"] for r in one]
+        assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], abs=1e-9)

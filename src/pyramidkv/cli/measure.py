@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from pyramidkv.checks import check_int
+from pyramidkv.eval.distributed import from_environment, local_device
 from pyramidkv.eval.frontier import FIXED, PLANNED, SHARES, FrontierOptions, run_frontier
 from pyramidkv.eval.measure import (
     DEFAULT_MODEL,
@@ -67,8 +68,12 @@ def _measure(
     from pyramidkv.models import load
 
     check_out(options.out, resume=True)
-    lm, tokenizer = load(model, device=device)
-    run_measure(kind, lm, tokenizer, options, model or DEFAULT_MODEL, Console(), isolate)
+    world = (
+        from_environment()
+    )  # several processes under torchrun: each takes its share of the windows
+    lm, tokenizer = load(model, device=device or local_device(world))
+    console = Console() if world.main else Console(quiet=True)
+    run_measure(kind, lm, tokenizer, options, model or DEFAULT_MODEL, console, isolate, world)
 
 
 def frontier_command(
@@ -86,8 +91,11 @@ def frontier_command(
         fixed, planned, shares, context, continuation, chunk, samples, seed, text
     )
     check_out(out, resume=True)
-    lm, tokenizer = load(model, device=device)
-    run_frontier(lm, tokenizer, options, model or DEFAULT_MODEL, out / "frontier.json", Console())
+    world = from_environment()
+    lm, tokenizer = load(model, device=device or local_device(world))
+    console = Console() if world.main else Console(quiet=True)
+    path = out / "frontier.json"
+    run_frontier(lm, tokenizer, options, model or DEFAULT_MODEL, path, console, world=world)
 
 
 def funnel_command(

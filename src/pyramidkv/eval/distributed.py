@@ -6,7 +6,8 @@ N-th sample (one GPU each, by its local rank, or CPU processes over gloo), appen
 its own in ``--out`` (fsynced line by line, :mod:`.results`), and rank 0 waits for the others at a barrier,
 then writes the summary and plots from every rank's file. A rank that dies loses only its unfinished pairs:
 ``--resume`` reads the records of every file in the folder, whatever the world size that wrote them, and
-skips them. Nothing but the barriers crosses processes.
+skips them. Nothing but the barriers crosses processes. ``perplexity``, ``fidelity`` and ``frontier`` shard their text
+windows the same way and gather the records on rank 0, which summarises them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ class World:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def gather(self, items: list[T]) -> list[T]:
+        """Every rank's ``items`` joined in rank order on rank 0 (the others get an empty list)."""
+        if self.size == 1:
+            return items
+        import torch.distributed as dist
+
+        found: list | None = [None] * self.size if self.main else None
+        dist.gather_object(items, found, dst=0)
+        return [item for part in found for item in part] if self.main else []
 
     def results_name(self) -> str:
         """The records file this rank appends to: ``results.jsonl`` alone, ``results.rank<r>.jsonl`` in a world."""

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.distributed import World
 from pyramidkv.eval.measure import _progress, _run_info, _windows, one_length
 from pyramidkv.eval.results import write_json
 from pyramidkv.eval.sweep import items
@@ -250,9 +251,12 @@ def run_frontier(
     path: Path,
     console: Console,
     extra: dict | None = None,
+    world: World | None = None,
 ) -> dict:
     """Measure every window, write the JSON to ``path`` (with ``extra``'s fields, e.g. the command) and the
-    plot beside it, print the table."""
+    plot beside it, print the table. In a world of several processes each rank measures its share of the
+    windows and rank 0 writes the result (the others return an empty dict)."""
+    world = world or World()
     from pyramidkv.cache.accounting import check_positions
 
     task = options.task
@@ -262,12 +266,17 @@ def run_frontier(
     )  # fmt: skip
     windows = _windows(tokenizer, task.length, options.samples, options.seed, options.text)
     records, started = [], time.perf_counter()
+    mine = world.shard(list(enumerate(windows)))
     with _progress(console) as progress:
-        bar = progress.add_task("frontier", total=len(windows))
-        for index, window in enumerate(windows):
+        bar = progress.add_task("frontier", total=len(mine))
+        for index, window in mine:
             found = measure_window(model, window, task, options.budgets, options.configs)
             records += [{"sample": index, **record} for record in found]
             progress.advance(bar)
+    records = world.gather(records)
+    if not world.main:
+        return {}
+    records.sort(key=lambda record: record["sample"])
     planned = [n for n, o in options.configs if "plan" in o]
     rows = summarize(records, planned)
     run = _run_info(

@@ -22,6 +22,7 @@ from rich.table import Table
 from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval import corpus
+from pyramidkv.eval.distributed import World
 from pyramidkv.eval.results import write_json
 from pyramidkv.eval.sweep import items, parse_lengths
 
@@ -125,8 +126,11 @@ def _config_name(row: dict) -> str:
     return name if row["codec"] == "none" else f"{name} +{row['codec']}"
 
 
-def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str, console: Console, isolate: bool = True) -> dict:  # fmt: skip
-    """Run ``kind`` (``perplexity`` or ``fidelity``) on a loaded model; write JSON and PNG; return the result."""
+def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str, console: Console, isolate: bool = True, world: World | None = None) -> dict:  # fmt: skip
+    """Run ``kind`` (``perplexity`` or ``fidelity``) on a loaded model; write JSON and PNG; return the result.
+    In a world of several processes each rank measures its share of the windows and rank 0 writes the result
+    (the others return an empty dict)."""
+    world = world or World()
     from pyramidkv.cache.accounting import check_positions
     from pyramidkv.eval import fidelity, perplexity
 
@@ -139,14 +143,19 @@ def run_measure(kind: str, model, tokenizer, options: MeasureOptions, name: str,
     )  # fmt: skip
     windows = _windows(tokenizer, options.task.length, options.samples, options.seed, options.text)
     records = []
+    mine = world.shard(list(enumerate(windows)))
     with _progress(console) as progress:
-        bar = progress.add_task(kind, total=len(windows) * len(options.configs))
-        for index, window in enumerate(windows):
+        bar = progress.add_task(kind, total=len(mine) * len(options.configs))
+        for index, window in mine:
             found = module.measure_sample(
                 model, window, options.configs, options.task, str(index), **extra
             )
             records += found
             progress.advance(bar, len(found))
+    records = world.gather(records)
+    if not world.main:
+        return {}
+    records.sort(key=lambda record: int(record["sample"]))
     rows = module.summarize(records)
     run = _run_info(
         model, name, samples=options.samples, seed=options.seed, context=task.context,
