@@ -53,6 +53,16 @@ def test_a_budget_that_holds_everything_changes_nothing(codec):
     assert torch.equal(found, expected)
 
 
+def test_nothing_is_evicted_before_the_budget_is_reached():
+    """Intervals that end without a compression still count their tokens as seen: a layer holds every token
+    until the tokens seen pass its share."""
+    model = make_tiny("llama")
+    cache = CompressedCache(model, "snapkv", 400, decode_budget=400, compress_every=16)
+    _, held = _decode(model, cache, _prompt(), 120)
+    for step, slots in enumerate(held):
+        assert slots == [_prompt().shape[1] + step + 1] * len(slots), step
+
+
 @pytest.mark.parametrize(
     "options",
     [

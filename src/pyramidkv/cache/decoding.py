@@ -46,5 +46,6 @@ class DecodeCompression:
         share = self.selection.layer_budgets(seen, len(layer.real))[layer.rank]
         if layer.slots() > share:
             layer.decode_compress(scaling, self.selection)
-        else:  # nothing to evict yet: start the next interval
+        else:  # nothing to evict yet: the tokens so far count as seen, and the next interval starts
+            layer.real = [real + layer.appended_since for real in layer.real]
             layer.queries_since, layer.appended_since = None, 0
