@@ -47,5 +47,4 @@ class DecodeCompression:
         if layer.slots() > share:
             layer.decode_compress(scaling, self.selection)
         else:  # nothing to evict yet: the tokens so far count as seen, and the next interval starts
-            layer.real = [real + layer.appended_since for real in layer.real]
-            layer.queries_since, layer.appended_since = None, 0
+            layer.real = layer.end_interval()

@@ -216,9 +216,15 @@ class CompressedLayer(CacheLayer):
         recent = torch.ones(
             self.keys.shape[0], self.keys.shape[-2], dtype=torch.bool, device=self.keys.device
         )
+        queries = self.queries_since
+        self._reselect(queries, recent, scaling, self.end_interval(), selection)
+
+    def end_interval(self) -> list[int]:
+        """The real tokens of each row seen so far, the interval's generated tokens counted; the next
+        interval starts with no queries and no tokens."""
         seen = [real + self.appended_since for real in self.real]
-        queries, self.queries_since, self.appended_since = self.queries_since, None, 0
-        self._reselect(queries, recent, scaling, seen, selection)
+        self.queries_since, self.appended_since = None, 0
+        return seen
 
     def _reselect(
         self,
