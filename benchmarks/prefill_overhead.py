@@ -9,7 +9,9 @@ architecture on random token ids: a prefill's kernels do not depend on the weigh
 name, or ``<preset>+plan`` for the memory planner under ``--kv-memory``, either with ``@layer`` to compress each
 layer after its attention instead of all layers at the end of the forward (``compress_after``). Every forward asks for the last
 position's logits only, as generation does. ``--profile`` also records, per policy at the first length, the
-kernels the compressed prefill launches beyond the full one and the operators that take the most host time.
+kernels the compressed prefill launches beyond the full one and the operators that take the most host time;
+``--trace DIR`` also writes each of those prefills' timeline (Chrome trace format, gzipped) for a viewer such as
+Perfetto, where the device's idle gaps and the host work beside them show where the time goes.
 
 Writes benchmarks/results/prefill_overhead_<device>[_<shape>].json and prints a table.
 """
@@ -17,6 +19,8 @@ Writes benchmarks/results/prefill_overhead_<device>[_<shape>].json and prints a 
 from __future__ import annotations
 
 import argparse
+import gzip
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -106,6 +110,13 @@ def profile(model, ids, entry: str, args) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         timed_prefill(model, ids, entry, args)
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        plain = args.trace / f"{entry.replace('@', '_at_').replace('+', '_')}_{ids.shape[1]}.json"
+        prof.export_chrome_trace(str(plain))
+        with plain.open("rb") as source, gzip.open(f"{plain}.gz", "wb") as target:
+            shutil.copyfileobj(source, target)
+        plain.unlink()
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
@@ -139,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--device", default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--trace", type=Path, default=None, help="with --profile: write timelines here"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     model, prompt, name = load_model(args.model, args.device)

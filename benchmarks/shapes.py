@@ -32,15 +32,28 @@ NAMES = {
 }
 
 
-def random_model(shape: str, device: str | torch.device = "cuda", dtype=torch.bfloat16):
-    """A ``LlamaForCausalLM`` of ``shape`` (a key of :data:`SHAPES`) with seeded random weights, in eval mode."""
+def random_model(
+    shape: str,
+    device: str | torch.device = "cuda",
+    dtype=torch.bfloat16,
+    positions: int | None = None,
+):
+    """A ``LlamaForCausalLM`` of ``shape`` (a key of :data:`SHAPES`) with seeded random weights, in eval mode.
+
+    ``positions``: stretch the context to this many positions by linear RoPE scaling (position interpolation,
+    Chen et al. 2023), as long-context variants of these models do; None keeps the shape's own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape not in SHAPES:
         raise SystemExit(f"shape: got {shape!r}; expected one of {', '.join(SHAPES)}")
-    config = LlamaConfig(**SHAPES[shape])
+    options = dict(SHAPES[shape])
+    native = options["max_position_embeddings"]
+    if positions is not None and positions > native:
+        options["max_position_embeddings"] = positions
+        options["rope_scaling"] = {"rope_type": "linear", "factor": positions / native}
+    config = LlamaConfig(**options)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model.eval()

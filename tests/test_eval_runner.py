@@ -65,6 +65,27 @@ def test_full_is_run_once_and_bytes_shrink_with_the_budget():
     assert (small["kept_tokens"], large["kept_tokens"]) == (8, 64)
 
 
+def test_chunked_configurations_prefill_in_chunks():
+    """A chunk as long as the prompt is one-shot compression and a budget above the prompt keeps it whole, so
+    both answer as their one-forward references; small chunks under a small budget answer otherwise."""
+    model, tok = context_sensitive_tiny(), CharTokenizer(template=True)
+    samples = make_samples("passkey", tok, 300, 3, seed=0, mode="both")
+    configs = make_configs(["snapkv"], ["32", "400"], chunks=[0, 1000, 64])
+    assert [c.key for c in configs][:4] == [
+        "full/all/none", "snapkv/32/none", "snapkv/400/none", "snapkv/32/none/chunk1000"
+    ]  # fmt: skip
+    records = {(r["sample"], r["config"]): r for r in evaluate(model, tok, samples, configs)}
+    differ = 0
+    for sample in samples:
+        answer = {key: records[(sample.id, key)]["tokens"] for _, key in records if _ == sample.id}
+        assert answer["snapkv/32/none/chunk1000"] == answer["snapkv/32/none"]
+        assert answer["snapkv/400/none/chunk64"] == answer["full/all/none"]
+        assert records[(sample.id, "snapkv/32/none/chunk64")]["prefill_chunk"] == 64
+        assert records[(sample.id, "snapkv/32/none/chunk64")]["runner"] == "naive"
+        differ += answer["snapkv/32/none/chunk64"] != answer["snapkv/32/none"]
+    assert differ >= 1  # the chunks do change what is kept
+
+
 def options(tmp_path, **overrides) -> EvalOptions:
     args = dict(
         task="passkey",
@@ -137,6 +158,8 @@ def test_report_redraws_summary_and_plots(tmp_path):
         (dict(mode="sideways"), "--mode"),
         (dict(policy="pyramid"), "--policy"),
         (dict(budget="64,0"), "--budget"),
+        (dict(prefill_chunk="512,-1"), "--prefill-chunk"),
+        (dict(prefill_chunk="x"), "--prefill-chunk"),
     ],
 )
 def test_bad_options_name_the_option(tmp_path, overrides, option):

@@ -389,6 +389,13 @@ class CompressedCache(HookedCache, Cache):
         """Tokens each layer keeps (window included) for one sequence of ``prompt_len`` real tokens."""
         return self.selection.layer_budgets(prompt_len, batch)
 
+    def end_chunked_prefill(self) -> None:
+        """With ``prefill_chunk``, every forward of several tokens is a chunk of the prompt and is compressed
+        back to the budget; after this call such forwards are appended whole, as after a one-forward prefill
+        (a question asked about a document prefilled in chunks)."""
+        for layer in self.layers:
+            layer.chunked = False
+
     def nbytes(self) -> int:
         """Bytes the cache holds: kept and appended keys/values (or their codes), row lengths, codebooks."""
         return sum(layer.nbytes() for layer in self.layers) + self.codebook_nbytes()

@@ -33,19 +33,27 @@ def budget_order(budget: str) -> tuple[int, float]:
     return (4, 0.0)
 
 
-def config_name(policy: str, codec: str) -> str:
-    """``pyramidkv`` or ``pyramidkv+fibquant:2``: how tables and plots name a configuration."""
-    return policy if codec == "none" else f"{policy}+{codec}"
+def config_name(policy: str, codec: str, chunk: int = 0) -> str:
+    """``pyramidkv``, ``pyramidkv+fibquant:2`` or ``snapkv chunk 1024`` (a prompt prefilled in chunks): how
+    tables and plots name a configuration."""
+    name = policy if codec == "none" else f"{policy}+{codec}"
+    return f"{name} chunk {chunk}" if chunk else name
 
 
-def _config_order(rows: list[dict]) -> dict[tuple[str, str, str], tuple]:
+def _config(row: dict) -> tuple[str, str, str, int]:
+    """A row's configuration: policy, budget, codec, prefill chunk (0 where results predate chunks)."""
+    return row["policy"], row["budget"], row["codec"], row.get("prefill_chunk") or 0
+
+
+def _config_order(rows: list[dict]) -> dict[tuple[str, str, str, int], tuple]:
     policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
     return {
-        (r["policy"], r["budget"], r["codec"]): (
+        _config(r): (
             r["policy"] != "full",
             policies.index(r["policy"]) if r["policy"] in policies else -1,
             budget_order(r["budget"]),
             r["codec"],
+            _config(r)[3],
         )
         for r in rows
     }
@@ -72,7 +80,7 @@ def table(rows: list[dict], title: str = "accuracy") -> Table:
     for (task, mode), found in _split(main).items():
         cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
         for row in found:
-            cells[(row["policy"], row["budget"], row["codec"])][row["length"]] = row
+            cells[_config(row)][row["length"]] = row
         for config in sorted(cells, key=order.__getitem__):
             per_length = cells[config]
             entries = []
@@ -87,8 +95,8 @@ def table(rows: list[dict], title: str = "accuracy") -> Table:
                 )
             kept = sum(r["kv_bytes"] for r in per_length.values())
             full = sum(r["full_kv_bytes"] for r in per_length.values())
-            policy, budget, codec = config
-            name = config_name(policy, codec)
+            policy, budget, codec, chunk = config
+            name = config_name(policy, codec, chunk)
             out.add_row(task, mode, name, budget, *entries, f"{100 * kept / max(full, 1):.1f}%")
     return out
 
@@ -104,7 +112,7 @@ def plot_heatmaps(rows: list[dict], folder: Path) -> list[Path]:
     written = []
     for (task, mode), found in _split([r for r in rows if r["depth"] is not None]).items():
         order = _config_order(found)
-        configs = sorted({(r["policy"], r["budget"], r["codec"]) for r in found}, key=order.get)
+        configs = sorted({_config(r) for r in found}, key=order.get)
         lengths = sorted({r["length"] for r in found})
         depths = sorted({r["depth"] for r in found})
         columns = min(4, len(configs))
@@ -121,12 +129,12 @@ def plot_heatmaps(rows: list[dict], folder: Path) -> list[Path]:
         for ax, config in zip(axes.flat, configs, strict=False):
             grid = [[float("nan")] * len(lengths) for _ in depths]
             for r in found:
-                if (r["policy"], r["budget"], r["codec"]) == config:
+                if _config(r) == config:
                     grid[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
             image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
-            name = config_name(config[0], config[2])
+            name = config_name(config[0], config[2], config[3])
             ax.set_title(name if config[0] == "full" else f"{name} {config[1]}")
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
         fig.supxlabel("context length (tokens)")
@@ -159,17 +167,18 @@ def _lines(rows: list[dict], folder: Path, x_of: str) -> list[Path]:
         fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.4), squeeze=False)
         for ax, length in zip(axes[0], lengths, strict=True):
             here = [r for r in found if r["length"] == length]
-            lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
+            lines: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
             for r in here:
-                lines[(r["policy"], r["codec"])].append(r)
-            for shift, ((policy, codec), points) in enumerate(lines.items()):
+                policy, _, codec, chunk = _config(r)
+                lines[(policy, codec, chunk)].append(r)
+            for shift, ((policy, codec, chunk), points) in enumerate(lines.items()):
                 points.sort(key=lambda r: budget_order(r["budget"]))
                 ys = [r["accuracy"] for r in points]
                 errors = [
                     [y - r["ci95"][0] for y, r in zip(ys, points, strict=True)],
                     [r["ci95"][1] - y for y, r in zip(ys, points, strict=True)],
                 ]
-                label = config_name(policy, codec)
+                label = config_name(policy, codec, chunk)
                 if x_of == "bytes":
                     xs = [r["kv_bytes"] for r in points]
                     style = (

@@ -5,6 +5,10 @@ pyramidkv compresses a layer after its attention has run over the whole prompt, 
 rebuilt from it without a model forward; only the greedy answer is decoded per configuration. The captured
 tensors are never modified, so every configuration starts from the same full prefill.
 
+A configuration with a ``chunk`` (``pyramidkv eval --prefill-chunk``) prefills its prompt in chunks of that many
+tokens, compressing after each (``CompressedCache(prefill_chunk=)``), so it cannot share the one prefill: it
+runs on its own, as the naive runner runs every configuration.
+
 ``naive=True`` runs each configuration on its own instead — a fresh :class:`~pyramidkv.cache.compressed.CompressedCache`
 passed to ``model.generate`` — the reference the one-prefill runner must match token for token, and the
 baseline of its speed-up.
@@ -29,6 +33,7 @@ from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.planner import parse_plan
 from pyramidkv.codecs.registry import default_bits, parse_codec
+from pyramidkv.checks import check_int
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.prefill import greedy_rows, prefill
 from pyramidkv.eval.scoring import score
@@ -46,16 +51,19 @@ MEMORY = "kv"  # the prefix of a memory budget: kv5% (of the full cache), kv48Mi
 @dataclass(frozen=True)
 class Config:
     """One evaluated configuration. ``full`` keeps everything, so its budget is always ``"all"`` (it may
-    still be quantized); ``budget`` is tokens per layer (``128``), a share of the prompt (``10%``) or, after
-    ``kv``, KV memory (``kv5%``, ``kv48MiB``); ``codec`` is ``"none"``, ``name:bits`` (``fibquant:2``,
-    ``kivi:4``) or ``"plan"`` (the memory planner, :mod:`pyramidkv.cache.planner`, under a memory budget), with
-    its rates after a colon if not the default (``plan:3+4``, ``plan:2+4+whole``)."""
+        still be quantized); ``budget`` is tokens per layer (``128``), a share of the prompt (``10%``) or, after
+        ``kv``, KV memory (``kv5%``, ``kv48MiB``); ``codec`` is ``"none"``, ``name:bits`` (``fibquant:2``,
+        ``kivi:4``) or ``"plan"`` (the memory planner, :mod:`pyramidkv.cache.planner`, under a memory budget), with
+        its rates after a colon if not the default (``plan:3+4``, ``plan:2+4+whole``); ``chunk`` > 0 prefills the
+    prompt in chunks of that many tokens (0: one forward)."""
 
     policy: str
     budget: str = FULL_BUDGET
     codec: str = "none"
+    chunk: int = 0
 
     def __post_init__(self) -> None:
+        check_int("chunk", self.chunk, 0)
         name = get_policy(self.policy).name
         object.__setattr__(self, "policy", name)
         budget = str(self.budget)
@@ -82,14 +90,17 @@ class Config:
 
     @property
     def key(self) -> str:
-        return f"{self.policy}/{self.budget}/{self.codec}"
+        chunked = f"/chunk{self.chunk}" if self.chunk else ""
+        return f"{self.policy}/{self.budget}/{self.codec}{chunked}"
 
-    def fields(self) -> dict[str, str]:
-        """What every record of this configuration carries: policy, budget, codec and their key."""
+    def fields(self) -> dict:
+        """What every record of this configuration carries: policy, budget, codec, prefill chunk and their
+        key."""
         return {
             "policy": self.policy,
             "budget": self.budget,
             "codec": self.codec,
+            "prefill_chunk": self.chunk,
             "config": self.key,
         }
 
@@ -104,6 +115,8 @@ class Config:
             options["plan"] = _plan_spec(self.codec)
         elif self.codec != "none":
             options["codec"] = self.codec
+        if self.chunk:
+            options["prefill_chunk"] = self.chunk
         return options
 
 
@@ -112,20 +125,22 @@ def make_configs(
     budgets: Iterable[str],
     full: bool = True,
     codecs: Iterable[str] = ("none",),
+    chunks: Iterable[int] = (0,),
 ) -> list[Config]:
-    """``full`` once (when asked, unquantized), then each other policy at each budget and codec, in order
-    (the planner, codec ``plan``, at the memory budgets only)."""
+    """``full`` once (when asked, unquantized, in one forward), then each other policy at each budget, codec
+    and prefill chunk, in order (the planner, codec ``plan``, at the memory budgets only)."""
     found = [Config("full")] if full else []
-    for codec in codecs:
-        for policy in policies:
-            if get_policy(policy).name == "full":
-                found.append(Config("full", codec=codec))
-                continue
-            found.extend(
-                Config(policy, budget, codec)
-                for budget in budgets
-                if _applies(budget, codec, budgets)
-            )
+    for chunk in chunks:
+        for codec in codecs:
+            for policy in policies:
+                if get_policy(policy).name == "full":
+                    found.append(Config("full", codec=codec, chunk=chunk))
+                    continue
+                found.extend(
+                    Config(policy, budget, codec, chunk)
+                    for budget in budgets
+                    if _applies(budget, codec, budgets)
+                )
     return list(dict.fromkeys(found))
 
 
@@ -276,7 +291,8 @@ class _FirstToken(BaseStreamer):
 
 def run_naive(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterator[dict]:
     """Each configuration on its own: a fresh cache and a whole ``model.generate`` (context-only: the context
-    is prefilled into the cache first, then ``generate`` appends the question)."""
+    is prefilled into the cache first, then ``generate`` appends the question); a configuration's ``chunk``
+    feeds either prefill in chunks."""
     ids = torch.tensor([sample.prompt_ids], device=model.device)
     stops = stop_ids(model)
     pad = model.generation_config.pad_token_id
@@ -286,7 +302,10 @@ def run_naive(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterat
             start = _clock(model)
             with torch.inference_mode():
                 if sample.mode == "context-only":
-                    model(sample.prefill_ids.to(model.device), **cache_kwargs(model, cache))
+                    context = sample.prefill_ids.to(model.device)
+                    for piece in context.split(config.chunk or context.shape[1], dim=1):
+                        model(piece, logits_to_keep=1, **cache_kwargs(model, cache))
+                    cache.end_chunked_prefill()  # the question is appended whole
                 out = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -295,6 +314,7 @@ def run_naive(model, tokenizer, sample: Sample, configs: list[Config]) -> Iterat
                     eos_token_id=stops or None,
                     pad_token_id=pad if pad is not None else (stops or [0])[0],
                     streamer=streamer,
+                    prefill_chunk_size=config.chunk or None,
                     **cache_kwargs(model, cache),
                 )
             kv_bytes, kept = _prompt_nbytes(cache), _prompt_kept(cache)
@@ -317,14 +337,17 @@ def evaluate(
     on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Records of every (sample, configuration) pair not in ``done``; ``on_record`` sees each as it comes
-    (the CLI writes it to disk and advances its progress bar there)."""
+    (the CLI writes it to disk and advances its progress bar there). Chunked configurations run on their
+    own (module docstring)."""
     run = run_naive if naive else run_one_prefill
     records = []
     for sample in samples:
         pending = [c for c in configs if (sample.id, c.key) not in done]
-        if not pending:
-            continue
-        for record in run(model, tokenizer, sample, pending):
+        whole = [c for c in pending if not c.chunk]
+        chunked = [c for c in pending if c.chunk]
+        runs = [run(model, tokenizer, sample, whole)] if whole else []
+        runs += [run_naive(model, tokenizer, sample, chunked)] if chunked else []
+        for record in (record for found in runs for record in found):
             records.append(record)
             if on_record is not None:
                 on_record(record)

@@ -90,6 +90,7 @@ class EvalOptions:
     full: bool = True
     codec: str = "none"
     kv_memory: str = ""  # comma-separated memory budgets, swept beside --budget
+    prefill_chunk: str = "0"  # comma-separated prefill chunk sizes; 0: the prompt in one forward
     configs: list[Config] = field(init=False)
     token_lengths: list[int] = field(init=False)
 
@@ -111,14 +112,26 @@ class EvalOptions:
             budgets += [f"kv{b}" for b in items(self.kv_memory, "--kv-memory")]
         if not budgets:
             raise PyramidKVError("--budget: give budgets, --kv-memory budgets, or both")
+        chunks = []
+        for item in items(str(self.prefill_chunk), "--prefill-chunk"):
+            if not item.isdigit():
+                raise PyramidKVError(
+                    f"--prefill-chunk: got {item!r}; expected comma-separated integers >= 0 (0: one forward)"
+                )
+            chunks.append(int(item))
         try:
             self.configs = make_configs(
-                policies, budgets, full=self.full, codecs=items(self.codec, "--codec")
+                policies,
+                budgets,
+                full=self.full,
+                codecs=items(self.codec, "--codec"),
+                chunks=chunks,
             )
         except PyramidKVError as exc:
             name, _, rest = str(exc).partition(":")
             option = {
-                "budget": "--budget", "codec": "--codec", "bits": "--codec", "kv_memory": "--kv-memory"
+                "budget": "--budget", "codec": "--codec", "bits": "--codec", "kv_memory": "--kv-memory",
+                "prefill_chunk": "--prefill-chunk",
             }.get(name)  # fmt: skip
             raise PyramidKVError(f"{option}:{rest}" if option else f"--policy: {exc}") from None
         self.out = Path(self.out)
