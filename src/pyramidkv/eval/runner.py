@@ -32,8 +32,8 @@ from pyramidkv.cache.accounting import full_cache_nbytes
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.planner import parse_plan
-from pyramidkv.codecs.registry import default_bits, parse_codec
 from pyramidkv.checks import check_int
+from pyramidkv.codecs.registry import default_bits, parse_codec
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.prefill import greedy_rows, prefill
 from pyramidkv.eval.scoring import score
