@@ -249,12 +249,14 @@ def test_the_plan_command_shows_tokens_per_rate(tmp_path):
     assert plot_plan(found, tmp_path / "plan.png").stat().st_size > 0
 
 
-def test_the_static_cache_refuses_a_planned_cache():
+def test_the_static_cache_refuses_a_planned_layer_that_keeps_tokens_whole():
+    """Codes of every rate are static (tests/test_static_codes.py); whole tokens beside them are not held."""
     from pyramidkv import StaticCompressedCache
 
     model = make_tiny("llama")
     ids = torch.randint(0, model.config.vocab_size, (1, 300))
-    cache = _planned(model, ids, kv_memory="20%")
-    with pytest.raises(PyramidKVError, match="source: a planned CompressedCache"):
+    cache = _planned(model, ids, kv_memory="60%", plan="auto:2+3+4+whole")
+    assert any(layer.kept_keys is not None for layer in cache.layers)
+    with pytest.raises(PyramidKVError, match="keeps tokens whole beside its codes"):
         StaticCompressedCache(model, cache, 4)
     cache.close()

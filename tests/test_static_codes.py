@@ -225,8 +225,9 @@ def test_the_commit_kernel_writes_what_the_torch_commit_writes(codec, held, devi
 
 def _source(model, policy: str, codec: str, before: int, **options) -> tuple[CompressedCache, list]:
     """A prefilled CompressedCache that then decoded ``before`` greedy tokens; the tokens to feed next."""
+    options = {"budget": "30%", **options}
     source = CompressedCache(
-        model, policy, "30%", codec=codec, residual=RESIDUAL, kernel="torch", **options
+        model, policy, codec=codec, residual=RESIDUAL, kernel="torch", **options
     )
     ids, mask = _batch()
     logits = model(ids, attention_mask=mask, **cache_kwargs(model, source)).logits[:, -1]
@@ -292,11 +293,14 @@ def _reference_logits(
     layers = []
     for layer in source.layers:
         prefix = []
-        for side, codec in (("keys", source.codecs.keys), ("values", source.codecs.values)):
+        for side in ("keys", "values"):
             heads = []
-            for h in range(layer.lengths.shape[1]):
+            for h in range(layer.keys.shape[1]):
                 parts = []
-                for block in layer.coded.blocks:
+                for (
+                    block
+                ) in layer.coded.blocks:  # each block decoded by its own codec (planned rates)
+                    codec = getattr(block.codecs, side)
                     decoded = codec.decode(getattr(block, side), layer.dtype)[row, h]
                     kept = block.tokens if block.lengths is None else int(block.lengths[row, h])
                     parts.append(decoded[:kept])
@@ -337,6 +341,27 @@ def test_greedy_decoding_equals_the_ring_reference(family, policy, codec, before
         fed = torch.cat(
             [token.T, got[:-1].argmax(-1)]
         )  # (steps, batch): what the static cache was fed
+        for row in range(len(ROWS)):
+            want = _reference_logits(model, source, row, fed[:, row])
+            torch.testing.assert_close(got[:, row], want, rtol=1e-4, atol=1e-4)
+        source.close()
+
+
+def test_a_planned_cache_decodes_as_its_ring_reference():
+    """A planned source holds its prompt at several rates: the static copy keeps the blocks of other rates than
+    the cache's codec frozen beside the store, and decodes as the reference that decodes each block with its
+    own codec."""
+    model = make_tiny("llama")
+    with torch.no_grad():
+        source, token = _source(
+            model, "snapkv", "fibquant:3", 2, budget=None, kv_memory="20%", plan="auto:2+3+4"
+        )
+        rates = {b.codecs.label() for layer in source.layers for b in layer.coded.blocks}
+        assert len(rates) >= 2, rates  # the comparison covers mixed rates
+        with StaticCompressedCache(model, source, max_new_tokens=STEPS) as static:
+            assert any(layer.frozen for layer in static.layers)
+            got = _decode(model, static, token, STEPS)
+        fed = torch.cat([token.T, got[:-1].argmax(-1)])
         for row in range(len(ROWS)):
             want = _reference_logits(model, source, row, fed[:, row])
             torch.testing.assert_close(got[:, row], want, rtol=1e-4, atol=1e-4)
@@ -397,13 +422,19 @@ def test_what_a_static_cache_with_codes_refuses():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize(
-    ("codec", "head_dim"),
-    [("fibquant:2", 64), ("turboquant:2", 64), ("fibquant:2.5", 128), ("uniform/fibquant:2", 128)],
+    ("codec", "head_dim", "plan"),
+    [
+        ("fibquant:2", 64, None),
+        ("turboquant:2", 64, None),
+        ("fibquant:2.5", 128, None),
+        ("uniform/fibquant:2", 128, None),
+        ("fibquant:3", 64, "auto:2+3+4"),
+    ],
 )
-def test_a_cuda_graph_replays_the_step_with_codes(codec, head_dim):
+def test_a_cuda_graph_replays_the_step_with_codes(codec, head_dim, plan):
     """On a GPU, codes the mma kernel reads (FibQuant's and TurboQuant's 2-bit at head dim 64, FibQuant's 5-bit
-    indices at 128, packed in the graph, keys of a uniform grid read as int8), float16, residual 4 so tokens
-    leave the window during the replays. The
+    indices at 128, packed in the graph, keys of a uniform grid read as int8, a planned cache's blocks at three
+    rates), float16, residual 4 so tokens leave the window during the replays. The
     replayed graph's logits equal eager decoding's through the same cache; eager decoding through the kernels
     agrees with the torch reference path."""
     from pyramidkv.kernels import cuda_decode
@@ -411,7 +442,8 @@ def test_a_cuda_graph_replays_the_step_with_codes(codec, head_dim):
     model = make_tiny("llama", head_dim=head_dim).to("cuda", torch.float16)
     ids, mask = (t.cuda() for t in _batch())
     with torch.no_grad():
-        source = CompressedCache(model, "pyramidkv", "30%", codec=codec, residual=RESIDUAL)
+        budget = dict(budget="30%") if plan is None else dict(kv_memory="20%", plan=plan)
+        source = CompressedCache(model, "pyramidkv", codec=codec, residual=RESIDUAL, **budget)
         codecs = source.layers[0].coded.codecs
         assert cuda_decode.usable(codecs.keys, codecs.values, head_dim, 2, torch.device("cuda"))
         first = model(ids, attention_mask=mask, **cache_kwargs(model, source)).logits[:, -1]

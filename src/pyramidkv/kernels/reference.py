@@ -27,8 +27,6 @@ from collections.abc import Iterable
 
 import torch
 
-from pyramidkv.codecs.rotated import VectorCodes
-
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -76,7 +74,7 @@ def chunked_attention(query: torch.Tensor, chunks: Iterable[Chunk], scaling: flo
 def rotated_attention(
     query: torch.Tensor,
     codecs,
-    blocks: Iterable[tuple[VectorCodes, VectorCodes, torch.Tensor | None]],
+    blocks: Iterable[tuple],
     recent_keys: torch.Tensor,
     recent_values: torch.Tensor,
     recent_visible: torch.Tensor | None,
@@ -87,18 +85,21 @@ def rotated_attention(
     of (batch, kv_heads, s) vectors and ``visible`` as in :func:`.reference.chunked_attention`, then over the
     window ``recent_keys`` / ``recent_values`` (batch, kv_heads, r, d), of which ``recent_visible`` marks the
     slots each query sees: (batch, q_heads, q_len, d) in the query's dtype, float32 arithmetic as
-    :func:`.reference.chunked_attention`."""
+    :func:`.reference.chunked_attention`. A block may carry its own codecs as a fourth item (a planned layer's
+    rates), of the same family: they share ``codecs``' rotations."""
     compute = torch.float32
     rot_k = codecs.keys.tensors(query.device, compute)[0]
     rot_v = codecs.values.tensors(query.device, compute)[0]
-    chunks = [
-        (
-            codecs.keys.decode_rotated(keys, compute),
-            codecs.values.decode_rotated(values, compute),
-            visible,
+    chunks = []
+    for keys, values, visible, *own in blocks:
+        pair = own[0] if own else codecs
+        chunks.append(
+            (
+                pair.keys.decode_rotated(keys, compute),
+                pair.values.decode_rotated(values, compute),
+                visible,
+            )
         )
-        for keys, values, visible in blocks
-    ]
     window = (
         recent_keys.to(compute) @ rot_k.T,
         recent_values.to(compute) @ rot_v.T,

@@ -56,11 +56,6 @@ def _coded_layers(source: CompressedCache, max_new_tokens: int, kernel: str | No
     """Static copies of a prefilled CompressedCache's coded layers; ``kernel`` as CompressedCache takes it
     (``None``: the source's choice)."""
     codecs = source.codecs
-    if source.plan is not None:
-        raise PyramidKVError(
-            "source: a planned CompressedCache (plan='auto') holds blocks at several rates per layer; the "
-            "static cache holds one rate per layer: decode it with the CompressedCache itself"
-        )
     if not all(isinstance(c, RotatedBlockCodec) for c in (codecs.keys, codecs.values)):
         raise PyramidKVError(
             f"source: a CompressedCache with codec {codecs.label()!r}; the static cache reads "

@@ -19,6 +19,12 @@ the length grows by one when that slot held a token (from step R - w on), then t
 slot. So the fp16 window always holds the last min(R, w + step + 1) tokens exactly and every older token is
 a code; the dynamic cache instead flushes R tokens at once, so the two agree while w + steps <= R.
 
+A layer of the memory planner (:class:`~pyramidkv.cache.planned.PlannedLayer`) holds its prompt at several
+rates. Its blocks at the cache's own codec join the store; the others stay beside it as :class:`Frozen`
+blocks, read at every step and never written (new tokens are coded at the cache's codec, as the dynamic
+planned layer flushes them). All rates share the family's rotation, so the query is rotated once and each
+block's kernel writes its splits into one workspace that the one epilogue merges.
+
 Attention (one new token per step): on CUDA (or with ``kernel="triton"``) the query is rotated once, the
 decode kernel writes the store's split partials into a workspace allocated at the first step, and one
 :func:`~pyramidkv.kernels.epilogue.decode_epilogue` launch attends over the ring as its window (with the
@@ -29,12 +35,15 @@ model's layout. Elsewhere torch attends over the store in the codecs' rotated sp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pyramidkv.cache import hook
 from pyramidkv.cache.protocol import ModelAttention
 from pyramidkv.codecs import VectorCodes
 from pyramidkv.codecs.packing import packed_bytes
+from pyramidkv.codecs.registry import CodecPair
 from pyramidkv.codecs.rotated import RotatedBlockCodec
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.cuda_decode import MmaVariant
@@ -87,6 +96,42 @@ class Encoder:
         return packed.reshape(*lead, self.nbytes), nu.reshape(lead)
 
 
+@dataclass
+class Frozen:
+    """Codes of another rate than the store's that a planned layer holds beside it: row (b, h) valid up to
+    ``lengths[b, h]`` (int32, the kernels' operand); ``visible`` (batch, kv_heads, 1, width) is the same for
+    the torch path. Written once, at build."""
+
+    codecs: CodecPair
+    keys: VectorCodes
+    values: VectorCodes
+    lengths: torch.Tensor
+    visible: torch.Tensor
+
+    @classmethod
+    def of(cls, block) -> Frozen:
+        """The static copy of one block of a :class:`~pyramidkv.cache.blocks.CodedBlocks`."""
+        batch, kv_heads, width = block.keys.shape
+        device = block.keys.norms.device
+        lengths = (
+            torch.full((batch, kv_heads), width, dtype=torch.int32, device=device)
+            if block.lengths is None
+            else block.lengths.to(torch.int32).contiguous()
+        )
+        visible = (torch.arange(width, device=device) < lengths[..., None]).unsqueeze(-2)
+        return cls(block.codecs, block.keys, block.values, lengths, visible)
+
+
+def empty_codes(codec: RotatedBlockCodec, like: torch.Tensor) -> VectorCodes:
+    """No codes of ``codec`` for vectors like ``like`` (batch, kv_heads, n, d): (batch, kv_heads, 0) codes, a
+    store that starts empty."""
+    batch, kv_heads = like.shape[:2]
+    width = packed_bytes(codec.blocks, codec.index_bits)
+    indices = torch.zeros(batch, kv_heads, 0, width, dtype=torch.uint8, device=like.device)
+    norms = torch.zeros(batch, kv_heads, 0, dtype=torch.float16, device=like.device)
+    return VectorCodes(like.dtype, indices, norms)
+
+
 def compact(blocks) -> tuple[VectorCodes, VectorCodes, torch.Tensor]:
     """A coded layer's blocks (:class:`~pyramidkv.cache.blocks.CodedBlocks` ``.blocks``) as one ragged block: row
     (b, h) holds its valid codes first, in order (the ragged prompt, then the flushed windows), then
@@ -128,10 +173,12 @@ class StaticCodedLayer(StaticLayerBase):
         seen: int,
         max_new_tokens: int,
         fused: bool,
+        frozen: list[Frozen] | None = None,
     ):
         """``keys``/``values``: codes (batch, kv_heads, width) of which row (b, h) holds ``lengths[b, h]``
         first; ``window_keys``/``window_values`` (batch, kv_heads, w, d): the fp16 tokens after them,
-        w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels."""
+        w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels;
+        ``frozen``: blocks of other rates read beside the store (a planned layer)."""
         batch, kv_heads, held, dim = window_keys.shape
         if not residual >= 1 or held > residual:
             raise PyramidKVError(
@@ -139,6 +186,7 @@ class StaticCodedLayer(StaticLayerBase):
             )
         super().__init__(layer_idx, seen, max_new_tokens)
         self.codecs, self.fused, self.residual, self.held = codecs, fused, residual, held
+        self.frozen = list(frozen or [])
         self.device, self.dtype, self.batch = window_keys.device, window_keys.dtype, batch
         widest = int(lengths.max())  # one host read per layer, at build
         # tokens that will leave the ring; >= 1: steps before it is full write one slot past the rows
@@ -219,37 +267,56 @@ class StaticCodedLayer(StaticLayerBase):
             return self._attend_fused(query, scaling)
         coded = (self.slots < self.lengths.unsqueeze(-1)).unsqueeze(-2)
         window = self.visible.view(1, 1, 1, -1)
-        out = rotated_attention(
-            query, self.codecs, [(*self.store, coded)], self.keys, self.values, window, scaling
-        )
+        blocks = [(f.keys, f.values, f.visible, f.codecs) for f in self.frozen]
+        blocks.append((*self.store, coded, self.codecs))
+        out = rotated_attention(query, self.codecs, blocks, self.keys, self.values, window, scaling)
         return out.transpose(1, 2).contiguous()
 
-    def _plan(self, rows: int) -> tuple[MmaVariant | None, int, tuple]:
-        """Kernel and split of the store for ``rows`` query rows per KV head, and its workspace: chosen and
-        allocated once, at the first step (before any capture)."""
+    def _blocks(self) -> list[tuple[CodecPair, VectorCodes, VectorCodes, torch.Tensor]]:
+        """What the kernels read per step: each frozen block, then the store (codecs, keys, values, lengths)."""
+        frozen = [(f.codecs, f.keys, f.values, f.lengths) for f in self.frozen]
+        return [*frozen, (self.codecs, *self.store, self.lengths)]
+
+    def _plan(self, rows: int) -> tuple[list[tuple[MmaVariant | None, int]], tuple]:
+        """Kernel and split of each block (:meth:`_blocks`) for ``rows`` query rows per KV head, and their
+        shared workspace: chosen and allocated once, at the first step (before any capture)."""
         if rows not in self.plans:
             batch, kv_heads = self.lengths.shape
-            shape = (batch, kv_heads, self.capacity)
-            kernel, split = plan_block(
-                shape, self.codecs.keys, self.codecs.values, rows, DEFAULT_TUNING, self.device
-            )
+            plans = [
+                plan_block(
+                    keys.shape, codecs.keys, codecs.values, rows, DEFAULT_TUNING, self.device
+                )
+                for codecs, keys, _, _ in self._blocks()
+            ]
             with torch.inference_mode(False):  # written in place under any grad mode
                 workspace = make_workspace(
-                    batch, kv_heads, rows, split, self.ring.shape[-1], self.device
+                    batch,
+                    kv_heads,
+                    rows,
+                    sum(s for _, s in plans),
+                    self.ring.shape[-1],
+                    self.device,
                 )
-            self.plans[rows] = (kernel, split, workspace)
+            self.plans[rows] = (plans, workspace)
         return self.plans[rows]
 
     def _attend_fused(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         kv_heads = self.lengths.shape[1]
         rows = query.shape[1] // kv_heads
-        kernel, split, workspace = self._plan(rows)
-        codec_k, codec_v = self.codecs.keys, self.codecs.values
-        q_rot = rotate_query(query, codec_k, scaling, kv_heads, DEFAULT_TUNING.codebook_dtype)
-        launch_partials(
-            q_rot, *self.store, codec_k, codec_v, self.lengths, workspace, 0, split, DEFAULT_TUNING,
-            kernel,
-        )  # fmt: skip
+        plans, workspace = self._plan(rows)
+        # every rate shares the family's rotation: one rotated query for all blocks
+        q_rot = rotate_query(
+            query, self.codecs.keys, scaling, kv_heads, DEFAULT_TUNING.codebook_dtype
+        )
+        offset = 0
+        for (codecs, keys, values, lengths), (kernel, split) in zip(
+            self._blocks(), plans, strict=True
+        ):
+            launch_partials(
+                q_rot, keys, values, codecs.keys, codecs.values, lengths, workspace, offset, split,
+                DEFAULT_TUNING, kernel,
+            )  # fmt: skip
+            offset += split
         return decode_epilogue(
             workspace, self.rotation, query, self.keys, self.values, scaling, self.visible
         )
@@ -271,15 +338,33 @@ class StaticCodedLayer(StaticLayerBase):
 
     def nbytes(self) -> int:
         tensors = [t for codes in self.store for t in (codes.indices, codes.norms)]
+        tensors += [
+            t for f in self.frozen for t in (f.keys.indices, f.keys.norms, f.values.indices)
+        ]
+        tensors += [t for f in self.frozen for t in (f.values.norms, f.lengths)]
         tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order, self.slot]
         tensors += [self.visible, self.step]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> StaticCodedLayer:
-    """The static copy of a prefilled :class:`~pyramidkv.cache.compressed.CompressedLayer` holding codes."""
-    keys, values, lengths = compact(layer.coded.blocks)
+    """The static copy of a prefilled :class:`~pyramidkv.cache.compressed.CompressedLayer` holding codes, or of
+    a planned layer (its blocks at other rates than the cache's codec frozen beside the store)."""
+    if getattr(layer, "kept_keys", None) is not None:
+        raise PyramidKVError(
+            f"source: layer {layer.layer_idx} keeps tokens whole beside its codes (the planner kept it whole, "
+            "its bytes holding its prompt); the static cache holds codes only: decode it with the "
+            "CompressedCache itself, or plan with rates of codes only (plan='auto:2+3+4')"
+        )
+    own = layer.coded.codecs
+    mine = [b for b in layer.coded.blocks if b.codecs == own]
+    frozen = [Frozen.of(b) for b in layer.coded.blocks if b.codecs != own]
+    if mine:
+        keys, values, lengths = compact(mine)
+    else:  # every prompt token at another rate: the store starts empty
+        keys, values = (empty_codes(c, layer.keys) for c in (own.keys, own.values))
+        lengths = torch.zeros(*layer.keys.shape[:2], dtype=torch.int32, device=layer.keys.device)
     return StaticCodedLayer(
-        layer.layer_idx, layer.coded.codecs, keys, values, lengths, layer.keys, layer.values,
-        residual, layer.seen, max_new_tokens, fused,
+        layer.layer_idx, own, keys, values, lengths, layer.keys, layer.values,
+        residual, layer.seen, max_new_tokens, fused, frozen,
     )  # fmt: skip
