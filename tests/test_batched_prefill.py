@@ -19,6 +19,7 @@ OPTIONS = [
     dict(policy="snapkv", budget=64),
     dict(policy="pyramidkv", budget="10%"),
     dict(policy="streamingllm", budget=64),
+    dict(policy="random", budget=64, seed=3),
     dict(policy="pyramidkv-adaptive", budget=64),
     dict(policy="adakv", budget=64),
     dict(policy="snapkv", budget=64, codec="fibquant:3"),

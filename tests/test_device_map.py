@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import pyramidkv
-import pyramidkv.cache.compressed
+import pyramidkv.cache.layers
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.eval.prefill import greedy_rows, prefill
@@ -305,14 +305,14 @@ def test_default_kernel_follows_each_layer(family, monkeypatch, codec):
         return wrapped
 
     monkeypatch.setattr(
-        pyramidkv.cache.compressed,
+        pyramidkv.cache.layers,
         "fused_attention",
-        spy("fused", pyramidkv.cache.compressed.fused_attention),
+        spy("fused", pyramidkv.cache.layers.fused_attention),
     )
     monkeypatch.setattr(
-        pyramidkv.cache.compressed,
-        "chunked_attention",
-        spy("reference", pyramidkv.cache.compressed.chunked_attention),
+        pyramidkv.cache.layers,
+        "rotated_attention",
+        spy("reference", pyramidkv.cache.layers.rotated_attention),
     )
     options = cache_options("snapkv", codec)
     with CompressedCache(model, **options, kernel="torch") as cache:

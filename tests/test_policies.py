@@ -183,8 +183,11 @@ def test_random_scorer_is_seeded_and_deterministic():
     a = RandomScorer(seed=7).score(window_queries, keys, valid, scaling)
     b = RandomScorer(seed=7).score(window_queries, keys, valid, scaling)
     c = RandomScorer(seed=8).score(window_queries, keys, valid, scaling)
-    want = torch.rand(keys.shape[:3], generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a, want)
+    want = torch.rand(keys.shape[1:3], generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, want.expand(keys.shape[:3]))
+    # layers batched into rows (CompressedCache's compress_after="forward") draw what each draws alone
+    twice = [torch.cat([t, t]) for t in (window_queries, keys, valid)]
+    assert torch.equal(RandomScorer(seed=7).score(*twice, scaling), torch.cat([a, a]))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert_selects(a, valid, BUDGETS, WINDOW, ref_select(a.double(), valid, BUDGETS, WINDOW))
 
