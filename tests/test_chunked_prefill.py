@@ -37,6 +37,31 @@ def _feed(model, cache, ids, chunk: int, mask: torch.Tensor | None = None) -> li
     return out
 
 
+def test_the_model_mask_of_a_chunk_spans_the_chunk_not_the_prompt(monkeypatch):
+    """Memory of a chunk is bounded by the chunk: the 4-D mask transformers builds for it covers the layer's recent
+    window and the chunk, not every position seen (which made the mask of the last chunk of a 512k prompt
+    2 GB); the padded row still keeps only its own tokens (test_streamingllm_keeps_the_one_shot_tokens)."""
+    import pyramidkv.cache.hook as hook
+
+    widths: list[int] = []
+
+    class Recording(hook.ModelAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.mask is not None:
+                widths.append(self.mask.shape[-1])
+
+    monkeypatch.setattr(hook, "ModelAttention", Recording)
+    model = make_tiny("llama")
+    ids = _prompt(model, 600, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :70] = 0
+    cache = CompressedCache(model, policy="snapkv", budget=32, prefill_chunk=50)
+    _feed(model, cache, ids, 50, mask)
+    assert widths and max(widths) <= 50 + cache.layers[0].keys.shape[-2]
+    cache.close()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("codec", [None, "fibquant:4"])
 def test_chunks_attend_as_one_forward_while_nothing_is_evicted(family, codec):

@@ -319,7 +319,12 @@ class CompressedLayer(CacheLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        """(columns, first position) of the model's 4-D mask: only the recent window and the new tokens, the
+        columns a layer reads (:meth:`~pyramidkv.cache.protocol.ModelAttention.padding`; kept prompt tokens
+        are masked by the layer itself). A chunk of a long prompt then builds a (chunk, window + chunk) mask,
+        not one over every position seen, which grew with the prompt (2 GB per chunk of 4,096 at 512k)."""
+        recent = self.keys.shape[-2] if isinstance(self.keys, torch.Tensor) else 0
+        return recent + query_length, self.seen - recent
 
     def get_max_length(self) -> int:
         return -1
