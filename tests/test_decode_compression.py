@@ -165,10 +165,52 @@ def test_decode_budget_is_checked():
         CompressedCache(model, "snapkv", 64, decode_budget="-3")
 
 
-def test_the_graph_path_refuses_a_decode_budget():
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(policy="snapkv", budget=48, decode_budget=40, compress_every=16),
+        dict(policy="pyramidkv", budget=48, decode_budget=40, compress_every=8),
+        dict(policy="h2o", budget=48, decode_budget=40, compress_every=16),
+        dict(policy="streamingllm", budget=48, decode_budget=40, compress_every=16),
+        dict(policy="snapkv", budget=400, decode_budget=400, compress_every=16),  # nothing evicted
+    ],
+    ids=lambda o: "-".join(map(str, o.values())),
+)
+def test_the_static_cache_selects_again_as_the_eager_cache_does(options):
+    """The graph path's static layers under a decode budget (selected again in place between steps) give the
+    eager cache's logits, teacher-forced by its greedy tokens, in fixed memory, over several intervals."""
     model = make_tiny("llama")
-    cache = CompressedCache(model, "snapkv", 64, decode_budget=64)
+    ids, steps = _prompt(batch=2), 70
+    eager = CompressedCache(model, **options)
+    source = CompressedCache(model, **options)
+    with torch.inference_mode():
+        first = model(ids, **cache_kwargs(model, eager)).logits[:, -1:]
+        model(ids, **cache_kwargs(model, source))
+        static = StaticCompressedCache(model, source, max_new_tokens=steps)
+        token, nbytes = first.argmax(-1), None
+        for step in range(steps):
+            want = model(token, **cache_kwargs(model, eager)).logits[:, -1]
+            got = model(token, **cache_kwargs(model, static)).logits[:, -1]
+            static.after_step()
+            nbytes = nbytes or static.nbytes()  # after the first step allocated the query ring
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+            token = want.argmax(-1, keepdim=True)
+        held = [layer.slots() for layer in eager.layers]
+    assert static.nbytes() == nbytes  # fixed buffers, whatever the length
+    every = options["compress_every"]
+    for slots, layer in zip(
+        held, static.layers, strict=True
+    ):  # the eager share fits the static width
+        assert slots <= layer.width + every
+    assert static.layers[0].capacity < ids.shape[1] + steps or options["decode_budget"] >= 400
+    for cache in (eager, source, static):
+        cache.close()
+
+
+def test_the_graph_path_refuses_a_decode_budget_over_codes():
+    model = make_tiny("llama")
+    cache = CompressedCache(model, "snapkv", 64, codec="fibquant:3", decode_budget=64)
     with torch.inference_mode():
         model(_prompt(), **cache_kwargs(model, cache))
-    with pytest.raises(PyramidKVError, match="decode_budget"):
+    with pytest.raises(PyramidKVError, match="decode_budget and a codec"):
         StaticCompressedCache(model, cache, max_new_tokens=8)

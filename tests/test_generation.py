@@ -70,6 +70,26 @@ def test_empty_prompt_is_rejected():
         prompt_ids(_CharTokenizer(), "   ")
 
 
+def test_graph_generation_keeps_a_decode_budget(tiny_llama):
+    """cuda_graph=True over a cache with a decode budget: the static layers select again every compress_every
+    steps (between replays on a GPU; eagerly here) and give model.generate's greedy tokens."""
+    from pyramidkv.cache.compressed import CompressedCache
+    from pyramidkv.generation import generate
+
+    tiny_llama.generation_config.eos_token_id = None
+    tok, prompt = (
+        _CharTokenizer(),
+        "a prompt long enough that a budget of twenty evicts most of it " * 2,
+    )
+
+    def cache():
+        return CompressedCache(tiny_llama, "snapkv", 20, decode_budget=20, compress_every=8)
+
+    want = generate(tiny_llama, tok, prompt, max_new_tokens=40, cache=cache())
+    got = generate(tiny_llama, tok, prompt, max_new_tokens=40, cache=cache(), cuda_graph=True)
+    assert got.token_ids == want.token_ids and got.new_tokens == 40
+
+
 @pytest.mark.parametrize(
     "spec",
     [None, ("pyramidkv", "8", "none"), ("snapkv", "50%", "fibquant:2")],

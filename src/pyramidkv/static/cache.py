@@ -35,6 +35,7 @@ from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels import check_kernel, use_fused
 from pyramidkv.static import coded
 from pyramidkv.static.buffers import StaticBufferLayer
+from pyramidkv.static.decoding import StaticDecodeBudget, check_static_budget
 
 
 def _held(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,10 +100,7 @@ def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None)
             "does not hold yet; decode eagerly (cuda_graph=False)"
         )
     if source.decode_budget is not None:
-        raise PyramidKVError(
-            "source: a CompressedCache with decode_budget compresses as it generates, and the static cache "
-            "of the CUDA-graph path keeps the capacity it was built with; decode eagerly (cuda_graph=False)"
-        )
+        check_static_budget(source)
     for layer in source.layers:
         if not layer.compressed:
             raise PyramidKVError(
@@ -112,9 +110,16 @@ def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None)
     if source.codecs is not None:
         return _coded_layers(source, max_new_tokens, kernel)
     return [
-        StaticBufferLayer(i, *_held(layer), layer.seen, max_new_tokens)
+        StaticBufferLayer(i, *_held(layer), layer.seen, max_new_tokens, _budget(layer))
         for i, layer in enumerate(source.layers)
     ]
+
+
+def _budget(layer) -> StaticDecodeBudget | None:
+    """The static copy's share of the source layer's decode budget, if it has one."""
+    if layer.decoding is None:
+        return None
+    return StaticDecodeBudget(layer.decoding, layer.rank, list(layer.real))
 
 
 class StaticCompressedCache(HookedCache, Cache):
@@ -124,7 +129,8 @@ class StaticCompressedCache(HookedCache, Cache):
     :class:`~pyramidkv.cache.compressed.CompressedCache` (the tokens its eviction policy kept; with a FibQuant or
     TurboQuant codec, as codes and an fp16 window: :mod:`pyramidkv.static.coded`, one token per step) or a
     prefilled transformers ``DynamicCache`` (every token: the full-cache baseline, decoded through the very
-    same code). ``source`` is only read. ``kernel`` (codes only: ``"auto"``, ``"torch"`` or ``"triton"``
+    same code). A source with a ``decode_budget`` (no codec) keeps it: every ``compress_every`` steps, call
+    :meth:`after_step` between two steps (the graph loop does). ``source`` is only read. ``kernel`` (codes only: ``"auto"``, ``"torch"`` or ``"triton"``
     as CompressedCache takes it; default the source's) chooses the attention over the codes. Pass the
     static cache to a forward call like any cache, or decode with :class:`DecodeStep`, whose inputs and
     outputs stay at fixed addresses. A step past ``max_new_tokens`` raises ``ValueError``; :meth:`rewind`
@@ -153,6 +159,20 @@ class StaticCompressedCache(HookedCache, Cache):
         if q_len == 1:
             return positions.view(1, 1)
         return (positions + torch.arange(q_len, device=first.device)).view(1, q_len)
+
+    def after_step(self) -> None:
+        """Under a decode budget, let every layer whose interval is complete select again, in place (eagerly,
+        between two replays of a captured step: :mod:`pyramidkv.static.decoding`); otherwise nothing."""
+        bounded = [layer for layer in self.layers if getattr(layer, "budget", None) is not None]
+        if not bounded:
+            return
+        # one host read of the device's count: a replayed graph runs no Python to count its steps
+        filled = int(bounded[0].filled)
+        if filled < bounded[0].budget.every:
+            return
+        for layer in bounded:
+            layer.budget.since = filled
+            layer.budget.compact(layer)
 
     def rewind(self, appended: int = 0) -> None:
         """Go back to the state after the first ``appended`` new tokens (0: the state the cache was built in)."""

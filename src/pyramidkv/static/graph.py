@@ -97,6 +97,7 @@ def greedy_tokens(
             else:
                 _, token = step()
             value = int(token[0, 0])  # the host sync of this step: the stop check needs the token
+            static.after_step()  # a decode budget selects again between two replays
             tokens.append(value)
             if on_token is not None:
                 on_token(value)

@@ -1,0 +1,142 @@
+"""A decode budget on the CUDA-graph path: the static cache's layers select again every ``compress_every`` steps,
+in place, between two replays of the captured step.
+
+:class:`~pyramidkv.cache.decoding.DecodeCompression` bounds a :class:`~pyramidkv.cache.compressed.CompressedCache`
+while it generates by rebuilding each layer's tensors; a captured CUDA graph reads fixed addresses and fixed
+shapes, so here a layer of :class:`~pyramidkv.static.buffers.StaticBufferLayer` holds ``width`` slots for the
+tokens kept (its largest share of the decode budget over the generation) and ``every`` slots for the tokens
+of one interval. The captured step writes its token at slot ``width + filled`` and its query into a ring of
+the last queries (device counters, no host value). Every ``every`` steps the loop that replays the graph calls
+:meth:`StaticDecodeBudget.compact` eagerly: the layer's policy scores everything held with the interval's
+queries, exactly as the eager cache's recompression does (the same :meth:`~pyramidkv.cache.selection.Selection.choose`
+on the same candidates in the same order), the survivors are copied into slots ``[0, width)``, the mask order
+is rewritten in place and ``filled`` goes back to 0, so the next replay continues where the graph expects.
+Memory is the fixed ``width + every`` slots per layer however long the generation runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pyramidkv.cache.decoding import DecodeCompression
+from pyramidkv.errors import PyramidKVError
+
+
+@dataclass
+class StaticDecodeBudget:
+    """One static layer's share of a decode budget: ``decoding`` (the source cache's policy, budget and
+    interval), the layer's ``rank`` among compressed layers, and each row's real tokens seen (``real``) when
+    the interval began. ``queries`` is the ring of the interval's last queries (allocated at the first step)."""
+
+    decoding: DecodeCompression
+    rank: int
+    real: list[int]
+    since: int = 0  # steps of this interval (host count of the replays)
+    scaling: float | None = None
+    queries: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def every(self) -> int:
+        return self.decoding.every
+
+    @property
+    def limit(self) -> int:
+        """Queries kept per interval: all of them for scorers that read every query (H2O), else the window."""
+        scorer = self.decoding.selection.policy.scorer
+        every_query = scorer is not None and scorer.needs_all_queries
+        return self.every if every_query else max(1, self.decoding.selection.policy.window)
+
+    def share(self, seen: int) -> int:
+        """Tokens this layer keeps of a sequence of ``seen`` real tokens."""
+        return self.decoding.selection.layer_budgets(seen, len(self.real))[self.rank]
+
+    def width(self, held: int, most: int) -> int:
+        """Slots for kept tokens: what the layer holds now, and its largest share up to ``most`` tokens seen."""
+        return max(held, self.share(max(self.real)), self.share(most))
+
+    def reserve(self, q_len: int) -> None:
+        """Count a step of ``q_len`` tokens, refusing what the graph path cannot hold."""
+        if q_len != 1:
+            raise PyramidKVError(
+                f"key_states: got {q_len} tokens; a static cache with a decode budget takes one per step"
+            )
+        if self.since >= self.every:
+            raise PyramidKVError(
+                f"compress_every: the layer holds {self.every} new tokens since its last compression; call "
+                "StaticCompressedCache.after_step() after every step (generate(cuda_graph=True) does)"
+            )
+        self.since += 1
+
+    def remember(self, query: torch.Tensor, filled: torch.Tensor, scaling: float) -> None:
+        """Write this step's query (batch, q_heads, 1, dim) into the ring, at the slot of the token count
+        ``filled`` (already counting it), on the device."""
+        if self.queries is None:
+            batch, heads, _, dim = query.shape
+            with torch.inference_mode(False):  # written in place under any grad mode
+                self.queries = query.new_zeros(batch, heads, self.limit, dim)
+        self.scaling = scaling
+        slot = (filled - 1).remainder(self.limit).view(1)
+        self.queries.index_copy_(2, slot, query)
+
+    def interval_queries(self) -> torch.Tensor:
+        """The interval's last queries in order (batch, q_heads, min(limit, since), dim)."""
+        count = min(self.limit, self.since)
+        start = self.since - count
+        order = [(start + j) % self.limit for j in range(count)]
+        return self.queries[:, :, order]
+
+    def compact(self, layer) -> None:
+        """Select again, in place, what ``layer`` (a :class:`~pyramidkv.static.buffers.StaticBufferLayer`) keeps
+        of everything it holds; the interval ends (module docstring)."""
+        if self.since == 0:
+            return
+        selection = self.decoding.selection
+        seen = [real + self.since for real in self.real]
+        # the candidates in the eager cache's order and layout: the kept slots, then the interval's tokens
+        # (position matters to scorers that pool over neighbours, SnapKV's)
+        device = layer.keys.device
+        slots = torch.cat(
+            [
+                torch.arange(layer.kept_width, device=device),
+                torch.arange(layer.width, layer.width + self.since, device=device),
+            ]
+        )
+        order = layer.order[:, :, 0].index_select(
+            -1, slots
+        )  # -1 held, r new token r, capacity hidden
+        valid = (order < layer.filled)[
+            :, 0
+        ]  # (batch, candidates): every KV head of a row holds as many
+        counts = valid.sum(dim=1).tolist()
+        if max(counts) > self.share(max(seen)):
+            keys = layer.keys.index_select(2, slots)
+            chosen = selection.choose(
+                self.rank, self.interval_queries(), keys, valid, self.scaling, seen, counts
+            )
+            indices, lengths = chosen.indices, chosen.lengths
+        else:  # nothing to evict yet: every held token moves to the kept slots
+            ranks = torch.arange(valid.shape[1], device=device).expand_as(valid)
+            ranks = torch.where(valid, ranks, valid.shape[1]).sort(dim=1).values
+            indices = ranks[:, None, : max(counts)].clamp(max=valid.shape[1] - 1)
+            indices = indices.expand(*layer.keys.shape[:2], -1)
+            lengths = torch.tensor(counts, device=device)[:, None].expand(indices.shape[:2])
+        indices = slots[indices]
+        layer.keep(indices, lengths)
+        self.real, self.since = seen, 0
+
+
+def check_static_budget(source) -> None:
+    """Refuse what the graph path does not hold under a decode budget: codes (their store and ring would need a
+    compaction of their own) and tokens appended since the last compression."""
+    if source.codecs is not None:
+        raise PyramidKVError(
+            "source: a CompressedCache with decode_budget and a codec; the CUDA-graph path bounds caches without "
+            "codes for now: decode eagerly (cuda_graph=False)"
+        )
+    if any(layer.appended_since for layer in source.layers):
+        raise PyramidKVError(
+            "source: a CompressedCache with decode_budget that generated since its last compression; build "
+            "the static cache right after the prefill"
+        )
