@@ -70,13 +70,23 @@ def test_empty_prompt_is_rejected():
         prompt_ids(_CharTokenizer(), "   ")
 
 
-def test_graph_generation_keeps_a_decode_budget(tiny_llama):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+        ),
+    ],
+)
+def test_graph_generation_keeps_a_decode_budget(tiny_llama, device):
     """cuda_graph=True over a cache with a decode budget: the static layers select again every compress_every
-    steps (between replays on a GPU; eagerly here) and give model.generate's greedy tokens."""
+    steps (between replays of the captured step on a GPU; eagerly on the CPU) and give model.generate's greedy
+    tokens."""
     from pyramidkv.cache.compressed import CompressedCache
     from pyramidkv.generation import generate
 
-    tiny_llama.generation_config.eos_token_id = None
+    tiny_llama.to(device).generation_config.eos_token_id = None
     tok, prompt = (
         _CharTokenizer(),
         "a prompt long enough that a budget of twenty evicts most of it " * 2,
