@@ -86,6 +86,28 @@ def test_chunked_configurations_prefill_in_chunks():
     assert differ >= 1  # the chunks do change what is kept
 
 
+def test_a_haystack_file_is_where_the_needle_hides(tmp_path):
+    """--haystack FILE: needle and passkey prompts are cut from the user's text (in order, cycled when short),
+    the run records the file, and a resume with another file is refused."""
+    model, tok = context_sensitive_tiny(), CharTokenizer(template=True)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Zebras quietly graze.\n\nMarmots whistle at dawn.\n", encoding="utf-8")
+    found = options(tmp_path / "out", lengths="300", samples=2, haystack=mine)
+    for task in ("passkey", "needle"):
+        samples = make_samples(task, tok, 300, 2, seed=0, haystack=found.haystack_text)
+        text = tok.decode(samples[0].prompt_ids)
+        assert "Zebras quietly graze." in text and "Marmots whistle at dawn." in text
+        assert "grass is green" not in text and samples[0].metadata["haystack"] == "file"
+    summary = run_eval(model, tok, found, "tiny", quiet())
+    assert summary["run"]["corpus"].startswith("haystack file mine.txt (sha256 ")
+    other = tmp_path / "other.txt"
+    other.write_text("Something else entirely.", encoding="utf-8")
+    with pytest.raises(PyramidKVError, match="--resume"):
+        run_eval(
+            model, tok, options(tmp_path / "out", resume=True, haystack=other), "tiny", quiet()
+        )
+
+
 def options(tmp_path, **overrides) -> EvalOptions:
     args = dict(
         task="passkey",
@@ -160,6 +182,8 @@ def test_report_redraws_summary_and_plots(tmp_path):
         (dict(budget="64,0"), "--budget"),
         (dict(prefill_chunk="512,-1"), "--prefill-chunk"),
         (dict(prefill_chunk="x"), "--prefill-chunk"),
+        (dict(haystack="/nonexistent/hay.txt"), "--haystack"),
+        (dict(task="ruler", haystack=__file__), "--haystack"),
     ],
 )
 def test_bad_options_name_the_option(tmp_path, overrides, option):

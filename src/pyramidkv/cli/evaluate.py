@@ -31,6 +31,7 @@ def eval_command(
     codec: Annotated[str, typer.Option(help="Comma-separated codecs for kept tokens: none, fibquant:2, turboquant:3, kivi:4 ..., or plan (tokens x bits chosen by the planner, under --kv-memory; plan:3+4 limits its rates).")] = "none",
     dtype: Annotated[str | None, typer.Option(help="Model dtype: float32, bfloat16 or float16 [default: bfloat16 on CUDA, float32 on CPU]; a --kv-memory share is of the full cache in this dtype.")] = None,
     kv_memory: Annotated[str, typer.Option("--kv-memory", help="Comma-separated KV memory budgets swept beside --budget: shares of the prompt's full cache (3%) or bytes (48MiB).")] = "",
+    haystack: Annotated[Path | None, typer.Option("--haystack", help="A UTF-8 text file to hide the needle or pass key in (needle and passkey), instead of the built-in haystack.")] = None,
     prefill_chunk: Annotated[str, typer.Option("--prefill-chunk", help="Comma-separated prefill chunk sizes compared: 0 prefills the prompt in one forward, N in chunks of N tokens compressed after each.")] = "0",
 ) -> None:  # fmt: skip
     """Evaluate eviction policies and budgets on TASK; write JSON lines, a summary, a table and plots."""
@@ -51,6 +52,7 @@ def eval_command(
         codec,
         kv_memory,
         prefill_chunk,
+        haystack,
     )
     check_out(options.out, options.resume)  # before the model loads; creates nothing
     world = (

@@ -11,6 +11,7 @@ The command line (:mod:`pyramidkv.cli`) parses the options into :class:`EvalOpti
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ if (
     from pyramidkv.eval.runner import Config
 
 _LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kK]?)")
-_RUN_IDENTITY = ("task", "model", "seed", "runner")
+_RUN_IDENTITY = ("task", "model", "seed", "runner", "corpus")
 ANSWER_ROOM = 64  # new tokens a task's answer may take beyond its prompt
 
 
@@ -91,6 +92,8 @@ class EvalOptions:
     codec: str = "none"
     kv_memory: str = ""  # comma-separated memory budgets, swept beside --budget
     prefill_chunk: str = "0"  # comma-separated prefill chunk sizes; 0: the prompt in one forward
+    haystack: Path | None = None  # a UTF-8 text file to hide needle and passkey in
+    haystack_text: str | None = field(init=False, default=None)
     configs: list[Config] = field(init=False)
     token_lengths: list[int] = field(init=False)
 
@@ -135,6 +138,31 @@ class EvalOptions:
             }.get(name)  # fmt: skip
             raise PyramidKVError(f"{option}:{rest}" if option else f"--policy: {exc}") from None
         self.out = Path(self.out)
+        if self.haystack is not None:
+            self.haystack_text = read_haystack(Path(self.haystack), self.task)
+
+
+def read_haystack(path: Path, task: str) -> str:
+    """The text of a ``--haystack`` file, checked before any model loads."""
+    from pyramidkv.eval.tasks import check_haystack_task
+    from pyramidkv.eval.tasks.haystacks import paragraphs_of
+
+    check_haystack_task(task)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PyramidKVError(
+            f"--haystack: {str(path)!r} is not a readable UTF-8 file ({exc})"
+        ) from None
+    if not paragraphs_of(text):
+        raise PyramidKVError(f"--haystack: {str(path)!r} holds no text")
+    return text
+
+
+def _described(options: EvalOptions) -> str:
+    """The haystack file as results record it: its name and the start of its text's SHA-256."""
+    digest = hashlib.sha256(options.haystack_text.encode("utf-8")).hexdigest()[:16]
+    return f"haystack file {Path(options.haystack).name} (sha256 {digest})"
 
 
 def _check_resume(folder: Path, run: dict) -> dict:
@@ -169,7 +197,7 @@ def run_eval(
         "task": options.task,
         "model": model_name,
         "seed": options.seed,
-        "corpus": corpus.source(),
+        "corpus": corpus.source() if options.haystack is None else _described(options),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(model.device),
         "runner": "naive" if options.naive else "one-prefill",
@@ -195,8 +223,9 @@ def run_eval(
         building = progress.add_task("building prompts", total=len(options.token_lengths))
         for length in options.token_lengths:
             samples += make_samples(
-                options.task, tokenizer, length, options.samples, options.seed, options.mode
-            )
+                options.task, tokenizer, length, options.samples, options.seed, options.mode,
+                options.haystack_text,
+            )  # fmt: skip
             progress.advance(building)
     if (
         world.main

@@ -21,6 +21,7 @@ TASKS: dict[str, Callable[..., Draft]] = {
     **{f"ruler:{name}": build for name, build in ruler.SUBTASKS.items()},
 }
 GROUPS: dict[str, tuple[str, ...]] = {"ruler": tuple(n for n in TASKS if n.startswith("ruler:"))}
+OWN_HAYSTACK = ("needle", "passkey")  # the tasks whose haystack may be the user's text (--haystack)
 
 
 def task_names(task: str) -> tuple[str, ...]:
@@ -35,6 +36,15 @@ def task_names(task: str) -> tuple[str, ...]:
     raise PyramidKVError(f"task: got {task!r}; expected one of {known}")
 
 
+def check_haystack_task(task: str) -> None:
+    """Refuse a haystack file for a task that builds its own prompts."""
+    if task not in OWN_HAYSTACK:
+        raise PyramidKVError(
+            f"--haystack: task {task!r} builds its own prompts; a haystack file serves "
+            f"{' and '.join(OWN_HAYSTACK)}"
+        )
+
+
 def _modes(mode: str) -> tuple[str, ...]:
     if mode not in MODE_CHOICES:
         raise PyramidKVError(f"mode: got {mode!r}; expected one of {', '.join(MODE_CHOICES)}")
@@ -42,13 +52,22 @@ def _modes(mode: str) -> tuple[str, ...]:
 
 
 def make_samples(
-    task: str, tokenizer, length: int, n: int, seed: int = 0, mode: str = "query-aware"
+    task: str,
+    tokenizer,
+    length: int,
+    n: int,
+    seed: int = 0,
+    mode: str = "query-aware",
+    haystack: str | None = None,
 ) -> list[Sample]:
-    """``n`` samples of ``task`` (per member, for a group) of about ``length`` tokens, in ``mode``.
+    """``n`` samples of ``task`` (per member, for a group) of about ``length`` tokens, in ``mode``;
+    ``haystack``: the user's text to hide the needle in (needle and passkey only).
 
-    Sample ``i`` of a task depends only on ``(seed, task, length, i)``: asking for more samples keeps the
-    first ones, and both modes of one index share the same tokens.
+    Sample ``i`` of a task depends only on ``(seed, task, length, i)`` (and the haystack text): asking for
+    more samples keeps the first ones, and both modes of one index share the same tokens.
     """
+    if haystack is not None:
+        check_haystack_task(task)
     if task.startswith(
         "longbench:"
     ):  # ``length`` caps the prompt; the first ``n`` records of the file
@@ -63,7 +82,8 @@ def make_samples(
     for name in names:
         for index in range(n):
             rng = random.Random(f"{seed}:{name}:{length}:{index}")
-            draft = TASKS[name](tokenizer, length, index, rng)
+            own = {} if haystack is None else {"text": haystack}
+            draft = TASKS[name](tokenizer, length, index, rng, **own)
             found.extend(samples_of(draft, name, length, index, modes))
     return found
 

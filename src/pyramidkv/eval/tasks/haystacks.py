@@ -5,7 +5,10 @@ Two haystack kinds, as in RULER (Hsieh et al. 2024, arXiv 2404.06654):
 * ``prose`` — paragraphs of the Python Language Reference in a seeded order (our stand-in for RULER's Paul
   Graham essays: real human-written English);
 * ``filler`` — RULER's "noise" haystack, the same five short sentences repeated (also the classic passkey
-  haystack, Mohtashami & Jaggi 2023).
+  haystack, Mohtashami & Jaggi 2023);
+
+and a user's own text (``pyramidkv eval needle|passkey --haystack FILE``): its paragraphs in order, from a
+seeded starting paragraph, repeated when the text is shorter than the prompt.
 
 A :class:`Pool` is a long enough stretch of either, cut at a word count by :meth:`Pool.text` so
 :func:`~pyramidkv.eval.tasks.layout.fit` can bisect on the number of words.
@@ -46,23 +49,31 @@ def _pool(source: str) -> Pool:
     return Pool(source, tuple(m.end() for m in re.finditer(r"\S+", source)))
 
 
-def pool(tokenizer, kind: str, tokens: int, seed: int) -> Pool:
-    """At least ``tokens`` tokens of haystack ``kind`` (``prose`` in the order of ``seed``, or ``filler``)."""
+def pool(tokenizer, kind: str, tokens: int, seed: int, text: str | None = None) -> Pool:
+    """At least ``tokens`` tokens of haystack ``kind`` (``prose`` in the order of ``seed``, or ``filler``), or
+    of ``text`` when given (its paragraphs in order from one chosen by ``seed``)."""
+    if text is not None:
+        return _cycled(tokenizer, paragraphs_of(text), tokens, seed)
     if kind == "filler":
         once = len(encode(tokenizer, FILLER + " ", first=False))
         return _pool(" ".join([FILLER] * (tokens // max(once, 1) + 2)))
     if kind != "prose":
         raise PyramidKVError(f"haystack: got {kind!r}; expected one of {', '.join(HAYSTACKS)}")
+    return _cycled(tokenizer, corpus.shuffled_paragraphs(seed), tokens, 0)
+
+
+def paragraphs_of(text: str) -> list[str]:
+    """A text's paragraphs (blank-line separated, whitespace inside each collapsed), empty ones dropped."""
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _cycled(tokenizer, paragraphs: list[str], tokens: int, start: int) -> Pool:
+    """``paragraphs`` from index ``start`` (modulo their number), cycling, until they hold ``tokens`` tokens."""
     kept, total = [], 0
-    paragraphs = corpus.shuffled_paragraphs(seed)
-    for i in range(
-        len(paragraphs) * 4
-    ):  # the reference is ~40k tokens; repeat it for longer haystacks
-        paragraph = paragraphs[i % len(paragraphs)]
+    while total < tokens:
+        paragraph = paragraphs[(start + len(kept)) % len(paragraphs)]
         kept.append(paragraph)
         total += len(encode(tokenizer, paragraph, first=False)) + 1
-        if total >= tokens:
-            break
     return _pool("\n\n".join(kept))
 
 

@@ -17,5 +17,5 @@ from pyramidkv.eval.tasks.passkey import passkey_draft
 DEPTHS = tuple(i / 10 for i in range(11))
 
 
-def draft(tokenizer, length: int, index: int, rng: random.Random) -> Draft:
-    return passkey_draft(tokenizer, length, rng, DEPTHS[index % len(DEPTHS)], "prose")
+def draft(tokenizer, length: int, index: int, rng: random.Random, text: str | None = None) -> Draft:
+    return passkey_draft(tokenizer, length, rng, DEPTHS[index % len(DEPTHS)], "prose", text)

@@ -18,11 +18,15 @@ PREAMBLE = "A pass key is hidden in the text below. Find it and remember it."
 QUESTION = "What is the pass key? Answer with the number only."
 
 
-def passkey_draft(tokenizer, length: int, rng: random.Random, depth: float, haystack: str) -> Draft:
-    """A passkey prompt of about ``length`` tokens with the key at ``depth`` of a ``haystack`` kind."""
+def passkey_draft(
+    tokenizer, length: int, rng: random.Random, depth: float, haystack: str, text: str | None = None
+) -> Draft:
+    """A passkey prompt of about ``length`` tokens with the key at ``depth`` of a ``haystack`` kind, or of the
+    user's ``text`` when given."""
     value = str(rng.randint(10_000, 99_999))
     needle = f"The pass key is {value}. Remember it: the pass key is {value}."
-    hay = pool(tokenizer, haystack, length, rng.randrange(2**31))
+    hay = pool(tokenizer, haystack, length, rng.randrange(2**31), text)
+    haystack = haystack if text is None else "file"
 
     def layout(words: int) -> Layout:
         return Layout(hay.text(words), QUESTION, PREAMBLE, [(depth, needle)])
@@ -38,5 +42,5 @@ def passkey_draft(tokenizer, length: int, rng: random.Random, depth: float, hays
     )
 
 
-def draft(tokenizer, length: int, index: int, rng: random.Random) -> Draft:
-    return passkey_draft(tokenizer, length, rng, DEPTHS[index % len(DEPTHS)], "filler")
+def draft(tokenizer, length: int, index: int, rng: random.Random, text: str | None = None) -> Draft:
+    return passkey_draft(tokenizer, length, rng, DEPTHS[index % len(DEPTHS)], "filler", text)
