@@ -45,17 +45,36 @@ def _brute_lcs(a, b) -> int:
     return 0
 
 
-def test_lcs_matches_brute_force():
+def _f(common: int, predicted: int, referenced: int) -> float:
+    if common == 0:
+        return 0.0
+    precision, recall = common / predicted, common / referenced
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_rouge_l_is_the_lcs_f_measure_of_single_sentences():
+    """On one sentence without repeated words (where summary-level ROUGE-L is plain LCS), 300 random pairs equal
+    the F-measure of a brute-force LCS to 1e-6."""
     rng = random.Random(0)
-    for _ in range(200):
-        a = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
-        b = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
-        assert lm.lcs_length(a, b) == _brute_lcs(a, b), (a, b)
+    vocab = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    for _ in range(300):
+        a, b = rng.sample(vocab, rng.randint(1, 7)), rng.sample(vocab, rng.randint(1, 7))
+        want = _f(_brute_lcs(a, b), len(a), len(b))
+        assert abs(lm.rouge_l(" ".join(a), " ".join(b)) - want) <= 1e-6, (a, b)
+
+
+def test_code_sim_is_the_rounded_indel_similarity():
+    """300 random short lines: 2 x brute-force LCS of characters / total length, in whole percent (fuzzywuzzy's
+    ratio with python-Levenshtein, which LongBench calls)."""
+    rng = random.Random(1)
+    for _ in range(300):
+        a = "".join(rng.choice("abcx(") for _ in range(rng.randint(1, 7)))
+        b = "".join(rng.choice("abcx(") for _ in range(rng.randint(1, 7)))
+        want = round(100 * 2 * _brute_lcs(a, b) / (len(a) + len(b))) / 100
+        assert lm.code_sim(a, b) == want, (a, b)
 
 
 def test_rouge_l_of_hand_counted_lcs():
-    # LCS = the cat on mat = 4 of 6 tokens each side
-    assert lm.rouge_l("the cat sat on the mat", "the cat lay on a mat") == pytest.approx(2 / 3)
     # LCS = "the gunman" = 2; P = 2/4, R = 2/6
     f = 2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3)
     assert lm.rouge_l(

@@ -7,11 +7,9 @@ after cutting the prediction to its first line for the few-shot datasets (trec, 
 
 * ``qa_f1`` — token F1 of SQuAD: both texts lowercased, punctuation and the articles a/an/the removed,
   split on whitespace; F1 of the multiset overlap.
-* ``rouge`` — ROUGE-L F-measure (Lin 2004, beta = 1): longest common subsequence of whitespace tokens, with
-  ``.`` read as a separator and case kept, like the ``rouge`` package LongBench calls. That package scores at
-  summary level over ``.``-split sentences and counts distinct words; this one takes one LCS over the whole
-  token sequences, so the two agree on single-sentence texts without repeated words and can differ slightly
-  on longer summaries.
+* ``rouge`` — ROUGE-L F-measure (Lin 2004) computed by the ``rouge`` package LongBench's scorer calls
+  (summary-level LCS over ``.``-split sentences), 0 where that package raises (an empty text), as LongBench
+  does: the same numbers as published ones.
 * ``classification`` — the class names of ``all_classes`` that occur in the prediction, minus those that are
   only part of the reference's name; 1 / (their number) when the reference is among them, else 0 (also when
   none occurs: LongBench's fallback to the most similar class is never reached in its code).
@@ -19,19 +17,22 @@ after cutting the prediction to its first line for the few-shot datasets (trec, 
   share of the numbers in the prediction that equal it.
 * ``count`` — the share of the numbers in the prediction that equal the reference count.
 * ``code_sim`` — the first line of the prediction that holds no backtick, ``#`` or ``//``, compared with the
-  reference line by ``difflib.SequenceMatcher(None, a, b).ratio()`` (2 x matched characters / total). LongBench
-  uses fuzzywuzzy's ``ratio``, the same quantity rounded to whole percent; this one is not rounded.
+  reference line by rapidfuzz's ``fuzz.ratio`` (the InDel similarity, 2 x longest common subsequence of
+  characters / total length) rounded to whole percent: what LongBench's fuzzywuzzy ``ratio`` returns with
+  python-Levenshtein installed.
 
 Not supported: multifieldqa_zh and dureader / vcsum (their F1 and ROUGE need the jieba word segmenter).
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 import string
 from collections import Counter
 from collections.abc import Callable
+
+from rapidfuzz import fuzz
+from rouge import Rouge
 
 from pyramidkv.errors import PyramidKVError
 
@@ -56,25 +57,12 @@ def qa_f1(prediction: str, reference: str, **_) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of ``a`` and ``b`` (dynamic programming, one row at a time)."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(prediction: str, reference: str, **_) -> float:
-    """ROUGE-L F-measure of whitespace tokens (``.`` as a separator); 0 for an empty text."""
-    pred, ref = prediction.replace(".", " ").split(), reference.replace(".", " ").split()
-    common = lcs_length(pred, ref) if pred and ref else 0
-    if common == 0:
+    """ROUGE-L F-measure of the ``rouge`` package; 0 where it raises (an empty text, a text of dots)."""
+    try:
+        return Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    except (ValueError, RecursionError):
         return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def classification(
@@ -118,10 +106,11 @@ def count(prediction: str, reference: str, **_) -> float:
 
 
 def code_sim(prediction: str, reference: str, **_) -> float:
-    """difflib similarity of the prediction's first code line (no backtick, ``#``, ``//``) to the reference."""
+    """Similarity of the prediction's first code line (no backtick, ``#``, ``//``) to the reference, in whole
+    percent (module docstring)."""
     lines = prediction.lstrip("\n").split("\n")
     line = next((x for x in lines if not any(m in x for m in ("`", "#", "//"))), "")
-    return difflib.SequenceMatcher(None, line, reference).ratio()
+    return round(fuzz.ratio(line, reference)) / 100
 
 
 METRICS: dict[str, Callable[..., float]] = {
