@@ -112,10 +112,42 @@ def test_codes_where_the_attention_allows_them(name):
         assert any(getattr(layer, "coded", None) for layer in cache.layers)
 
 
-def test_byte_budgets_are_refused_beside_sliding_layers():
-    model = _model("gemma3")
-    with pytest.raises(PyramidKVError, match=r"kv_memory: .*sliding-window layers"):
-        CompressedCache(model, "snapkv", kv_memory="10%")
+@pytest.mark.parametrize("name", ["gemma3", "qwen2-sliding"])
+@pytest.mark.parametrize("codec", [None, "fibquant:3"])
+def test_a_byte_budget_counts_the_sliding_windows_as_held_whole(name, codec):
+    """kv_memory beside sliding-window layers: their windows are held whole in the full cache and in the
+    compressed one, and the compressed layers take what remains, so the cache holds at most the stated share of
+    the full cache (transformers' own, windows included) and not much less."""
+    from pyramidkv.cache.accounting import full_cache_nbytes
+
+    model = _model(name)
+    if name in NO_CODES and codec:
+        return
+    ids = _ids(length=120)
+    full = full_cache_nbytes(model.config, ids.shape[1], 1, model.dtype)
+    for share in (0.3, 0.6):
+        with CompressedCache(model, "snapkv", kv_memory=f"{share:.0%}", codec=codec) as cache:
+            _greedy(model, cache, ids, tokens=1)
+            held = cache.nbytes() - sum(
+                layer.keys.nbytes + layer.values.nbytes
+                for layer in cache.layers
+                if not isinstance(layer, SlidingLayer) and layer.keys is not None
+            )  # the prompt's part: the one new token fed back is not in the budget
+            assert held <= share * full, (share, held, full)
+            kept = [
+                int(tokens.max())
+                for tokens, layer in zip(cache.kept_tokens(), cache.layers, strict=True)
+                if not isinstance(layer, SlidingLayer)
+            ]
+            if min(kept) < ids.shape[1]:  # the budget binds: the compressed layers fill it
+                assert 0.75 * share * full < held, (share, held, full)
+    with (
+        pytest.raises(PyramidKVError, match="sliding windows kept whole"),
+        CompressedCache(model, "snapkv", kv_memory="1%") as cache,
+    ):
+        _greedy(model, cache, ids, tokens=1)
+    with pytest.raises(PyramidKVError, match=r"plan: .*sliding-window layers"):
+        CompressedCache(model, "snapkv", kv_memory="30%", plan="auto")
 
 
 @pytest.mark.parametrize("name", ["gemma3", "qwen2-sliding"])

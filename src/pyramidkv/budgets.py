@@ -175,20 +175,23 @@ class MemoryBudget:
         token_bytes: float,
         full_token_bytes: float,
         fixed_bytes: int = 0,
+        whole_bytes: float = 0,
     ) -> int:
         """Average tokens per layer for one of ``batch`` rows (of ``prompt_len`` real tokens) so that the
         batch's cache fits: at most the prompt.
 
         ``token_bytes``: one token of one layer as stored (all KV heads, keys and values, side information);
         ``full_token_bytes``: the same in the uncompressed cache; ``fixed_bytes``: what the whole batch's cache
-        holds whatever it keeps (codebooks, row lengths), charged to the rows equally. Raises when not even
-        one token per layer fits, saying the smallest cache the configuration can hold.
+        holds whatever it keeps (codebooks, row lengths), charged to the rows equally; ``whole_bytes``: what
+        one row holds uncompressed beside the ``layers`` compressed ones (the windows of sliding-window
+        layers), in the full cache and the compressed one alike. Raises when not even one token per layer
+        fits, saying the smallest cache the configuration can hold.
         """
-        full = prompt_len * layers * full_token_bytes  # one row's uncompressed cache
+        full = prompt_len * layers * full_token_bytes + whole_bytes  # one row's uncompressed cache
         if self.nbytes is not None:
-            allowed = (self.nbytes - fixed_bytes) / batch
+            allowed = (self.nbytes - fixed_bytes) / batch - whole_bytes
         else:
-            allowed = self.fraction * full - fixed_bytes / batch
+            allowed = self.fraction * full - fixed_bytes / batch - whole_bytes
         tokens = int(allowed // (layers * token_bytes))
         if tokens < 1:
             asked = (
@@ -196,11 +199,17 @@ class MemoryBudget:
                 if self.nbytes is not None
                 else f"{self.fraction:.4%} of the full cache ({self.fraction * full * batch:,.0f} bytes)"
             )
-            smallest = math.ceil(batch * layers * token_bytes + fixed_bytes)
+            smallest = math.ceil(batch * (layers * token_bytes + whole_bytes) + fixed_bytes)
+            kept_whole = (
+                f", {batch * whole_bytes:,.0f} bytes of sliding windows kept whole"
+                if whole_bytes
+                else ""
+            )
             raise PyramidKVError(
                 f"kv_memory: {asked} is less than the smallest cache this configuration holds: "
                 f"{smallest:,} bytes (one token per layer and row, {fixed_bytes:,} bytes of row lengths and "
-                f"codebooks), {smallest - (allowed * batch + fixed_bytes):,.0f} bytes short"
+                f"codebooks{kept_whole}), {smallest - (allowed * batch + whole_bytes * batch + fixed_bytes):,.0f} "
+                "bytes short"
             )
         return min(prompt_len, tokens)
 

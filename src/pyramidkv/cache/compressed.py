@@ -163,16 +163,15 @@ def _compress_after(
 
 
 def _check_model(model, compressed: list[bool], settings: Settings, codec, plan) -> None:
-    """Refuse what this model's attention rules out: byte budgets and plans beside sliding-window layers
-    (their windows are not in the byte accounting of the budget), and codes where the model's attention does
+    """Refuse what this model's attention rules out: plans beside sliding-window layers (a byte budget counts
+    their windows as held whole), and codes where the model's attention does
     more than a softmax over ``q.k`` (Gemma 2's logit soft-capping, gpt-oss's attention sinks), which the
     attention over codes does not apply."""
     name = type(model).__name__
-    if not all(compressed) and (settings.kv_memory is not None or settings.plan is not None):
-        what = "kv_memory" if settings.kv_memory is not None else "plan"
+    if not all(compressed) and settings.plan is not None:
         raise PyramidKVError(
-            f"{what}: {name} keeps sliding-window layers beside its full-attention ones, and byte budgets "
-            "count the compressed layers only; give a token budget"
+            f"plan: {name} keeps sliding-window layers beside its full-attention ones, which the planner does "
+            "not plan; give kv_memory with a fixed codec, or a token budget"
         )
     if settings.codec == "none":
         return
@@ -302,6 +301,7 @@ class CompressedCache(HookedCache, Cache):
             self.token_bytes(),
             token_nbytes(model.config, self.dtype),
             self.codebook_nbytes(),
+            sliding=(len(self.compressed_layers) - compressed, sliding_window(model.config) or 0),
         )
         self.planner = (
             None

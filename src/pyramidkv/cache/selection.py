@@ -36,7 +36,8 @@ class Selection:
     ``token_bytes`` is what one kept token costs in one layer (all KV heads, key and value) as the cache
     stores it; ``full_token_bytes`` the same uncompressed, in the model's dtype; ``fixed_bytes`` what the
     cache holds whatever it keeps (codebooks); ``row_bytes`` the length counter of one (sequence, KV head)
-    row. A ``kv_memory`` budget is turned into tokens from these.
+    row; ``sliding`` the number of sliding-window layers kept whole beside the ``num_layers`` compressed
+    ones and their window. A ``kv_memory`` budget is turned into tokens from these.
     """
 
     policy: Policy
@@ -48,6 +49,7 @@ class Selection:
     full_token_bytes: int
     fixed_bytes: int
     row_bytes: int = 8
+    sliding: tuple[int, int] = (0, 0)  # (sliding-window layers kept whole, their window)
     # scores of one prompt, shared by caches built from one capture (pyramidkv.eval.prefill): a policy's
     # scores do not depend on the budget, so four budgets of H2O score the prompt once, not four times
     score_memo: dict | None = None
@@ -61,8 +63,17 @@ class Selection:
         if self.kv_memory is None:
             return self.budget.tokens_for(prompt_len)
         fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.row_bytes
+        layers, window = self.sliding
+        # a sliding layer holds its last window - 1 tokens, as the full cache does (accounting.full_cache_nbytes)
+        whole = layers * min(prompt_len, max(window - 1, 0)) * self.full_token_bytes
         return self.kv_memory.tokens_for(
-            prompt_len, batch, self.num_layers, self.token_bytes, self.full_token_bytes, fixed
+            prompt_len,
+            batch,
+            self.num_layers,
+            self.token_bytes,
+            self.full_token_bytes,
+            fixed,
+            whole,
         )
 
     def layer_budgets(self, prompt_len: int, batch: int = 1) -> list[int]:
