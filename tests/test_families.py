@@ -168,3 +168,50 @@ def test_the_evaluations_capture_rebuilds_a_sliding_models_cache(name):
         fresh_logits = model(step, **cache_kwargs(model, fresh)).logits
         assert torch.equal(fresh.kept_tokens(), rebuilt_kept)
     torch.testing.assert_close(rebuilt_logits, fresh_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2-sliding"])
+@pytest.mark.parametrize("codec", [None, "fibquant:3"])
+def test_the_static_cache_holds_sliding_windows_as_rings(name, codec):
+    """The CUDA-graph path's static cache of a mixed model: sliding layers as rings of the window, full layers as
+    static buffers (or codes); its logits equal the eager cache's step by step, teacher-forced, well past the
+    point where every ring has wrapped (on the CPU the captured step runs eagerly)."""
+    from pyramidkv.static.cache import StaticCompressedCache
+    from pyramidkv.static.sliding import StaticSlidingLayer
+
+    model, steps = _model(name), 3 * WINDOW
+    # codes: a residual window longer than the decode, so both caches hold every new token in fp16 (the static
+    # store codes one token per step where the eager cache flushes a block: tests/test_static_codes.py)
+    options = dict(codec=codec, residual=64) if codec else {}
+    eager = CompressedCache(model, "snapkv", "25%", **options)
+    source = CompressedCache(model, "snapkv", "25%", **options)
+    with torch.inference_mode():
+        token = model(_ids(), **cache_kwargs(model, eager)).logits[:, -1:].argmax(-1)
+        model(_ids(), **cache_kwargs(model, source))
+        static = StaticCompressedCache(model, source, max_new_tokens=steps)
+        assert any(isinstance(layer, StaticSlidingLayer) for layer in static.layers)
+        for step in range(steps):
+            want = model(token, **cache_kwargs(model, eager)).logits[:, -1]
+            got = model(token, **cache_kwargs(model, static)).logits[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+            token = want.argmax(-1, keepdim=True)
+        static.rewind(0)  # the rings wrapped: rewind(0) restores the windows as built
+        again = model(_ids()[:, -1:] * 0 + token, **cache_kwargs(model, static)).logits[:, -1]
+        assert torch.isfinite(again).all()
+    for cache in (eager, source, static):
+        cache.close()
+
+
+def test_the_static_cache_refuses_what_its_sliding_windows_cannot_do():
+    from pyramidkv.static.cache import StaticCompressedCache
+
+    gemma2 = _model("gemma2")
+    with CompressedCache(gemma2, "snapkv", "25%") as source:
+        _greedy(gemma2, source, _ids(), tokens=1)
+        with pytest.raises(PyramidKVError, match="soft-capping or sinks"):
+            StaticCompressedCache(gemma2, source, max_new_tokens=4)
+    gemma3 = _model("gemma3")
+    with CompressedCache(gemma3, "snapkv", "25%") as source:
+        _greedy(gemma3, source, _ids(batch=2), tokens=1)
+        with pytest.raises(PyramidKVError, match="several rows"):
+            StaticCompressedCache(gemma3, source, max_new_tokens=4)

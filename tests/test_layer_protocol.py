@@ -31,6 +31,11 @@ KINDS = {
 }
 
 
+# kinds that need a model with sliding-window layers: the hook and decode are tested in tests/test_families.py,
+# the layout below
+SLIDING_KINDS = {"StaticSlidingLayer"}
+
+
 def _concrete_layer_kinds() -> set[str]:
     found, todo = set(), [CacheLayer]
     while todo:
@@ -43,7 +48,7 @@ def _concrete_layer_kinds() -> set[str]:
 
 def test_every_layer_kind_of_the_package_is_in_the_matrix():
     assert pyramidkv.cache.CodedLayer and pyramidkv.static.StaticCodedLayer  # both packages loaded
-    assert _concrete_layer_kinds() == set(KINDS)
+    assert _concrete_layer_kinds() == set(KINDS) | SLIDING_KINDS
 
 
 def _spy(layers, calls: Counter) -> None:
@@ -103,6 +108,18 @@ def test_attend_returns_the_models_layout(tiny_llama, kind):
 
         own = ModelAttention(module, sdpa_attention_forward, float_mask=False)
         assert layer.attend(query, 0.25, own).shape == (1, 1, 4, 16)
+
+
+def test_a_static_sliding_layer_returns_the_models_layout():
+    from pyramidkv.static.sliding import StaticSlidingLayer
+
+    keys = torch.randn(1, 2, 7, 16)
+    layer = StaticSlidingLayer(
+        0, keys, torch.randn_like(keys), seen=40, sliding_window=8, max_new_tokens=4
+    )
+    new = torch.randn(1, 2, 1, 16)
+    layer.update(new, torch.randn_like(new))
+    assert layer.attend(torch.randn(1, 4, 1, 16), 0.25).shape == (1, 1, 4, 16)
 
 
 def test_a_static_layer_refuses_a_prompt(tiny_llama):

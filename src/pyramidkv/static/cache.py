@@ -29,6 +29,7 @@ from pyramidkv.cache.accounting import kv_geometry
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.hook import HookedCache
+from pyramidkv.cache.sliding import SlidingLayer
 from pyramidkv.checks import check_int
 from pyramidkv.codecs.rotated import RotatedBlockCodec
 from pyramidkv.errors import PyramidKVError
@@ -36,6 +37,7 @@ from pyramidkv.kernels import check_kernel, use_fused
 from pyramidkv.static import coded
 from pyramidkv.static.buffers import StaticBufferLayer
 from pyramidkv.static.decoding import StaticDecodeBudget, check_static_budget
+from pyramidkv.static.sliding import StaticSlidingLayer
 
 
 def _held(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,14 +67,41 @@ def _coded_layers(source: CompressedCache, max_new_tokens: int, kernel: str | No
     kernel = source.kernel if kernel is None else kernel
     fused_ok = check_kernel(kernel, codecs, source.head_dim)
     return [
-        coded.coded_layer(
+        _sliding(layer, max_new_tokens)
+        if isinstance(layer, SlidingLayer)
+        else coded.coded_layer(
             layer, source.residual, max_new_tokens, use_fused(kernel, fused_ok, layer.device)
         )
         for layer in source.layers
     ]
 
 
-def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None) -> list:
+def _sliding(layer: SlidingLayer, max_new_tokens: int) -> StaticSlidingLayer:
+    """The static ring of a sliding-window layer's window."""
+    return StaticSlidingLayer(
+        layer.layer_idx, layer.keys, layer.values, layer.seen, layer.sliding_window, max_new_tokens
+    )
+
+
+def _check_sliding(model, source) -> None:
+    """What the static path cannot do beside sliding-window layers: rows of different lengths (the ring does
+    not know a row's padding), and attention that adds to the softmax (Gemma 2's soft-capping, gpt-oss's sinks),
+    which the static layers' own attention does not apply."""
+    if source.layers[0].keys is not None and source.layers[0].keys.shape[0] > 1:
+        raise PyramidKVError(
+            "source: a batch of several rows in a model with sliding-window layers; the static cache's "
+            "sliding windows hold one row each: decode eagerly (cuda_graph=False) or one row at a time"
+        )
+    text = model.config.get_text_config()
+    capped = getattr(text, "attn_logit_softcapping", None) is not None
+    if capped or any(hasattr(module, "sinks") for module in model.modules()):
+        raise PyramidKVError(
+            f"source: {type(model).__name__}'s attention adds to the softmax (soft-capping or sinks), which the "
+            "static cache's attention does not apply: decode eagerly (cuda_graph=False)"
+        )
+
+
+def _source_layers(model, source, layers: int, max_new_tokens: int, kernel: str | None) -> list:
     """Static layers copied from a prefilled CompressedCache or DynamicCache (the class docstring)."""
     if not isinstance(source, Cache):
         raise TypeError(
@@ -95,10 +124,7 @@ def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None)
             for i, layer in enumerate(source.layers)
         ]
     if not all(source.compressed_layers):
-        raise PyramidKVError(
-            "source: the model has sliding-window layers, which the static cache of the CUDA-graph path "
-            "does not hold yet; decode eagerly (cuda_graph=False)"
-        )
+        _check_sliding(model, source)
     if source.decode_budget is not None:
         check_static_budget(source)
     for layer in source.layers:
@@ -110,7 +136,9 @@ def _source_layers(source, layers: int, max_new_tokens: int, kernel: str | None)
     if source.codecs is not None:
         return _coded_layers(source, max_new_tokens, kernel)
     return [
-        StaticBufferLayer(i, *_held(layer), layer.seen, max_new_tokens, _budget(layer))
+        _sliding(layer, max_new_tokens)
+        if isinstance(layer, SlidingLayer)
+        else StaticBufferLayer(i, *_held(layer), layer.seen, max_new_tokens, _budget(layer))
         for i, layer in enumerate(source.layers)
     ]
 
@@ -142,7 +170,7 @@ class StaticCompressedCache(HookedCache, Cache):
         layers, _, _ = kv_geometry(model.config)
         # normal tensors (not inference tensors), so decoding may run under no_grad or inference_mode
         with torch.inference_mode(False), torch.no_grad():
-            built = _source_layers(source, layers, max_new_tokens, kernel)
+            built = _source_layers(model, source, layers, max_new_tokens, kernel)
         self._hook(model)
         self.max_new_tokens = max_new_tokens
         super().__init__(layers=built)

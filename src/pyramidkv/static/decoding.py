@@ -135,7 +135,7 @@ def check_static_budget(source) -> None:
             "source: a CompressedCache with decode_budget and a codec; the CUDA-graph path bounds caches without "
             "codes for now: decode eagerly (cuda_graph=False)"
         )
-    if any(layer.appended_since for layer in source.layers):
+    if any(getattr(layer, "appended_since", 0) for layer in source.layers):
         raise PyramidKVError(
             "source: a CompressedCache with decode_budget that generated since its last compression; build "
             "the static cache right after the prefill"
