@@ -46,8 +46,9 @@ class PlannedLayer(CodedLayer):
     ) -> None:
         """Keep, of the window, the planner's tiers (the planner holds the layer's selection)."""
         tiers = self.planner.plan(
-            self.rank, queries, self.keys, self.values, valid, scaling, self.real, counts
-        )
+            self.rank, queries, self.keys, self.values, valid, scaling, self.real, counts,
+            fused=self._fused(self.keys.device),
+        )  # fmt: skip
         dim = self.keys.shape[-1]
         for tier, indices, lengths in tiers:
             gather = indices.unsqueeze(-1).expand(-1, -1, -1, dim)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyramidkv.budgets import MemoryBudget
+from pyramidkv.cache.blocks import CodedBlocks
 from pyramidkv.cache.selection import Selection
 from pyramidkv.checks import check_int
 from pyramidkv.codecs.registry import CodecPair
@@ -178,12 +179,14 @@ class Planner:
         scaling: float,
         seen: list[int] | None = None,
         counts: list[int] | None = None,
+        fused: bool = False,
     ) -> list[tuple[Tier, torch.Tensor, torch.Tensor]]:
         """The tiers layer ``layer_idx`` keeps: ``(tier, indices (batch, kv_heads, K), lengths (batch,
         kv_heads))`` per tier holding tokens, indices ascending and valid up to ``lengths``. ``valid`` marks the
         candidates, ``seen`` the real tokens of each row's prompt so far, which the bytes follow (as in
         :meth:`Selection.choose <pyramidkv.cache.selection.Selection.choose>`); ``counts`` the candidates of
-        each row when the caller read them on the host."""
+        each row when the caller read them on the host; ``fused``: encode the distortion samples with the
+        fused encode kernel (one launch per rate instead of the codec's ~100 operations)."""
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         budget = self.layer_bytes(
             layer_idx, queries, keys, valid, scaling, counts if seen is None else seen
@@ -199,7 +202,7 @@ class Planner:
             rates = torch.full((longest,), whole, dtype=torch.long)
         else:
             rates = self._search(
-                order, shares, budget, window, longest, queries, keys, values, valid, scaling
+                order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused
             )
         spent = 0.0
         found = []
@@ -213,7 +216,7 @@ class Planner:
         return found
 
     def _search(
-        self, order, shares, budget, window, longest, queries, keys, values, valid, scaling
+        self, order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused
     ) -> torch.Tensor:
         """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers."""
         offered = [i for i, t in enumerate(self.tiers) if t.codecs is not None or self.whole]
@@ -225,7 +228,7 @@ class Planner:
                 0.0
                 if self.tiers[i].codecs is None
                 else self.distortion(
-                    self.tiers[i].codecs, queries, keys, values, valid, shares, scaling
+                    self.tiers[i].codecs, queries, keys, values, valid, shares, scaling, fused
                 ),
             )
             for i in offered
@@ -244,10 +247,11 @@ class Planner:
         valid: torch.Tensor,
         shares: torch.Tensor,
         scaling: float,
+        fused: bool = False,
     ) -> float:
         """Output error of a token stored by ``codecs`` relative to evicting it, on sampled tokens of this
         layer (module docstring, step 2), times ``weight``. ``shares`` (batch, kv_heads, n): each token's
-        attention share."""
+        attention share; ``fused``: encode with the fused kernel."""
         n = keys.shape[-2]
         picked = (
             torch.linspace(0, n - 1, min(self.samples, n), device=keys.device)
@@ -257,8 +261,9 @@ class Planner:
         )
         k, v = keys[:, :, picked].float(), values[:, :, picked].float()
         ok = valid[:, picked].to(keys.device)[:, None].float()  # (batch, 1, s)
-        k_hat = codecs.keys.decode(codecs.keys.encode(k, "planner keys"), torch.float32)
-        v_hat = codecs.values.decode(codecs.values.encode(v, "planner values"), torch.float32)
+        encode = CodedBlocks(codecs).encode(k, v, fused, "planner")
+        k_hat = codecs.keys.decode(encode[0], torch.float32)
+        v_hat = codecs.values.decode(encode[1], torch.float32)
         window = min(self.selection.policy.window, queries.shape[-2])
         batch, _q_heads, _, dim = queries.shape
         heads = keys.shape[1]
