@@ -10,8 +10,8 @@ compress_every=N)`` (``policy/B/N[/codec]``), ``N/4`` tokens a forward: a compre
 tokens, on a forward's boundary, so that is exactly the cache a token-by-token generation would have, and the
 bytes held are read four times per interval (the sawtooth between compressions). KL from the full cache's logits and top-1
 agreement are reported per bucket of generated positions (95% intervals over prompts), with the bytes the cache
-holds after each block. ``--speed`` also times a greedy generation of ``--generate`` tokens (eager decoding),
-decode-compressed against the full cache. Writes benchmarks/results/decode_compression_<device>.json and a
+holds after each block. ``--speed`` also times a greedy generation of ``--generate`` tokens, decode-compressed
+against the full cache, eager and (on a GPU, configurations without codes) by CUDA-graph replay. Writes benchmarks/results/decode_compression_<device>.json and a
 plot of bytes against generated tokens.
 """
 
@@ -85,8 +85,11 @@ def run_config(model, prompt, generated, reference, options: dict) -> dict:
     return {"kl": torch.cat(kl).tolist(), "top1": torch.cat(top1).tolist(), "held": held}
 
 
-def speed(model, tokenizer, text: str, tokens: int, options: dict | None) -> float:
-    """Decode tokens/s of a greedy generation of ``tokens`` tokens, eager (``options`` None: full cache)."""
+def speed(
+    model, tokenizer, text: str, tokens: int, options: dict | None, graph: bool = False
+) -> float:
+    """Decode tokens/s of a greedy generation of ``tokens`` tokens (``options`` None: full cache), eager or, with
+    ``graph``, by CUDA-graph replay (a decode budget without codes selects again between replays)."""
     from pyramidkv.generation import generate
 
     cache = None if options is None else CompressedCache(model, **options)
@@ -98,6 +101,7 @@ def speed(model, tokenizer, text: str, tokens: int, options: dict | None) -> flo
         min_new_tokens=tokens,
         chat=False,
         cache=cache,
+        cuda_graph=graph,
     )
     if cache is not None:
         cache.close()
@@ -202,6 +206,16 @@ def main(argv: list[str] | None = None) -> dict:
         speeds["full"] = speed(model, tokenizer, text, args.generate, None)
         for item in configs:
             speeds[item] = speed(model, tokenizer, text, args.generate, parse_config(item))
+        if (
+            model.device.type == "cuda"
+        ):  # the graph path: full cache against the budgets without codes
+            speeds["full@graph"] = speed(model, tokenizer, text, args.generate, None, graph=True)
+            for item in configs:
+                options = parse_config(item)
+                if "codec" not in options:
+                    speeds[f"{item}@graph"] = speed(
+                        model, tokenizer, text, args.generate, options, graph=True
+                    )
         print("decode tokens/s:", {k: round(v, 1) for k, v in speeds.items()})
     device = model.device.type
     args.out.mkdir(parents=True, exist_ok=True)
