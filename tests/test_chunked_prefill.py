@@ -37,6 +37,33 @@ def _feed(model, cache, ids, chunk: int, mask: torch.Tensor | None = None) -> li
     return out
 
 
+def test_a_planned_cache_holds_its_bytes_after_each_chunk():
+    """plan='auto' in chunks: after each chunk the layers plan again from the tokens held and the chunk, and the
+    cache holds at most the byte budget of the prompt so far; at a budget that keeps every token whole the
+    chunks attend exactly as one forward."""
+    from pyramidkv.cache.accounting import full_cache_nbytes
+
+    model = make_tiny("llama")
+    ids = _prompt(model, 384)
+    cache = CompressedCache(model, "snapkv", kv_memory="12%", plan="auto", prefill_chunk=128)
+    with torch.inference_mode():
+        for end in range(128, 385, 128):
+            model(ids[:, end - 128 : end], **cache_kwargs(model, cache))
+            allowed = 0.12 * full_cache_nbytes(model.config, end, 1, model.dtype)
+            assert cache.nbytes() <= allowed, (end, cache.nbytes(), allowed)
+    rates = {r["bits"] for layer in cache.memory_report()["rates"] for r in layer if r["tokens"]}
+    assert len(rates) >= 2  # several rates survived the chunks
+    cache.close()
+    with torch.inference_mode():
+        whole = model(ids).logits
+    exact = CompressedCache(  # bytes for every token whole: the planner keeps the prompt
+        model, "snapkv", kv_memory=10**8, plan="auto:2+3+4+whole", prefill_chunk=64
+    )
+    chunked = torch.cat(_feed(model, exact, ids, 64), dim=1)
+    assert torch.allclose(chunked, whole, atol=1e-4)
+    exact.close()
+
+
 def test_the_model_mask_of_a_chunk_spans_the_chunk_not_the_prompt(monkeypatch):
     """Memory of a chunk is bounded by the chunk: the 4-D mask transformers builds for it covers the layer's recent
     window and the chunk, not every position seen (which made the mask of the last chunk of a 512k prompt
@@ -197,8 +224,8 @@ def test_generation_agrees_through_every_chunked_path():
         (dict(policy="adakv", prefill_chunk=64), "prefill_chunk: policy 'adakv' shares"),
         (dict(codec="kivi:2", prefill_chunk=64), "prefill_chunk: not with codec 'kivi'"),
         (
-            dict(budget=None, kv_memory="5%", plan="auto", prefill_chunk=64),
-            "prefill_chunk: not with plan='auto'",
+            dict(budget=None, kv_memory="5%", plan="auto", decode_budget=64),
+            "decode_budget: not with plan='auto'",
         ),
     ],
 )

@@ -100,7 +100,8 @@ class Settings:
             name = _planned_codec(name, memory)
         if prefill_chunk is not None:
             check_int("prefill_chunk", prefill_chunk, 1)
-            _check_reselects("prefill_chunk", "a chunked prefill", chosen, planned, name)
+            # a planned layer plans again from its tokens' values after each chunk (PlannedLayer._reselect)
+            _check_reselects("prefill_chunk", "a chunked prefill", chosen, None, name)
         check_int("compress_every", compress_every, 1)
         decode = None
         if decode_budget is not None:

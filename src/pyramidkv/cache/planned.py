@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pyramidkv.cache.layers import CodedLayer, _bytes, _causal
+from pyramidkv.cache.layers import CodedLayer, CompressedLayer, _bytes, _causal
 from pyramidkv.cache.planner import Planner
 from pyramidkv.cache.selection import Selection
 from pyramidkv.codecs.registry import CodecPair
@@ -61,6 +61,13 @@ class PlannedLayer(CodedLayer):
                     keys, values, lengths, fused=fused, where=self._where, codecs=tier.codecs
                 )
         self.ragged = True
+
+    def _reselect(self, queries, recent, scaling, seen, selection) -> None:
+        """After a chunk of the prompt: plan again from every token held, each rate's decoded and the chunk's,
+        what the bytes of the prompt so far keep. A token that stays at its rate is coded again from its
+        decoded value, which gives back its code up to rounding (a codeword's own cell); one that moves to
+        another rate is coded from that value."""
+        CompressedLayer._reselect(self, queries, recent, scaling, seen, selection)
 
     def _whole_dense(self) -> bool:
         """Whether every row keeps all its whole-token slots (so they can join the fused epilogue's window)."""
