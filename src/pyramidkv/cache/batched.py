@@ -37,7 +37,6 @@ from pyramidkv.cache.host import to_device
 from pyramidkv.cache.selection import Selection
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.policies import select
-from pyramidkv.policies.heads import head_budgets
 
 # float32 bytes of one group's keys (and of its attention weights), above which layers are scored in groups
 GROUP_BYTES = 256 * 2**20
@@ -203,7 +202,7 @@ def choose_layers(
         ):
             group_scores = torch.zeros(rows.shape[0], *store.shape[3:5], device=store.device)
         if policy.heads == "adaptive" and scorer is not None:
-            heads = head_budgets(group_scores, rows, budgets, policy.window, policy.head_floor)
+            heads = selection.head_budgets(group_scores, rows, budgets)
             indices, lengths = select(group_scores, rows, heads, policy.window)
             split = lengths.view(len(group), batch, -1)
             widths = split.amax(dim=(1, 2)).tolist()

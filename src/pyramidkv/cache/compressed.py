@@ -25,6 +25,7 @@ from pyramidkv.cache.batched import BatchedPrefill
 from pyramidkv.cache.decoding import DecodeCompression
 from pyramidkv.cache.hook import HookedCache
 from pyramidkv.cache.layers import CodedLayer, CompressedLayer
+from pyramidkv.cache.parallel import TensorParallel
 from pyramidkv.cache.planned import PlannedLayer
 from pyramidkv.cache.planner import Plan, Planner, Tier, parse_plan
 from pyramidkv.cache.selection import Selection
@@ -277,6 +278,12 @@ class CompressedCache(HookedCache, Cache):
         self.prefill_chunk = prefill_chunk
         self.model_config = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model.config)
+        self.parallel = TensorParallel.of(model)  # each rank holds its share of the KV heads
+        if self.parallel is not None and plan is not None:
+            raise PyramidKVError(
+                "plan: the planner compares a layer's heads on one rank; under tensor parallelism give "
+                "kv_memory with a fixed codec, or a token budget"
+            )
         # which layers are compressed (the others slide within their window, :mod:`.sliding`)
         self.compressed_layers = compressed_layers(model.config)
         compressed = sum(self.compressed_layers)
@@ -303,6 +310,7 @@ class CompressedCache(HookedCache, Cache):
             token_nbytes(model.config, self.dtype),
             self.codebook_nbytes(),
             sliding=(len(self.compressed_layers) - compressed, sliding_window(model.config) or 0),
+            parallel=self.parallel,
         )
         self.planner = (
             None
@@ -401,6 +409,11 @@ class CompressedCache(HookedCache, Cache):
         """Bytes the cache holds: kept and appended keys/values (or their codes), row lengths, codebooks."""
         return sum(layer.nbytes() for layer in self.layers) + self.codebook_nbytes()
 
+    def nbytes_all_ranks(self) -> int:
+        """Bytes every rank's cache holds together under tensor parallelism (a collective: every rank calls
+        it); :meth:`nbytes` on one device."""
+        return self.nbytes() if self.parallel is None else self.parallel.total(self.nbytes())
+
     def memory_report(self) -> dict:
         """Bytes per layer and per component beside the fp16 full cache of the same tokens, and the ratios.
 
@@ -409,6 +422,8 @@ class CompressedCache(HookedCache, Cache):
         after compressing the prompt (codebooks included), ``prompt_full_bytes`` the uncompressed cache of the
         prompt in the model's dtype (the reference of a ``kv_memory`` share), ``prompt_share`` their ratio;
         ``kept_tokens`` the tokens each layer holds per row and KV head (adaptive schedules and heads vary them).
+        Under tensor parallelism every figure is this rank's (its KV heads; the full cache's bytes are its
+        heads' share), and ``tensor_parallel`` names the ranks; :meth:`nbytes_all_ranks` adds them up.
         """
         layers = [layer.components() for layer in self.layers]
         totals = {key: sum(parts[key] for parts in layers) for key in layers[0]}
@@ -419,7 +434,13 @@ class CompressedCache(HookedCache, Cache):
         codes_only = totals["codes"] + totals["side"] + totals["kept_fp"]
         prompt = sum(layer.prompt_bytes for layer in self.layers) + self.codebook_nbytes()
         prompt_full = full_cache_nbytes(self.model_config, first.prompt_tokens, batch, self.dtype)
+        ranks = 1 if self.parallel is None else self.parallel.size
+        full, prompt_full = full // ranks, prompt_full // ranks  # this rank's heads
+        parallel = {} if self.parallel is None else {
+            "tensor_parallel": {"ranks": ranks, "rank": self.parallel.rank}
+        }  # fmt: skip
         return {
+            **parallel,
             "codec": self.codecs.label() if self.codecs else "none",
             "attention": self.attention_path(),
             "policy": self.policy.name,

@@ -16,6 +16,7 @@ import torch
 
 from pyramidkv.budgets import Budget, MemoryBudget
 from pyramidkv.cache.host import to_device
+from pyramidkv.cache.parallel import TensorParallel
 from pyramidkv.policies import Policy, select
 from pyramidkv.policies.heads import head_budgets
 
@@ -50,6 +51,9 @@ class Selection:
     fixed_bytes: int
     row_bytes: int = 8
     sliding: tuple[int, int] = (0, 0)  # (sliding-window layers kept whole, their window)
+    parallel: TensorParallel | None = (
+        None  # the ranks sharing each layer's KV heads (tensor parallelism)
+    )
     # scores of one prompt, shared by caches built from one capture (pyramidkv.eval.prefill): a policy's
     # scores do not depend on the budget, so four budgets of H2O score the prompt once, not four times
     score_memo: dict | None = None
@@ -126,10 +130,22 @@ class Selection:
             return Chosen(*select(scores, valid, budgets, policy.window, kept), ragged)
         scores = self.scores(layer_idx, queries, keys, valid, scaling)
         if policy.heads == "adaptive":
-            budgets = head_budgets(scores, valid, budgets, policy.window, policy.head_floor)
+            budgets = self.head_budgets(scores, valid, budgets)
             indices, lengths = select(scores, valid, budgets, policy.window)
             return Chosen(indices, lengths, bool((lengths != indices.shape[-1]).any()))
         return Chosen(*select(scores, valid, budgets, policy.window, kept), ragged)
+
+    def head_budgets(
+        self, scores: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor
+    ) -> torch.Tensor:
+        """(batch, kv_heads) tokens per head of budgets shared across a layer's heads
+        (:func:`~pyramidkv.policies.heads.head_budgets`); under tensor parallelism allocated over every rank's
+        heads, as on one device, and this rank's returned (:mod:`.parallel`)."""
+        window, floor = self.policy.window, self.policy.head_floor
+        if self.parallel is None:
+            return head_budgets(scores, valid, budgets, window, floor)
+        everyone = self.parallel.gather_heads(scores.float())
+        return self.parallel.local_heads(head_budgets(everyone, valid, budgets, window, floor))
 
     def scores(self, layer_idx: int, queries, keys, valid, scaling: float) -> torch.Tensor:
         """(batch, kv_heads, n) the policy scorer's importance of each prompt token of layer ``layer_idx``
