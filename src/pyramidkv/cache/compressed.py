@@ -164,17 +164,11 @@ def _compress_after(
     return "layer"
 
 
-def _check_model(model, compressed: list[bool], settings: Settings, codec, plan) -> None:
-    """Refuse what this model's attention rules out: plans beside sliding-window layers (a byte budget counts
-    their windows as held whole), and codes where the model's attention does
+def _check_model(model, settings: Settings, codec, plan) -> None:
+    """Refuse what this model's attention rules out: codes where the model's attention does
     more than a softmax over ``q.k`` (Gemma 2's logit soft-capping, gpt-oss's attention sinks), which the
     attention over codes does not apply."""
     name = type(model).__name__
-    if not all(compressed) and settings.plan is not None:
-        raise PyramidKVError(
-            f"plan: {name} keeps sliding-window layers beside its full-attention ones, which the planner does "
-            "not plan; give kv_memory with a fixed codec, or a token budget"
-        )
     if settings.codec == "none":
         return
     text = model.config.get_text_config()
@@ -287,7 +281,7 @@ class CompressedCache(HookedCache, Cache):
         # which layers are compressed (the others slide within their window, :mod:`.sliding`)
         self.compressed_layers = compressed_layers(model.config)
         compressed = sum(self.compressed_layers)
-        _check_model(model, self.compressed_layers, settings, codec, plan)
+        _check_model(model, settings, codec, plan)
         self.codecs: CodecPair | None = make_codecs(
             codec if self.plan is None or codec is not None else settings.codec,
             self.head_dim, bits, key_bits, value_bits,
@@ -369,7 +363,7 @@ class CompressedCache(HookedCache, Cache):
         if self.planner is not None:
             return PlannedLayer(
                 index, self.selection, self.planner, self.codecs, self.residual, self.kernel,
-                self.fused_ok,
+                self.fused_ok, rank,
             )  # fmt: skip
         if self.codecs is None:
             return CompressedLayer(index, self.selection, rank)

@@ -31,8 +31,9 @@ class PlannedLayer(CodedLayer):
         residual: int,
         kernel: str,
         fused_ok: bool,
+        rank: int | None = None,
     ):
-        super().__init__(layer_idx, selection, codecs, residual, kernel, fused_ok)
+        super().__init__(layer_idx, selection, codecs, residual, kernel, fused_ok, rank)
         self.planner = planner
         self.whole_lengths: torch.Tensor | None = None  # (batch, kv_heads) tokens kept whole
 

@@ -129,11 +129,13 @@ class Planner:
         every tier's row lengths taken off; raises when not even each layer's window fits at the cheapest rate."""
         layers, heads = self.selection.num_layers, self.selection.num_kv_heads
         batch = len(counts)
-        fixed = self.fixed_bytes + layers * len(self.tiers) * batch * heads * self.row_bytes
+        # sliding-window layers keep their windows whole, in the full cache and here (Selection.whole_bytes)
+        whole = sum(self.selection.whole_bytes(count) for count in counts)
+        fixed = self.fixed_bytes + layers * len(self.tiers) * batch * heads * self.row_bytes + whole
         if self.memory.nbytes is not None:
             asked, allowed = f"{self.memory.nbytes:,} bytes", self.memory.nbytes - fixed
         else:
-            full = sum(counts) * layers * self.full_token_bytes
+            full = sum(counts) * layers * self.full_token_bytes + whole
             asked = f"{self.memory.fraction:.4%} of the full cache ({self.memory.fraction * full:,.0f} bytes)"
             allowed = self.memory.fraction * full - fixed
         window = min(self.selection.policy.window, max(counts))
@@ -141,8 +143,8 @@ class Planner:
         if allowed < smallest:
             raise PyramidKVError(
                 f"kv_memory: {asked} is less than the smallest planned cache: {smallest + fixed:,.0f} bytes "
-                f"(each layer's {window}-token window at the cheapest rate, and {fixed:,} bytes of codebooks "
-                "and row lengths)"
+                f"(each layer's {window}-token window at the cheapest rate, and {fixed:,.0f} bytes of "
+                "codebooks, row lengths and sliding windows kept whole)"
             )
         return allowed
 

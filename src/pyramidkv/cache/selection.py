@@ -67,9 +67,6 @@ class Selection:
         if self.kv_memory is None:
             return self.budget.tokens_for(prompt_len)
         fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.row_bytes
-        layers, window = self.sliding
-        # a sliding layer holds its last window - 1 tokens, as the full cache does (accounting.full_cache_nbytes)
-        whole = layers * min(prompt_len, max(window - 1, 0)) * self.full_token_bytes
         return self.kv_memory.tokens_for(
             prompt_len,
             batch,
@@ -77,8 +74,14 @@ class Selection:
             self.token_bytes,
             self.full_token_bytes,
             fixed,
-            whole,
+            self.whole_bytes(prompt_len),
         )
+
+    def whole_bytes(self, prompt_len: int) -> int:
+        """Bytes one row's sliding-window layers hold whole after a prompt of ``prompt_len`` tokens: their last
+        window - 1 tokens each, as the full cache holds them (:func:`~pyramidkv.cache.accounting.full_cache_nbytes`)."""
+        layers, window = self.sliding
+        return layers * min(prompt_len, max(window - 1, 0)) * self.full_token_bytes
 
     def layer_budgets(self, prompt_len: int, batch: int = 1) -> list[int]:
         """Tokens each layer keeps (window included) for one sequence of ``prompt_len`` real tokens."""
