@@ -34,12 +34,18 @@ class DecodeCompression:
     selection: Selection
     every: int
 
+    @property
+    def query_limit(self) -> int:
+        """Queries an interval keeps for its compression: all of them for scorers that read every query
+        (H2O), else the policy's observation window."""
+        scorer = self.selection.policy.scorer
+        every_query = scorer is not None and scorer.needs_all_queries
+        return self.every if every_query else self.selection.policy.window
+
     def after_step(self, layer, query: torch.Tensor, scaling: float) -> None:
         """Called after each attention of ``layer`` past the prompt: keep the queries the next compression
         scores with, and compress when ``every`` tokens have come and the layer holds more than its share."""
-        scorer = self.selection.policy.scorer
-        every_query = scorer is not None and scorer.needs_all_queries
-        layer.remember(query, self.every if every_query else self.selection.policy.window)
+        layer.remember(query, self.query_limit)
         if layer.appended_since < self.every:
             return
         seen = max(layer.real) + layer.appended_since

@@ -43,10 +43,8 @@ class StaticDecodeBudget:
 
     @property
     def limit(self) -> int:
-        """Queries kept per interval: all of them for scorers that read every query (H2O), else the window."""
-        scorer = self.decoding.selection.policy.scorer
-        every_query = scorer is not None and scorer.needs_all_queries
-        return self.every if every_query else max(1, self.decoding.selection.policy.window)
+        """Queries the ring keeps (:attr:`DecodeCompression.query_limit`; one slot at least)."""
+        return max(1, self.decoding.query_limit)
 
     def share(self, seen: int) -> int:
         """Tokens this layer keeps of a sequence of ``seen`` real tokens."""
