@@ -216,7 +216,7 @@ def test_the_static_cache_refuses_what_its_sliding_windows_cannot_do():
     gemma2 = _model("gemma2")
     with CompressedCache(gemma2, "snapkv", "25%") as source:
         _greedy(gemma2, source, _ids(), tokens=1)
-        with pytest.raises(PyramidKVError, match="soft-capping or sinks"):
+        with pytest.raises(PyramidKVError, match="soft-caps its attention logits"):
             StaticCompressedCache(gemma2, source, max_new_tokens=4)
     gemma3 = _model("gemma3")
     with CompressedCache(gemma3, "snapkv", "25%") as source:

@@ -97,3 +97,15 @@ def cache_nbytes(cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def softmax_extra(model) -> str | None:
+    """What the model's attention adds to a softmax of ``q.k``, which attention computed by pyramidkv itself
+    (over codes, or in the static cache) does not apply: ``"soft-caps its attention logits"`` (Gemma 2),
+    ``"has attention sinks"`` (gpt-oss), or None."""
+    text = model.config.get_text_config()
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "soft-caps its attention logits"
+    if any(hasattr(module, "sinks") for module in model.modules()):
+        return "has attention sinks"
+    return None

@@ -19,6 +19,7 @@ from pyramidkv.cache.accounting import (
     full_cache_nbytes,
     kv_geometry,
     sliding_window,
+    softmax_extra,
     token_nbytes,
 )
 from pyramidkv.cache.batched import BatchedPrefill
@@ -168,17 +169,13 @@ def _check_model(model, settings: Settings, codec, plan) -> None:
     """Refuse what this model's attention rules out: codes where the model's attention does
     more than a softmax over ``q.k`` (Gemma 2's logit soft-capping, gpt-oss's attention sinks), which the
     attention over codes does not apply."""
-    name = type(model).__name__
     if settings.codec == "none":
         return
-    text = model.config.get_text_config()
-    capped = getattr(text, "attn_logit_softcapping", None) is not None
-    sinks = any(hasattr(module, "sinks") for module in model.modules())
-    if capped or sinks:
-        what = "soft-caps its attention logits" if capped else "has attention sinks"
+    extra = softmax_extra(model)
+    if extra is not None:
         raise PyramidKVError(
-            f"codec: {name} {what}, which the attention over codes does not apply; compress it with "
-            "eviction only (codec 'none')"
+            f"codec: {type(model).__name__} {extra}, which the attention over codes does not apply; compress "
+            "it with eviction only (codec 'none')"
         )
 
 

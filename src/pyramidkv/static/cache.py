@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from pyramidkv.cache.accounting import kv_geometry
+from pyramidkv.cache.accounting import kv_geometry, softmax_extra
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.cache.compressed import CompressedCache
 from pyramidkv.cache.hook import HookedCache
@@ -92,12 +92,11 @@ def _check_sliding(model, source) -> None:
             "source: a batch of several rows in a model with sliding-window layers; the static cache's "
             "sliding windows hold one row each: decode eagerly (cuda_graph=False) or one row at a time"
         )
-    text = model.config.get_text_config()
-    capped = getattr(text, "attn_logit_softcapping", None) is not None
-    if capped or any(hasattr(module, "sinks") for module in model.modules()):
+    extra = softmax_extra(model)
+    if extra is not None:
         raise PyramidKVError(
-            f"source: {type(model).__name__}'s attention adds to the softmax (soft-capping or sinks), which the "
-            "static cache's attention does not apply: decode eagerly (cuda_graph=False)"
+            f"source: {type(model).__name__} {extra}, which the static cache's attention does not apply: "
+            "decode eagerly (cuda_graph=False)"
         )
 
 
