@@ -51,9 +51,8 @@ class Selection:
     fixed_bytes: int
     row_bytes: int = 8
     sliding: tuple[int, int] = (0, 0)  # (sliding-window layers kept whole, their window)
-    parallel: TensorParallel | None = (
-        None  # the ranks sharing each layer's KV heads (tensor parallelism)
-    )
+    # the ranks sharing each layer's KV heads (tensor parallelism)
+    parallel: TensorParallel | None = None
     # scores of one prompt, shared by caches built from one capture (pyramidkv.eval.prefill): a policy's
     # scores do not depend on the budget, so four budgets of H2O score the prompt once, not four times
     score_memo: dict | None = None

@@ -68,9 +68,8 @@ class StaticBufferLayer(StaticLayerBase):
         if budget is not None:  # rewritten in place by every compaction: one order per row and head
             self.order = self.order.expand(batch, kv_heads, 1, capacity).clone()
         self.step = torch.zeros((), dtype=torch.long, device=self.device)
-        self.filled = torch.zeros(
-            (), dtype=torch.long, device=self.device
-        )  # new-token slots in use
+        # new-token slots in use: the step's slot, reset to 0 by a decode budget's compaction
+        self.filled = torch.zeros((), dtype=torch.long, device=self.device)
         self.compacted = False
         self.mask: torch.Tensor | None = None  # visible slots of the queries being decoded
 
@@ -138,8 +137,8 @@ class StaticBufferLayer(StaticLayerBase):
         self._recount(appended)
 
     def nbytes(self) -> int:
-        queries = (
-            [] if self.budget is None or self.budget.queries is None else [self.budget.queries]
-        )
-        tensors = (self.keys, self.values, self.order, *queries)
+        ring = getattr(
+            self.budget, "queries", None
+        )  # a decode budget's ring of queries, once allocated
+        tensors = (self.keys, self.values, self.order, *([] if ring is None else [ring]))
         return sum(t.numel() * t.element_size() for t in tensors)

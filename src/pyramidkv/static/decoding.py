@@ -22,6 +22,7 @@ import torch
 
 from pyramidkv.cache.decoding import DecodeCompression
 from pyramidkv.errors import PyramidKVError
+from pyramidkv.policies import select
 
 
 @dataclass
@@ -101,12 +102,9 @@ class StaticDecodeBudget:
                 torch.arange(layer.width, layer.width + self.since, device=device),
             ]
         )
-        order = layer.order[:, :, 0].index_select(
-            -1, slots
-        )  # -1 held, r new token r, capacity hidden
-        valid = (order < layer.filled)[
-            :, 0
-        ]  # (batch, candidates): every KV head of a row holds as many
+        # per candidate: -1 held, r new token r, beyond any count hidden; every KV head of a row holds as many
+        order = layer.order[:, :, 0].index_select(-1, slots)
+        valid = (order < layer.filled)[:, 0]  # (batch, candidates)
         counts = valid.sum(dim=1).tolist()
         if max(counts) > self.share(max(seen)):
             keys = layer.keys.index_select(2, slots)
@@ -114,12 +112,9 @@ class StaticDecodeBudget:
                 self.rank, self.interval_queries(), keys, valid, self.scaling, seen, counts
             )
             indices, lengths = chosen.indices, chosen.lengths
-        else:  # nothing to evict yet: every held token moves to the kept slots
-            ranks = torch.arange(valid.shape[1], device=device).expand_as(valid)
-            ranks = torch.where(valid, ranks, valid.shape[1]).sort(dim=1).values
-            indices = ranks[:, None, : max(counts)].clamp(max=valid.shape[1] - 1)
-            indices = indices.expand(*layer.keys.shape[:2], -1)
-            lengths = torch.tensor(counts, device=device)[:, None].expand(indices.shape[:2])
+        else:  # nothing to evict yet: every held token moves to the kept slots, in order
+            scores = torch.zeros(*layer.keys.shape[:2], len(slots), device=device)
+            indices, lengths = select(scores, valid, torch.tensor(counts, device=device), 0, counts)
         indices = slots[indices]
         layer.keep(indices, lengths)
         self.real, self.since = seen, 0

@@ -35,9 +35,8 @@ class StaticSlidingLayer(StaticBufferLayer):
                 f"source: layer {layer_idx} holds {held} tokens of a {sliding_window}-token sliding window"
             )
         super().__init__(layer_idx, keys, values, None, seen, sliding_window - held)
-        self.max_new_tokens = (
-            max_new_tokens  # the ring wraps: new tokens are not bounded by its slots
-        )
+        # the ring wraps: new tokens are bounded by max_new_tokens, not by its slots
+        self.max_new_tokens = max_new_tokens
         self.ring = sliding_window
         # slots past the ring are never visible, however many tokens pass through it
         beyond = torch.arange(self.capacity, device=self.device) >= sliding_window
