@@ -10,7 +10,8 @@ compress_every=N)`` (``policy/B/N[/codec]``), ``N/4`` tokens a forward: a compre
 tokens, on a forward's boundary, so that is exactly the cache a token-by-token generation would have, and the
 bytes held are read four times per interval (the sawtooth between compressions). KL from the full cache's logits and top-1
 agreement are reported per bucket of generated positions (95% intervals over prompts), with the bytes the cache
-holds after each block. ``--speed`` also times a greedy generation of ``--generate`` tokens, decode-compressed
+holds after each block; ``--rows`` prompts go through together, each row keeping its own selection. ``--speed``
+also times a greedy generation of ``--speed-tokens`` tokens (default ``--generate``), decode-compressed
 against the full cache, eager and (on a GPU, configurations without codes) by CUDA-graph replay. Writes benchmarks/results/decode_compression_<device>.json and a
 plot of bytes against generated tokens.
 """
@@ -49,14 +50,15 @@ def parse_config(item: str) -> dict:
     return options
 
 
-def continuation(model, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The full cache's greedy continuation of ``prompt`` (1, n): ``tokens`` new tokens, stop tokens suppressed."""
+def continuation(model, prompts: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The full cache's greedy continuations of ``prompts`` (rows, n): ``tokens`` new tokens per row, stop tokens
+    suppressed (rows of equal length: no padding)."""
     with torch.inference_mode():
         out = model.generate(
-            prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+            prompts, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
             cache_implementation=None, pad_token_id=0,
         )  # fmt: skip
-    return out[:, prompt.shape[1] :]
+    return out[:, prompts.shape[1] :]
 
 
 def bucket_of(position: int) -> str:
@@ -66,23 +68,31 @@ def bucket_of(position: int) -> str:
     return f"{BUCKETS[-1]}+"
 
 
-def run_config(model, prompt, generated, reference, options: dict) -> dict:
-    """KL and top-1 per generated position, and bytes held after each block, of one configuration."""
+def run_config(model, prompts, generated, options: dict) -> list[dict]:
+    """KL and top-1 per generated position, and bytes held per row after each block, of one configuration.
+
+    The rows of ``prompts`` (rows, n) are teacher-forced together, the full cache beside the compressed one block
+    by block (no (rows, generate, vocab) reference is held); each row keeps its own selection, so a row's figures
+    are those of its own generation.
+    """
     piece = max(1, options["compress_every"] // 4)  # compressions fall on piece boundaries: exact
-    cache = CompressedCache(model, **options)
+    rows = prompts.shape[0]
+    cache, full = CompressedCache(model, **options), DynamicCache(config=model.config)
     kl, top1, held = [], [], []
     with torch.inference_mode():
-        model(prompt, **cache_kwargs(model, cache))
+        model(prompts, **cache_kwargs(model, cache))
+        model(prompts, **cache_kwargs(model, full))
         inputs = generated[:, :-1]
         for start in range(0, inputs.shape[1], piece):
             block = inputs[:, start : start + piece]
-            logits = model(block, **cache_kwargs(model, cache)).logits[0].float()
-            ref = reference[start : start + block.shape[1]]
-            kl.append(kl_divergence(ref, logits))
-            top1.append((ref.argmax(-1) == logits.argmax(-1)).double())
-            held.append((start + block.shape[1], cache.nbytes()))
+            ref = model(block, **cache_kwargs(model, full)).logits.float()
+            logits = model(block, **cache_kwargs(model, cache)).logits.float()
+            kl.append(kl_divergence(ref, logits).cpu())
+            top1.append((ref.argmax(-1) == logits.argmax(-1)).double().cpu())
+            held.append((start + block.shape[1], cache.nbytes() // rows))
     cache.close()
-    return {"kl": torch.cat(kl).tolist(), "top1": torch.cat(top1).tolist(), "held": held}
+    kl, top1 = torch.cat(kl, dim=1), torch.cat(top1, dim=1)
+    return [{"kl": kl[r].tolist(), "top1": top1[r].tolist(), "held": held} for r in range(rows)]
 
 
 def speed(
@@ -169,7 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--generate", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--configs", default="snapkv/256/16,snapkv/1024/64,snapkv/1024/256")
+    parser.add_argument(
+        "--rows", type=int, default=8, help="prompts generated and teacher-forced together"
+    )
     parser.add_argument("--speed", action="store_true")
+    parser.add_argument(
+        "--speed-tokens", type=int, default=None, help="tokens timed; default --generate"
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -177,21 +193,18 @@ def main(argv: list[str] | None = None) -> dict:
     configs = args.configs.split(",")
     model, tokenizer = load(args.model, device=args.device)
     records, full_held = [], []
-    for index, window in enumerate(text_windows(tokenizer, args.prompt, args.samples)):
-        prompt = window.to(model.device)
-        generated = continuation(model, prompt, args.generate + 1)
-        with torch.inference_mode():
-            full = DynamicCache(config=model.config)
-            model(prompt, **cache_kwargs(model, full))
-            reference = model(generated[:, :-1], **cache_kwargs(model, full)).logits[0].float()
-        if index == 0:  # what the full cache holds after n generated tokens
+    windows = text_windows(tokenizer, args.prompt, args.samples)
+    for first in range(0, args.samples, args.rows):
+        prompts = torch.cat(windows[first : first + args.rows]).to(model.device)
+        generated = continuation(model, prompts, args.generate + 1)
+        if first == 0:  # what the full cache holds after n generated tokens
             step = max(1, args.generate // 64)
             full_held = [(n, full_cache_nbytes(model.config, args.prompt + n, 1, model.dtype))
                          for n in range(step, args.generate + 1, step)]  # fmt: skip
         for item in configs:
-            found = run_config(model, prompt, generated, reference, parse_config(item))
-            records.append({"sample": index, "config": item, **found})
-        print(f"prompt {index + 1}/{args.samples}", flush=True)
+            found = run_config(model, prompts, generated, parse_config(item))
+            records += [{"sample": first + r, "config": item, **f} for r, f in enumerate(found)]
+        print(f"prompts {first + len(prompts)}/{args.samples}", flush=True)
     rows = summarize(records, configs)
     for row in rows:
         print(f"{row['config']:28s} KL {row['kl'][0]:.4f} ± {row['kl'][1]:.4f}  top-1 "
@@ -203,18 +216,19 @@ def main(argv: list[str] | None = None) -> dict:
     speeds = {}
     if args.speed:
         text = tokenizer.decode(text_windows(tokenizer, args.prompt, 1)[0][0])
-        speeds["full"] = speed(model, tokenizer, text, args.generate, None)
+        timed = args.speed_tokens or args.generate
+        speeds["full"] = speed(model, tokenizer, text, timed, None)
         for item in configs:
-            speeds[item] = speed(model, tokenizer, text, args.generate, parse_config(item))
+            speeds[item] = speed(model, tokenizer, text, timed, parse_config(item))
         if (
             model.device.type == "cuda"
         ):  # the graph path: full cache against the budgets without codes
-            speeds["full@graph"] = speed(model, tokenizer, text, args.generate, None, graph=True)
+            speeds["full@graph"] = speed(model, tokenizer, text, timed, None, graph=True)
             for item in configs:
                 options = parse_config(item)
                 if "codec" not in options:
                     speeds[f"{item}@graph"] = speed(
-                        model, tokenizer, text, args.generate, options, graph=True
+                        model, tokenizer, text, timed, options, graph=True
                     )
         print("decode tokens/s:", {k: round(v, 1) for k, v in speeds.items()})
     device = model.device.type
