@@ -44,6 +44,8 @@ from pyramidkv.errors import PyramidKVError
 from pyramidkv.eval.corpus import shuffled_paragraphs, source
 from pyramidkv.kernels import cuda_decode, use_fused
 from pyramidkv.models import load
+from pyramidkv.static.cache import DecodeStep, StaticCompressedCache
+from pyramidkv.static.graph import WARMUP, capture
 
 GiB = 2**30
 
@@ -57,24 +59,35 @@ class CacheSpec:
     policy: str | None = None
     budget: str | None = None  # tokens kept per layer (PyramidKV's average), when a policy evicts
     codec: str | None = None
+    kv_memory: str | None = (
+        None  # the planner's byte budget (``plan="auto"``), instead of ``budget``
+    )
 
     def build(self, model, kernel: str):
         if self.policy is None and self.codec is None:
             return DynamicCache(config=model.config)
+        if self.kv_memory is not None:
+            return CompressedCache(
+                model, self.policy, kv_memory=self.kv_memory, plan="auto", kernel=kernel
+            )
         if self.policy is None:
             return CompressedCache(model, "full", codec=self.codec, kernel=kernel)
         return CompressedCache(model, self.policy, self.budget, codec=self.codec, kernel=kernel)
 
 
-def specs(budget: str, codec: str) -> dict[str, CacheSpec]:
+def specs(budget: str, codec: str, plan_memory: str = "3%") -> dict[str, CacheSpec]:
     both = CacheSpec(
         "pyramidkv+fibquant", f"pyramidkv {budget} + {codec}", "pyramidkv", budget, codec
+    )
+    planned = CacheSpec(
+        "plan", f"planned {plan_memory} of the bytes", "pyramidkv", kv_memory=plan_memory
     )
     return {
         "full": CacheSpec("full", "full (DynamicCache)"),
         "pyramidkv": CacheSpec("pyramidkv", f"pyramidkv {budget}", "pyramidkv", budget),
         "fibquant": CacheSpec("fibquant", codec, codec=codec),
         both.key: both,
+        planned.key: planned,
     }
 
 
@@ -118,8 +131,11 @@ class PrefillOutOfMemory(Exception):
     """The prefill forward did not fit; fewer rows per forward may."""
 
 
-def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows) -> dict:
-    """Prefill ``min(batch, prefill_rows)`` rows in one forward, repeat them to ``batch``, time greedy decode."""
+def measure(
+    model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows, graph=False
+) -> dict:
+    """Prefill ``min(batch, prefill_rows)`` rows in one forward, repeat them to ``batch``, time greedy decode
+    (``graph``: by replays of one captured step over a static copy of the cache, :func:`graph_steps`)."""
     device, rows = model.device, min(batch, prefill_rows)
     cache = spec.build(model, kernel)
     try:
@@ -140,25 +156,33 @@ def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows)
                 cache.batch_select_indices(index)
                 token = token[index]
                 _peak(device, reset=True)  # the decode peak starts after the repetition
+            used = kernel_used(cache, device)
+            shared = cache.codebook_nbytes() if isinstance(cache, CompressedCache) else 0
             # every cache decodes with the SDPA backends pyramidkv's decode path uses (no cuDNN: it plans
             # per key length), so the full cache's baseline pays no per-shape cost either
             with decode_backends(device):
-                for _ in range(warmup):
-                    token = next_token(model, cache, token)
-                sync(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    token = next_token(model, cache, token)
-                sync(device)
-                decode_s = time.perf_counter() - start
-        shared = cache.codebook_nbytes() if isinstance(cache, CompressedCache) else 0
-        held = cache_nbytes(cache)
+                if graph:
+                    static = StaticCompressedCache(model, cache, warmup + steps + WARMUP)
+                    if isinstance(cache, CompressedCache):
+                        cache.close()  # the static copy holds the past now and routes attention itself
+                    cache = static
+                    decode_s = graph_steps(model, cache, token, warmup, steps)
+                else:
+                    for _ in range(warmup):
+                        token = next_token(model, cache, token)
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        token = next_token(model, cache, token)
+                    sync(device)
+                    decode_s = time.perf_counter() - start
+        held = cache.nbytes() if graph else cache_nbytes(cache)
     finally:
-        if isinstance(cache, CompressedCache):
+        if isinstance(cache, CompressedCache | StaticCompressedCache):
             cache.close()
     return {
         "config": spec.key,
-        "kernel": kernel_used(cache, device),
+        "kernel": f"{used}, graph" if graph else used,
         "batch": batch,
         "prefill_rows": rows,
         "prefill_s": prefill_s,
@@ -170,6 +194,26 @@ def measure(model, prompts, spec, batch, *, kernel, steps, warmup, prefill_rows)
         "prefill_peak_bytes": prefill_peak,
         "decode_peak_bytes": _peak(device),
     }
+
+
+def graph_steps(
+    model, static: StaticCompressedCache, token: torch.Tensor, warmup: int, steps: int
+) -> float:
+    """Seconds of ``steps`` greedy steps, each one replay of the step captured over ``static``, after
+    ``warmup`` replays; the greedy token is copied into the step's input on the device between replays."""
+    step = DecodeStep(model, static)
+    graph, _, output = capture(step, static, token)
+    step.input_ids.copy_(token)
+    for _ in range(warmup):
+        graph.replay()
+        step.input_ids.copy_(output)
+    sync(model.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+        step.input_ids.copy_(output)
+    sync(model.device)
+    return time.perf_counter() - start
 
 
 def next_token(model, cache, ids: torch.Tensor, **options) -> torch.Tensor:
@@ -317,6 +361,12 @@ def arguments(argv=None) -> argparse.Namespace:
     add("--configs", default="full,pyramidkv,fibquant,pyramidkv+fibquant")
     add("--budget", default="10%")
     add("--codec", default="fibquant:2")
+    add(
+        "--plan-memory",
+        default="3%",
+        help="the byte budget of the 'plan' cache (planner, plan=auto)",
+    )
+    add("--graph", action="store_true", help="decode by CUDA-graph replay over a static copy (GPU)")
     add("--kernel", default="auto", choices=("auto", "torch", "triton"))
     add("--steps", type=int, default=32)
     add("--warmup", type=int, default=3)
@@ -340,6 +390,8 @@ def arguments(argv=None) -> argparse.Namespace:
     if args.kv_memory_bytes is None:
         parser.error(f"--kv-memory: got {args.kv_memory!r}; expected bytes (16GiB, 512MiB) or 0")
     args.batches = parse_batches(parser, args.batches)
+    if args.graph and not torch.cuda.is_available():
+        parser.error("--graph: needs a CUDA device (captured steps)")
     unknown = set(args.configs.split(",")) - set(specs("", ""))
     if unknown:
         parser.error(
@@ -358,8 +410,10 @@ def main(argv=None) -> None:
             f"the model's {positions} positions"
         )
     prompts = corpus_rows(tokenizer, min(args.prefill_rows, args.batches[-1]), args.prompt)
-    chosen = [specs(args.budget, args.codec)[key] for key in args.configs.split(",")]
-    settings = dict(kernel=args.kernel, steps=args.steps, warmup=args.warmup)
+    chosen = [
+        specs(args.budget, args.codec, args.plan_memory)[key] for key in args.configs.split(",")
+    ]
+    settings = dict(kernel=args.kernel, steps=args.steps, warmup=args.warmup, graph=args.graph)
     floor = attempt(
         model, prompts[:, :16], specs("", "")["full"], 1, {**settings, "prefill_rows": 1}
     )

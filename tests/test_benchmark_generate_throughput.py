@@ -68,6 +68,29 @@ def test_repeated_rows_decode_like_the_batch_prefilled_whole(name):
             cache.close()
 
 
+def test_repeated_rows_of_a_planned_cache_decode_as_the_rows_prefilled():
+    """The planner plans a batch's rows together, so four rows prefilled are not two rows repeated; what the
+    benchmark's "plan" cache must give is each repeated row decoding as it would in the prefilled rows."""
+    model = make_tiny("llama")
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 97, (2, 96), generator=generator)
+    index = torch.tensor([1, 0, 1, 1])
+    forced = torch.randint(3, 97, (4, 5), generator=generator)
+
+    def planned():
+        spec = bench.specs("10%", "fibquant:2", "20%")["plan"]
+        return spec.build(model, kernel="torch")
+
+    tiled, rows = planned(), planned()
+    got = _decode(model, tiled, ids, forced, index)
+    want = _decode(model, rows, ids[index[:2]], forced[:2])
+    assert all(type(layer).__name__ == "PlannedLayer" for layer in rows.layers)
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a[:2], b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    tiled.close()
+    rows.close()
+
+
 @pytest.mark.parametrize("memory,per_row,shared", [(1000, 7.0, 0), (1000, 7.5, 13), (10, 11.0, 0)])
 def test_largest_batch_is_the_most_rows_that_fit(memory, per_row, shared):
     brute = 0
