@@ -136,8 +136,9 @@ def test_nbytes_is_codes_norms_lengths_and_codebooks(tiny_llama):
         tables = (
             d * d + codec.n * codec.k
         ) * 4  # one rotation and codebook shared by keys and values
-        expected = layers * (2 * heads * budget * per_vector + heads * 8) + tables
-        # (one int64 row length per KV head: the ragged prompt block shares the layer's tensor)
+        expected = layers * (2 * heads * budget * per_vector + heads * 8 + heads * d * 4) + tables
+        # (one int64 row length per KV head: the ragged prompt block shares the layer's tensor; one key
+        # shift of d float32 values per KV head: keys are stored centred)
         assert cache.nbytes() == expected
         report = cache.memory_report()
         assert report["total_bytes"] == cache.nbytes()

@@ -151,10 +151,13 @@ def test_streamingllm_keeps_the_one_shot_tokens(codec):
     ids = _prompt(model, 300, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :70] = 0  # row 1 left-padded: only its own 230 tokens are candidates
-    one = CompressedCache(model, policy="streamingllm", budget=64, codec=codec)
+    # keys uncentred: a one-shot prefill centres them on the whole prompt's mean, a chunked one on its first
+    # chunk's (test_a_chunked_prefill_centres_keys_on_its_first_chunk), so their codes differ
+    plain = {} if codec is None else {"center_keys": False}
+    one = CompressedCache(model, policy="streamingllm", budget=64, codec=codec, **plain)
     _feed(model, one, ids, 300, mask)
     chunked = CompressedCache(
-        model, policy="streamingllm", budget=64, codec=codec, prefill_chunk=50
+        model, policy="streamingllm", budget=64, codec=codec, prefill_chunk=50, **plain
     )
     _feed(model, chunked, ids, 50, mask)
     for a, b in zip(one.layers, chunked.layers, strict=True):
@@ -179,17 +182,45 @@ def test_codes_that_survive_a_chunk_keep_their_own_codes():
         model, policy="snapkv", budget=64, codec="fibquant:2", prefill_chunk=100
     )
     _feed(model, cache, ids, 100)
-    keys, _, held = cache.layers[0].held()
-    full = CompressedCache(model, policy="full", budget="100%", codec="fibquant:2")
-    _feed(model, full, ids, 300)  # layer 0's keys depend on the tokens alone: their one-shot codes
-    reference, _, _ = full.layers[0].held()
-    full.close()
+    layer = cache.layers[0]
+    keys, _, held = layer.held()
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, full))  # layer 0's keys depend on the tokens alone
+    codec = cache.codecs.keys
+    centred = full.layers[0].keys.float() - layer.key_shift.float()
+    # every token's one-shot code, under the shift the cache stores its keys with
+    reference = codec.decode(codec.encode(centred), torch.float32) + layer.key_shift.float()
+    cache.close()
     # every kept key is exactly the one-shot code of some prompt token (a re-encoded code would shrink)
     for head in range(keys.shape[1]):
         kept = keys[0, head][held[0]]
         distance = torch.cdist(kept.double(), reference[0, head].double()).min(dim=-1).values
         assert float(distance.max()) < 1e-3, head
-    cache.close()
+
+
+def test_a_chunked_prefill_centres_keys_on_its_first_chunk():
+    """The shift is taken once, at the first compression: the mean of the real keys the prefill has seen by
+    then (the whole prompt in one forward, the first chunk in chunks), and kept after every later chunk."""
+    model = make_tiny("llama")
+    ids = _prompt(model, 300, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :70] = 0  # row 1 left-padded: its pads do not enter its mean
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **cache_kwargs(model, full))
+    for chunk in (300, 100):
+        cache = CompressedCache(model, "snapkv", 64, codec="fibquant:3", prefill_chunk=chunk)
+        _feed(model, cache, ids, chunk, mask)
+        for layer, reference in zip(cache.layers, full.layers, strict=True):
+            if layer.layer_idx:  # above layer 0, a chunk's keys depend on the compressed past
+                break
+            for row, first in enumerate((0, 70)):
+                keys = reference.keys[row, :, first:chunk].double()
+                want = keys.mean(dim=-2)
+                got = layer.key_shift[row, :, 0].double()
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        cache.close()
 
 
 def test_generation_agrees_through_every_chunked_path():

@@ -207,8 +207,8 @@ class MemoryBudget:
             )
             raise PyramidKVError(
                 f"kv_memory: {asked} is less than the smallest cache this configuration holds: "
-                f"{smallest:,} bytes (one token per layer and row, {fixed_bytes:,} bytes of row lengths and "
-                f"codebooks{kept_whole}), {smallest - (allowed * batch + whole_bytes * batch + fixed_bytes):,.0f} "
+                f"{smallest:,} bytes (one token per layer and row, {fixed_bytes:,} bytes of row lengths, key "
+                f"shifts and codebooks{kept_whole}), {smallest - (allowed * batch + whole_bytes * batch + fixed_bytes):,.0f} "
                 "bytes short"
             )
         return min(prompt_len, tokens)

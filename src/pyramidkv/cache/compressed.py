@@ -32,6 +32,7 @@ from pyramidkv.cache.planner import Plan, Planner, Tier, parse_plan
 from pyramidkv.cache.selection import Selection
 from pyramidkv.cache.sliding import SlidingLayer
 from pyramidkv.checks import check_int
+from pyramidkv.codecs import RotatedBlockCodec
 from pyramidkv.codecs.registry import CodecPair, codec_rates, make_codecs
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels import check_kernel
@@ -179,6 +180,22 @@ def _check_model(model, settings: Settings, codec, plan) -> None:
         )
 
 
+def _center_keys(asked: bool | None, codecs: CodecPair | None) -> bool:
+    """Whether coded layers store keys minus their mean (:mod:`.layers`, centred keys): by default when keys
+    are coded by norm and direction (FibQuant, TurboQuant, uniform), whose error grows with the shared
+    direction the mean removes; KIVI's per-channel zero points absorb it already."""
+    if asked is not None and not isinstance(asked, bool):
+        raise PyramidKVError(f"center_keys: got {asked!r}; expected True, False or None (by codec)")
+    if codecs is None:
+        if asked:
+            raise PyramidKVError(
+                "center_keys: keys are kept whole without a codec, where their mean costs nothing; give a "
+                "codec, or leave center_keys unset"
+            )
+        return False
+    return isinstance(codecs.keys, RotatedBlockCodec) if asked is None else asked
+
+
 def _planned_codec(name: str, memory: MemoryBudget | None) -> str:
     """The codec family a plan chooses rates of (FibQuant when none is named); a plan needs a byte budget."""
     if memory is None:
@@ -207,7 +224,10 @@ class CompressedCache(HookedCache, Cache):
     ``codec="fibquant"`` (or ``"fibquant:2"``, ``"turboquant"``, ``"uniform"``, ``"kivi"``, or keys and values
     apart: ``"uniform/fibquant"``) with ``bits`` (or separate ``key_bits`` / ``value_bits``) stores what is
     kept as codes (:mod:`pyramidkv.codecs.registry`); new tokens wait in an fp16 window of ``residual``
-    tokens that is encoded as one block when it fills. ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
+    tokens that is encoded as one block when it fills. Coded keys are stored minus their mean per (row, KV
+    head), taken when the prompt is compressed (``center_keys``; by default with FibQuant, TurboQuant and
+    uniform keys, whose error grows with the direction all keys share and the softmax ignores: centred keys,
+    :mod:`.layers`). ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
     the prompt's full cache in the model's dtype) replaces ``budget``: the token budget is chosen so that
     everything the cache holds for the prompt fits, codebooks and row lengths included.
     ``plan="auto"`` (with ``kv_memory``) chooses per layer how many tokens to keep as 4-, 3- or 2-bit codes of
@@ -253,6 +273,7 @@ class CompressedCache(HookedCache, Cache):
         compress_after: str | None = None,
         decode_budget: str | int | float | Budget | None = None,
         compress_every: int = 64,
+        center_keys: bool | None = None,
         **options,
     ):
         settings = Settings.parse(
@@ -287,6 +308,7 @@ class CompressedCache(HookedCache, Cache):
         self.kernel = kernel
         self.dtype = next(model.parameters()).dtype
         self.tiers = self._tiers(model.config) if self.plan is not None else []
+        self.center_keys = _center_keys(center_keys, self.codecs)
         self.fused_ok = all(
             check_kernel(kernel, codecs, self.head_dim)
             for codecs in [self.codecs, *(t.codecs for t in self.tiers if t.codecs is not None)]
@@ -302,6 +324,7 @@ class CompressedCache(HookedCache, Cache):
             self.codebook_nbytes(),
             sliding=(len(self.compressed_layers) - compressed, sliding_window(model.config) or 0),
             parallel=self.parallel,
+            shift_bytes=self.head_dim * self.dtype.itemsize if self.center_keys else 0,
         )
         self.planner = (
             None
@@ -339,6 +362,7 @@ class CompressedCache(HookedCache, Cache):
                 compress_every,
             )
         for layer in self.layers:
+            layer.center = self.center_keys and isinstance(layer, CodedLayer)
             layer.chunked = prefill_chunk is not None
             layer.batched_prefill = batch
             layer.decoding = decoding
@@ -409,7 +433,7 @@ class CompressedCache(HookedCache, Cache):
         """Bytes per layer and per component beside the fp16 full cache of the same tokens, and the ratios.
 
         ``ratio`` counts everything the cache holds; ``ratio_codes_only`` leaves out the fp16 recent window,
-        row lengths and codebooks, and is labelled as such. ``prompt_bytes`` is what the cache held right
+        row lengths, key shifts and codebooks, and is labelled as such. ``prompt_bytes`` is what the cache held right
         after compressing the prompt (codebooks included), ``prompt_full_bytes`` the uncompressed cache of the
         prompt in the model's dtype (the reference of a ``kv_memory`` share), ``prompt_share`` their ratio;
         ``kept_tokens`` the tokens each layer holds per row and KV head (adaptive schedules and heads vary them).

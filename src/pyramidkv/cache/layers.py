@@ -14,6 +14,13 @@ own caches:
 fp16 residual window). Positions of new tokens continue from the original prompt length:
 ``get_seq_length`` counts the tokens seen, not the tokens kept, so RoPE positions and masks line up with the
 uncompressed sequence.
+
+**Centred keys.** A layer whose keys are coded (``center``) stores every key minus one shift per (row, KV
+head): the mean of the prompt's keys, taken when the prompt is first compressed. Keys of a layer share a large
+common direction (on Gemma 3 most of their length; ``benchmarks/key_geometry.py``), which a code of norm and
+direction spends its bits on; the softmax ignores it, since ``q.(k - m)`` differs from ``q.k`` by one constant
+per query. Everything the layer stores (codes, whole tokens, the recent window) is centred, so attention needs
+no correction; :meth:`CompressedLayer.held` adds the shift back, so scorers see the model's own keys.
 """
 
 from __future__ import annotations
@@ -81,6 +88,10 @@ class CompressedLayer(CacheLayer):
         # generation under a decode budget: queries and tokens since the last compression
         self.queries_since: torch.Tensor | None = None
         self.appended_since = 0
+        self.center = False  # store keys minus key_shift (module docstring); the cache sets it
+        self.key_shift: torch.Tensor | None = (
+            None  # (batch, kv_heads, 1, dim), from the first compression
+        )
 
     @property
     def prefilling(self) -> bool:
@@ -102,6 +113,8 @@ class CompressedLayer(CacheLayer):
             )
         elif key_states.shape[-2] > 1:
             self._check_continues(args, kwargs)
+        if self.compressed:
+            key_states = self._centred(key_states)
         self._before_append()
         stored = (
             self.batched_prefill.store(self, key_states, value_states)
@@ -147,16 +160,42 @@ class CompressedLayer(CacheLayer):
         ``selection``: the budgets to keep, when not the prompt's (generation's ``decode_budget``)."""
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         self.real = counts if seen is None else seen
+        self._set_shift(valid)
         self._select(queries, valid, scaling, counts, selection or self.selection)
         self._finish(_empty_window(self.keys), _empty_window(self.values))
 
-    def adopt(self, choice: LayerChoice, counts: list[int], empty: torch.Tensor) -> None:
-        """Hold what the batched compression of every layer chose for this one (:mod:`.batched`); ``empty``:
-        an empty recent window every layer may share."""
+    def adopt(
+        self, choice: LayerChoice, valid: torch.Tensor, counts: list[int], empty: torch.Tensor
+    ) -> None:
+        """Hold what the batched compression of every layer chose for this one (:mod:`.batched`); ``valid``
+        (batch, n): the prompt's real tokens; ``empty``: an empty recent window every layer may share."""
         self.real = counts
+        self._set_shift(valid)
         self._keep(choice.keys, choice.values, choice.lengths)
         self.lengths, self.ragged = choice.lengths, choice.ragged
         self._finish(empty, empty)
+
+    def _set_shift(self, valid: torch.Tensor) -> None:
+        """At the first compression of a centred layer: the mean key of each (row, KV head) over the real
+        tokens ``valid`` (batch, n) of the candidates (module docstring). It stays for the cache's life (a
+        chunk or a decode-time compression keeps it), so every stored key has the same shift."""
+        if not self.center or self.key_shift is not None:
+            return
+        weights = valid.to(self.keys.device, torch.float32)[:, None, :, None]
+        total = (self.keys.float() * weights).sum(dim=-2, keepdim=True)
+        self.key_shift = (total / weights.sum(dim=-2, keepdim=True).clamp_min(1)).to(self.dtype)
+
+    def _centred(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys`` as this layer stores them: minus the shift (float32 arithmetic), or as they are."""
+        if self.key_shift is None:
+            return keys
+        return (keys.float() - self.key_shift.float()).to(keys.dtype)
+
+    def _uncentred(self, keys: torch.Tensor) -> torch.Tensor:
+        """Stored keys as the model made them: the shift added back."""
+        if self.key_shift is None:
+            return keys
+        return (keys.float() + self.key_shift.float()).to(keys.dtype)
 
     def _finish(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """The prompt is compressed: the recent window starts as ``keys``/``values`` (empty)."""
@@ -186,7 +225,7 @@ class CompressedLayer(CacheLayer):
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store the kept tokens (batch, kv_heads, K, dim), row (b, h) valid up to ``lengths[b, h]``."""
-        self.kept_keys, self.kept_values = keys, values
+        self.kept_keys, self.kept_values = self._centred(keys), values
 
     def recompress(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         """After a chunk of the prompt (``valid`` (batch, q_len): its real tokens) has attended to what the
@@ -239,19 +278,20 @@ class CompressedLayer(CacheLayer):
         keys, values, held = self.held()
         candidates = torch.cat([held, recent.to(held.device)], dim=1)
         self._drop_kept()
-        self.keys = torch.cat([keys, self.keys], dim=-2)
+        self.keys = torch.cat([keys, self._uncentred(self.keys)], dim=-2)
         self.values = torch.cat([values, self.values], dim=-2)
         self.compress(queries, candidates, scaling, seen, selection=selection)
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tokens kept of the prompt and flushed since, in the model's dtype: keys and values (batch,
-        kv_heads, n, dim) and which slots hold a token (batch, n). Every KV head of a row holds as many."""
+        """The tokens kept of the prompt and flushed since, in the model's dtype: keys (the shift added back)
+        and values (batch, kv_heads, n, dim) and which slots hold a token (batch, n). Every KV head of a row
+        holds as many."""
         parts = self._held_parts()
         batch, heads, _, dim = self.keys.shape
         if not parts:
             empty = self.keys.new_zeros(batch, heads, 0, dim)
             return empty, empty, torch.zeros(batch, 0, dtype=torch.bool, device=self.keys.device)
-        keys = torch.cat([k.to(self.dtype) for k, _, _ in parts], dim=-2)
+        keys = self._uncentred(torch.cat([k.to(self.dtype) for k, _, _ in parts], dim=-2))
         values = torch.cat([v.to(self.dtype) for _, v, _ in parts], dim=-2)
         held = torch.cat(
             [
@@ -331,13 +371,14 @@ class CompressedLayer(CacheLayer):
 
     def components(self) -> dict[str, int]:
         """Bytes held per component: codes and their side information (norms, scales), kept tokens in the
-        model's dtype, the recent window, and the row lengths."""
+        model's dtype, the recent window, the row lengths and the key shifts (centred keys)."""
         return {
             "codes": 0,
             "side": 0,
             "kept_fp": _bytes(self.kept_keys, self.kept_values),
             "recent": _bytes(self.keys, self.values),
             "lengths": _bytes(self.lengths),
+            "shift": _bytes(self.key_shift),
         }
 
     def rates(self) -> list[dict]:
@@ -354,7 +395,14 @@ class CompressedLayer(CacheLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         """The uncoded tensors this layer holds (a coded layer's blocks count through :meth:`nbytes`)."""
-        found = [self.kept_keys, self.kept_values, self.lengths, self.keys, self.values]
+        found = [
+            self.kept_keys,
+            self.kept_values,
+            self.lengths,
+            self.keys,
+            self.values,
+            self.key_shift,
+        ]
         return [t for t in found if isinstance(t, torch.Tensor)]
 
     def nbytes(self) -> int:
@@ -377,7 +425,7 @@ class CompressedLayer(CacheLayer):
         return self.keys.shape[-2] if self.keys is not None else 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for name in ("kept_keys", "kept_values", "lengths", "keys", "values"):
+        for name in ("kept_keys", "kept_values", "lengths", "keys", "values", "key_shift"):
             tensor = getattr(self, name)
             if isinstance(tensor, torch.Tensor):
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
@@ -399,6 +447,8 @@ class CompressedLayer(CacheLayer):
         self.values = torch.cat([r.values for r in rows])
         self.seen, self.compressed = rows[0].seen, True
         self.lengths = torch.cat([r.lengths for r in rows])
+        if rows[0].key_shift is not None:
+            self.key_shift = torch.cat([r.key_shift for r in rows])
         slots = self._stack_kept(rows)
         self.ragged = bool((self.lengths != slots).any())
 
@@ -413,7 +463,7 @@ class CompressedLayer(CacheLayer):
         self.kept_keys = self.kept_values = self.lengths = self.keys = self.values = None
         self.is_initialized = self.compressed = self.ragged = False
         self.seen = self.prompt_tokens = self.prompt_bytes = self.appended_since = 0
-        self.real = self.queries_since = None
+        self.real = self.queries_since = self.key_shift = None
 
 
 class CodedLayer(CompressedLayer):
@@ -456,6 +506,7 @@ class CodedLayer(CompressedLayer):
             self.keys, self.values = _empty_window(self.keys), _empty_window(self.values)
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
+        keys = self._centred(keys)
         self.coded.add(keys, values, lengths, fused=self._fused(keys.device), where=self._where)
 
     def _reselect(self, queries, recent, scaling, seen, selection) -> None:

@@ -48,12 +48,12 @@ class PlannedLayer(CodedLayer):
         """Keep, of the window, the planner's tiers (the planner holds the layer's selection)."""
         tiers = self.planner.plan(
             self.rank, queries, self.keys, self.values, valid, scaling, self.real, counts,
-            fused=self._fused(self.keys.device),
+            fused=self._fused(self.keys.device), key_shift=self.key_shift,
         )  # fmt: skip
         dim = self.keys.shape[-1]
         for tier, indices, lengths in tiers:
             gather = indices.unsqueeze(-1).expand(-1, -1, -1, dim)
-            keys, values = self.keys.gather(2, gather), self.values.gather(2, gather)
+            keys, values = self._centred(self.keys.gather(2, gather)), self.values.gather(2, gather)
             if tier.codecs is None:
                 self.kept_keys, self.kept_values, self.whole_lengths = keys, values, lengths
             else:
@@ -120,7 +120,7 @@ class PlannedLayer(CodedLayer):
         return torch.stack(held).sum(dim=0) + self.appended_tokens()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for name in ("kept_keys", "kept_values", "whole_lengths", "keys", "values"):
+        for name in ("kept_keys", "kept_values", "whole_lengths", "keys", "values", "key_shift"):
             tensor = getattr(self, name)
             if isinstance(tensor, torch.Tensor):
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))

@@ -131,7 +131,11 @@ class Planner:
         batch = len(counts)
         # sliding-window layers keep their windows whole, in the full cache and here (Selection.whole_bytes)
         whole = sum(self.selection.whole_bytes(count) for count in counts)
-        fixed = self.fixed_bytes + layers * len(self.tiers) * batch * heads * self.row_bytes + whole
+        rows = layers * batch * heads  # each holds a length per tier, and one key shift
+        fixed = self.fixed_bytes + rows * (
+            len(self.tiers) * self.row_bytes + self.selection.shift_bytes
+        )
+        fixed += whole
         if self.memory.nbytes is not None:
             asked, allowed = f"{self.memory.nbytes:,} bytes", self.memory.nbytes - fixed
         else:
@@ -144,7 +148,7 @@ class Planner:
             raise PyramidKVError(
                 f"kv_memory: {asked} is less than the smallest planned cache: {smallest + fixed:,.0f} bytes "
                 f"(each layer's {window}-token window at the cheapest rate, and {fixed:,.0f} bytes of "
-                "codebooks, row lengths and sliding windows kept whole)"
+                "codebooks, row lengths, key shifts and sliding windows kept whole)"
             )
         return allowed
 
@@ -182,13 +186,16 @@ class Planner:
         seen: list[int] | None = None,
         counts: list[int] | None = None,
         fused: bool = False,
+        key_shift: torch.Tensor | None = None,
     ) -> list[tuple[Tier, torch.Tensor, torch.Tensor]]:
         """The tiers layer ``layer_idx`` keeps: ``(tier, indices (batch, kv_heads, K), lengths (batch,
         kv_heads))`` per tier holding tokens, indices ascending and valid up to ``lengths``. ``valid`` marks the
         candidates, ``seen`` the real tokens of each row's prompt so far, which the bytes follow (as in
         :meth:`Selection.choose <pyramidkv.cache.selection.Selection.choose>`); ``counts`` the candidates of
         each row when the caller read them on the host; ``fused``: encode the distortion samples with the
-        fused encode kernel (one launch per rate instead of the codec's ~100 operations)."""
+        fused encode kernel (one launch per rate instead of the codec's ~100 operations); ``key_shift``: what
+        the layer subtracts from the keys it stores (centred keys), so the distortion is that of the codes
+        it will hold."""
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         budget = self.layer_bytes(
             layer_idx, queries, keys, valid, scaling, counts if seen is None else seen
@@ -204,8 +211,9 @@ class Planner:
             rates = torch.full((longest,), whole, dtype=torch.long)
         else:
             rates = self._search(
-                order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused
-            )
+                order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused,
+                key_shift,
+            )  # fmt: skip
         spent = 0.0
         found = []
         lengths = torch.tensor(counts, device=order.device)
@@ -218,22 +226,20 @@ class Planner:
         return found
 
     def _search(
-        self, order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused
-    ) -> torch.Tensor:
+        self, order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused,
+        key_shift,
+    ) -> torch.Tensor:  # fmt: skip
         """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers."""
         offered = [i for i, t in enumerate(self.tiers) if t.codecs is not None or self.whole]
         batch = shares.shape[0]
+        sample = (queries, keys, values, valid, shares, scaling, fused, key_shift)
         points = [
             RatePoint(
-                self.tiers[i].bits,
-                self.tiers[i].cost * batch,
-                0.0
-                if self.tiers[i].codecs is None
-                else self.distortion(
-                    self.tiers[i].codecs, queries, keys, values, valid, shares, scaling, fused
-                ),
+                t.bits,
+                t.cost * batch,
+                0.0 if t.codecs is None else self.distortion(t.codecs, *sample),
             )
-            for i in offered
+            for t in (self.tiers[i] for i in offered)
         ]
         profile = shares.gather(-1, order).mean(dim=(0, 1))[:longest]
         chosen = assign_rates(profile, window, points, budget, _gap(values, shares, valid, order))
@@ -250,10 +256,12 @@ class Planner:
         shares: torch.Tensor,
         scaling: float,
         fused: bool = False,
+        key_shift: torch.Tensor | None = None,
     ) -> float:
         """Output error of a token stored by ``codecs`` relative to evicting it, on sampled tokens of this
         layer (module docstring, step 2), times ``weight``. ``shares`` (batch, kv_heads, n): each token's
-        attention share; ``fused``: encode with the fused kernel."""
+        attention share; ``fused``: encode with the fused kernel; ``key_shift`` (batch, kv_heads, 1, dim):
+        subtracted from the keys before coding, as the layer stores them."""
         n = keys.shape[-2]
         picked = (
             torch.linspace(0, n - 1, min(self.samples, n), device=keys.device)
@@ -262,6 +270,8 @@ class Planner:
             .unique()
         )
         k, v = keys[:, :, picked].float(), values[:, :, picked].float()
+        if key_shift is not None:
+            k = k - key_shift.float()
         ok = valid[:, picked].to(keys.device)[:, None].float()  # (batch, 1, s)
         encode = CodedBlocks(codecs).encode(k, v, fused, "planner")
         k_hat = codecs.keys.decode(encode[0], torch.float32)

@@ -37,7 +37,7 @@ class Selection:
     ``token_bytes`` is what one kept token costs in one layer (all KV heads, key and value) as the cache
     stores it; ``full_token_bytes`` the same uncompressed, in the model's dtype; ``fixed_bytes`` what the
     cache holds whatever it keeps (codebooks); ``row_bytes`` the length counter of one (sequence, KV head)
-    row; ``sliding`` the number of sliding-window layers kept whole beside the ``num_layers`` compressed
+    row and ``shift_bytes`` its key shift (centred keys, :mod:`.layers`); ``sliding`` the number of sliding-window layers kept whole beside the ``num_layers`` compressed
     ones and their window. A ``kv_memory`` budget is turned into tokens from these.
     """
 
@@ -50,6 +50,7 @@ class Selection:
     full_token_bytes: int
     fixed_bytes: int
     row_bytes: int = 8
+    shift_bytes: int = 0
     sliding: tuple[int, int] = (0, 0)  # (sliding-window layers kept whole, their window)
     # the ranks sharing each layer's KV heads (tensor parallelism)
     parallel: TensorParallel | None = None
@@ -65,7 +66,7 @@ class Selection:
         """Average tokens per layer for one row: from ``budget``, or from ``kv_memory`` when it is set."""
         if self.kv_memory is None:
             return self.budget.tokens_for(prompt_len)
-        fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.row_bytes
+        fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.per_row_bytes
         return self.kv_memory.tokens_for(
             prompt_len,
             batch,
@@ -75,6 +76,11 @@ class Selection:
             fixed,
             self.whole_bytes(prompt_len),
         )
+
+    @property
+    def per_row_bytes(self) -> int:
+        """What one (sequence, KV head) row of one layer holds whatever it keeps: its length and key shift."""
+        return self.row_bytes + self.shift_bytes
 
     def whole_bytes(self, prompt_len: int) -> int:
         """Bytes one row's sliding-window layers hold whole after a prompt of ``prompt_len`` tokens: their last

@@ -57,7 +57,14 @@ class SlidingLayer(DynamicSlidingWindowLayer):
 
     def components(self) -> dict[str, int]:
         """The window counts as recent tokens in the model's dtype."""
-        return {"codes": 0, "side": 0, "kept_fp": 0, "recent": self.nbytes(), "lengths": 0}
+        return {
+            "codes": 0,
+            "side": 0,
+            "kept_fp": 0,
+            "recent": self.nbytes(),
+            "lengths": 0,
+            "shift": 0,
+        }
 
     def rates(self) -> list[dict]:
         if self.keys is None:

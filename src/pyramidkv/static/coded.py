@@ -174,11 +174,14 @@ class StaticCodedLayer(StaticLayerBase):
         max_new_tokens: int,
         fused: bool,
         frozen: list[Frozen] | None = None,
+        key_shift: torch.Tensor | None = None,
     ):
         """``keys``/``values``: codes (batch, kv_heads, width) of which row (b, h) holds ``lengths[b, h]``
         first; ``window_keys``/``window_values`` (batch, kv_heads, w, d): the fp16 tokens after them,
         w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels;
-        ``frozen``: blocks of other rates read beside the store (a planned layer)."""
+        ``frozen``: blocks of other rates read beside the store (a planned layer); ``key_shift`` (batch,
+        kv_heads, 1, d): what the source layer subtracts from every key it stores (centred keys,
+        :mod:`pyramidkv.cache.layers`), subtracted from each new key too."""
         batch, kv_heads, held, dim = window_keys.shape
         if not residual >= 1 or held > residual:
             raise PyramidKVError(
@@ -187,6 +190,7 @@ class StaticCodedLayer(StaticLayerBase):
         super().__init__(layer_idx, seen, max_new_tokens)
         self.codecs, self.fused, self.residual, self.held = codecs, fused, residual, held
         self.frozen = list(frozen or [])
+        self.key_shift = None if key_shift is None else key_shift.to(window_keys.device).clone()
         self.device, self.dtype, self.batch = window_keys.device, window_keys.dtype, batch
         widest = int(lengths.max())  # one host read per layer, at build
         # tokens that will leave the ring; >= 1: steps before it is full write one slot past the rows
@@ -229,6 +233,8 @@ class StaticCodedLayer(StaticLayerBase):
                 "(feed longer inputs to the source cache before building it)"
             )
         self._reserve(q_len)
+        if self.key_shift is not None:
+            key_states = key_states - self.key_shift
         leaving = self.ring.index_select(3, self.slot)  # (2, batch, kv_heads, 1, d)
         if self.same:
             indices, norms = self.encoders[0](leaving)
@@ -344,6 +350,7 @@ class StaticCodedLayer(StaticLayerBase):
         tensors += [t for f in self.frozen for t in (f.values.norms, f.lengths)]
         tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order, self.slot]
         tensors += [self.visible, self.step]
+        tensors += [] if self.key_shift is None else [self.key_shift]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -366,5 +373,5 @@ def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> Stati
         lengths = torch.zeros(*layer.keys.shape[:2], dtype=torch.int32, device=layer.keys.device)
     return StaticCodedLayer(
         layer.layer_idx, own, keys, values, lengths, layer.keys, layer.values,
-        residual, layer.seen, max_new_tokens, fused, frozen,
+        residual, layer.seen, max_new_tokens, fused, frozen, layer.key_shift,
     )  # fmt: skip
