@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from pyramidkv import CompressedCache
+from pyramidkv.cache.centring import attended_mean
 from pyramidkv.cache.compat import cache_kwargs
 from pyramidkv.errors import PyramidKVError
 
@@ -157,3 +158,27 @@ def test_the_planner_measures_the_distortion_of_the_codes_it_will_hold():
         )
         assert centred < 0.7 * raw, (tier.bits, raw, centred)
     cache.close()
+
+
+def test_the_shift_is_the_keys_mean_under_the_window_attention():
+    """:func:`attended_mean` against a loop in float64: per row, KV head and window query (causal, padding
+    left out), the softmax of the query's logits, averaged over the window and the head's query group, weights
+    the keys."""
+    generator = torch.Generator().manual_seed(7)
+    batch, heads, group, window, n, dim = 2, 2, 3, 4, 11, 8
+    keys = torch.randn(batch, heads, n, dim, generator=generator) + 2.0
+    queries = torch.randn(batch, heads * group, window, dim, generator=generator)
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, :3] = False
+    got = attended_mean(keys, queries, valid, 0.5)
+    for b in range(batch):
+        for h in range(heads):
+            weights = torch.zeros(n, dtype=torch.float64)
+            for g in range(group):
+                for w in range(window):
+                    q = queries[b, h * group + g, w].double()
+                    seen = [i for i in range(n) if valid[b, i] and i <= n - window + w]
+                    logits = torch.stack([q @ keys[b, h, i].double() * 0.5 for i in seen])
+                    weights[seen] += logits.softmax(0) / (group * window)
+            want = weights @ keys[b, h].double()
+            torch.testing.assert_close(got[b, h, 0].double(), want, atol=1e-5, rtol=1e-5)

@@ -200,26 +200,22 @@ def test_codes_that_survive_a_chunk_keep_their_own_codes():
 
 
 def test_a_chunked_prefill_centres_keys_on_its_first_chunk():
-    """The shift is taken once, at the first compression: the mean of the real keys the prefill has seen by
-    then (the whole prompt in one forward, the first chunk in chunks), and kept after every later chunk."""
+    """The key shift is taken once, at the first compression: from the first chunk in a chunked prefill, so it
+    equals the shift of a one-forward prefill of that chunk alone, and it is kept after every later chunk."""
     model = make_tiny("llama")
     ids = _prompt(model, 300, batch=2)
     mask = torch.ones_like(ids)
-    mask[1, :70] = 0  # row 1 left-padded: its pads do not enter its mean
-    full = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(ids, attention_mask=mask, **cache_kwargs(model, full))
-    for chunk in (300, 100):
-        cache = CompressedCache(model, "snapkv", 64, codec="fibquant:3", prefill_chunk=chunk)
-        _feed(model, cache, ids, chunk, mask)
-        for layer, reference in zip(cache.layers, full.layers, strict=True):
-            if layer.layer_idx:  # above layer 0, a chunk's keys depend on the compressed past
-                break
-            for row, first in enumerate((0, 70)):
-                keys = reference.keys[row, :, first:chunk].double()
-                want = keys.mean(dim=-2)
-                got = layer.key_shift[row, :, 0].double()
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mask[1, :70] = 0  # row 1 left-padded: its pads do not enter its shift
+    chunked = CompressedCache(model, "snapkv", 64, codec="fibquant:3", prefill_chunk=100)
+    _feed(model, chunked, ids, 100, mask)
+    first = CompressedCache(model, "snapkv", 64, codec="fibquant:3")
+    _feed(model, first, ids[:, :100], 100, mask[:, :100])
+    whole = CompressedCache(model, "snapkv", 64, codec="fibquant:3")
+    _feed(model, whole, ids, 300, mask)
+    for a, b, c in zip(chunked.layers, first.layers, whole.layers, strict=True):
+        torch.testing.assert_close(a.key_shift, b.key_shift, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a.key_shift, c.key_shift, atol=1e-3)
+    for cache in (chunked, first, whole):
         cache.close()
 
 

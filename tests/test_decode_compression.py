@@ -173,6 +173,18 @@ def test_decode_budget_is_checked():
         dict(policy="h2o", budget=48, decode_budget=40, compress_every=16),
         dict(policy="streamingllm", budget=48, decode_budget=40, compress_every=16),
         dict(policy="snapkv", budget=400, decode_budget=400, compress_every=16),  # nothing evicted
+        # codes: the store holds the survivors' own codes, the ring the interval's tokens
+        dict(policy="snapkv", budget=48, decode_budget=40, compress_every=16, codec="fibquant:3"),
+        dict(policy="h2o", budget=48, decode_budget=40, compress_every=16, codec="turboquant:2"),
+        dict(
+            policy="pyramidkv",
+            budget=48,
+            decode_budget=40,
+            compress_every=8,
+            codec="fibquant:2",
+            residual=8,
+        ),
+        dict(policy="snapkv", budget=400, decode_budget=400, compress_every=16, codec="fibquant:3"),
     ],
     ids=lambda o: "-".join(map(str, o.values())),
 )
@@ -207,10 +219,54 @@ def test_the_static_cache_selects_again_as_the_eager_cache_does(options):
         cache.close()
 
 
-def test_the_graph_path_refuses_a_decode_budget_over_codes():
+def test_the_graph_path_takes_codes_when_every_interval_fits_the_window():
     model = make_tiny("llama")
-    cache = CompressedCache(model, "snapkv", 64, codec="fibquant:3", decode_budget=64)
+    cache = CompressedCache(
+        model, "snapkv", 64, codec="fibquant:3", decode_budget=64, compress_every=32, residual=16
+    )
     with torch.inference_mode():
         model(_prompt(), **cache_kwargs(model, cache))
-    with pytest.raises(PyramidKVError, match="decode_budget and a codec"):
+    with pytest.raises(PyramidKVError, match="compress_every: got 32 with a window of 16 tokens"):
         StaticCompressedCache(model, cache, max_new_tokens=8)
+    cache.close()
+
+
+def test_the_static_cache_with_codes_selects_again_through_the_kernels():
+    """The same over the fused path (the decode, encode and ring kernels; Triton's interpreter on a CPU), the
+    eager cache on the same kernels: after each compaction the ring's slot counters, rewritten in place, place
+    the next tokens where the commit kernel writes them (a compaction at step 8 of a ring of 16 moves the next
+    slot off step mod 16)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(
+            "the kernels run on CPU tensors in Triton's interpreter only (TRITON_INTERPRET=1)"
+        )
+    model = make_tiny("llama")
+    options = dict(
+        policy="snapkv",
+        budget=24,
+        decode_budget=20,
+        compress_every=8,
+        codec="fibquant:2",
+        residual=16,
+    )
+    ids, steps = _prompt(length=32), 18
+    eager = CompressedCache(model, kernel="triton", **options)
+    source = CompressedCache(model, kernel="triton", **options)
+    with torch.inference_mode():
+        first = model(ids, **cache_kwargs(model, eager)).logits[:, -1:]
+        model(ids, **cache_kwargs(model, source))
+        static = StaticCompressedCache(model, source, max_new_tokens=steps, kernel="triton")
+        assert all(layer.fused for layer in static.layers)
+        token = first.argmax(-1)
+        for step in range(steps):
+            want = model(token, **cache_kwargs(model, eager)).logits[:, -1]
+            got = model(token, **cache_kwargs(model, static)).logits[:, -1]
+            static.after_step()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+            token = want.argmax(-1, keepdim=True)
+    assert all(layer.compacted for layer in static.layers)
+    for cache in (eager, source, static):
+        cache.close()

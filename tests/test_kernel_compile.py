@@ -114,12 +114,12 @@ COMMIT_CASES = {  # (key, value) index bytes per token, head dim, model float ty
 
 def _commit_args(nbk: int, nbv: int, d: int, float_type: str) -> dict[str, object]:
     """As ``ring_commit.commit`` launches it: index bytes, fp16 norms, int32 lengths, the new token and the
-    ring in the model's float type, int64 step, order and slot, the mask as bytes."""
+    ring in the model's float type, int64 step, order, slot, slot offset and full step, the mask as bytes."""
     named = {
         **dict.fromkeys(("kidx_ptr", "vidx_ptr", "sk_idx_ptr", "sv_idx_ptr", "vis_ptr"), "*u8"),
         **dict.fromkeys(("knorm_ptr", "vnorm_ptr", "sk_norm_ptr", "sv_norm_ptr"), "*fp16"),
         **dict.fromkeys(("key_ptr", "value_ptr", "ring_ptr"), f"*{float_type}:16"),
-        **dict.fromkeys(("step_ptr", "order_ptr", "slot_ptr"), "*i64"),
+        **dict.fromkeys(("step_ptr", "order_ptr", "slot_ptr", "offset_ptr", "full_ptr"), "*i64"),
         "len_ptr": "*i32",
         "NBK": nbk,
         "NBV": nbv,

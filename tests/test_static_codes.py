@@ -207,8 +207,9 @@ def test_the_commit_kernel_writes_what_the_torch_commit_writes(codec, held, devi
         torch_layer._commit(codes, key, value)
         k = kernel_layer
         commit(
-            codes, k.store, k.lengths, key, value, k.ring, k.step, k.order, k.visible, k.slot, held
-        )
+            codes, k.store, k.lengths, key, value, k.ring, k.step, k.order, k.visible, k.slot,
+            k.offset, k.full_at,
+        )  # fmt: skip
         for layer in (torch_layer, kernel_layer):
             layer.step.add_(1)
         for side in range(2):

@@ -157,7 +157,7 @@ class BatchedPrefill:
         chosen = choose_layers(self.selection, self.queries, self.buffer, valid, scaling, counts)
         empty = self.buffer.new_empty(*self.buffer.shape[2:-2], 0, self.buffer.shape[-1])
         for layer, choice in zip(self.layers, chosen, strict=True):
-            layer.adopt(choice, valid, counts, empty)
+            layer.adopt(choice, valid, counts, empty, self.queries[layer.rank], scaling)
 
 
 def _groups(keys: Tensor, queries: Tensor) -> list[range]:

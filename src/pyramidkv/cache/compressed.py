@@ -181,9 +181,9 @@ def _check_model(model, settings: Settings, codec, plan) -> None:
 
 
 def _center_keys(asked: bool | None, codecs: CodecPair | None) -> bool:
-    """Whether coded layers store keys minus their mean (:mod:`.layers`, centred keys): by default when keys
-    are coded by norm and direction (FibQuant, TurboQuant, uniform), whose error grows with the shared
-    direction the mean removes; KIVI's per-channel zero points absorb it already."""
+    """Whether coded layers store keys minus a shift (:mod:`.centring`): by default when keys are coded by norm
+    and direction (FibQuant, TurboQuant, uniform), whose error grows with the length of what they code; KIVI's
+    per-channel zero points absorb a common offset already."""
     if asked is not None and not isinstance(asked, bool):
         raise PyramidKVError(f"center_keys: got {asked!r}; expected True, False or None (by codec)")
     if codecs is None:
@@ -224,10 +224,10 @@ class CompressedCache(HookedCache, Cache):
     ``codec="fibquant"`` (or ``"fibquant:2"``, ``"turboquant"``, ``"uniform"``, ``"kivi"``, or keys and values
     apart: ``"uniform/fibquant"``) with ``bits`` (or separate ``key_bits`` / ``value_bits``) stores what is
     kept as codes (:mod:`pyramidkv.codecs.registry`); new tokens wait in an fp16 window of ``residual``
-    tokens that is encoded as one block when it fills. Coded keys are stored minus their mean per (row, KV
-    head), taken when the prompt is compressed (``center_keys``; by default with FibQuant, TurboQuant and
-    uniform keys, whose error grows with the direction all keys share and the softmax ignores: centred keys,
-    :mod:`.layers`). ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
+    tokens that is encoded as one block when it fills. Coded keys are stored minus one shift per (row, KV
+    head), their mean weighted by the observation window's attention, taken when the prompt is compressed
+    (``center_keys``; by default with FibQuant, TurboQuant and uniform keys, whose error grows with the length
+    of what they code; the softmax ignores the shift: :mod:`.centring`). ``kv_memory="48MiB"`` (whole batch) or ``"5%"`` (of
     the prompt's full cache in the model's dtype) replaces ``budget``: the token budget is chosen so that
     everything the cache holds for the prompt fits, codebooks and row lengths included.
     ``plan="auto"`` (with ``kv_memory``) chooses per layer how many tokens to keep as 4-, 3- or 2-bit codes of

@@ -15,6 +15,9 @@ last ``window`` of them for SnapKV and PyramidKV, whose observation window they 
 whose accumulated attention restarts at each compression: the heavy hitters of the recent interval, not of
 the whole sequence, since the prompt's per-token sums are not kept). StreamingLLM keeps its sinks and the most
 recent tokens. The decode budget is spread over the layers by the policy's schedule, as the prompt budget.
+An interval that evicts nothing still ends as a compression would: a coded layer encodes its window (every
+interval ends with the window empty, so the CUDA-graph path's fixed ring holds one interval,
+:mod:`pyramidkv.static.decoding`).
 """
 
 from __future__ import annotations
@@ -53,4 +56,5 @@ class DecodeCompression:
         if layer.slots() > share:
             layer.decode_compress(scaling, self.selection)
         else:  # nothing to evict yet: the tokens so far count as seen, and the next interval starts
+            layer.settle()
             layer.real = layer.end_interval()

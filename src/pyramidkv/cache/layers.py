@@ -16,11 +16,11 @@ fp16 residual window). Positions of new tokens continue from the original prompt
 uncompressed sequence.
 
 **Centred keys.** A layer whose keys are coded (``center``) stores every key minus one shift per (row, KV
-head): the mean of the prompt's keys, taken when the prompt is first compressed. Keys of a layer share a large
-common direction (on Gemma 3 most of their length; ``benchmarks/key_geometry.py``), which a code of norm and
-direction spends its bits on; the softmax ignores it, since ``q.(k - m)`` differs from ``q.k`` by one constant
-per query. Everything the layer stores (codes, whole tokens, the recent window) is centred, so attention needs
-no correction; :meth:`CompressedLayer.held` adds the shift back, so scorers see the model's own keys.
+head), taken when the prompt is first compressed: the keys' mean weighted by the observation window's attention
+(:mod:`.centring`, which says why). The softmax ignores the shift, since ``q.(k - m)`` differs from ``q.k`` by
+one constant per query, so with everything the layer stores centred (codes, whole tokens, the recent window)
+attention needs no correction; :meth:`CompressedLayer.held` adds the shift back, so scorers see the model's
+own keys.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from pyramidkv.cache import hook
 from pyramidkv.cache.batched import BatchedPrefill, LayerChoice
 from pyramidkv.cache.blocks import CodedBlocks, gather_codes, join_codes, pad_slots, stack_codes
+from pyramidkv.cache.centring import attended_mean, centred, uncentred
 from pyramidkv.cache.compat import first_positions
 from pyramidkv.cache.decoding import DecodeCompression
 from pyramidkv.cache.protocol import CacheLayer, ModelAttention
@@ -160,42 +161,45 @@ class CompressedLayer(CacheLayer):
         ``selection``: the budgets to keep, when not the prompt's (generation's ``decode_budget``)."""
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         self.real = counts if seen is None else seen
-        self._set_shift(valid)
+        self._set_shift(queries, valid, scaling)
         self._select(queries, valid, scaling, counts, selection or self.selection)
         self._finish(_empty_window(self.keys), _empty_window(self.values))
 
     def adopt(
-        self, choice: LayerChoice, valid: torch.Tensor, counts: list[int], empty: torch.Tensor
+        self,
+        choice: LayerChoice,
+        valid: torch.Tensor,
+        counts: list[int],
+        empty: torch.Tensor,
+        queries: torch.Tensor,
+        scaling: float,
     ) -> None:
         """Hold what the batched compression of every layer chose for this one (:mod:`.batched`); ``valid``
-        (batch, n): the prompt's real tokens; ``empty``: an empty recent window every layer may share."""
+        (batch, n): the prompt's real tokens; ``empty``: an empty recent window every layer may share;
+        ``queries``: this layer's observation window."""
         self.real = counts
-        self._set_shift(valid)
+        self._set_shift(queries, valid, scaling)
         self._keep(choice.keys, choice.values, choice.lengths)
         self.lengths, self.ragged = choice.lengths, choice.ragged
         self._finish(empty, empty)
 
-    def _set_shift(self, valid: torch.Tensor) -> None:
-        """At the first compression of a centred layer: the mean key of each (row, KV head) over the real
-        tokens ``valid`` (batch, n) of the candidates (module docstring). It stays for the cache's life (a
-        chunk or a decode-time compression keeps it), so every stored key has the same shift."""
+    def _set_shift(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """At the first compression of a centred layer: the keys' mean over the real candidates ``valid``
+        (batch, n), weighted by the attention of the last ``window`` of ``queries`` (:func:`.centring.attended_mean`).
+        It stays for the cache's life (a chunk or a decode-time compression keeps it), so every stored key has
+        the same shift."""
         if not self.center or self.key_shift is not None:
             return
-        weights = valid.to(self.keys.device, torch.float32)[:, None, :, None]
-        total = (self.keys.float() * weights).sum(dim=-2, keepdim=True)
-        self.key_shift = (total / weights.sum(dim=-2, keepdim=True).clamp_min(1)).to(self.dtype)
+        window = min(self.selection.policy.window, queries.shape[-2]) or 1
+        self.key_shift = attended_mean(self.keys, queries[..., -window:, :], valid, scaling)
 
     def _centred(self, keys: torch.Tensor) -> torch.Tensor:
-        """``keys`` as this layer stores them: minus the shift (float32 arithmetic), or as they are."""
-        if self.key_shift is None:
-            return keys
-        return (keys.float() - self.key_shift.float()).to(keys.dtype)
+        """``keys`` as this layer stores them (:func:`.centring.centred`)."""
+        return centred(keys, self.key_shift)
 
     def _uncentred(self, keys: torch.Tensor) -> torch.Tensor:
-        """Stored keys as the model made them: the shift added back."""
-        if self.key_shift is None:
-            return keys
-        return (keys.float() + self.key_shift.float()).to(keys.dtype)
+        """Stored keys as the model made them (:func:`.centring.uncentred`)."""
+        return uncentred(keys, self.key_shift)
 
     def _finish(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """The prompt is compressed: the recent window starts as ``keys``/``values`` (empty)."""
@@ -257,6 +261,10 @@ class CompressedLayer(CacheLayer):
         )
         queries = self.queries_since
         self._reselect(queries, recent, scaling, self.end_interval(), selection)
+
+    def settle(self) -> None:
+        """End a decode-budget interval that evicts nothing as a compression would leave the layer (a coded
+        layer encodes its window); the tokens stay where they are."""
 
     def end_interval(self) -> list[int]:
         """The real tokens of each row seen so far, the interval's generated tokens counted; the next
@@ -500,6 +508,12 @@ class CodedLayer(CompressedLayer):
     def _before_append(self) -> None:
         """Encode the recent window as one block when it is full."""
         if self.compressed and self.keys.shape[-2] >= self.residual:
+            self.settle()
+
+    def settle(self) -> None:
+        """Encode the recent window as one block (a full window; or, ending a decode-budget interval that
+        evicts nothing, as a recompression that keeps everything would)."""
+        if self.keys.shape[-2]:
             self.coded.add(
                 self.keys, self.values, fused=self._fused(self.keys.device), where=self._where
             )

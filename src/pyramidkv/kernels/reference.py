@@ -36,11 +36,13 @@ def chunked_attention(query: torch.Tensor, chunks: Iterable[Chunk], scaling: flo
     ``query``: (batch, q_heads, q_len, dim). Each chunk is ``(keys, values, visible)`` with keys and values
     (batch, kv_heads, s, dim) and ``visible`` a bool mask broadcastable to (batch, kv_heads, q_len, s), or
     ``None`` when every key is visible. Returns (batch, q_heads, q_len, dim) in the query's dtype; the
-    arithmetic is float32. A query that sees no key at all gets a zero output.
+    arithmetic is float32. A query that sees no key at all gets a zero output; an empty chunk is skipped.
     """
     batch, q_heads, q_len, dim = query.shape
     state = None
     for keys, values, visible in chunks:
+        if keys.shape[-2] == 0:  # an empty chunk (a recent window with nothing in it) adds nothing
+            continue
         kv_heads = keys.shape[1]
         group = q_heads // kv_heads
         q = query.float().reshape(batch, kv_heads, group * q_len, dim)

@@ -103,10 +103,27 @@ class StaticBufferLayer(StaticLayerBase):
             query, self.keys, self.values, self.mask, scaling, self.chunk, decode_backends
         )
 
-    def keep(self, indices: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Hold only the slots at ``indices`` (batch, kv_heads, K), row (b, h) up to ``lengths[b, h]``, in slots
-        ``[0, K)``, and free the new-token slots: in place, so a captured graph goes on reading the same
-        tensors (:meth:`~pyramidkv.static.decoding.StaticDecodeBudget.compact`)."""
+    def candidates(self, since: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a decode budget's compaction scores, in the eager cache's order and layout: the kept slots,
+        then the ``since`` tokens of the interval. Returns their keys, which hold a token (batch, n), and the
+        buffer slots they sit in (for :meth:`keep`)."""
+        slots = torch.cat(
+            [
+                torch.arange(self.kept_width, device=self.device),
+                torch.arange(self.width, self.width + since, device=self.device),
+            ]
+        )
+        # per candidate: -1 held, r new token r, beyond any count hidden; every KV head of a row holds as many
+        order = self.order[:, :, 0].index_select(-1, slots)
+        valid = (order < self.filled)[:, 0]
+        return self.keys.index_select(2, slots), valid, slots
+
+    def keep(self, indices: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> None:
+        """Hold only the candidates at ``indices`` (batch, kv_heads, K) of the buffer ``slots`` they sit in,
+        row (b, h) up to ``lengths[b, h]``, in slots ``[0, K)``, and free the new-token slots: in place, so a
+        captured graph goes on reading the same tensors
+        (:meth:`~pyramidkv.static.decoding.StaticDecodeBudget.compact`)."""
+        indices = slots[indices]
         width = indices.shape[-1]
         if width > self.width:
             raise PyramidKVError(f"indices: {width} kept slots; the layer holds {self.width}")
@@ -114,10 +131,10 @@ class StaticBufferLayer(StaticLayerBase):
         kept_keys, kept_values = self.keys.gather(2, gather), self.values.gather(2, gather)
         self.keys[:, :, :width] = kept_keys
         self.values[:, :, :width] = kept_values
-        slots = torch.arange(self.capacity, device=self.device)
-        kept = slots < lengths.to(self.device)[..., None]
+        every = torch.arange(self.capacity, device=self.device)
+        kept = every < lengths.to(self.device)[..., None]
         order = torch.where(
-            kept, -1, torch.where(slots < self.width, self.capacity, slots - self.width)
+            kept, -1, torch.where(every < self.width, self.capacity, every - self.width)
         )
         self.order.copy_(order.unsqueeze(2))
         self.filled.zero_()

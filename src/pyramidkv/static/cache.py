@@ -70,8 +70,12 @@ def _coded_layers(source: CompressedCache, max_new_tokens: int, kernel: str | No
         _sliding(layer, max_new_tokens)
         if isinstance(layer, SlidingLayer)
         else coded.coded_layer(
-            layer, source.residual, max_new_tokens, use_fused(kernel, fused_ok, layer.device)
-        )
+            layer,
+            source.residual,
+            max_new_tokens,
+            use_fused(kernel, fused_ok, layer.device),
+            _budget(layer),
+        )  # fmt: skip
         for layer in source.layers
     ]
 
@@ -156,8 +160,9 @@ class StaticCompressedCache(HookedCache, Cache):
     :class:`~pyramidkv.cache.compressed.CompressedCache` (the tokens its eviction policy kept; with a FibQuant or
     TurboQuant codec, as codes and an fp16 window: :mod:`pyramidkv.static.coded`, one token per step) or a
     prefilled transformers ``DynamicCache`` (every token: the full-cache baseline, decoded through the very
-    same code). A source with a ``decode_budget`` (no codec) keeps it: every ``compress_every`` steps, call
-    :meth:`after_step` between two steps (the graph loop does). ``source`` is only read. ``kernel`` (codes only: ``"auto"``, ``"torch"`` or ``"triton"``
+    same code). A source with a ``decode_budget`` keeps it (with codes, when ``compress_every`` is at most
+    its ``residual``): every ``compress_every`` steps, call :meth:`after_step` between two steps (the graph
+    loop does). ``source`` is only read. ``kernel`` (codes only: ``"auto"``, ``"torch"`` or ``"triton"``
     as CompressedCache takes it; default the source's) chooses the attention over the codes. Pass the
     static cache to a forward call like any cache, or decode with :class:`DecodeStep`, whose inputs and
     outputs stay at fixed addresses. A step past ``max_new_tokens`` raises ``ValueError``; :meth:`rewind`

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from pyramidkv.cache import hook
+from pyramidkv.cache.blocks import CodedBlocks, gather_codes, join_codes
+from pyramidkv.cache.centring import centred, uncentred
 from pyramidkv.cache.protocol import ModelAttention
 from pyramidkv.codecs import VectorCodes
 from pyramidkv.codecs.packing import packed_bytes
@@ -54,6 +56,7 @@ from pyramidkv.kernels.plan import DEFAULT_TUNING, make_workspace, plan_block, r
 from pyramidkv.kernels.reference import rotated_attention
 from pyramidkv.kernels.ring_commit import commit
 from pyramidkv.static.base import StaticLayerBase
+from pyramidkv.static.decoding import StaticDecodeBudget
 
 ALIGN = 16  # store slots: a multiple of the mma kernel's tile, and 16-byte aligned index rows
 
@@ -175,28 +178,42 @@ class StaticCodedLayer(StaticLayerBase):
         fused: bool,
         frozen: list[Frozen] | None = None,
         key_shift: torch.Tensor | None = None,
+        budget: StaticDecodeBudget | None = None,
     ):
         """``keys``/``values``: codes (batch, kv_heads, width) of which row (b, h) holds ``lengths[b, h]``
         first; ``window_keys``/``window_values`` (batch, kv_heads, w, d): the fp16 tokens after them,
         w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels;
         ``frozen``: blocks of other rates read beside the store (a planned layer); ``key_shift`` (batch,
         kv_heads, 1, d): what the source layer subtracts from every key it stores (centred keys,
-        :mod:`pyramidkv.cache.layers`), subtracted from each new key too."""
+        :mod:`pyramidkv.cache.layers`), subtracted from each new key too; ``budget``: the layer's share of a
+        decode budget (module docstring: an empty window, ``compress_every`` <= ``residual``)."""
         batch, kv_heads, held, dim = window_keys.shape
         if not residual >= 1 or held > residual:
             raise PyramidKVError(
                 f"residual: got {residual!r}; expected an integer >= {max(1, held)}"
             )
+        if budget is not None and (held or budget.every > residual):
+            raise PyramidKVError(
+                f"compress_every: got {budget.every} with a window of {residual} tokens holding {held}; a "
+                "static cache with codes keeps a decode budget when every interval fits its empty window "
+                "(compress_every <= residual, built right after the prefill)"
+            )
         super().__init__(layer_idx, seen, max_new_tokens)
         self.codecs, self.fused, self.residual, self.held = codecs, fused, residual, held
+        self.budget, self.compacted = budget, False
         self.frozen = list(frozen or [])
         self.key_shift = None if key_shift is None else key_shift.to(window_keys.device).clone()
         self.device, self.dtype, self.batch = window_keys.device, window_keys.dtype, batch
         widest = int(lengths.max())  # one host read per layer, at build
-        # tokens that will leave the ring; >= 1: steps before it is full write one slot past the rows
-        leaving = max(1, held + max_new_tokens - residual)
+        self.kept_width = widest  # store slots the longest row uses (a decode budget's candidates)
+        if budget is None:
+            # tokens that will leave the ring; >= 1: steps before it is full write one slot past the rows
+            leaving = max(1, held + max_new_tokens - residual)
+        else:  # the largest share over the generation; the ring never overflows, one slot past the rows
+            widest, leaving = budget.width(widest, seen + max_new_tokens), 1
+        self.width = widest
         self.capacity = -(-(widest + leaving) // ALIGN) * ALIGN
-        self.store = [self._stored(codes, widest) for codes in (keys, values)]
+        self.store = [self._stored(codes, self.kept_width) for codes in (keys, values)]
         self.lengths = lengths.to(self.device, torch.int32).clone()
         self.built_lengths = self.lengths.clone()
         self.window = torch.stack([window_keys, window_values]).clone()  # for rewind
@@ -205,9 +222,17 @@ class StaticCodedLayer(StaticLayerBase):
         self.keys, self.values = self.ring[0], self.ring[1]
         slots = torch.arange(residual, device=self.device)
         self.order = torch.where(slots < held, -1, slots - held)  # new token of each slot, -1: held
+        self.built_order = self.order.clone()
         self.slots = torch.arange(self.capacity, device=self.device)
         self.step = torch.zeros((), dtype=torch.long, device=self.device)
         self.slot = torch.full((1,), held % residual, dtype=torch.long, device=self.device)
+        # the ring as device state, so a compaction can empty it under a captured step: new token t goes to
+        # slot (t + offset) mod R, and the slot it leaves held a token from step full_at on
+        self.offset = torch.tensor(held, dtype=torch.long, device=self.device)
+        self.full_at = torch.tensor(residual - held, dtype=torch.long, device=self.device)
+        self.filled = torch.zeros(
+            (), dtype=torch.long, device=self.device
+        )  # steps since a compaction
         self.visible = self.order < 0  # ring slots the queries being decoded see (updated in place)
         self.same = codecs.keys == codecs.values  # one encode of keys and values stacked
         self.encoders = [
@@ -232,9 +257,10 @@ class StaticCodedLayer(StaticLayerBase):
                 f"key_states: got {q_len} tokens; a static cache with codes takes one per step "
                 "(feed longer inputs to the source cache before building it)"
             )
+        if self.budget is not None:
+            self.budget.reserve(q_len)
         self._reserve(q_len)
-        if self.key_shift is not None:
-            key_states = key_states - self.key_shift
+        key_states = centred(key_states, self.key_shift)
         leaving = self.ring.index_select(3, self.slot)  # (2, batch, kv_heads, 1, d)
         if self.same:
             indices, norms = self.encoders[0](leaving)
@@ -245,11 +271,12 @@ class StaticCodedLayer(StaticLayerBase):
         if self.fused:
             commit(
                 codes, self.store, self.lengths, key_states, value_states, self.ring, self.step,
-                self.order, self.visible, self.slot, self.held,
+                self.order, self.visible, self.slot, self.offset, self.full_at,
             )  # fmt: skip
         else:
             self._commit(codes, key_states, value_states)
         self.step.add_(1)
+        self.filled.add_(1)
         hook.announce(self)
         return self.keys, self.values
 
@@ -260,15 +287,17 @@ class StaticCodedLayer(StaticLayerBase):
         for store, (indices, norms) in zip(self.store, codes, strict=True):
             store.indices.scatter_(2, at.unsqueeze(-1).expand_as(indices), indices)
             store.norms.scatter_(2, at, norms)
-        self.lengths.add_(self.step >= self.residual - self.held)  # the slot held a token
+        self.lengths.add_(self.step >= self.full_at)  # the slot held a token
         self.ring.index_copy_(3, self.slot, torch.stack([key_states, value_states]))
         torch.le(self.order, self.step, out=self.visible)
-        self.slot.copy_((self.step + 1 + self.held).remainder(self.residual))
+        self.slot.copy_((self.step + 1 + self.offset).remainder(self.residual))
 
     def attend(
         self, query: torch.Tensor, scaling: float, model_attention: ModelAttention | None = None
     ) -> torch.Tensor:
         """Attention of (batch, q_heads, 1, d) queries over the store and the ring; (batch, 1, q_heads, d)."""
+        if self.budget is not None:
+            self.budget.remember(query, self.filled, scaling)
         if self.fused:
             return self._attend_fused(query, scaling)
         coded = (self.slots < self.lengths.unsqueeze(-1)).unsqueeze(-2)
@@ -335,12 +364,65 @@ class StaticCodedLayer(StaticLayerBase):
                 f"appended: got {appended}; a static cache with codes rewinds only to 0 (the tokens "
                 "that left its fp16 window are codes now)"
             )
+        if self.compacted:
+            raise PyramidKVError(
+                "appended: a static cache that selected again under its decode budget cannot rewind (the "
+                "tokens it evicted are gone)"
+            )
         self.ring[:, :, :, : self.held] = self.window
         self.lengths.copy_(self.built_lengths)
         self.step.zero_()
+        self.filled.zero_()
         self.slot.fill_(self.held % self.residual)
+        self.offset.fill_(self.held)
+        self.full_at.fill_(self.residual - self.held)
+        self.order.copy_(self.built_order)
         torch.lt(self.order, 0, out=self.visible)
+        if self.budget is not None:
+            self.budget.since = 0
         self._recount(0)
+
+    def candidates(self, since: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """What a decode budget's compaction scores (:meth:`StaticDecodeBudget.compact
+        <pyramidkv.static.decoding.StaticDecodeBudget.compact>`), in the dynamic layer's order: the store's
+        codes decoded, then the ``since`` tokens of the ring in the order they came. Returns their keys as the
+        model made them (batch, kv_heads, n, d), which hold a token (batch, n), and their codes, the ring's
+        encoded as the dynamic layer encodes its window (:meth:`~pyramidkv.cache.blocks.CodedBlocks.encode`)."""
+        width = self.kept_width
+        stored = [
+            VectorCodes(codes.dtype, codes.indices[:, :, :width], codes.norms[:, :, :width])
+            for codes in self.store
+        ]
+        window_keys, window_values = self.ring[0][:, :, :since], self.ring[1][:, :, :since]
+        window = CodedBlocks(self.codecs).encode(window_keys, window_values, self.fused, "layer")
+        keys = torch.cat([self.codecs.keys.decode(stored[0], self.dtype), window_keys], dim=-2)
+        # every KV head of a row holds as many tokens: head 0's count marks the row's slots
+        held = self.slots[:width] < self.lengths[:, :1].long()
+        valid = torch.cat([held, held.new_ones(self.batch, since)], dim=1)
+        codes = tuple(join_codes(a, b) for a, b in zip(stored, window, strict=True))
+        return uncentred(keys, self.key_shift), valid, codes
+
+    def keep(self, indices: torch.Tensor, lengths: torch.Tensor, codes: tuple) -> None:
+        """Hold only the candidates at ``indices`` (batch, kv_heads, K), row (b, h) up to ``lengths[b, h]``, as
+        their own ``codes`` in store slots ``[0, K)``, and empty the ring: in place, so a captured step goes on
+        reading the same tensors (the next new token goes to slot 0, and none leaves the ring before the next
+        compaction)."""
+        width = indices.shape[-1]
+        if width > self.width:
+            raise PyramidKVError(f"indices: {width} kept slots; the layer holds {self.width}")
+        for store, picked in zip(self.store, codes, strict=True):
+            chosen = gather_codes(picked, indices)
+            store.indices[:, :, :width] = chosen.indices
+            store.norms[:, :, :width] = chosen.norms
+        self.lengths.copy_(lengths.to(torch.int32))
+        step = int(self.step)  # one host read: the step the next replay writes
+        self.order.copy_(torch.arange(step, step + self.residual, device=self.device))
+        self.visible.zero_()
+        self.slot.zero_()
+        self.offset.fill_(-step % self.residual)
+        self.full_at.fill_(step + self.residual)
+        self.filled.zero_()
+        self.kept_width, self.compacted = width, True
 
     def nbytes(self) -> int:
         tensors = [t for codes in self.store for t in (codes.indices, codes.norms)]
@@ -349,14 +431,21 @@ class StaticCodedLayer(StaticLayerBase):
         ]
         tensors += [t for f in self.frozen for t in (f.values.norms, f.lengths)]
         tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order, self.slot]
-        tensors += [self.visible, self.step]
+        tensors += [self.visible, self.step, self.offset, self.full_at, self.filled]
         tensors += [] if self.key_shift is None else [self.key_shift]
+        ring = getattr(
+            self.budget, "queries", None
+        )  # a decode budget's ring of queries, once allocated
+        tensors += [] if ring is None else [ring]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> StaticCodedLayer:
+def coded_layer(
+    layer, residual: int, max_new_tokens: int, fused: bool, budget: StaticDecodeBudget | None = None
+) -> StaticCodedLayer:
     """The static copy of a prefilled :class:`~pyramidkv.cache.compressed.CompressedLayer` holding codes, or of
-    a planned layer (its blocks at other rates than the cache's codec frozen beside the store)."""
+    a planned layer (its blocks at other rates than the cache's codec frozen beside the store); ``budget``: its
+    share of the source's decode budget."""
     if getattr(layer, "kept_keys", None) is not None:
         raise PyramidKVError(
             f"source: layer {layer.layer_idx} keeps tokens whole beside its codes (the planner kept it whole, "
@@ -373,5 +462,5 @@ def coded_layer(layer, residual: int, max_new_tokens: int, fused: bool) -> Stati
         lengths = torch.zeros(*layer.keys.shape[:2], dtype=torch.int32, device=layer.keys.device)
     return StaticCodedLayer(
         layer.layer_idx, own, keys, values, lengths, layer.keys, layer.values,
-        residual, layer.seen, max_new_tokens, fused, frozen, layer.key_shift,
+        residual, layer.seen, max_new_tokens, fused, frozen, layer.key_shift, budget,
     )  # fmt: skip

@@ -12,6 +12,13 @@ queries, exactly as the eager cache's recompression does (the same :meth:`~pyram
 on the same candidates in the same order), the survivors are copied into slots ``[0, width)``, the mask order
 is rewritten in place and ``filled`` goes back to 0, so the next replay continues where the graph expects.
 Memory is the fixed ``width + every`` slots per layer however long the generation runs.
+
+With codes (:class:`~pyramidkv.static.coded.StaticCodedLayer`) the store holds the kept codes and the fp16 ring
+the interval's tokens: when ``every`` is at most the ring's ``residual``, no token leaves the ring between two
+compactions, exactly as the eager coded layer's window never flushes between its recompressions. A
+compaction scores the store's codes decoded and the ring's tokens, encodes the ring as the eager layer
+encodes its window, writes the survivors' own codes into the store and empties the ring (its slot counters
+are device tensors, rewritten in place).
 """
 
 from __future__ import annotations
@@ -87,47 +94,33 @@ class StaticDecodeBudget:
         return self.queries[:, :, order]
 
     def compact(self, layer) -> None:
-        """Select again, in place, what ``layer`` (a :class:`~pyramidkv.static.buffers.StaticBufferLayer`) keeps
-        of everything it holds; the interval ends (module docstring)."""
+        """Select again, in place, what ``layer`` keeps of everything it holds; the interval ends (module
+        docstring). The layer gives its candidates in the eager cache's order and layout, the kept slots then
+        the interval's tokens (position matters to scorers that pool over neighbours, SnapKV's):
+        ``layer.candidates(since)`` -> (keys, valid (batch, n), what ``layer.keep`` needs of them)."""
         if self.since == 0:
             return
         selection = self.decoding.selection
         seen = [real + self.since for real in self.real]
-        # the candidates in the eager cache's order and layout: the kept slots, then the interval's tokens
-        # (position matters to scorers that pool over neighbours, SnapKV's)
-        device = layer.keys.device
-        slots = torch.cat(
-            [
-                torch.arange(layer.kept_width, device=device),
-                torch.arange(layer.width, layer.width + self.since, device=device),
-            ]
-        )
-        # per candidate: -1 held, r new token r, beyond any count hidden; every KV head of a row holds as many
-        order = layer.order[:, :, 0].index_select(-1, slots)
-        valid = (order < layer.filled)[:, 0]  # (batch, candidates)
+        keys, valid, held = layer.candidates(self.since)
         counts = valid.sum(dim=1).tolist()
         if max(counts) > self.share(max(seen)):
-            keys = layer.keys.index_select(2, slots)
             chosen = selection.choose(
                 self.rank, self.interval_queries(), keys, valid, self.scaling, seen, counts
             )
             indices, lengths = chosen.indices, chosen.lengths
         else:  # nothing to evict yet: every held token moves to the kept slots, in order
-            scores = torch.zeros(*layer.keys.shape[:2], len(slots), device=device)
-            indices, lengths = select(scores, valid, torch.tensor(counts, device=device), 0, counts)
-        indices = slots[indices]
-        layer.keep(indices, lengths)
+            scores = torch.zeros(*keys.shape[:2], keys.shape[-2], device=keys.device)
+            indices, lengths = select(
+                scores, valid, torch.tensor(counts, device=keys.device), 0, counts
+            )
+        layer.keep(indices, lengths, held)
         self.real, self.since = seen, 0
 
 
 def check_static_budget(source) -> None:
-    """Refuse what the graph path does not hold under a decode budget: codes (their store and ring would need a
-    compaction of their own) and tokens appended since the last compression."""
-    if source.codecs is not None:
-        raise PyramidKVError(
-            "source: a CompressedCache with decode_budget and a codec; the CUDA-graph path bounds caches without "
-            "codes for now: decode eagerly (cuda_graph=False)"
-        )
+    """Refuse what the graph path does not hold under a decode budget: tokens appended since the last
+    compression (with codes they would sit in the window the static ring must start without)."""
     if any(getattr(layer, "appended_since", 0) for layer in source.layers):
         raise PyramidKVError(
             "source: a CompressedCache with decode_budget that generated since its last compression; build "
