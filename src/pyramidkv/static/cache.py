@@ -75,7 +75,7 @@ def _coded_layers(source: CompressedCache, max_new_tokens: int, kernel: str | No
             max_new_tokens,
             use_fused(kernel, fused_ok, layer.device),
             _budget(layer),
-        )  # fmt: skip
+        )
         for layer in source.layers
     ]
 
