@@ -4,7 +4,7 @@ each configuration with its keys centred (the default for FibQuant and TurboQuan
     python benchmarks/centred_keys.py --model gemma3-270m --context 2048 --samples 16 \
         --configs full/all/fibquant:3,snapkv/10%/fibquant:3,snapkv/kv45%/plan
 
-Every corpus window of ``--context`` tokens is prefilled once (:func:`pyramidkv.eval.prefill.prefill`); each
+Every corpus window of ``--context`` tokens is prefilled once (:func:`pyramidkv.eval.perplexity.capture_with_reference`); each
 configuration (``policy/budget/codec`` as in ``pyramidkv eval``) is built from that capture twice, with
 ``center_keys=False`` and ``True``, and the next ``--continuation`` tokens are teacher-forced through it
 (:func:`pyramidkv.eval.perplexity.score`). The two share the prompt, the tokens kept (the scores come from the
@@ -26,8 +26,7 @@ import torch
 
 import machine  # sibling script
 from pyramidkv.eval.frontier import interval
-from pyramidkv.eval.perplexity import REFERENCE, PerplexityTask, score, teacher_force
-from pyramidkv.eval.prefill import prefill
+from pyramidkv.eval.perplexity import PerplexityTask, capture_with_reference, score
 from pyramidkv.eval.results import write_json
 from pyramidkv.eval.runner import Config
 from pyramidkv.models import load
@@ -49,15 +48,9 @@ def measure_window(
     model, window: torch.Tensor, configs: list[Config], task: PerplexityTask
 ) -> list:
     """Records of every configuration, plain and centred, on one window (one prefill)."""
-    inputs = window[:, task.context : task.context + task.continuation]
-    targets = window[0, task.context + 1 :].to(model.device)
     records = []
     with torch.inference_mode():
-        captured = prefill(model, window[:, : task.context])
-        with captured.cache(**REFERENCE.cache_options()) as cache:
-            reference = torch.cat(
-                [x.float() for x in teacher_force(model, cache, inputs, task.chunk)]
-            )
+        captured, inputs, targets, reference = capture_with_reference(model, window, task)
         for config in configs:
             for center in (False, True):
                 with captured.cache(**config.cache_options(), center_keys=center) as cache:

@@ -79,10 +79,11 @@ def test_empty_prompt_is_rejected():
         ),
     ],
 )
-def test_graph_generation_keeps_a_decode_budget(tiny_llama, device):
+@pytest.mark.parametrize("codec", [None, "fibquant:3"])
+def test_graph_generation_keeps_a_decode_budget(tiny_llama, device, codec):
     """cuda_graph=True over a cache with a decode budget: the static layers select again every compress_every
     steps (between replays of the captured step on a GPU; eagerly on the CPU) and give model.generate's greedy
-    tokens."""
+    tokens; with codes the store keeps the survivors' codes and the ring the interval's tokens."""
     from pyramidkv.cache.compressed import CompressedCache
     from pyramidkv.generation import generate
 
@@ -93,7 +94,9 @@ def test_graph_generation_keeps_a_decode_budget(tiny_llama, device):
     )
 
     def cache():
-        return CompressedCache(tiny_llama, "snapkv", 20, decode_budget=20, compress_every=8)
+        return CompressedCache(
+            tiny_llama, "snapkv", 20, decode_budget=20, compress_every=8, codec=codec, residual=8
+        )
 
     want = generate(tiny_llama, tok, prompt, max_new_tokens=40, cache=cache())
     got = generate(tiny_llama, tok, prompt, max_new_tokens=40, cache=cache(), cuda_graph=True)

@@ -127,6 +127,18 @@ def score(model, cache, inputs, targets, chunk, reference) -> dict:
     }
 
 
+def capture_with_reference(model, window: torch.Tensor, task: PerplexityTask) -> tuple:
+    """One prefill of ``window``'s context (:func:`~pyramidkv.eval.prefill.prefill`) and what every
+    configuration is scored against: (the capture, the continuation's input ids (1, continuation), its
+    targets (continuation,), the full cache's logits over it (continuation, vocab) float32)."""
+    inputs = window[:, task.context : task.context + task.continuation]
+    targets = window[0, task.context + 1 :].to(model.device)
+    captured = prefill(model, window[:, : task.context])
+    with captured.cache(**REFERENCE.cache_options()) as cache:
+        reference = torch.cat([x.float() for x in teacher_force(model, cache, inputs, task.chunk)])
+    return captured, inputs, targets, reference
+
+
 def measure_sample(
     model, window: torch.Tensor, configs: list[Config], task: PerplexityTask, sample: str = "0"
 ) -> list[dict]:
@@ -139,15 +151,9 @@ def measure_sample(
         raise PyramidKVError(
             f"window: got {window.shape[1]} tokens; expected context + continuation + 1 = {task.length}"
         )
-    inputs = window[:, task.context : task.context + task.continuation]
-    targets = window[0, task.context + 1 :].to(model.device)
     records = []
     with torch.inference_mode():
-        captured = prefill(model, window[:, : task.context])
-        with captured.cache(**REFERENCE.cache_options()) as cache:
-            reference = torch.cat(
-                [x.float() for x in teacher_force(model, cache, inputs, task.chunk)]
-            )
+        captured, inputs, targets, reference = capture_with_reference(model, window, task)
         picked = targets[:, None].to(reference.device)
         full_nll = -torch.log_softmax(reference.double(), -1).gather(-1, picked).mean().item()
         for config in configs:
