@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
-import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -109,11 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"bytes {plain['bytes']:,} -> {centred['bytes']:,}"
         )
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model or "embedded").stem)
-    command = ["python", "benchmarks/centred_keys.py", *(sys.argv[1:] if argv is None else argv)]
     result = {
-        "command": shlex.join(command),
-        "machine": machine.describe(model.device),
-        "date": date.today().isoformat(),
+        **machine.header(
+            "KL of coded caches with and without centred keys",
+            "centred_keys.py",
+            argv,
+            model.device,
+        ),
         "model": args.model or "embedded",
         "context": args.context,
         "continuation": args.continuation,

@@ -6,8 +6,10 @@ error their codes cause.
 For every layer that holds the whole prompt (sliding-window layers are left out), on one corpus window: the
 mean key norm, the norm of the keys' mean (a direction every key shares, which the softmax ignores), the
 codec's relative squared error of keys and values, and the error its key codes put into the attention logits
-of the last 8 queries (each query's constant shift removed: the softmax ignores it), for the keys as they are
-and centred on their mean, beside the logits' own spread. Writes
+of the last 8 queries (each query's constant shift removed: the softmax ignores it), for the keys as they are,
+centred on their plain mean and on their attention-weighted mean (the cache's key shift,
+:mod:`pyramidkv.cache.centring`), beside the logits' own spread: its std over every key, and its root mean
+square under the queries' attention (the error on the keys attended, which is what moves the output). Writes
 benchmarks/results/key_geometry_<model>.json.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 import machine  # sibling script
+from pyramidkv.cache.centring import attended_mean
 from pyramidkv.codecs.registry import make_codecs, parse_codec
 from pyramidkv.eval.corpus import shuffled_paragraphs
 from pyramidkv.eval.prefill import prefill
@@ -30,11 +33,17 @@ RESULTS = Path(__file__).parent / "results"
 QUERIES = 8
 
 
-def logit_error(codec, keys: torch.Tensor, queries: torch.Tensor, logits: torch.Tensor) -> float:
-    """Std of the logits' error when ``keys`` are stored by ``codec`` (shift per query removed)."""
-    decoded = codec.decode(codec.encode(keys), torch.float32)
+def logit_error(
+    codec, keys: torch.Tensor, shift: torch.Tensor, queries: torch.Tensor, logits: torch.Tensor
+) -> tuple[float, float]:
+    """The error of the logits when ``keys`` minus ``shift`` are stored by ``codec`` (each query's constant
+    removed): its std over every key, and its root mean square under the queries' own attention (the error on
+    the keys attended, which moves the output)."""
+    decoded = codec.decode(codec.encode(keys - shift), torch.float32) + shift
     error = queries @ decoded.transpose(-1, -2) - logits
-    return float((error - error.mean(-1, keepdim=True)).std())
+    error = error - error.mean(-1, keepdim=True)
+    attended = (logits.softmax(-1) * error.square()).sum(-1).mean().sqrt()
+    return float(error.std()), float(attended)
 
 
 def measure(model, tokenizer, codec_name: str, length: int) -> list[dict]:
@@ -55,6 +64,16 @@ def measure(model, tokenizer, codec_name: str, length: int) -> list[dict]:
         q = queries[:, :, -QUERIES:].reshape(1, heads, group * QUERIES, dim) * captured.scaling
         logits = q @ keys.transpose(-1, -2)
         mean = keys.mean(dim=-2, keepdim=True)
+        valid = torch.ones(1, keys.shape[-2], dtype=torch.bool)
+        attended = attended_mean(keys, queries[:, :, -QUERIES:], valid, captured.scaling)
+        errors = {
+            name: logit_error(codecs.keys, keys, shift, q, logits)
+            for name, shift in (
+                ("", torch.zeros_like(mean)),
+                ("_centred", mean),
+                ("_shifted", attended),
+            )
+        }
 
         def relative(codec, x):
             decoded = codec.decode(codec.encode(x), torch.float32)
@@ -68,8 +87,9 @@ def measure(model, tokenizer, codec_name: str, length: int) -> list[dict]:
                 "key_relative_error": relative(codecs.keys, keys),
                 "value_relative_error": relative(codecs.values, values),
                 "logit_spread": float(logits.std(-1).mean()),
-                "logit_error": logit_error(codecs.keys, keys, q, logits),
-                "logit_error_centred": logit_error(codecs.keys, keys - mean, q, logits),
+                "attended_shift_norm": float(attended.norm(dim=-1).mean()),
+                **{f"logit_error{name}": error[0] for name, error in errors.items()},
+                **{f"attended_logit_error{name}": error[1] for name, error in errors.items()},
             }
         )
     return rows
@@ -101,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"layer {row['layer']:2d}: |k| {row['key_norm']:6.1f} (mean {row['mean_key_norm']:6.1f})  "
             f"rel. error k {row['key_relative_error']:.4f} v {row['value_relative_error']:.4f}  logit error "
-            f"{row['logit_error']:.3f} (centred {row['logit_error_centred']:.3f}) of spread {row['logit_spread']:.3f}"
+            f"{row['logit_error']:.3f} (mean-centred {row['logit_error_centred']:.3f}, attention-centred "
+            f"{row['logit_error_shifted']:.3f}) of spread {row['logit_spread']:.3f}; on the keys attended "
+            f"{row['attended_logit_error']:.3f} / {row['attended_logit_error_centred']:.3f} / "
+            f"{row['attended_logit_error_shifted']:.3f}"
         )
     print(f"wrote {path}")
     return record
