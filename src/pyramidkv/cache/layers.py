@@ -90,9 +90,8 @@ class CompressedLayer(CacheLayer):
         self.queries_since: torch.Tensor | None = None
         self.appended_since = 0
         self.center = False  # store keys minus key_shift (module docstring); the cache sets it
-        self.key_shift: torch.Tensor | None = (
-            None  # (batch, kv_heads, 1, dim), from the first compression
-        )
+        # (batch, kv_heads, 1, dim), taken at the first compression
+        self.key_shift: torch.Tensor | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -185,8 +184,8 @@ class CompressedLayer(CacheLayer):
 
     def _set_shift(self, queries: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         """At the first compression of a centred layer: the keys' mean over the real candidates ``valid``
-        (batch, n), weighted by the attention of the last ``window`` of ``queries`` (:func:`.centring.attended_mean`).
-        It stays for the cache's life (a chunk or a decode-time compression keeps it), so every stored key has
+        (batch, n), weighted by the attention of the last ``window`` of ``queries``
+        (:func:`.centring.attended_mean`). It stays for the cache's life (a chunk or a decode-time compression keeps it), so every stored key has
         the same shift."""
         if not self.center or self.key_shift is not None:
             return

@@ -17,7 +17,17 @@ with the kernels, one launch of the fused encode kernel; else the codec's own ar
 checks) and scattered into the store at each row's length,
 the length grows by one when that slot held a token (from step R - w on), then the new token overwrites the
 slot. So the fp16 window always holds the last min(R, w + step + 1) tokens exactly and every older token is
-a code; the dynamic cache instead flushes R tokens at once, so the two agree while w + steps <= R.
+a code; the dynamic cache instead flushes R tokens at once, so the two agree while w + steps <= R. The slot
+offset and the step from which slots hold tokens are device tensors, not constants of the captured step.
+
+Under a decode budget (:mod:`.decoding`) the store holds the layer's largest share and the ring one interval
+(``compress_every`` <= R, an empty window at build): every interval the layer selects again between two
+replays (:meth:`StaticCodedLayer.candidates`, :meth:`StaticCodedLayer.keep`), the survivors keep their codes,
+and the ring is emptied by rewriting its counters in place, as the dynamic layer ends each interval with an
+empty window; so the two agree at every step.
+
+Keys are stored centred as in the dynamic layer (:mod:`pyramidkv.cache.centring`): each new key has the
+layer's shift subtracted before it enters the ring.
 
 A layer of the memory planner (:class:`~pyramidkv.cache.planned.PlannedLayer`) holds its prompt at several
 rates. Its blocks at the cache's own codec join the store; the others stay beside it as :class:`Frozen`
@@ -185,7 +195,7 @@ class StaticCodedLayer(StaticLayerBase):
         w <= ``residual``, the ring's size; ``seen`` tokens so far; ``fused``: attend with the kernels;
         ``frozen``: blocks of other rates read beside the store (a planned layer); ``key_shift`` (batch,
         kv_heads, 1, d): what the source layer subtracts from every key it stores (centred keys,
-        :mod:`pyramidkv.cache.layers`), subtracted from each new key too; ``budget``: the layer's share of a
+        :mod:`pyramidkv.cache.centring`), subtracted from each new key too; ``budget``: the layer's share of a
         decode budget (module docstring: an empty window, ``compress_every`` <= ``residual``)."""
         batch, kv_heads, held, dim = window_keys.shape
         if not residual >= 1 or held > residual:
@@ -230,9 +240,8 @@ class StaticCodedLayer(StaticLayerBase):
         # slot (t + offset) mod R, and the slot it leaves held a token from step full_at on
         self.offset = torch.tensor(held, dtype=torch.long, device=self.device)
         self.full_at = torch.tensor(residual - held, dtype=torch.long, device=self.device)
-        self.filled = torch.zeros(
-            (), dtype=torch.long, device=self.device
-        )  # steps since a compaction
+        # steps since the last compaction (a decode budget's interval)
+        self.filled = torch.zeros((), dtype=torch.long, device=self.device)
         self.visible = self.order < 0  # ring slots the queries being decoded see (updated in place)
         self.same = codecs.keys == codecs.values  # one encode of keys and values stacked
         self.encoders = [
@@ -433,9 +442,8 @@ class StaticCodedLayer(StaticLayerBase):
         tensors += [self.lengths, self.built_lengths, self.ring, self.window, self.order, self.slot]
         tensors += [self.visible, self.step, self.offset, self.full_at, self.filled]
         tensors += [] if self.key_shift is None else [self.key_shift]
-        ring = getattr(
-            self.budget, "queries", None
-        )  # a decode budget's ring of queries, once allocated
+        # a decode budget's ring of queries, once allocated
+        ring = getattr(self.budget, "queries", None)
         tensors += [] if ring is None else [ring]
         return sum(t.numel() * t.element_size() for t in tensors)
 
