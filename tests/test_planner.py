@@ -100,7 +100,7 @@ def test_planned_layer_attends_as_a_softmax_over_its_decoded_tiers():
     model = make_tiny("llama")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, 400), generator=gen)
-    cache = _planned(model, ids, kv_memory="15%", plan="auto:2+3+4+whole")
+    cache = _planned(model, ids, kv_memory="16%", plan="auto:2+3+4+whole")
     with torch.inference_mode():
         model(ids[:, :3], **cache_kwargs(model, cache))  # a recent window of appended tokens
     mixed = [x for x in cache.layers if x.kept_keys is not None and len(x.rates()) >= 3]
@@ -259,4 +259,19 @@ def test_the_static_cache_refuses_a_planned_layer_that_keeps_tokens_whole():
     assert any(layer.kept_keys is not None for layer in cache.layers)
     with pytest.raises(PyramidKVError, match="keeps tokens whole beside its codes"):
         StaticCompressedCache(model, cache, 4)
+    cache.close()
+
+
+def test_every_rate_rotates_with_one_matrix_counted_once():
+    """The rates of a plan share the family's Haar rotation (same head dim and seed): one tensor on a device,
+    and one d x d float32 matrix in the cache's bytes beside each rate's own codebook."""
+    model = make_tiny("llama")
+    cache = CompressedCache(model, "snapkv", kv_memory="20%", plan="auto")
+    codecs = [t.codecs.keys for t in cache.tiers if t.codecs is not None]
+    assert len(codecs) == 3
+    rotations = {id(c.tensors("cpu")[0]) for c in codecs}
+    assert len(rotations) == 1
+    dim = model.config.head_dim
+    books = sum(c.codebook.numel() for c in codecs)
+    assert cache.codebook_nbytes() == 4 * (dim * dim + books)
     cache.close()

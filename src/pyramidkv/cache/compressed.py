@@ -399,15 +399,18 @@ class CompressedCache(HookedCache, Cache):
         return token_nbytes(self.model_config, self.dtype)
 
     def codebook_nbytes(self) -> int:
-        """Bytes of the shared rotations and codebooks (held once per cache, whatever it keeps)."""
+        """Bytes of the shared rotations and codebooks (held once per cache, whatever it keeps): one float32
+        rotation per head dim and seed (every rate of a plan rotates with it, keys and values too), one
+        codebook per distinct codec."""
         if self.codecs is None:
             return 0
         pairs = [self.codecs, *(t.codecs for t in self.tiers if t.codecs is not None)]
-        distinct: list = []  # keys and values share one table when their codecs are equal
+        rotations, books = {}, {}
         for codec in (c for pair in pairs for c in (pair.keys, pair.values)):
-            if hasattr(codec, "codebook") and codec not in distinct:
-                distinct.append(codec)
-        return sum((c.rotation.numel() + c.codebook.numel()) * 4 for c in distinct)
+            if hasattr(codec, "codebook"):
+                rotations[(codec.d, codec.seed)] = codec.rotation.numel()
+                books[codec.book_key] = codec.codebook.numel()
+        return 4 * (sum(rotations.values()) + sum(books.values()))
 
     def layer_budgets(self, prompt_len: int, batch: int = 1) -> list[int]:
         """Tokens each layer keeps (window included) for one sequence of ``prompt_len`` real tokens."""

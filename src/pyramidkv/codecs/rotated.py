@@ -47,6 +47,11 @@ def _shared_codebook(d: int, k: int, n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(load_codebook(d, k, n, seed))
 
 
+# device copies of the Haar rotations, one per (d, seed, device, dtype): every codec of one head dim and seed
+# (the rates of a planned layer, keys and values) rotates with the same matrix, held once
+_ROTATIONS: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 # how a vector's indices lie in its bytes: one little-endian bit stream (.packing), or 3-bit codes in planes (.planes)
 LAYOUTS = ("stream", "planes")
 
@@ -112,10 +117,14 @@ class RotatedBlockCodec(Codec):
     def tensors(
         self, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rotation, codebook)`` on ``device`` in ``dtype``, copied once and cached per device and dtype."""
+        """``(rotation, codebook)`` on ``device`` in ``dtype``, copied once and cached per device and dtype; the
+        rotation is one tensor for every codec of the same ``(d, seed)``."""
         key = (torch.device(device), dtype)
         if key not in self._on_device:
-            self._on_device[key] = (self._rotation64.to(*key), self._codebook64.to(*key))
+            shared = (self.d, self.seed, *key)
+            if shared not in _ROTATIONS:
+                _ROTATIONS[shared] = self._rotation64.to(*key)
+            self._on_device[key] = (_ROTATIONS[shared], self._codebook64.to(*key))
         return self._on_device[key]
 
     def grouped_codebook(
