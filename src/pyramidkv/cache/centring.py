@@ -24,17 +24,20 @@ import torch
 
 
 def centred(keys: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """``keys`` minus a layer's key ``shift`` (float32 arithmetic, the keys' dtype), or as they are without one."""
+    """``keys`` minus a layer's key ``shift`` (arithmetic in float32 at least, the keys' dtype), or as they are
+    without one."""
     if shift is None:
         return keys
-    return (keys.float() - shift.float()).to(keys.dtype)
+    compute = torch.promote_types(keys.dtype, torch.float32)
+    return (keys.to(compute) - shift.to(compute)).to(keys.dtype)
 
 
 def uncentred(keys: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
     """Stored keys as the model made them: the ``shift`` added back."""
     if shift is None:
         return keys
-    return (keys.float() + shift.float()).to(keys.dtype)
+    compute = torch.promote_types(keys.dtype, torch.float32)
+    return (keys.to(compute) + shift.to(compute)).to(keys.dtype)
 
 
 def attended_mean(
