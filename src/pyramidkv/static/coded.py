@@ -51,7 +51,7 @@ import torch
 
 from pyramidkv.cache import hook
 from pyramidkv.cache.blocks import CodedBlocks, gather_codes, join_codes
-from pyramidkv.cache.centring import centred, uncentred
+from pyramidkv.cache.centring import uncentred
 from pyramidkv.cache.protocol import ModelAttention
 from pyramidkv.codecs import VectorCodes
 from pyramidkv.codecs.packing import packed_bytes
@@ -269,7 +269,9 @@ class StaticCodedLayer(StaticLayerBase):
         if self.budget is not None:
             self.budget.reserve(q_len)
         self._reserve(q_len)
-        key_states = centred(key_states, self.key_shift)
+        # centred keys: one subtraction in the dtype, which computes and rounds as centring.centred does
+        if self.key_shift is not None:
+            key_states = key_states - self.key_shift
         leaving = self.ring.index_select(3, self.slot)  # (2, batch, kv_heads, 1, d)
         if self.same:
             indices, norms = self.encoders[0](leaving)
@@ -285,7 +287,8 @@ class StaticCodedLayer(StaticLayerBase):
         else:
             self._commit(codes, key_states, value_states)
         self.step.add_(1)
-        self.filled.add_(1)
+        if self.budget is not None:
+            self.filled.add_(1)
         hook.announce(self)
         return self.keys, self.values
 
