@@ -176,7 +176,7 @@ def measure(
                         token = next_token(model, cache, token)
                     sync(device)
                     decode_s = time.perf_counter() - start
-        held = cache.nbytes() if graph else cache_nbytes(cache)
+        held = cache_nbytes(cache)  # a static copy: every preallocated slot
     finally:
         if isinstance(cache, CompressedCache | StaticCompressedCache):
             cache.close()
