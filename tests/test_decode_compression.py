@@ -243,7 +243,8 @@ def test_the_static_cache_with_codes_selects_again_through_the_kernels():
         pytest.skip(
             "the kernels run on CPU tensors in Triton's interpreter only (TRITON_INTERPRET=1)"
         )
-    model = make_tiny("llama")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_tiny("llama").to(device)
     options = dict(
         policy="snapkv",
         budget=24,
@@ -252,7 +253,7 @@ def test_the_static_cache_with_codes_selects_again_through_the_kernels():
         codec="fibquant:2",
         residual=16,
     )
-    ids, steps = _prompt(length=32), 18
+    ids, steps = _prompt(length=32).to(device), 18
     eager = CompressedCache(model, kernel="triton", **options)
     source = CompressedCache(model, kernel="triton", **options)
     with torch.inference_mode():

@@ -98,3 +98,40 @@ def test_the_query_is_rotated_scaled_and_grouped_by_kv_head(dtype):
     assert got.dtype == dtype and got.is_contiguous() and got.shape == want.shape
     tol = 2e-3 if dtype == torch.float16 else 1e-5
     assert float((got.double() - want).abs().max() / want.abs().max()) < tol
+
+
+@pytest.mark.parametrize("q_len", [1, 4, 40])
+def test_many_query_rows_attend_in_torch_not_in_one_fused_call(q_len, monkeypatch):
+    """The fused path takes a call of at most FUSED_ROWS query rows per KV head (its epilogue's shared memory
+    grows with them); a longer block of new tokens (a prefill chunk, teacher forcing) attends in torch, with
+    the torch path's attention."""
+    import pyramidkv.cache.layers
+    from pyramidkv import CompressedCache
+    from pyramidkv.cache.compat import cache_kwargs
+    from pyramidkv.kernels.dispatch import FUSED_ROWS
+    from tests.conftest import make_tiny
+
+    calls = []
+    monkeypatch.setattr(
+        pyramidkv.cache.layers, "fused_attention", lambda *args: calls.append(args) or 0 / 0
+    )
+    model = make_tiny("llama")
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0)
+    )
+    cache = CompressedCache(model, "snapkv", 24, codec="fibquant:3", kernel="triton")
+    with torch.no_grad():
+        model(ids[:, :48], **cache_kwargs(model, cache))
+        if group * q_len <= FUSED_ROWS:
+            with pytest.raises(ZeroDivisionError):
+                model(ids[:, 48 : 48 + q_len], **cache_kwargs(model, cache))
+            assert calls
+            return
+        got = model(ids[:, 48 : 48 + q_len], **cache_kwargs(model, cache)).logits
+    reference = CompressedCache(model, "snapkv", 24, codec="fibquant:3", kernel="torch")
+    with torch.no_grad():
+        model(ids[:, :48], **cache_kwargs(model, reference))
+        want = model(ids[:, 48 : 48 + q_len], **cache_kwargs(model, reference)).logits
+    assert not calls
+    torch.testing.assert_close(got, want)

@@ -19,21 +19,55 @@ from tests.conftest import make_tiny
 
 
 def _loss(profile, rates, points, gap):
-    """The distortion of one assignment, written out token by token."""
+    """The distortion of one assignment, written out token by token: the evicted mass, and the kept tiers'
+    shares of the kept attention moved by each token's weight inflation, coherent; the rest in quadrature
+    with the damped share ``p (1 - p)``. A point's distortion and inflation are per rank."""
+
+    def at(value, rank):
+        return float(value[rank]) if isinstance(value, torch.Tensor) else value
+
     evicted = sum(p for p, r in zip(profile, rates, strict=False) if r < 0)
-    quantized = sum(
-        points[r].distortion * p * p for p, r in zip(profile, rates, strict=False) if r >= 0
+    kept = 1 - evicted
+    tiers = [
+        sum(p for p, r in zip(profile, rates, strict=False) if r == i) for i in range(len(points))
+    ]
+    grown = [
+        sum(
+            p * (1 + at(points[i].inflation, k))
+            for k, (p, r) in enumerate(zip(profile, rates, strict=False))
+            if r == i
+        )
+        for i in range(len(points))
+    ]
+    moved = (
+        sum((g / sum(grown) - m / kept) ** 2 for g, m in zip(grown, tiers, strict=True))
+        if kept > 0
+        else 0
     )
-    return gap * evicted**2 + quantized
+    quantized = sum(
+        at(points[r].distortion, k) * (p * (1 - p)) ** 2
+        for k, (p, r) in enumerate(zip(profile, rates, strict=False))
+        if r >= 0
+    )
+    return gap * (evicted**2 + moved) + quantized
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_assign_rates_finds_the_brute_force_optimum(seed):
     gen = torch.Generator().manual_seed(seed)
     n = 7
     profile = torch.rand(n, generator=gen, dtype=torch.float64).sort(descending=True).values
     profile /= profile.sum()
-    points = [RatePoint(None, 8.0, 0.0), RatePoint(4.0, 3.0, 0.2), RatePoint(2.0, 1.0, 1.3)]
+    points = [
+        RatePoint(None, 8.0, 0.0),
+        RatePoint(4.0, 3.0, 0.2, 0.05),
+        RatePoint(
+            2.0,
+            1.0,
+            1.3 * torch.rand(n, generator=gen, dtype=torch.float64),
+            torch.rand(n, generator=gen, dtype=torch.float64),
+        ),
+    ]
     budget = float(torch.randint(3, 30, (1,), generator=gen))
     gap = float(torch.rand(1, generator=gen)) + 0.2
     found = assign_rates(profile, 1, points, budget, gap).tolist()
@@ -274,4 +308,37 @@ def test_every_rate_rotates_with_one_matrix_counted_once():
     dim = model.config.head_dim
     books = sum(c.codebook.numel() for c in codecs)
     assert cache.codebook_nbytes() == 4 * (dim * dim + books)
+    cache.close()
+
+
+def test_the_weight_inflation_is_the_coded_tokens_growth_of_attention():
+    """Keys along one long shared direction (flat attention, large logit errors once coded): the planner's
+    inflation of each rate, averaged over ranks, equals the growth of the coded tokens' attention mass against
+    whole tokens beside them (the unnormalised softmax mass), computed in float64 from the decoded keys."""
+    model = make_tiny("llama")
+    cache = CompressedCache(model, "snapkv", kv_memory="20%", plan="auto", center_keys=False)
+    gen = torch.Generator().manual_seed(0)
+    kv_heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    n, scaling = 96, dim**-0.5
+    direction = torch.nn.functional.normalize(torch.randn(dim, generator=gen), dim=0)
+    keys = 8.0 * direction + 0.3 * torch.randn(1, kv_heads, n, dim, generator=gen)
+    values = torch.randn(1, kv_heads, n, dim, generator=gen)
+    queries = direction + 0.3 * torch.randn(
+        1, model.config.num_attention_heads, 8, dim, generator=gen
+    )
+    valid, shares = torch.ones(1, n, dtype=torch.bool), torch.full((1, kv_heads, n), 1 / n)
+    grouped = queries.double().reshape(1, kv_heads, -1, dim)
+    logits = torch.einsum("bhqd,bhnd->bhqn", grouped, keys.double()) * scaling
+    order = torch.arange(n).expand(1, kv_heads, n)
+    for rate in cache.planner.tiers[:-1]:
+        _, inflation = cache.planner.distortion(
+            rate.codecs, queries, keys, values, valid, shares, scaling, order
+        )
+        decoded = rate.codecs.keys.decode(rate.codecs.keys.encode(keys.float()), torch.float64)
+        coded = torch.einsum("bhqd,bhnd->bhqn", grouped, decoded) * scaling
+        growth = coded.exp().sum(-1) / logits.exp().sum(-1) - 1
+        assert inflation.shape == (n,)
+        assert float(inflation.mean()) == pytest.approx(float(growth.mean()), rel=0.1, abs=2e-3), (
+            rate.bits
+        )
     cache.close()

@@ -38,7 +38,7 @@ from pyramidkv.cache.selection import Selection
 from pyramidkv.codecs import RotatedBlockCodec, VectorCodes
 from pyramidkv.codecs.registry import CodecPair
 from pyramidkv.errors import PyramidKVError, UnsupportedModelError
-from pyramidkv.kernels import chunked_attention, fused_attention, use_fused
+from pyramidkv.kernels import chunked_attention, fused_attention, fused_rows, use_fused
 from pyramidkv.kernels.reference import rotated_attention
 
 
@@ -562,7 +562,7 @@ class CodedLayer(CompressedLayer):
         """
         q_len, recent = query.shape[-2], self.keys.shape[-2]
         padding = None if model_attention is None else model_attention.padding(recent, q_len)
-        if self._fused(query.device) and padding is None:
+        if self._fused(query.device) and padding is None and fused_rows(query, self.keys.shape[1]):
             return fused_attention(query, self.coded, self.keys, self.values, scaling)
         causal = _causal(recent, q_len, query.device)[None, None]
         if padding is not None:

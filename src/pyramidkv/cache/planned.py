@@ -16,7 +16,7 @@ from pyramidkv.cache.layers import CodedLayer, CompressedLayer, _bytes, _causal
 from pyramidkv.cache.planner import Planner
 from pyramidkv.cache.selection import Selection
 from pyramidkv.codecs.registry import CodecPair
-from pyramidkv.kernels import chunked_attention, fused_attention
+from pyramidkv.kernels import chunked_attention, fused_attention, fused_rows
 
 
 class PlannedLayer(CodedLayer):
@@ -81,7 +81,8 @@ class PlannedLayer(CodedLayer):
         recent window: (batch, q_len, q_heads, dim)."""
         q_len, recent = query.shape[-2], self.keys.shape[-2]
         padding = None if model_attention is None else model_attention.padding(recent, q_len)
-        if self._fused(query.device) and self._whole_dense() and padding is None:
+        fused = self._fused(query.device) and fused_rows(query, self.keys.shape[1])
+        if fused and self._whole_dense() and padding is None:
             keys, values = self.keys, self.values
             if self.kept_keys is not None:
                 keys = torch.cat([self.kept_keys, keys], dim=-2)

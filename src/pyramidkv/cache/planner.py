@@ -9,13 +9,14 @@ holds at most the stated bytes and the attention output moves as little as the b
    share of its observation-window attention (:mod:`pyramidkv.policies.adaptive`). Whatever a layer leaves
    unspent passes to the layers above, and the last layer takes what remains, so the total is exact.
 2. **Distortion of each rate, measured.** On up to ``samples`` tokens of the layer, each rate's codecs encode
-   and decode the keys and values; the relative output error of a token kept at that rate against evicting
-   it is ``E[delta^2] + E|v_hat - v|^2 / E|v - o|^2`` (``delta`` the logit error under the window's queries,
-   ``o`` the window's attention output): evicting token ``i`` moves the output by ``p_i (v_i - o)``,
-   quantizing it by ``p_i (delta_i (v_i - o) + v_hat_i - v_i)`` to first order.
+   and decode the keys and values. Evicting token ``i`` moves the output by ``p_i (v_i - o)`` (``o`` the
+   window's attention output), quantizing it by ``p_i ((e^delta_i - 1) (v_i - o) + v_hat_i - v_i)``
+   (``delta`` the logit error under the window's queries). The rate's incoherent error relative to
+   eviction's is ``Var[delta] + E|v_hat - v|^2 / E|v - o|^2``, and its weight inflation
+   ``E[e^delta] - 1 ~ E[delta + delta^2 / 2]`` (:mod:`pyramidkv.policies.rates`), both per rank.
 3. **Tokens x rates.** :func:`pyramidkv.policies.rates.assign_rates` cuts the tokens, ranked by the policy's
    scores, into tiers (whole, 4, 3, 2 bits, evicted) at the least modelled distortion that fits the layer's
-   bytes; ``weight`` scales the quantization term against eviction's (1: as measured).
+   bytes; ``weight`` scales the quantization terms against eviction's (1: as measured).
 
 A layer's KV heads (and a batch's rows) share the count of tokens at each rate, each head keeping its own
 tokens, so every block is dense and the bytes planned are the bytes held.
@@ -232,13 +233,11 @@ class Planner:
         """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers."""
         offered = [i for i, t in enumerate(self.tiers) if t.codecs is not None or self.whole]
         batch = shares.shape[0]
-        sample = (queries, keys, values, valid, shares, scaling, fused, key_shift)
+        sample = (queries, keys, values, valid, shares, scaling, order, fused, key_shift)
         points = [
-            RatePoint(
-                t.bits,
-                t.cost * batch,
-                0.0 if t.codecs is None else self.distortion(t.codecs, *sample),
-            )
+            RatePoint(t.bits, t.cost * batch, 0.0)
+            if t.codecs is None
+            else RatePoint(t.bits, t.cost * batch, *self.distortion(t.codecs, *sample))
             for t in (self.tiers[i] for i in offered)
         ]
         profile = shares.gather(-1, order).mean(dim=(0, 1))[:longest]
@@ -255,24 +254,33 @@ class Planner:
         valid: torch.Tensor,
         shares: torch.Tensor,
         scaling: float,
+        order: torch.Tensor,
         fused: bool = False,
         key_shift: torch.Tensor | None = None,
-    ) -> float:
-        """Output error of a token stored by ``codecs`` relative to evicting it, on sampled tokens of this
-        layer (module docstring, step 2), times ``weight``. ``shares`` (batch, kv_heads, n): each token's
-        attention share; ``fused``: encode with the fused kernel; ``key_shift`` (batch, kv_heads, 1, dim):
-        subtracted from the keys before coding, as the layer stores them."""
-        n = keys.shape[-2]
-        picked = (
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(incoherent error, weight inflation) of a token stored by ``codecs`` relative to evicting it, each
+        (n,) per rank of ``order`` (batch, kv_heads, n) (module docstring, step 2); ``weight`` scales the error
+        and the square of the inflation. Measured on ``samples`` ranks spread evenly over the longest row,
+        each head coding its own token of that rank, and smoothed over neighbouring ranks: a code errs in
+        proportion to the norm of what it codes, and the most attended keys (attention sinks) are often the
+        longest, so one figure for every rank would charge the tail with the sinks' errors. ``shares``
+        (batch, kv_heads, n): each token's attention share; ``fused``: encode with the fused kernel;
+        ``key_shift`` (batch, kv_heads, 1, dim): subtracted from the keys before coding, as the layer stores
+        them."""
+        counts = valid.sum(dim=1).to(keys.device)
+        n = int(counts.max())
+        ranks = (
             torch.linspace(0, n - 1, min(self.samples, n), device=keys.device)
             .round()
             .long()
             .unique()
         )
-        k, v = keys[:, :, picked].float(), values[:, :, picked].float()
+        picked = order[:, :, ranks]  # (batch, kv_heads, s): each head's token of that rank
+        index = picked[..., None].expand(-1, -1, -1, keys.shape[-1])
+        k, v = keys.gather(2, index).float(), values.gather(2, index).float()
         if key_shift is not None:
             k = k - key_shift.float()
-        ok = valid[:, picked].to(keys.device)[:, None].float()  # (batch, 1, s)
+        ok = (ranks[None] < counts[:, None])[:, None].float()  # (batch, 1, s)
         encode = CodedBlocks(codecs).encode(k, v, fused, "planner")
         k_hat = codecs.keys.decode(encode[0], torch.float32)
         v_hat = codecs.values.decode(encode[1], torch.float32)
@@ -281,11 +289,43 @@ class Planner:
         heads = keys.shape[1]
         grouped = queries[..., -window:, :].float().reshape(batch, heads, -1, dim)
         delta = torch.einsum("bhqd,bhsd->bhqs", grouped, k_hat - k) * scaling
-        key_term = (delta.square().mean(dim=2) * ok).sum() / ok.sum().clamp_min(1) / heads
+        rows = (ok.sum(dim=0) * heads).clamp_min(1)[
+            0
+        ]  # (s,) the (row, head) pairs holding each rank
+        mean = _smoothed((delta.mean(dim=2) * ok).sum(dim=(0, 1)) / rows)
+        second = _smoothed((delta.square().mean(dim=2) * ok).sum(dim=(0, 1)) / rows)
+        # a token's weight grows by e^delta - 1: to second order (the exponential's tail would let a few
+        # extreme samples decide), delta + delta^2 / 2
+        inflation = mean + second / 2
         out = torch.einsum("bhn,bhnd->bhd", shares.float(), values.float())
         spread = ((v - out[:, :, None]).square().sum(-1) * ok).sum()
-        error = ((v_hat - v).square().sum(-1) * ok).sum()
-        return float(self.weight * (key_term + error / spread.clamp_min(1e-30)))
+        error = ((v_hat - v).square().sum(-1) * ok).sum() / spread.clamp_min(1e-30)
+        incoherent = (second - mean.square()).clamp_min(0) + error
+        return (
+            self.weight * _along_ranks(incoherent, ranks, n),
+            self.weight**0.5 * _along_ranks(inflation, ranks, n),
+        )
+
+
+def _smoothed(samples: torch.Tensor, reach: int = 4) -> torch.Tensor:
+    """The mean of each sample and its ``reach`` neighbours on either side (fewer at the ends)."""
+    padded = torch.cat([samples.new_zeros(1), samples.cumsum(0)])
+    index = torch.arange(len(samples), device=samples.device)
+    low, high = (index - reach).clamp(min=0), (index + reach + 1).clamp(max=len(samples))
+    return (padded[high] - padded[low]) / (high - low)
+
+
+def _along_ranks(samples: torch.Tensor, ranks: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) float64: ``samples`` measured at ascending ``ranks``, linearly interpolated between them."""
+    samples = samples.double()
+    if len(ranks) == 1:
+        return samples.expand(n).clone()
+    x = torch.arange(n, device=ranks.device, dtype=torch.float64)
+    at = ranks.double()
+    right = torch.searchsorted(at, x).clamp(1, len(at) - 1)
+    left = right - 1
+    blend = ((x - at[left]) / (at[right] - at[left])).clamp(0, 1)
+    return torch.lerp(samples[left], samples[right], blend)
 
 
 def _gap(

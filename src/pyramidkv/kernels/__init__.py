@@ -6,7 +6,14 @@ One job per module: :mod:`.dispatch` (which path a layer takes), :mod:`.plan` (t
 them.
 """
 
-from pyramidkv.kernels.dispatch import KERNELS, check_kernel, fused_attention, use_fused
+from pyramidkv.kernels.dispatch import KERNELS, check_kernel, fused_attention, fused_rows, use_fused
 from pyramidkv.kernels.reference import chunked_attention
 
-__all__ = ["KERNELS", "check_kernel", "chunked_attention", "fused_attention", "use_fused"]
+__all__ = [
+    "KERNELS",
+    "check_kernel",
+    "chunked_attention",
+    "fused_attention",
+    "fused_rows",
+    "use_fused",
+]

@@ -35,6 +35,11 @@ from pyramidkv.kernels.triton_decode import launch_triton_partials, triton
 
 KERNELS = ("auto", "torch", "triton")
 FUSED_CODECS = ROTATED_CODECS  # the codecs whose codes the fused kernels read
+# Query rows per KV head (group x new tokens) one fused call attends: the epilogue holds a (rows, d) tile and
+# unrolls its split merge per row, so its shared memory grows with the rows (sm_90 cubins, offline compile:
+# 24 rows at d = 64 take 70 KB, 32 at d = 128 94 KB, 192 at d = 64 450 KB, past the card's 227 KB). More rows
+# (a prefill chunk, teacher-forced blocks) are compute-bound and attend in torch.
+FUSED_ROWS = 32
 
 
 def check_kernel_name(kernel: str, codec_name: str, option: str = "kernel") -> None:
@@ -85,6 +90,12 @@ def check_kernel(kernel: str, codecs, head_dim: int) -> bool:
 def use_fused(kernel: str, fused_ok: bool, device: torch.device) -> bool:
     """Whether a layer on ``device`` runs the fused kernel: forced, or ``auto`` on CUDA when it can."""
     return fused_ok and (kernel == "triton" or device.type == "cuda")
+
+
+def fused_rows(query: torch.Tensor, kv_heads: int) -> bool:
+    """Whether ``query`` (batch, q_heads, q_len, d) has few enough rows per KV head for one fused call
+    (:data:`FUSED_ROWS`)."""
+    return (query.shape[1] // kv_heads) * query.shape[2] <= FUSED_ROWS
 
 
 def fused_attention(

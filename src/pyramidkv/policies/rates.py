@@ -6,17 +6,23 @@ output, and they add differently:
 * **Eviction is coherent.** Dropping a set of tokens with attention share ``M`` moves the output by ``M``
   times the gap between what they held and what the kept tokens hold: the error grows with ``M``, not with
   the root of the sum of squared shares.
-* **Quantization is incoherent.** A token kept at rate ``r`` with share ``p`` moves the output by about
-  ``p (delta (v - o) + v_hat - v)``, with a logit error ``delta`` and a value error of random sign from token
-  to token, so these errors add in quadrature: ``d_r p^2``, ``d_r`` measured per layer
-  (:mod:`pyramidkv.cache.planner`).
+* **Quantization is mostly incoherent.** A token kept at rate ``r`` with share ``p`` and logit error ``delta``
+  moves the output by about ``p ((e^delta - 1) (v - o) + v_hat - v)``. The part of random sign from token to
+  token adds in quadrature: ``d_r p^2``, ``d_r`` measured per layer (:mod:`pyramidkv.cache.planner`). But
+  ``e^delta - 1`` has a mean ``c_r`` that is not zero even for an unbiased code (``E[delta^2] / 2`` to second
+  order), so the tokens of one rate gain or lose weight together. A gain shared by every kept token cancels
+  in the softmax; tiers that gain unequally move the output coherently, as eviction does: the tiers' shares
+  of the kept mass change from ``M_r / M_K`` to ``M_r (1 + c_r) / sum_s M_s (1 + c_s)``. This is negligible at
+  small logit errors and decisive at large ones (a tail of 2-bit codes whose logits err by 1.3 nats beside
+  tokens kept at 4 bits gains about twice its weight).
 
 So a cut of the ranked tokens into tiers (the costliest rate for the most attended, then cheaper rates, then
-eviction) costs ``M^2 + sum_r d_r sum_{k in r} p_k^2`` in units of the output's spread. Under a byte budget its
-minimum keeps many tokens at 2-3 bits rather than few whole ones (the eviction term falls faster than the
-quantization term grows) while the most attended tokens still earn a high rate. RDKV (2026) allocates rates
-to tokens under a byte budget by reverse water-filling; KVTuner and MiniKV mix eviction and low bit widths at
-fixed ratios.
+eviction) costs ``M^2 + sum_r (M_r (1 + c_r) / Z - M_r / M_K)^2 + sum_r d_r sum_{k in r} p_k^2`` in units of
+the output's spread (the coherent moves of different tiers taken as independent directions). Under a byte
+budget its minimum keeps many tokens at 2-3 bits rather than few whole ones (the eviction term falls faster
+than the quantization term grows) while the most attended tokens still earn a high rate. RDKV (2026)
+allocates rates to tokens under a byte budget by reverse water-filling; KVTuner and MiniKV mix eviction and
+low bit widths at fixed ratios.
 
 Storage makes one restriction: the KV heads of a layer share their count of tokens at each rate (every row of
 a block has one length, so nothing is padded), while each head picks its own tokens. So ranks are planned,
@@ -34,13 +40,17 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class RatePoint:
-    """One way to store a token: ``cost`` bytes (per token, all KV heads, key and value) and ``distortion``,
-    the squared output error of a token kept at this rate relative to its squared share (0 when whole). ``key``
-    names it for the caller (a bit width, or ``None`` for the model's dtype)."""
+    """One way to store a token: ``cost`` bytes (per token, all KV heads, key and value), ``distortion``, the
+    incoherent squared output error of a token kept at this rate relative to its squared share (0 when
+    whole), and ``inflation``, the mean relative growth of its attention weight ``c = E[e^delta] - 1`` (module
+    docstring): each one number, or a tensor (n,) giving it per rank (a code errs in proportion to the norm
+    of what it codes, and the most attended keys are often the longest). ``key`` names it for the caller (a
+    bit width, or ``None`` for the model's dtype)."""
 
     key: float | None
     cost: float
-    distortion: float
+    distortion: float | Tensor
+    inflation: float | Tensor = 0.0
 
 
 def attention_shares(scores: Tensor, valid: Tensor) -> Tensor:
@@ -82,8 +92,9 @@ def assign_rates(
 
     ``profile`` (n,): the attention share of each rank (the ``forced`` first ranks are always kept); ``budget``:
     bytes for the ranks of this layer. Ranks are cut into consecutive tiers, the costliest rate first; the
-    distortion of a cut is ``g M^2 + sum_r d_r sum_{k in r} p_k^2`` (module docstring): the evicted share ``M``
-    moves the output coherently, by ``gap`` (``g``) times the output's spread, quantization errors add in
+    distortion of a cut is ``g (M^2 + sum_r (M_r (1 + c_r) / Z - M_r / M_K)^2) + sum_r d_r sum_{k in r} p_k^2``
+    (module docstring): the evicted share ``M`` and the tiers' unequal weight inflation move the output
+    coherently, by ``gap`` (``g``) times the output's spread; the rest of the quantization errors add in
     quadrature. The counts of every rate but the
     cheapest are searched over every value when the layer holds fewer than ``grid`` ranks, else on a
     geometric grid of ``grid`` points, and the cheapest also at the most the bytes left allow.
@@ -94,13 +105,19 @@ def assign_rates(
         return torch.zeros(0, dtype=torch.long, device=device)
     order = sorted(range(len(points)), key=lambda i: -points[i].cost)
     costs = torch.tensor([points[i].cost for i in order], dtype=torch.float64, device=device)
-    losses = torch.tensor([points[i].distortion for i in order], dtype=torch.float64, device=device)
     p = profile.double()
-    first = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def per_rank(field: str) -> Tensor:  # (rates, n) in cost order
+        found = [torch.as_tensor(getattr(points[i], field), dtype=torch.float64) for i in order]
+        return torch.stack([f.to(device).expand(n) for f in found])
+
     # a logit error moves a token's weight by p (1 - p) delta, and v - o shrinks by (1 - p) as the token
     # dominates the output, so the most attended tokens (attention sinks) gain less from precision than p^2
     damped = (p * (1 - p)).square()
-    mass, square = torch.cat([first, p.cumsum(0)]), torch.cat([first, damped.cumsum(0)])
+    first = torch.zeros(len(order), 1, dtype=torch.float64, device=device)
+    square = torch.cat([first, (damped * per_rank("distortion")).cumsum(1)], dim=1)
+    grown = torch.cat([first, (p * per_rank("inflation")).cumsum(1)], dim=1)
+    mass = torch.cat([first[0], p.cumsum(0)])
     if n < grid:
         steps = torch.arange(n + 1)
     else:
@@ -128,9 +145,13 @@ def assign_rates(
         counts[0, -1] = min(n, int(budget // costs[-1]))
         cuts, fits = counts.cumsum(dim=1), torch.ones(1, dtype=torch.bool, device=device)
     starts = torch.cat([torch.zeros_like(cuts[:, :1]), cuts[:, :-1]], dim=1)
-    quantized = ((square[cuts] - square[starts]) * losses).sum(dim=1)
+    quantized = (square.gather(1, cuts.T) - square.gather(1, starts.T)).sum(dim=0)
+    tiers = (mass[cuts] - mass[starts]).T  # (rates, cuts)
+    inflated = tiers + grown.gather(1, cuts.T) - grown.gather(1, starts.T)
+    kept = tiers.sum(dim=0).clamp_min(1e-300)
+    moved = (inflated / inflated.sum(dim=0).clamp_min(1e-300) - tiers / kept).square().sum(dim=0)
     evicted = mass[-1] - mass[cuts[:, -1]]
-    loss = torch.where(fits, gap * evicted.square() + quantized, float("inf"))
+    loss = torch.where(fits, gap * (evicted.square() + moved) + quantized, float("inf"))
     best = cuts[loss.argmin()].tolist()
     rates = torch.full((n,), -1, dtype=torch.long, device=device)
     low = 0

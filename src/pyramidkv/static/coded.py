@@ -59,7 +59,7 @@ from pyramidkv.codecs.registry import CodecPair
 from pyramidkv.codecs.rotated import RotatedBlockCodec
 from pyramidkv.errors import PyramidKVError
 from pyramidkv.kernels.cuda_decode import MmaVariant
-from pyramidkv.kernels.dispatch import launch_partials
+from pyramidkv.kernels.dispatch import fused_rows, launch_partials
 from pyramidkv.kernels.encode import encode_buffers, encode_tables, launch_encode
 from pyramidkv.kernels.epilogue import decode_epilogue
 from pyramidkv.kernels.plan import DEFAULT_TUNING, make_workspace, plan_block, rotate_query
@@ -310,7 +310,7 @@ class StaticCodedLayer(StaticLayerBase):
         """Attention of (batch, q_heads, 1, d) queries over the store and the ring; (batch, 1, q_heads, d)."""
         if self.budget is not None:
             self.budget.remember(query, self.filled, scaling)
-        if self.fused:
+        if self.fused and fused_rows(query, self.keys.shape[1]):
             return self._attend_fused(query, scaling)
         coded = (self.slots < self.lengths.unsqueeze(-1)).unsqueeze(-2)
         window = self.visible.view(1, 1, 1, -1)
