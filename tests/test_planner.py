@@ -342,3 +342,26 @@ def test_the_weight_inflation_is_the_coded_tokens_growth_of_attention():
             rate.bits
         )
     cache.close()
+
+
+def test_generated_tokens_leave_the_window_at_the_plans_highest_rate():
+    """The plan rates the prompt's tokens; the tokens generated after it are coded, once they leave the recent
+    window, at the plan's highest rate (the codec's default would be 2 bits), unless a codec is given."""
+    model = make_tiny("llama")
+    assert CompressedCache(model, "snapkv", kv_memory="20%", plan="auto").codecs.bits == 4
+    assert CompressedCache(model, "snapkv", kv_memory="20%", plan="auto:2+3").codecs.bits == 3
+    given = CompressedCache(model, "snapkv", kv_memory="20%", plan="auto", codec="fibquant:2")
+    assert given.codecs.bits == 2
+
+
+def test_a_plan_of_one_rate_codes_or_evicts():
+    model = make_tiny("llama")
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(2)
+    )
+    cache = _planned(model, ids, kv_memory="8%", plan="auto:3")
+    rates = [{r["bits"] for r in layer} for layer in cache.memory_report()["rates"]]
+    assert all(r == {3.0} for r in rates)
+    kept = sum(int(layer.kept_tokens().sum()) for layer in cache.layers)
+    assert 0 < kept < 300 * model.config.num_hidden_layers * model.config.num_key_value_heads
+    cache.close()

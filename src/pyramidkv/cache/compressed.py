@@ -300,6 +300,11 @@ class CompressedCache(HookedCache, Cache):
         self.compressed_layers = compressed_layers(model.config)
         compressed = sum(self.compressed_layers)
         _check_model(model, settings, codec, plan)
+        if self.plan is not None and codec is None and bits is None:
+            # generated tokens, which the plan does not rate, leave the window at the plan's highest rate:
+            # the most recent tokens are among the most attended (measured: at 2 bits, Gemma 3's KL over 128
+            # generated tokens was 10x that of 4-bit codes at the same prompt bytes)
+            bits = max(self.plan.bits)
         self.codecs: CodecPair | None = make_codecs(
             codec if self.plan is None or codec is not None else settings.codec,
             self.head_dim, bits, key_bits, value_bits,

@@ -127,7 +127,11 @@ def assign_rates(
             .long()
             .unique()
         )
-    free = torch.cartesian_prod(*[steps.to(device)] * (len(order) - 1)).reshape(-1, len(order) - 1)
+    if len(order) > 1:  # the counts of every rate but the cheapest, on the grid
+        free = torch.cartesian_prod(*[steps.to(device)] * (len(order) - 1))
+        free = free.reshape(-1, len(order) - 1)
+    else:
+        free = torch.zeros(1, 0, dtype=torch.long, device=device)
     spent = free.double() @ costs[:-1]
     room = (n - free.sum(dim=1)).clamp(min=0)
     affordable = torch.minimum(((budget - spent) / costs[-1]).floor().clamp(min=0).long(), room)
