@@ -259,3 +259,76 @@ def test_generation_agrees_through_every_chunked_path():
 def test_bad_chunks_are_refused(options, message):
     with pytest.raises(PyramidKVError, match=message):
         CompressedCache(make_tiny("llama"), **{"policy": "snapkv", "budget": 32, **options})
+
+
+def _kept_keys(cache) -> list[torch.Tensor]:
+    """Each layer's held keys of row 0, KV head 0, in position order."""
+    found = []
+    for layer in cache.layers:
+        keys, _, held = layer.held()
+        found.append(keys[0, 0][held[0]])
+    return found
+
+
+def test_a_headroom_that_holds_the_prompt_selects_as_one_shot():
+    """With headroom for the whole prompt nothing is evicted during the chunks, and the budget selected when
+    the prefill ends, scored by the last chunk's window, is the one-shot prefill's; without headroom the
+    chunks' own windows choose other tokens."""
+    model = make_tiny("llama")
+    ids = _prompt(model, 256)
+    options = dict(policy="snapkv", budget=32)
+    one = CompressedCache(model, **options)
+    _feed(model, one, ids, 256)
+    roomy = CompressedCache(model, prefill_chunk=64, prefill_headroom=8, **options)
+    _feed(model, roomy, ids, 64)
+    assert [int(layer.kept_tokens().max()) for layer in roomy.layers] == [256] * len(roomy.layers)
+    roomy.end_chunked_prefill()
+    tight = CompressedCache(model, prefill_chunk=64, **options)
+    _feed(model, tight, ids, 64)
+    want = _kept_keys(one)
+    for got, expected in zip(_kept_keys(roomy), want, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert any(
+        got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4)
+        for got, expected in zip(_kept_keys(tight), want, strict=True)
+    )
+    for cache in (one, roomy, tight):
+        cache.close()
+
+
+def test_the_headroom_is_held_through_the_chunks_and_the_first_token_ends_it():
+    model = make_tiny("llama")
+    ids = _prompt(model, 321)
+    cache = CompressedCache(
+        model, policy="pyramidkv", budget=24, prefill_chunk=50, prefill_headroom=3
+    )
+    with torch.inference_mode():
+        for start in range(0, 320, 50):
+            end = min(start + 50, 320)
+            model(ids[:, start:end], **cache_kwargs(model, cache))
+            held = [int(layer.kept_tokens().max()) for layer in cache.layers]
+            roomy = cache.layers[0].chunk_selection.layer_budgets(end)
+            assert sum(roomy) == len(roomy) * min(end, 3 * 24)  # three times the average budget
+            assert held == roomy, (end, held, roomy)
+        assert any(int(layer.kept_tokens().max()) > 24 for layer in cache.layers)
+        model(ids[:, 320:], **cache_kwargs(model, cache))  # the first generated token
+    held = [int(layer.kept_tokens().max()) for layer in cache.layers]
+    assert all(layer.appended_tokens() == 1 for layer in cache.layers)
+    assert held == [b + 1 for b in cache.layer_budgets(320)]  # the budget and the new token
+    cache.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(prefill_headroom=2), "prefill_headroom: got 2, which holds more"),
+        (dict(prefill_chunk=64, prefill_headroom=0.5), "prefill_headroom: got 0.5; expected"),
+        (
+            dict(budget=None, kv_memory="5%", plan="auto", prefill_chunk=64, prefill_headroom=2),
+            "prefill_headroom: got 2 with plan",
+        ),
+    ],
+)
+def test_bad_headroom_is_refused(options, message):
+    with pytest.raises(PyramidKVError, match=message):
+        CompressedCache(make_tiny("llama"), **{"policy": "snapkv", "budget": 32, **options})

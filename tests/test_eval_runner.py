@@ -13,6 +13,7 @@ from rich.console import Console
 
 from pyramidkv.cli.evaluate import report_command
 from pyramidkv.errors import PyramidKVError
+from pyramidkv.eval.report import config_name
 from pyramidkv.eval.results import RESULTS, read_records
 from pyramidkv.eval.runner import Config, evaluate, make_configs
 from pyramidkv.eval.sweep import EvalOptions, parse_lengths, run_eval
@@ -182,6 +183,8 @@ def test_report_redraws_summary_and_plots(tmp_path):
         (dict(budget="64,0"), "--budget"),
         (dict(prefill_chunk="512,-1"), "--prefill-chunk"),
         (dict(prefill_chunk="x"), "--prefill-chunk"),
+        (dict(prefill_chunk="64x0.5"), "--prefill-chunk"),
+        (dict(prefill_chunk="0x4"), "--prefill-chunk"),
         (dict(haystack="/nonexistent/hay.txt"), "--haystack"),
         (dict(task="ruler", haystack=__file__), "--haystack"),
     ],
@@ -191,8 +194,19 @@ def test_bad_options_name_the_option(tmp_path, overrides, option):
         options(tmp_path, **overrides)
 
 
-def test_lengths_and_configs_parse():
+def test_lengths_and_configs_parse(tmp_path):
     assert parse_lengths("1k, 2k,7.5k,1500") == [1000, 2000, 7500, 1500]
+    configs = options(
+        tmp_path, policy="snapkv", budget="10%", prefill_chunk="0,1000,1000x4"
+    ).configs
+    assert [c.key for c in configs] == [
+        "full/all/none", "snapkv/10%/none", "snapkv/10%/none/chunk1000", "snapkv/10%/none/chunk1000x4"
+    ]  # fmt: skip
+    assert configs[-1].cache_options() == {
+        "policy": "snapkv", "budget": "10%", "prefill_chunk": 1000, "prefill_headroom": 4.0
+    }  # fmt: skip
+    assert configs[-1].fields()["prefill_headroom"] == 4.0
+    assert config_name("snapkv", "none", 1000, 4.0) == "snapkv chunk 1000x4"
     assert Config("snapkv", "10%").key == "snapkv/10%/none"
     assert Config("full", "64").key == "full/all/none"
 

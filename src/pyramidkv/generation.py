@@ -199,6 +199,8 @@ def _graph_generate(
         done = cache.get_seq_length()
         mask = torch.ones(ids.shape[0], done + piece.shape[1], dtype=torch.long, device=ids.device)
         logits = model(input_ids=piece, attention_mask=mask, **cache_kwargs(model, cache))
+    if chunk and hasattr(cache, "end_chunked_prefill"):
+        cache.end_chunked_prefill()  # a headroom is selected down to the budget before the static copy
     last = logits.logits[:, -1].float()
     if min_new_tokens > 0 and stop:
         last[:, stop] = float("-inf")

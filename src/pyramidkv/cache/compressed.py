@@ -61,6 +61,7 @@ class Settings:
     compress_after: str = "auto"
     decode_budget: Budget | None = None
     compress_every: int = 64
+    prefill_headroom: float = 1.0
 
     @classmethod
     def parse(
@@ -78,6 +79,7 @@ class Settings:
         compress_after: str | None = None,
         decode_budget: str | int | float | Budget | None = None,
         compress_every: int = 64,
+        prefill_headroom: float = 1.0,
         **options,
     ) -> Settings:
         chosen = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -106,6 +108,7 @@ class Settings:
             # a planned layer plans again from its tokens' values after each chunk (PlannedLayer._reselect)
             _check_reselects("prefill_chunk", "a chunked prefill", chosen, None, name)
         check_int("compress_every", compress_every, 1)
+        headroom = _check_headroom(prefill_headroom, prefill_chunk, planned)
         decode = None
         if decode_budget is not None:
             decode = parse_budget(decode_budget)
@@ -119,7 +122,24 @@ class Settings:
         check_kernel_name(kernel, name)
         budget_ = parse_budget(DEFAULT_BUDGET if budget is None else budget)
         after = _compress_after(compress_after, chosen, planned, prefill_chunk)
-        return cls(chosen, budget_, memory, name, planned, after, decode, compress_every)
+        return cls(chosen, budget_, memory, name, planned, after, decode, compress_every, headroom)
+
+
+def _check_headroom(value, prefill_chunk: int | None, plan: Plan | None) -> float:
+    """``prefill_headroom`` as a float >= 1, allowed above 1 only for a chunked prefill without a plan."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+        raise PyramidKVError(f"prefill_headroom: got {value!r}; expected a number >= 1 (1: none)")
+    if value > 1 and prefill_chunk is None:
+        raise PyramidKVError(
+            f"prefill_headroom: got {value!r}, which holds more than the budget during a chunked prefill; "
+            "give prefill_chunk too"
+        )
+    if value > 1 and plan is not None:
+        raise PyramidKVError(
+            f"prefill_headroom: got {value!r} with plan={plan!r}; a planned cache spends its bytes as each "
+            "chunk ends, so it takes no headroom"
+        )
+    return float(value)
 
 
 def _check_reselects(
@@ -237,7 +257,11 @@ class CompressedCache(HookedCache, Cache):
     prefill_chunk=)``, or transformers' ``model.generate(..., prefill_chunk_size=)``); each chunk attends to
     what the cache holds plus itself, then every layer selects again from its kept tokens and the chunk what
     the budget of the prompt so far keeps (scores from the chunk's queries), so the cache never holds more
-    than the budget and one chunk, and the model's activations never span more than one chunk.
+    than the budget and one chunk, and the model's activations never span more than one chunk. A chunk is
+    scored by its own last tokens, before the rest of the prompt (a question at its end) is seen:
+    ``prefill_headroom=4`` keeps four times the budget through the chunks and selects the budget when the
+    prefill ends (the first one-token forward, or :meth:`end_chunked_prefill`), scored by the last chunk's
+    window, so that what the end of the prompt asks for has more to be chosen from.
     ``compress_after="forward"`` compresses every layer at once when the prompt's forward ends, with one batch
     of scoring kernels (:mod:`.batched`); until then the prompt's whole cache is held, as an uncompressed
     prefill holds it. ``"layer"`` compresses each layer right after its attention, holding one layer's prompt
@@ -274,11 +298,12 @@ class CompressedCache(HookedCache, Cache):
         decode_budget: str | int | float | Budget | None = None,
         compress_every: int = 64,
         center_keys: bool | None = None,
+        prefill_headroom: float = 1.0,
         **options,
     ):
         settings = Settings.parse(
             policy, budget, kv_memory, codec, bits, key_bits, value_bits, kernel, plan, prefill_chunk,
-            compress_after, decode_budget, compress_every, **options,
+            compress_after, decode_budget, compress_every, prefill_headroom, **options,
         )  # fmt: skip
         self.plan = settings.plan
         self.policy, self.budget, self.kv_memory = (
@@ -366,9 +391,14 @@ class CompressedCache(HookedCache, Cache):
                 ),
                 compress_every,
             )
+        self.prefill_headroom = settings.prefill_headroom
+        chunks = None
+        if settings.prefill_headroom > 1:
+            chunks = replace(self.selection, headroom=settings.prefill_headroom, _schedules={})
         for layer in self.layers:
             layer.center = self.center_keys and isinstance(layer, CodedLayer)
             layer.chunked = prefill_chunk is not None
+            layer.chunk_selection = chunks
             layer.batched_prefill = batch
             layer.decoding = decoding
 
@@ -424,8 +454,10 @@ class CompressedCache(HookedCache, Cache):
     def end_chunked_prefill(self) -> None:
         """With ``prefill_chunk``, every forward of several tokens is a chunk of the prompt and is compressed
         back to the budget; after this call such forwards are appended whole, as after a one-forward prefill
-        (a question asked about a document prefilled in chunks)."""
+        (a question asked about a document prefilled in chunks). With ``prefill_headroom``, every layer first
+        selects its budget from what it holds."""
         for layer in self.layers:
+            layer.end_chunks()
             layer.chunked = False
 
     def nbytes(self) -> int:

@@ -89,6 +89,10 @@ class CompressedLayer(CacheLayer):
         # generation under a decode budget: queries and tokens since the last compression
         self.queries_since: torch.Tensor | None = None
         self.appended_since = 0
+        # a chunked prefill's headroom: the selection its chunks keep, and the last chunk's window queries
+        # and scaling until the budget is selected from what they kept (:meth:`end_chunks`)
+        self.chunk_selection: Selection | None = None
+        self.pending: tuple[torch.Tensor, float] | None = None
         self.center = False  # store keys minus key_shift (module docstring); the cache sets it
         # (batch, kv_heads, 1, dim), taken at the first compression
         self.key_shift: torch.Tensor | None = None
@@ -113,6 +117,8 @@ class CompressedLayer(CacheLayer):
             )
         elif key_states.shape[-2] > 1:
             self._check_continues(args, kwargs)
+        elif self.pending is not None:  # the first generated token: the chunked prefill has ended
+            self.end_chunks()
         if self.compressed:
             key_states = self._centred(key_states)
         self._before_append()
@@ -161,7 +167,9 @@ class CompressedLayer(CacheLayer):
         counts = valid.sum(dim=1).tolist() if counts is None else counts
         self.real = counts if seen is None else seen
         self._set_shift(queries, valid, scaling)
-        self._select(queries, valid, scaling, counts, selection or self.selection)
+        self._select(
+            queries, valid, scaling, counts, selection or self._prompt_selection(queries, scaling)
+        )
         self._finish(_empty_window(self.keys), _empty_window(self.values))
 
     def adopt(
@@ -241,7 +249,29 @@ class CompressedLayer(CacheLayer):
         earlier = self.keys.shape[-2] - valid.shape[1]
         recent = torch.cat([valid.new_ones(valid.shape[0], earlier), valid], dim=1)
         seen = [a + b for a, b in zip(self.real, recent.sum(dim=1).tolist(), strict=True)]
-        self._reselect(queries, recent, scaling, seen, self.selection)
+        self._reselect(queries, recent, scaling, seen, self._prompt_selection(queries, scaling))
+
+    def _prompt_selection(self, queries: torch.Tensor, scaling: float) -> Selection:
+        """What a prompt, or a chunk of one, keeps: the budget, or during a chunked prefill with headroom
+        ``prefill_headroom`` times it, the window's ``queries`` remembered to select the budget when the
+        prefill ends (:meth:`end_chunks`)."""
+        if not self.chunked or self.chunk_selection is None:
+            return self.selection
+        window = min(self.selection.policy.window, queries.shape[-2])
+        self.pending = (queries[..., -window:, :], scaling)
+        return self.chunk_selection
+
+    def end_chunks(self) -> None:
+        """After a chunked prefill that kept ``prefill_headroom`` times the budget: keep the budget of what is
+        held, scored by the last chunk's window queries (the prompt's end, where a question sits)."""
+        if self.pending is None:
+            return
+        queries, scaling = self.pending
+        self.pending = None
+        held = torch.ones(
+            self.keys.shape[0], self.keys.shape[-2], dtype=torch.bool, device=self.keys.device
+        )
+        self._reselect(queries, held, scaling, list(self.real), self.selection)
 
     def remember(self, query: torch.Tensor, limit: int) -> None:
         """Keep this step's queries (batch, q_heads, q_len, dim) among the last ``limit`` since the last

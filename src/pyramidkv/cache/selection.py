@@ -9,6 +9,7 @@ with the policy's scorer on the layer's observation-window queries, and selects 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -61,9 +62,18 @@ class Selection:
     _progress: object = field(
         default=None, repr=False
     )  # an adaptive schedule's state in this prefill
+    # kept tokens per layer as a multiple of the budget's (at most the prompt): a chunked prefill's headroom
+    headroom: float = 1.0
 
     def average_budget(self, prompt_len: int, batch: int = 1) -> int:
-        """Average tokens per layer for one row: from ``budget``, or from ``kv_memory`` when it is set."""
+        """Average tokens per layer for one row: from ``budget``, or from ``kv_memory`` when it is set, times
+        ``headroom`` (at most the prompt)."""
+        tokens = self._average_budget(prompt_len, batch)
+        if self.headroom == 1:
+            return tokens
+        return min(prompt_len, math.ceil(tokens * self.headroom))
+
+    def _average_budget(self, prompt_len: int, batch: int) -> int:
         if self.kv_memory is None:
             return self.budget.tokens_for(prompt_len)
         fixed = self.fixed_bytes + self.num_layers * batch * self.num_kv_heads * self.per_row_bytes

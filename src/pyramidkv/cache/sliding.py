@@ -25,6 +25,9 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     batched_prefill = None
     decoding = None
 
+    def end_chunks(self) -> None:
+        """Nothing to select after a chunked prefill: the window slides."""
+
     def __init__(self, layer_idx: int, sliding_window: int):
         super().__init__(sliding_window=sliding_window)
         self.layer_idx = layer_idx

@@ -32,7 +32,7 @@ def eval_command(
     dtype: Annotated[str | None, typer.Option(help="Model dtype: float32, bfloat16 or float16 [default: bfloat16 on CUDA, float32 on CPU]; a --kv-memory share is of the full cache in this dtype.")] = None,
     kv_memory: Annotated[str, typer.Option("--kv-memory", help="Comma-separated KV memory budgets swept beside --budget: shares of the prompt's full cache (3%) or bytes (48MiB).")] = "",
     haystack: Annotated[Path | None, typer.Option("--haystack", help="A UTF-8 text file to hide the needle or pass key in (needle and passkey), instead of the built-in haystack.")] = None,
-    prefill_chunk: Annotated[str, typer.Option("--prefill-chunk", help="Comma-separated prefill chunk sizes compared: 0 prefills the prompt in one forward, N in chunks of N tokens compressed after each.")] = "0",
+    prefill_chunk: Annotated[str, typer.Option("--prefill-chunk", help="Comma-separated prefill chunk sizes compared: 0 prefills the prompt in one forward, N in chunks of N tokens compressed after each, NxH holding H times the budget until the prefill ends.")] = "0",
 ) -> None:  # fmt: skip
     """Evaluate eviction policies and budgets on TASK; write JSON lines, a summary, a table and plots."""
     from pyramidkv.models import load

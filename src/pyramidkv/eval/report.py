@@ -33,19 +33,24 @@ def budget_order(budget: str) -> tuple[int, float]:
     return (4, 0.0)
 
 
-def config_name(policy: str, codec: str, chunk: int = 0) -> str:
-    """``pyramidkv``, ``pyramidkv+fibquant:2`` or ``snapkv chunk 1024`` (a prompt prefilled in chunks): how
-    tables and plots name a configuration."""
+def config_name(policy: str, codec: str, chunk: int = 0, headroom: float = 1.0) -> str:
+    """``pyramidkv``, ``pyramidkv+fibquant:2``, ``snapkv chunk 1024`` (a prompt prefilled in chunks) or
+    ``snapkv chunk 1024x4`` (holding four times the budget until the prefill ends): how tables and plots name
+    a configuration."""
     name = policy if codec == "none" else f"{policy}+{codec}"
-    return f"{name} chunk {chunk}" if chunk else name
+    if not chunk:
+        return name
+    return f"{name} chunk {chunk}" + (f"x{headroom:g}" if headroom > 1 else "")
 
 
-def _config(row: dict) -> tuple[str, str, str, int]:
-    """A row's configuration: policy, budget, codec, prefill chunk (0 where results predate chunks)."""
-    return row["policy"], row["budget"], row["codec"], row.get("prefill_chunk") or 0
+def _config(row: dict) -> tuple[str, str, str, tuple[int, float]]:
+    """A row's configuration: policy, budget, codec, (prefill chunk, headroom) ((0, 1) where results predate
+    chunks)."""
+    chunk = (row.get("prefill_chunk") or 0, row.get("prefill_headroom") or 1.0)
+    return row["policy"], row["budget"], row["codec"], chunk
 
 
-def _config_order(rows: list[dict]) -> dict[tuple[str, str, str, int], tuple]:
+def _config_order(rows: list[dict]) -> dict[tuple[str, str, str, tuple[int, float]], tuple]:
     policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
     return {
         _config(r): (
@@ -96,7 +101,7 @@ def table(rows: list[dict], title: str = "accuracy") -> Table:
             kept = sum(r["kv_bytes"] for r in per_length.values())
             full = sum(r["full_kv_bytes"] for r in per_length.values())
             policy, budget, codec, chunk = config
-            name = config_name(policy, codec, chunk)
+            name = config_name(policy, codec, *chunk)
             out.add_row(task, mode, name, budget, *entries, f"{100 * kept / max(full, 1):.1f}%")
     return out
 
@@ -134,7 +139,7 @@ def plot_heatmaps(rows: list[dict], folder: Path) -> list[Path]:
             image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
-            name = config_name(config[0], config[2], config[3])
+            name = config_name(config[0], config[2], *config[3])
             ax.set_title(name if config[0] == "full" else f"{name} {config[1]}")
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
         fig.supxlabel("context length (tokens)")
@@ -178,7 +183,7 @@ def _lines(rows: list[dict], folder: Path, x_of: str) -> list[Path]:
                     [y - r["ci95"][0] for y, r in zip(ys, points, strict=True)],
                     [r["ci95"][1] - y for y, r in zip(ys, points, strict=True)],
                 ]
-                label = config_name(policy, codec, chunk)
+                label = config_name(policy, codec, *chunk)
                 if x_of == "bytes":
                     xs = [r["kv_bytes"] for r in points]
                     style = (

@@ -146,7 +146,10 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-_GROUP = ("task", "mode", "policy", "budget", "codec", "prefill_chunk", "config", "length")
+_GROUP = (
+    "task", "mode", "policy", "budget", "codec", "prefill_chunk", "prefill_headroom", "config", "length",
+)  # fmt: skip
+_ABSENT = {"prefill_chunk": 0, "prefill_headroom": 1.0}  # in records that predate them
 _MEANS = (
     "kv_bytes",
     "full_kv_bytes",
@@ -180,7 +183,7 @@ def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     by_depth: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
-        key = tuple(record.get(k, 0) if k == "prefill_chunk" else record[k] for k in _GROUP)
+        key = tuple(record.get(k, _ABSENT[k]) if k in _ABSENT else record[k] for k in _GROUP)
         groups[key].append(record)
         if record.get("depth") is not None:
             by_depth[(*key, record["depth"])].append(record)

@@ -61,9 +61,14 @@ class Config:
     budget: str = FULL_BUDGET
     codec: str = "none"
     chunk: int = 0
+    headroom: float = 1.0  # with a chunk: the budget multiple held until the prefill ends
 
     def __post_init__(self) -> None:
         check_int("chunk", self.chunk, 0)
+        if not self.headroom >= 1 or (self.headroom > 1 and not self.chunk):
+            raise PyramidKVError(
+                f"prefill_headroom: got {self.headroom!r}; expected a number >= 1, above 1 with a chunk"
+            )
         name = get_policy(self.policy).name
         object.__setattr__(self, "policy", name)
         budget = str(self.budget)
@@ -91,18 +96,23 @@ class Config:
     @property
     def key(self) -> str:
         chunked = f"/chunk{self.chunk}" if self.chunk else ""
+        if self.headroom > 1:
+            chunked += f"x{self.headroom:g}"
         return f"{self.policy}/{self.budget}/{self.codec}{chunked}"
 
     def fields(self) -> dict:
-        """What every record of this configuration carries: policy, budget, codec, prefill chunk and their
-        key."""
-        return {
+        """What every record of this configuration carries: policy, budget, codec, prefill chunk (and its
+        headroom, when above 1) and their key."""
+        found = {
             "policy": self.policy,
             "budget": self.budget,
             "codec": self.codec,
             "prefill_chunk": self.chunk,
             "config": self.key,
         }
+        if self.headroom > 1:
+            found["prefill_headroom"] = self.headroom
+        return found
 
     def cache_options(self) -> dict:
         """The :class:`~pyramidkv.cache.compressed.CompressedCache` arguments of this configuration."""
@@ -117,6 +127,8 @@ class Config:
             options["codec"] = self.codec
         if self.chunk:
             options["prefill_chunk"] = self.chunk
+        if self.headroom > 1:
+            options["prefill_headroom"] = self.headroom
         return options
 
 
@@ -125,19 +137,21 @@ def make_configs(
     budgets: Iterable[str],
     full: bool = True,
     codecs: Iterable[str] = ("none",),
-    chunks: Iterable[int] = (0,),
+    chunks: Iterable[int | tuple[int, float]] = (0,),
 ) -> list[Config]:
     """``full`` once (when asked, unquantized, in one forward), then each other policy at each budget, codec
-    and prefill chunk, in order (the planner, codec ``plan``, at the memory budgets only)."""
+    and prefill chunk (a size, or (size, headroom)), in order (the planner, codec ``plan``, at the memory
+    budgets only)."""
     found = [Config("full")] if full else []
-    for chunk in chunks:
+    for entry in chunks:
+        chunk, headroom = entry if isinstance(entry, tuple) else (entry, 1.0)
         for codec in codecs:
             for policy in policies:
                 if get_policy(policy).name == "full":
                     found.append(Config("full", codec=codec, chunk=chunk))
                     continue
                 found.extend(
-                    Config(policy, budget, codec, chunk)
+                    Config(policy, budget, codec, chunk, headroom)
                     for budget in budgets
                     if _applies(budget, codec, budgets)
                 )

@@ -115,13 +115,7 @@ class EvalOptions:
             budgets += [f"kv{b}" for b in items(self.kv_memory, "--kv-memory")]
         if not budgets:
             raise PyramidKVError("--budget: give budgets, --kv-memory budgets, or both")
-        chunks = []
-        for item in items(str(self.prefill_chunk), "--prefill-chunk"):
-            if not item.isdigit():
-                raise PyramidKVError(
-                    f"--prefill-chunk: got {item!r}; expected comma-separated integers >= 0 (0: one forward)"
-                )
-            chunks.append(int(item))
+        chunks = [_chunk(item) for item in items(str(self.prefill_chunk), "--prefill-chunk")]
         try:
             self.configs = make_configs(
                 policies,
@@ -134,12 +128,28 @@ class EvalOptions:
             name, _, rest = str(exc).partition(":")
             option = {
                 "budget": "--budget", "codec": "--codec", "bits": "--codec", "kv_memory": "--kv-memory",
-                "prefill_chunk": "--prefill-chunk",
+                "prefill_chunk": "--prefill-chunk", "prefill_headroom": "--prefill-chunk",
             }.get(name)  # fmt: skip
             raise PyramidKVError(f"{option}:{rest}" if option else f"--policy: {exc}") from None
         self.out = Path(self.out)
         if self.haystack is not None:
             self.haystack_text = read_haystack(Path(self.haystack), self.task)
+
+
+def _chunk(item: str) -> int | tuple[int, float]:
+    """One ``--prefill-chunk`` entry: ``1000`` (chunks of 1,000 tokens), ``1000x4`` (with four times the
+    budget held until the prefill ends, ``prefill_headroom``) or ``0`` (one forward)."""
+    size, times, headroom = item.partition("x")
+    try:
+        found = (int(size), float(headroom)) if times else int(size)
+    except ValueError:
+        found = None
+    if found is None or not size.isdigit() or (times and not found[1] >= 1):
+        raise PyramidKVError(
+            f"--prefill-chunk: got {item!r}; expected comma-separated integers >= 0 (0: one forward), each "
+            "optionally with xH, a headroom H >= 1 (1000x4)"
+        )
+    return found
 
 
 def read_haystack(path: Path, task: str) -> str:

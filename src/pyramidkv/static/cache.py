@@ -130,6 +130,11 @@ def _source_layers(model, source, layers: int, max_new_tokens: int, kernel: str 
         _check_sliding(model, source)
     if source.decode_budget is not None:
         check_static_budget(source)
+    if any(getattr(layer, "pending", None) is not None for layer in source.layers):
+        raise PyramidKVError(
+            "source: a chunked prefill with prefill_headroom still holds more than its budget; call "
+            "source.end_chunked_prefill() first"
+        )
     for layer in source.layers:
         if not layer.compressed:
             raise PyramidKVError(
