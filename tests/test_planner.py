@@ -330,10 +330,10 @@ def test_the_weight_inflation_is_the_coded_tokens_growth_of_attention():
     grouped = queries.double().reshape(1, kv_heads, -1, dim)
     logits = torch.einsum("bhqd,bhnd->bhqn", grouped, keys.double()) * scaling
     order = torch.arange(n).expand(1, kv_heads, n)
-    for rate in cache.planner.tiers[:-1]:
-        _, inflation = cache.planner.distortion(
-            rate.codecs, queries, keys, values, valid, shares, scaling, order
-        )
+    sample = cache.planner.sample_ranks(queries, keys, values, valid, shares, order, n)
+    rates = cache.planner.tiers[:-1]
+    found = cache.planner.distortions([rate.codecs for rate in rates], sample, scaling)
+    for rate, (_, inflation) in zip(rates, found, strict=True):
         decoded = rate.codecs.keys.decode(rate.codecs.keys.encode(keys.float()), torch.float64)
         coded = torch.einsum("bhqd,bhnd->bhqn", grouped, decoded) * scaling
         growth = coded.exp().sum(-1) / logits.exp().sum(-1) - 1

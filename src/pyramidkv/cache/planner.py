@@ -212,14 +212,14 @@ class Planner:
             rates = torch.full((longest,), whole, dtype=torch.long)
         else:
             rates = self._search(
-                order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused,
+                order, shares, budget, window, counts, queries, keys, values, valid, scaling, fused,
                 key_shift,
             )  # fmt: skip
         spent = 0.0
         found = []
         lengths = torch.tensor(counts, device=order.device)
         for index, tier in enumerate(self.tiers):
-            ranks = torch.nonzero(rates == index).flatten().to(order.device)
+            ranks = torch.nonzero(rates == index).flatten().to(order.device)  # rates on the host
             if len(ranks):
                 spent += len(ranks) * tier.cost * batch
                 found.append((tier, *_gather_ranks(order, ranks, lengths)))
@@ -227,109 +227,152 @@ class Planner:
         return found
 
     def _search(
-        self, order, shares, budget, window, longest, queries, keys, values, valid, scaling, fused,
+        self, order, shares, budget, window, counts, queries, keys, values, valid, scaling, fused,
         key_shift,
     ) -> torch.Tensor:  # fmt: skip
-        """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers."""
+        """(n,) the tier of each rank (-1: evicted) by :func:`assign_rates` over the offered tiers, on the
+        host; ``counts``: each row's candidates."""
+        longest = max(counts)
         offered = [i for i, t in enumerate(self.tiers) if t.codecs is not None or self.whole]
         batch = shares.shape[0]
-        sample = (queries, keys, values, valid, shares, scaling, order, fused, key_shift)
+        sample = self.sample_ranks(queries, keys, values, valid, shares, order, longest, key_shift)
+        tiers = [self.tiers[i] for i in offered]
+        coded = self.distortions(
+            [t.codecs for t in tiers if t.codecs is not None], sample, scaling, fused
+        )
         points = [
             RatePoint(t.bits, t.cost * batch, 0.0)
             if t.codecs is None
-            else RatePoint(t.bits, t.cost * batch, *self.distortion(t.codecs, *sample))
-            for t in (self.tiers[i] for i in offered)
+            else RatePoint(t.bits, t.cost * batch, *coded.pop(0))
+            for t in tiers
         ]
         profile = shares.gather(-1, order).mean(dim=(0, 1))[:longest]
-        chosen = assign_rates(profile, window, points, budget, _gap(values, shares, valid, order))
+        gap = _gap(values, shares, valid, order, min(counts))
+        chosen = assign_rates(profile, window, points, budget, gap)
         index = torch.tensor(offered, dtype=torch.long, device=chosen.device)
         return torch.where(chosen >= 0, index[chosen.clamp_min(0)], chosen)
 
-    def distortion(
+    def sample_ranks(
         self,
-        codecs: CodecPair,
         queries: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         valid: torch.Tensor,
         shares: torch.Tensor,
-        scaling: float,
         order: torch.Tensor,
-        fused: bool = False,
+        longest: int,
         key_shift: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(incoherent error, weight inflation) of a token stored by ``codecs`` relative to evicting it, each
-        (n,) per rank of ``order`` (batch, kv_heads, n) (module docstring, step 2); ``weight`` scales the error
-        and the square of the inflation. Measured on ``samples`` ranks spread evenly over the longest row,
-        each head coding its own token of that rank, and smoothed over neighbouring ranks: a code errs in
-        proportion to the norm of what it codes, and the most attended keys (attention sinks) are often the
-        longest, so one figure for every rank would charge the tail with the sinks' errors. ``shares``
-        (batch, kv_heads, n): each token's attention share; ``fused``: encode with the fused kernel;
-        ``key_shift`` (batch, kv_heads, 1, dim): subtracted from the keys before coding, as the layer stores
-        them."""
+    ) -> RankSample:
+        """The tokens every rate's :meth:`distortion` codes: ``samples`` ranks of ``order`` (batch, kv_heads,
+        n) spread evenly over the ``longest`` row, each head's own token of that rank, keys less ``key_shift``
+        (batch, kv_heads, 1, dim) as the layer stores them; with the window's ``queries`` grouped by KV head
+        and the spread of single values about the ``shares``-weighted output."""
         counts = valid.sum(dim=1).to(keys.device)
-        n = int(counts.max())
         ranks = (
-            torch.linspace(0, n - 1, min(self.samples, n), device=keys.device)
+            torch.linspace(0, longest - 1, min(self.samples, longest), device=keys.device)
             .round()
             .long()
             .unique()
         )
-        picked = order[:, :, ranks]  # (batch, kv_heads, s): each head's token of that rank
+        picked = order[:, :, ranks]
         index = picked[..., None].expand(-1, -1, -1, keys.shape[-1])
         k, v = keys.gather(2, index).float(), values.gather(2, index).float()
         if key_shift is not None:
             k = k - key_shift.float()
         ok = (ranks[None] < counts[:, None])[:, None].float()  # (batch, 1, s)
-        encode = CodedBlocks(codecs).encode(k, v, fused, "planner")
-        k_hat = codecs.keys.decode(encode[0], torch.float32)
-        v_hat = codecs.values.decode(encode[1], torch.float32)
         window = min(self.selection.policy.window, queries.shape[-2])
-        batch, _q_heads, _, dim = queries.shape
+        batch, _, _, dim = queries.shape
         heads = keys.shape[1]
         grouped = queries[..., -window:, :].float().reshape(batch, heads, -1, dim)
-        delta = torch.einsum("bhqd,bhsd->bhqs", grouped, k_hat - k) * scaling
+        out = torch.einsum("bhn,bhnd->bhd", shares.float(), values.float())
+        spread = ((v - out[:, :, None]).square().sum(-1) * ok).sum()
         rows = (ok.sum(dim=0) * heads).clamp_min(1)[
             0
         ]  # (s,) the (row, head) pairs holding each rank
-        mean = _smoothed((delta.mean(dim=2) * ok).sum(dim=(0, 1)) / rows)
-        second = _smoothed((delta.square().mean(dim=2) * ok).sum(dim=(0, 1)) / rows)
+        return RankSample(k, v, ok, grouped, ranks, rows, spread, longest)
+
+    def distortions(
+        self, codecs: list[CodecPair], sample: RankSample, scaling: float, fused: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(incoherent error, weight inflation) of a token stored by each of ``codecs`` relative to evicting
+        it, each (n,) per rank (module docstring, step 2), measured on ``sample`` (:meth:`sample_ranks`) and
+        smoothed over neighbouring ranks: a code errs in proportion to the norm of what it codes, and the most
+        attended keys (attention sinks) are often the longest, so one figure for every rank would charge the
+        tail with the sinks' errors. ``weight`` scales the error and the square of the inflation; ``fused``:
+        encode with the fused kernel. Each rate encodes and decodes on its own; the rest is one batch."""
+        if not codecs:
+            return []
+        k, v, ok = sample.keys, sample.values, sample.ok
+        k_errors, v_errors = [], []
+        for pair in codecs:
+            encode = CodedBlocks(pair).encode(k, v, fused, "planner")
+            k_errors.append(pair.keys.decode(encode[0], torch.float32) - k)
+            v_errors.append(pair.values.decode(encode[1], torch.float32) - v)
+        # (rates, batch, kv_heads, queries, s)
+        delta = sample.queries @ torch.stack(k_errors).transpose(-1, -2) * scaling
+        moments = torch.stack([delta.mean(dim=3), delta.square().mean(dim=3)], dim=1)
+        mean, second = _smoothed((moments * ok).sum(dim=(2, 3)) / sample.rows).unbind(1)
         # a token's weight grows by e^delta - 1: to second order (the exponential's tail would let a few
         # extreme samples decide), delta + delta^2 / 2
         inflation = mean + second / 2
-        out = torch.einsum("bhn,bhnd->bhd", shares.float(), values.float())
-        spread = ((v - out[:, :, None]).square().sum(-1) * ok).sum()
-        error = ((v_hat - v).square().sum(-1) * ok).sum() / spread.clamp_min(1e-30)
-        incoherent = (second - mean.square()).clamp_min(0) + error
-        return (
-            self.weight * _along_ranks(incoherent, ranks, n),
-            self.weight**0.5 * _along_ranks(inflation, ranks, n),
+        value_error = (torch.stack(v_errors).square().sum(-1) * ok).sum(dim=(1, 2, 3))
+        error = value_error / sample.spread.clamp_min(1e-30)
+        incoherent = (second - mean.square()).clamp_min(0) + error[:, None]
+        found = _along_ranks(
+            torch.stack([incoherent * self.weight, inflation * self.weight**0.5], dim=1),
+            sample.ranks,
+            sample.n,
         )
+        return [(rate[0], rate[1]) for rate in found]
+
+
+@dataclass(frozen=True)
+class RankSample:
+    """Sampled tokens of one layer (:meth:`Planner.sample_ranks`): ``keys`` and ``values`` (batch, kv_heads,
+    s, dim) float32, ``ok`` (batch, 1, s) where a row holds that rank, the window's ``queries`` (batch,
+    kv_heads, group x window, dim), the ``ranks`` sampled (s,), the (row, head) pairs holding each (``rows``),
+    the values' ``spread`` about the attention output, and ``n`` ranks in all."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    ok: torch.Tensor
+    queries: torch.Tensor
+    ranks: torch.Tensor
+    rows: torch.Tensor
+    spread: torch.Tensor
+    n: int
 
 
 def _smoothed(samples: torch.Tensor, reach: int = 4) -> torch.Tensor:
-    """The mean of each sample and its ``reach`` neighbours on either side (fewer at the ends)."""
-    padded = torch.cat([samples.new_zeros(1), samples.cumsum(0)])
-    index = torch.arange(len(samples), device=samples.device)
-    low, high = (index - reach).clamp(min=0), (index + reach + 1).clamp(max=len(samples))
-    return (padded[high] - padded[low]) / (high - low)
+    """The mean of each sample (last dimension) and its ``reach`` neighbours on either side (fewer at the
+    ends)."""
+    count = samples.shape[-1]
+    padded = torch.cat([samples.new_zeros(*samples.shape[:-1], 1), samples.cumsum(-1)], dim=-1)
+    index = torch.arange(count, device=samples.device)
+    low, high = (index - reach).clamp(min=0), (index + reach + 1).clamp(max=count)
+    return (padded[..., high] - padded[..., low]) / (high - low)
 
 
 def _along_ranks(samples: torch.Tensor, ranks: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) float64: ``samples`` measured at ascending ``ranks``, linearly interpolated between them."""
+    """(..., n) float64: ``samples`` (..., s) measured at ascending ``ranks``, linearly interpolated between
+    them."""
     samples = samples.double()
     if len(ranks) == 1:
-        return samples.expand(n).clone()
+        return samples.expand(*samples.shape[:-1], n).clone()
     x = torch.arange(n, device=ranks.device, dtype=torch.float64)
     at = ranks.double()
     right = torch.searchsorted(at, x).clamp(1, len(at) - 1)
     left = right - 1
     blend = ((x - at[left]) / (at[right] - at[left])).clamp(0, 1)
-    return torch.lerp(samples[left], samples[right], blend)
+    return torch.lerp(samples[..., left], samples[..., right], blend)
 
 
 def _gap(
-    values: torch.Tensor, shares: torch.Tensor, valid: torch.Tensor, order: torch.Tensor
+    values: torch.Tensor,
+    shares: torch.Tensor,
+    valid: torch.Tensor,
+    order: torch.Tensor,
+    fewest: int,
 ) -> float:
     """How far evicting the less attended half moves the output, relative to the spread of single values:
     ``|o_tail - o|^2 / E_p |v - o|^2``, ``o`` the share-weighted output and ``o_tail`` the share-weighted mean
@@ -338,7 +381,7 @@ def _gap(
     weights = shares.float()
     out = torch.einsum("bhn,bhnd->bhd", weights, values)
     spread = (weights * (values - out[:, :, None]).square().sum(-1)).sum(-1)
-    half = valid.sum(dim=1).min().item() // 2
+    half = fewest // 2  # the shortest row's candidates, read on the host
     tail = torch.zeros_like(weights).scatter(-1, order[..., half:], 1.0) * weights * valid[:, None]
     tail_out = torch.einsum("bhn,bhnd->bhd", tail, values) / tail.sum(-1, keepdim=True).clamp_min(
         1e-30

@@ -88,7 +88,7 @@ def assign_rates(
     gap: float = 1.0,
     grid: int = 24,
 ) -> Tensor:
-    """(n,) the index in ``points`` each rank is stored at, -1 where it is evicted.
+    """(n,) the index in ``points`` each rank is stored at, -1 where it is evicted (a CPU tensor).
 
     ``profile`` (n,): the attention share of each rank (the ``forced`` first ranks are always kept); ``budget``:
     bytes for the ranks of this layer. Ranks are cut into consecutive tiers, the costliest rate first; the
@@ -157,7 +157,9 @@ def assign_rates(
     evicted = mass[-1] - mass[cuts[:, -1]]
     loss = torch.where(fits, gap * (evicted.square() + moved) + quantized, float("inf"))
     best = cuts[loss.argmin()].tolist()
-    rates = torch.full((n,), -1, dtype=torch.long, device=device)
+    rates = torch.full(
+        (n,), -1, dtype=torch.long
+    )  # on the host, where the caller splits it into tiers
     low = 0
     for index, high in zip(order, best, strict=True):
         rates[low:high] = index
