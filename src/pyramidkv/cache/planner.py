@@ -263,7 +263,7 @@ class Planner:
         longest: int,
         key_shift: torch.Tensor | None = None,
     ) -> RankSample:
-        """The tokens every rate's :meth:`distortion` codes: ``samples`` ranks of ``order`` (batch, kv_heads,
+        """The tokens every rate's :meth:`distortions` codes: ``samples`` ranks of ``order`` (batch, kv_heads,
         n) spread evenly over the ``longest`` row, each head's own token of that rank, keys less ``key_shift``
         (batch, kv_heads, 1, dim) as the layer stores them; with the window's ``queries`` grouped by KV head
         and the spread of single values about the ``shares``-weighted output."""
