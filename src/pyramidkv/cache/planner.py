@@ -286,9 +286,8 @@ class Planner:
         grouped = queries[..., -window:, :].float().reshape(batch, heads, -1, dim)
         out = torch.einsum("bhn,bhnd->bhd", shares.float(), values.float())
         spread = ((v - out[:, :, None]).square().sum(-1) * ok).sum()
-        rows = (ok.sum(dim=0) * heads).clamp_min(1)[
-            0
-        ]  # (s,) the (row, head) pairs holding each rank
+        # (s,) the (row, head) pairs holding each rank
+        rows = (ok.sum(dim=0) * heads).clamp_min(1)[0]
         return RankSample(k, v, ok, grouped, ranks, rows, spread, longest)
 
     def distortions(
