@@ -108,7 +108,7 @@ class Settings:
             # a planned layer plans again from its tokens' values after each chunk (PlannedLayer._reselect)
             _check_reselects("prefill_chunk", "a chunked prefill", chosen, None, name)
         check_int("compress_every", compress_every, 1)
-        headroom = _check_headroom(prefill_headroom, prefill_chunk, planned)
+        headroom = check_headroom(prefill_headroom, prefill_chunk, planned)
         decode = None
         if decode_budget is not None:
             decode = parse_budget(decode_budget)
@@ -125,8 +125,9 @@ class Settings:
         return cls(chosen, budget_, memory, name, planned, after, decode, compress_every, headroom)
 
 
-def _check_headroom(value, prefill_chunk: int | None, plan: Plan | None) -> float:
-    """``prefill_headroom`` as a float >= 1, allowed above 1 only for a chunked prefill without a plan."""
+def check_headroom(value, prefill_chunk: int | None, plan: Plan | str | None) -> float:
+    """``prefill_headroom`` as a float >= 1, allowed above 1 only for a chunked prefill without a plan (the
+    cache's check, and the evaluation's before a model loads)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
         raise PyramidKVError(f"prefill_headroom: got {value!r}; expected a number >= 1 (1: none)")
     if value > 1 and prefill_chunk is None:

@@ -30,7 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 from pyramidkv.budgets import parse_budget, parse_memory
 from pyramidkv.cache.accounting import full_cache_nbytes
 from pyramidkv.cache.compat import cache_kwargs
-from pyramidkv.cache.compressed import CompressedCache
+from pyramidkv.cache.compressed import CompressedCache, check_headroom
 from pyramidkv.cache.planner import parse_plan
 from pyramidkv.checks import check_int
 from pyramidkv.codecs.registry import default_bits, parse_codec
@@ -65,10 +65,8 @@ class Config:
 
     def __post_init__(self) -> None:
         check_int("chunk", self.chunk, 0)
-        if not self.headroom >= 1 or (self.headroom > 1 and not self.chunk):
-            raise PyramidKVError(
-                f"prefill_headroom: got {self.headroom!r}; expected a number >= 1, above 1 with a chunk"
-            )
+        plan = _plan_spec(self.codec) if _planned(self.codec) else None
+        check_headroom(self.headroom, self.chunk or None, plan)
         name = get_policy(self.policy).name
         object.__setattr__(self, "policy", name)
         budget = str(self.budget)
